@@ -1,0 +1,376 @@
+"""Task options and ``reliable_*`` app settings: one registry, validated once.
+
+Every option lives in :data:`TASK_OPTIONS` and every setting in
+:data:`SETTINGS` with its default, its unit and its documentation; the
+README's reference tables are generated from these entries
+(``python -m celery_reliable.docs``), so they cannot drift.
+
+Options are validated when a task is bound to its app (at import or when the
+app finalizes), not when it first runs: a bad value raises
+:class:`~celery_reliable.errors.ConfigurationError` naming the task and the
+option.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+from .errors import ConfigurationError
+
+__all__ = [
+    "SETTINGS",
+    "TASK_OPTIONS",
+    "DeferPolicy",
+    "LockPolicy",
+    "Option",
+    "ReliableSettings",
+    "TaskPolicy",
+]
+
+Contention = Literal["defer", "skip", "fail"]
+_CONTENTION: tuple[str, ...] = ("defer", "skip", "fail")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One documented, validated option.
+
+    ``parse(owner, value)`` returns the normalised value or raises
+    ConfigurationError; ``owner`` is the task name (or "app settings").
+    """
+
+    name: str
+    default: Any
+    unit: str
+    doc: str
+    parse: Callable[[str, str, Any], Any] = field(repr=False)
+
+    def value(self, owner: str, raw: Any) -> Any:
+        return self.parse(owner, self.name, raw)
+
+
+def _err(owner: str, name: str, message: str) -> ConfigurationError:
+    return ConfigurationError(f"{owner}: option {name!r} {message}")
+
+
+def _seconds(*, allow_zero: bool = False, optional: bool = False) -> Callable[[str, str, Any], Any]:
+    def parse(owner: str, name: str, raw: Any) -> float | None:
+        if raw is None and optional:
+            return None
+        if isinstance(raw, timedelta):
+            raw = raw.total_seconds()
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise _err(owner, name, f"must be seconds (int, float or timedelta), got {raw!r}")
+        value = float(raw)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise _err(owner, name, f"must be a finite number of seconds, got {raw!r}")
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise _err(owner, name, f"must be {bound} seconds, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, str, Any], Any]:
+    def parse(owner: str, name: str, raw: Any) -> str:
+        if raw not in choices:
+            raise _err(owner, name, f"must be one of {', '.join(map(repr, choices))}, got {raw!r}")
+        return str(raw)
+
+    return parse
+
+
+def _lock_spec(owner: str, name: str, raw: Any) -> Any:
+    if raw is None or callable(raw):
+        return raw
+    if not isinstance(raw, str) or not raw:
+        raise _err(owner, name, f"must be a non-empty template string or a callable, got {raw!r}")
+    try:
+        list(string.Formatter().parse(raw))
+    except ValueError as exc:
+        raise _err(owner, name, f"is not a valid format template ({exc}): {raw!r}") from exc
+    return raw
+
+
+def _string(*, optional: bool = False) -> Callable[[str, str, Any], Any]:
+    def parse(owner: str, name: str, raw: Any) -> str | None:
+        if raw is None and optional:
+            return None
+        if not isinstance(raw, str) or not raw:
+            raise _err(owner, name, f"must be a non-empty string, got {raw!r}")
+        return raw
+
+    return parse
+
+
+def _prefix(owner: str, name: str, raw: Any) -> str:
+    value = _string()(owner, name, raw)
+    assert value is not None
+    if any(c in value for c in "{}\x00 ") or len(value) > 64:
+        raise _err(owner, name, f"must be at most 64 characters without braces or spaces: {raw!r}")
+    return value
+
+
+TASK_OPTIONS: dict[str, Option] = {
+    o.name: o
+    for o in (
+        Option(
+            "lock",
+            None,
+            "template or callable",
+            "Resource the task locks while it runs. A format template over the task's bound "
+            "arguments (``\"order:{order_id}\"``) or a callable that receives the bound "
+            "arguments as one mapping and returns the resource name. ``None`` means no lock.",
+            _lock_spec,
+        ),
+        Option(
+            "lock_ttl",
+            30.0,
+            "seconds",
+            "Lease time of the lock. A heartbeat renews it about every ``lock_ttl / 3`` while "
+            "the task runs; if the worker dies, the lock frees itself at most this long after "
+            "the last renewal.",
+            _seconds(),
+        ),
+        Option(
+            "lock_contention",
+            "defer",
+            "one of defer, skip, fail",
+            "What a task does when its lock is held by another execution: ``\"defer\"`` "
+            "re-publishes it with a jittered countdown (no retry consumed), ``\"skip\"`` drops "
+            "it and stores the result state ``SKIPPED``, ``\"fail\"`` raises ``LockNotAcquired``.",
+            _choice(_CONTENTION),
+        ),
+        Option(
+            "defer_delay",
+            1.0,
+            "seconds",
+            "Base countdown of a deferral. The n-th consecutive deferral of one task waits a "
+            "random time in ``[d/2, d]`` with ``d = min(defer_max_delay, defer_delay * 2**n)``, "
+            "or the guard's own retry-after when that is sooner.",
+            _seconds(),
+        ),
+        Option(
+            "defer_max_delay",
+            30.0,
+            "seconds",
+            "Cap on a single deferral's countdown.",
+            _seconds(),
+        ),
+    )
+}
+
+
+SETTINGS: dict[str, Option] = {
+    o.name: o
+    for o in (
+        Option(
+            "reliable_redis_url",
+            "redis://127.0.0.1:6379/0",
+            "URL",
+            "Redis server holding locks, fencing counters and leases. Connections are opened "
+            "per worker process, after the fork.",
+            _string(),
+        ),
+        Option(
+            "reliable_database_url",
+            None,
+            "URL",
+            "PostgreSQL database for durable records (SQLAlchemy URL; ``postgresql://`` is "
+            "read as ``postgresql+psycopg://``). Needed by idempotency and the fencing helpers "
+            "that take no explicit connection.",
+            _string(optional=True),
+        ),
+        Option(
+            "reliable_key_prefix",
+            "reliable",
+            "string",
+            "Prefix of every Redis key. All keys of one prefix share the Redis Cluster hash "
+            "tag ``{prefix}``, so one Lua script may touch any of them.",
+            _prefix,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ReliableSettings:
+    """The ``reliable_*`` settings of one app, validated."""
+
+    redis_url: str
+    database_url: str | None
+    key_prefix: str
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, Any]) -> ReliableSettings:
+        owner = "app settings"
+        values = {
+            name: opt.value(owner, conf.get(name, opt.default)) for name, opt in SETTINGS.items()
+        }
+        return cls(
+            redis_url=values["reliable_redis_url"],
+            database_url=values["reliable_database_url"],
+            key_prefix=values["reliable_key_prefix"],
+        )
+
+
+@dataclass(frozen=True)
+class LockPolicy:
+    """How one task locks its resource."""
+
+    spec: str | Callable[[Mapping[str, Any]], str]
+    ttl: float
+    contention: Contention
+
+    def resource(self, task_name: str, arguments: Mapping[str, Any]) -> str:
+        """The resource name for one call; raises ConfigurationError if it cannot be built."""
+        if callable(self.spec):
+            value = self.spec(arguments)
+            if not isinstance(value, str) or not value:
+                raise ConfigurationError(
+                    f"{task_name}: option 'lock' callable returned {value!r}; "
+                    "it must return a non-empty string"
+                )
+            return value
+        try:
+            return self.spec.format_map(arguments)
+        except (KeyError, IndexError, AttributeError) as exc:
+            raise ConfigurationError(
+                f"{task_name}: option 'lock' template {self.spec!r} cannot be formatted "
+                f"with the call's arguments: {exc!r}"
+            ) from exc
+
+
+@dataclass(frozen=True)
+class DeferPolicy:
+    """Countdown of deferrals (a guard said "not now")."""
+
+    delay: float
+    max_delay: float
+
+    def countdown(self, deferrals: int, rand: float, *, not_after: float | None = None,
+                  not_before: float | None = None) -> float:
+        """Seconds until the next attempt after ``deferrals`` earlier deferrals.
+
+        ``rand`` is uniform in [0, 1). The base is equal jitter,
+        ``d/2 + rand * d/2`` with ``d = min(max_delay, delay * 2**deferrals)``;
+        ``not_after`` (e.g. when the blocking lock expires) caps it, and
+        ``not_before`` (e.g. a bucket's retry-after) floors it, jittered by up to
+        20% so deferred tasks do not return in lockstep.
+        """
+        d = min(self.max_delay, self.delay * (2 ** min(deferrals, 30)))
+        wait = d / 2 + rand * d / 2
+        if not_after is not None and not_after >= 0:
+            wait = min(wait, not_after + 0.05 * rand)
+        if not_before is not None and not_before > 0:
+            wait = max(wait, not_before * (1 + 0.2 * rand))
+        return wait
+
+
+@dataclass(frozen=True)
+class TaskPolicy:
+    """Everything celery-reliable enforces for one task, validated at bind."""
+
+    task_name: str
+    lock: LockPolicy | None
+    defer: DeferPolicy
+    parameters: tuple[str, ...]
+    takes_var_kwargs: bool
+    signature: inspect.Signature | None
+
+
+# Names that are ours in spirit: an attribute starting with one of these that
+# is not a registered option is most likely a typo.
+_OUR_PREFIXES = ("lock", "defer", "fence", "reliable", "idempotency", "bulkhead", "rate_cost",
+                 "rate_limit_key", "backoff", "circuit", "retry_budget", "max_redeliveries")
+
+
+def unknown_options(task_name: str, attributes: Mapping[str, Any], known: set[str]) -> None:
+    """Refuse attributes that look like our options but are not (``lock_tll=30``)."""
+    for name, value in attributes.items():
+        if name.startswith("_") or name in known or name in TASK_OPTIONS:
+            continue
+        close = difflib.get_close_matches(name, list(TASK_OPTIONS), n=1, cutoff=0.8)
+        # A method or property of a class-based task may share our prefixes;
+        # a plain value that does is almost always a misspelt option.
+        is_code = callable(value) or isinstance(value, (property, staticmethod, classmethod))
+        if close or (name.startswith(_OUR_PREFIXES) and not is_code):
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigurationError(
+                f"{task_name}: unknown reliability option {name!r}{hint} "
+                f"(known options: {', '.join(sorted(TASK_OPTIONS))})"
+            )
+
+
+def task_signature(run: Callable[..., Any], bound: bool) -> inspect.Signature | None:
+    try:
+        sig = inspect.signature(run)
+    except (TypeError, ValueError):
+        return None
+    if bound:
+        params = list(sig.parameters.values())[1:]
+        sig = sig.replace(parameters=params)
+    return sig
+
+
+def build_policy(task_name: str, values: Mapping[str, Any],
+                 signature: inspect.Signature | None) -> TaskPolicy:
+    """Validate every option of one task and return its policy."""
+    opts = {name: opt.value(task_name, values.get(name, opt.default))
+            for name, opt in TASK_OPTIONS.items()}
+    params: tuple[str, ...] = ()
+    var_kw = True
+    if signature is not None:
+        params = tuple(
+            p.name for p in signature.parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        )
+        var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    lock = None
+    if opts["lock"] is not None:
+        spec = opts["lock"]
+        if isinstance(spec, str) and not var_kw:
+            for field_name in template_fields(task_name, spec):
+                if field_name not in params:
+                    raise ConfigurationError(
+                        f"{task_name}: option 'lock' template {spec!r} names argument "
+                        f"{field_name!r}, which the task does not take "
+                        f"(its arguments: {', '.join(params) or 'none'})"
+                    )
+        lock = LockPolicy(spec=spec, ttl=opts["lock_ttl"], contention=opts["lock_contention"])
+    if opts["defer_max_delay"] < opts["defer_delay"]:
+        raise ConfigurationError(
+            f"{task_name}: option 'defer_max_delay' ({opts['defer_max_delay']}) must be >= "
+            f"'defer_delay' ({opts['defer_delay']})"
+        )
+    return TaskPolicy(
+        task_name=task_name,
+        lock=lock,
+        defer=DeferPolicy(delay=opts["defer_delay"], max_delay=opts["defer_max_delay"]),
+        parameters=params,
+        takes_var_kwargs=var_kw,
+        signature=signature,
+    )
+
+
+def template_fields(task_name: str, template: str) -> list[str]:
+    """Root argument names a format template refers to (``{order.id}`` → ``order``)."""
+    names = []
+    for _, field_name, _, _ in string.Formatter().parse(template):
+        if field_name is None:
+            continue
+        root = field_name.split(".", 1)[0].split("[", 1)[0]
+        if root == "" or root.isdigit():
+            raise ConfigurationError(
+                f"{task_name}: option 'lock' template {template!r} uses a positional field; "
+                "name the argument instead"
+            )
+        names.append(root)
+    return names

@@ -1,0 +1,40 @@
+"""The Redis key space.
+
+Every key is ``{<prefix>}:<kind>:<digest>``. The ``{prefix}`` hash tag puts
+all keys of one prefix in one Redis Cluster slot, so a single Lua script may
+touch any of them (admission is all-or-nothing across guards). User-supplied
+values never appear raw in a key: resource names are hashed with SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+__all__ = ["KeySpace", "digest"]
+
+
+def digest(value: str) -> str:
+    """128-bit hex digest of a resource name: stable, bounded, not reversible."""
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:32]
+
+
+class KeySpace:
+    """Builds the keys of one ``reliable_key_prefix``."""
+
+    __slots__ = ("prefix", "tag")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.tag = "{" + prefix + "}"
+
+    def lock(self, resource: str) -> str:
+        """The lease of the lock on ``resource`` (a string ``"<token> <owner>"``)."""
+        return f"{self.tag}:lock:{digest(resource)}"
+
+    def fence(self, resource: str) -> str:
+        """The last fencing token minted for ``resource``."""
+        return f"{self.tag}:fence:{digest(resource)}"
+
+    def pattern(self, kind: str) -> str:
+        """SCAN pattern for every key of one kind."""
+        return f"{self.tag}:{kind}:*"

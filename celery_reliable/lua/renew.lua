@@ -1,0 +1,25 @@
+--[[ renew.lua: extend many leases held by one process in ONE round trip (the heartbeat).
+
+KEYS  lease keys
+ARGV  [1] plan: one letter per key, e.g. "LL"
+      then per key: lease value, lease_ms
+        L: extend the lock only if its value is still ours
+Returns {r1, r2, ...}: 1 extended, 0 lost (expired or taken over; untouched)
+]]
+local plan = ARGV[1]
+local out = {}
+for g = 1, #plan do
+  local kind = string.sub(plan, g, g)
+  local ai = 2 * g
+  if kind == 'L' then
+    if redis.call('GET', KEYS[g]) == ARGV[ai] then
+      redis.call('PEXPIRE', KEYS[g], ARGV[ai + 1])
+      out[g] = 1
+    else
+      out[g] = 0
+    end
+  else
+    return redis.error_reply('renew.lua: unknown lease ' .. kind)
+  end
+end
+return out
