@@ -12,12 +12,11 @@
 
 Refusals are translated into Celery's ``Retry``/``Ignore`` in one place
 (:meth:`celery_reliable.task.ReliableTask.__call__`); faults propagate.
-Every exception pickles, so it survives the result backend and prefork pipes.
+Every exception keeps its constructor arguments in ``args``, so it pickles
+and Celery's JSON result backend rebuilds it with its type and fields.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 __all__ = [
     "ConfigurationError",
@@ -33,18 +32,6 @@ __all__ = [
 class ReliableError(Exception):
     """Root of every celery-reliable exception."""
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Exceptions with keyword-only constructor arguments do not pickle
-        # by default; rebuild from the message, keep the attributes.
-        return (_rebuild, (type(self), self.args, self.__dict__))
-
-
-def _rebuild(cls: type[ReliableError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
-    exc = Exception.__new__(cls)
-    exc.args = args
-    exc.__dict__.update(state)
-    return exc
-
 
 class Refusal(ReliableError):
     """A guard refused admission; the task did not run."""
@@ -54,9 +41,12 @@ class LockNotAcquired(Refusal):
     """The task's lock was held by someone else and ``lock_contention="fail"``."""
 
     def __init__(self, task_name: str, resource: str) -> None:
-        super().__init__(f"{task_name}: lock {resource!r} is held by another execution")
+        super().__init__(task_name, resource)
         self.task_name = task_name
         self.resource = resource
+
+    def __str__(self) -> str:
+        return f"{self.task_name}: lock {self.resource!r} is held by another execution"
 
 
 class ReliableFault(ReliableError):
@@ -82,11 +72,14 @@ class StaleFenceToken(ReliableFault):
     """
 
     def __init__(self, resource: str, token: int, current: int | None) -> None:
-        if current is None:
-            detail = "the lock was lost before the write"
-        else:
-            detail = f"the resource has already accepted token {current}"
-        super().__init__(f"stale fencing token {token} for {resource!r}: {detail}")
+        super().__init__(resource, token, current)
         self.resource = resource
         self.token = token
         self.current = current
+
+    def __str__(self) -> str:
+        if self.current is None:
+            detail = "the lock was lost before the write"
+        else:
+            detail = f"the resource has already accepted token {self.current}"
+        return f"stale fencing token {self.token} for {self.resource!r}: {detail}"

@@ -1,0 +1,263 @@
+"""Shared fixtures: a throwaway Redis server, a throwaway PostgreSQL database, workers.
+
+Nothing here touches data the tests did not create: Redis is a private
+``redis-server`` on a free port (so tests may flush it), and PostgreSQL is a
+database created for this run and dropped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get(
+    "RELIABLE_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _missing(what: str) -> None:
+    """Skip locally, fail in CI: a missing server is a broken CI machine."""
+    if os.environ.get("CI"):
+        pytest.fail(what)
+    pytest.skip(what)
+
+
+class RedisServer:
+    """A private redis-server process on a free port."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.tmp), "--logfile", str(self.tmp / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        _missing("redis-server is not installed")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return f"{redis_server.url}/0"
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A database created for this run on the local PostgreSQL, dropped afterwards."""
+    name = f"reliable_test_{secrets.token_hex(4)}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as exc:
+        _missing(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    from celery_reliable import create_tables
+
+    engine = sa.create_engine(url)
+    create_tables(engine)
+    engine.dispose()
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(database_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test's own."""
+    return f"t{secrets.token_hex(4)}"
+
+
+# ----------------------------------------------------- embedded worker (pytest-celery)
+
+@pytest.fixture(scope="session")
+def celery_config(redis_server: RedisServer, database_url: str) -> dict[str, Any]:
+    return {
+        "broker_url": f"{redis_server.url}/1",
+        "result_backend": f"{redis_server.url}/2",
+        "reliable_redis_url": f"{redis_server.url}/0",
+        "reliable_database_url": database_url,
+        "reliable_key_prefix": f"emb{secrets.token_hex(3)}",
+        "broker_connection_retry_on_startup": True,
+    }
+
+
+@pytest.fixture(scope="session")
+def celery_worker_pool() -> str:
+    return "threads"
+
+
+@pytest.fixture(scope="session")
+def celery_worker_parameters() -> dict[str, Any]:
+    return {"concurrency": 4, "perform_ping_check": False}
+
+
+@pytest.fixture
+def celery_worker(celery_app: Any, celery_worker_pool: str,
+                  celery_worker_parameters: dict[str, Any]) -> Iterator[Any]:
+    """Celery's embedded worker (celery.contrib.pytest).
+
+    pytest-celery 1.x replaces this fixture with a Docker-based worker; no
+    Docker engine runs here, so the in-process one from Celery is restored.
+    """
+    from celery.contrib.testing import worker
+
+    with worker.start_worker(celery_app, pool=celery_worker_pool,
+                             **celery_worker_parameters) as w:
+        yield w
+
+
+# ------------------------------------------------------ worker subprocesses
+
+class Fleet:
+    """``celery worker`` subprocesses running tests/fleet_app.py, for kill/pause tests."""
+
+    def __init__(self, env: dict[str, str], tmp: Path) -> None:
+        self.env = env
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, n: int = 2, concurrency: int = 2, timeout: float = 60) -> None:
+        names = []
+        for _ in range(n):
+            name = f"w{len(self.procs)}-{secrets.token_hex(2)}"
+            log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tests.fleet_app", "worker",
+                 "-P", "prefork", "-c", str(concurrency), "-Q", self.env["FLEET_QUEUE"],
+                 "-n", f"{name}@%h", "--without-mingle", "--without-gossip",
+                 "--without-heartbeat", "--prefetch-multiplier", "1", "-l", "info"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            self.procs.append(proc)
+            names.append(name)
+        deadline = time.monotonic() + timeout
+        for name in names:
+            ready = self.tmp / f"ready-{name}"
+            while not ready.exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"worker {name} did not start:\n{self.logs()}")
+                time.sleep(0.1)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in self.tmp.glob("*.log"))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGCONT)
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+@pytest.fixture
+def fleet(redis_server: RedisServer, database_url: str, prefix: str,
+          tmp_path: Path) -> Iterator[Fleet]:
+    env = dict(os.environ)
+    env.update(
+        FLEET_BROKER_URL=f"{redis_server.url}/3",
+        FLEET_RESULT_URL=f"{redis_server.url}/4",
+        FLEET_REDIS_URL=f"{redis_server.url}/0",
+        FLEET_DATABASE_URL=database_url,
+        FLEET_PREFIX=prefix,
+        FLEET_QUEUE=f"q-{prefix}",
+        FLEET_READY_DIR=str(tmp_path),
+        PYTHONPATH=str(ROOT),
+    )
+    fl = Fleet(env, tmp_path)
+    old = {k: os.environ.get(k) for k in env if k.startswith("FLEET_")}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("FLEET_")})
+    try:
+        yield fl
+    finally:
+        fl.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,137 @@
+"""The Celery app run by ``celery worker`` subprocesses in the fleet tests.
+
+Configured from FLEET_* environment variables (set by the ``fleet`` fixture),
+so each test has its own broker DB, queue and key prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from celery import Celery, signals
+from sqlalchemy.dialects.postgresql import insert
+
+from celery_reliable import RedisFence, ReliableTask, StaleFenceToken, check_postgres
+
+accounts = sa.Table(
+    "fleet_accounts",
+    sa.MetaData(),
+    sa.Column("account", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("token", sa.BigInteger, nullable=False),
+)
+
+
+def env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def build_app() -> Celery:
+    app = Celery("fleet", broker=env("FLEET_BROKER_URL", "memory://"),
+                 backend=env("FLEET_RESULT_URL", "cache+memory://"))
+    app.conf.update(
+        reliable_redis_url=env("FLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        reliable_database_url=env("FLEET_DATABASE_URL") or None,
+        reliable_key_prefix=env("FLEET_PREFIX", "fleet"),
+        task_default_queue=env("FLEET_QUEUE", "fleet"),
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        result_expires=600,
+    )
+    register(app)
+    return app
+
+
+_engines: dict[tuple[int, str], sa.Engine] = {}
+
+
+def engine() -> sa.Engine:
+    key = (os.getpid(), env("FLEET_DATABASE_URL"))
+    if key not in _engines:
+        _engines[key] = sa.create_engine(key[1].replace("postgresql://", "postgresql+psycopg://"))
+    return _engines[key]
+
+
+def client() -> redis.Redis:
+    return redis.Redis.from_url(env("FLEET_REDIS_URL"))
+
+
+def rkey(*parts: Any) -> str:
+    return ":".join([env("FLEET_PREFIX"), "test", *map(str, parts)])
+
+
+def register(app: Celery) -> None:
+    @app.task(base=ReliableTask, bind=True, name="fleet.exclusive", lock="excl:{key}",
+              lock_ttl=10, defer_delay=0.05, defer_max_delay=0.3)
+    def exclusive(self: ReliableTask, key: str, hold: float) -> int:
+        start = time.time()
+        time.sleep(hold)
+        end = time.time()
+        client().rpush(rkey("records", key), json.dumps(
+            {"token": self.fence_token, "start": start, "end": end, "pid": os.getpid(),
+             "id": self.request.id}))
+        return self.fence_token
+
+    @app.task(base=ReliableTask, bind=True, name="fleet.fenced_writer", lock="acct:{account}",
+              lock_ttl=2)
+    def fenced_writer(self: ReliableTask, account: str, label: str) -> dict[str, Any]:
+        r = client()
+        r.set(rkey("pid", label), os.getpid())
+        r.set(rkey("token", label), self.fence_token)
+        deadline = time.monotonic() + 60
+        while not r.exists(rkey("gate", label)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        outcome: dict[str, Any] = {"label": label, "token": self.fence_token}
+        # The resource-side checks alone (not self.fence, which would also
+        # refuse on a lost lease): the resource itself must reject A.
+        try:
+            RedisFence(r).set(rkey("acct", account), label, self.fence_token)
+            outcome["redis"] = "written"
+        except StaleFenceToken as exc:
+            outcome["redis"] = f"stale:{exc.current}"
+        try:
+            with engine().begin() as conn:
+                check_postgres(conn, f"acct:{account}", self.fence_token)
+                conn.execute(
+                    insert(accounts)
+                    .values(account=account, value=label, token=self.fence_token)
+                    .on_conflict_do_update(index_elements=[accounts.c.account],
+                                           set_={"value": label, "token": self.fence_token})
+                )
+            outcome["postgres"] = "written"
+        except StaleFenceToken as exc:
+            outcome["postgres"] = f"stale:{exc.current}"
+        outcome["lock_lost"] = self.lock_lost
+        r.set(rkey("outcome", label), json.dumps(outcome))
+        return outcome
+
+    @app.task(base=ReliableTask, bind=True, name="fleet.crashy", lock="crash:{key}",
+              lock_ttl=3, acks_late=True, reject_on_worker_lost=True, defer_delay=0.2,
+              defer_max_delay=1.0)
+    def crashy(self: ReliableTask, key: str) -> str:
+        r = client()
+        r.rpush(rkey("attempts", key), json.dumps(
+            {"pid": os.getpid(), "token": self.fence_token, "at": time.time(),
+             "retries": self.request.retries}))
+        if r.set(rkey("first", key), 1, nx=True):
+            time.sleep(60)  # the test kills this process meanwhile
+        return "done"
+
+
+app = build_app()
+
+
+@signals.worker_ready.connect
+def _ready(sender: Any = None, **_: Any) -> None:
+    ready_dir = env("FLEET_READY_DIR")
+    if ready_dir and sender is not None:
+        name = str(sender.hostname).split("@", 1)[0]
+        Path(ready_dir, f"ready-{name}").touch()
+
+

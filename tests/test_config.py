@@ -1,0 +1,115 @@
+"""Options are validated when the task is bound, with messages naming task and option."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_reliable import ConfigurationError, ReliableTask
+
+
+def bind(app: Celery, name: str = "shop.charge", **options: Any) -> Any:
+    def charge(self: Any, order_id: int, amount: int = 0) -> int:
+        return order_id
+
+    task = app.task(base=ReliableTask, bind=True, name=name, shared=False, **options)(charge)
+    return task._get_current_object()  # evaluating the proxy binds the task
+
+
+@pytest.fixture
+def app() -> Celery:
+    return Celery("cfg", broker="memory://", set_as_current=False)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"lock": "order:{customer}"}, "names argument 'customer', which the task does not take"),
+        ({"lock": "order:{}"}, "positional field"),
+        ({"lock": "order:{"}, "not a valid format template"),
+        ({"lock": 7}, "non-empty template string or a callable"),
+        ({"lock": "o:{order_id}", "lock_ttl": -1}, "'lock_ttl' must be > 0 seconds"),
+        ({"lock": "o:{order_id}", "lock_ttl": 0}, "'lock_ttl' must be > 0 seconds"),
+        ({"lock": "o:{order_id}", "lock_ttl": "30"}, "'lock_ttl' must be seconds"),
+        ({"lock": "o:{order_id}", "lock_ttl": True}, "'lock_ttl' must be seconds"),
+        ({"lock": "o:{order_id}", "lock_ttl": float("nan")}, "finite"),
+        ({"lock": "o:{order_id}", "lock_contention": "wait"}, "'lock_contention' must be one of"),
+        ({"lock_tll": 30}, "unknown reliability option 'lock_tll'; did you mean 'lock_ttl'?"),
+        ({"lock_timeout": 30}, "unknown reliability option 'lock_timeout'"),
+        ({"defer_delay": 5, "defer_max_delay": 1}, "'defer_max_delay' (1.0) must be >="),
+    ],
+)
+def test_bad_option_fails_at_bind_naming_task_and_option(
+    app: Celery, options: dict[str, Any], fragment: str
+) -> None:
+    """Each bad option raises ConfigurationError when bound, naming the task."""
+    with pytest.raises(ConfigurationError) as info:
+        bind(app, **options)
+    assert str(info.value).startswith("shop.charge: ")
+    assert fragment in str(info.value)
+
+
+def test_good_options_are_normalised(app: Celery) -> None:
+    """timedelta and ints become float seconds; a template over a defaulted arg is fine."""
+    task = bind(app, lock="order:{order_id}:{amount}", lock_ttl=timedelta(minutes=2))
+    policy = type(task)._reliable_policy
+    assert policy.lock is not None and policy.lock.ttl == 120.0
+    assert policy.lock.contention == "defer"
+    assert policy.lock.resource("shop.charge", {"order_id": 7, "amount": 3}) == "order:7:3"
+
+
+def test_callable_lock_receives_bound_arguments(app: Celery) -> None:
+    """A callable lock gets the bound arguments as one mapping."""
+    task = bind(app, lock=lambda a: f"order:{a['order_id']}")
+    policy = type(task)._reliable_policy
+    assert policy.lock.resource("shop.charge", {"order_id": 9, "amount": 0}) == "order:9"
+
+
+def test_callable_lock_returning_non_string_is_named(app: Celery) -> None:
+    task = bind(app, lock=lambda a: None)
+    with pytest.raises(ConfigurationError, match=r"shop.charge: option 'lock' callable returned"):
+        type(task)._reliable_policy.lock.resource("shop.charge", {"order_id": 1})
+
+
+def test_bad_setting_fails_at_bind(app: Celery) -> None:
+    """A bad reliable_* setting is refused as soon as a task binds."""
+    app.conf.reliable_key_prefix = "has space"
+    with pytest.raises(ConfigurationError, match="'reliable_key_prefix'"):
+        bind(app, lock="o:{order_id}")
+
+
+def test_var_kwargs_task_accepts_any_template_field(app: Celery) -> None:
+    def flexible(self: Any, **kwargs: Any) -> None:
+        return None
+
+    task = app.task(base=ReliableTask, bind=True, shared=False, name="flex", lock="t:{tenant}")(flexible)
+    assert task.name == "flex"
+
+
+def test_unbound_function_signature_is_used(app: Celery) -> None:
+    """bind=False tasks are checked against their own parameters (no self)."""
+    def plain(order_id: int) -> int:
+        return order_id
+
+    with pytest.raises(ConfigurationError, match="its arguments: order_id"):
+        app.task(base=ReliableTask, shared=False, name="plain", lock="x:{self}")(plain).name
+
+
+def test_methods_with_our_prefixes_are_not_options(app: Celery) -> None:
+    """A class-based task may define helpers named lock_*; only values are options."""
+
+    class Job(ReliableTask):
+        name = "job"
+        lock = "job:{n}"
+
+        def lock_helper(self) -> str:
+            return "fine"
+
+        def run(self, n: int) -> int:
+            return n
+
+    app.register_task(Job())
+    assert Job._build_reliable_policy(app).lock is not None
