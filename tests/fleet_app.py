@@ -79,7 +79,7 @@ def register(app: Celery) -> None:
         return self.fence_token
 
     @app.task(base=ReliableTask, bind=True, name="fleet.fenced_writer", lock="acct:{account}",
-              lock_ttl=2)
+              lock_ttl=2, acks_late=True)  # the paused holder keeps its prefetch slot
     def fenced_writer(self: ReliableTask, account: str, label: str) -> dict[str, Any]:
         r = client()
         r.set(rkey("pid", label), os.getpid())
