@@ -55,8 +55,11 @@ class Plan:
         """Lock ``resource`` for ``ttl`` seconds, minting a fencing token; returns its index."""
         self.kinds.append("L")
         self.keys += [keys.lock(resource), keys.fence(resource)]
-        self.admit_args += [owner, max(1, int(ttl * 1000)),
-                            int(max(FENCE_TTL_MIN, 10 * ttl) * 1000)]
+        self.admit_args += [
+            owner,
+            max(1, int(ttl * 1000)),
+            int(max(FENCE_TTL_MIN, 10 * ttl) * 1000),
+        ]
         return len(self.kinds) - 1
 
     def admit(self, client: redis.Redis) -> Admitted | Refused:

@@ -111,8 +111,7 @@ def _string(*, optional: bool = False) -> Callable[[str, str, Any], Any]:
 
 
 def _prefix(owner: str, name: str, raw: Any) -> str:
-    value = _string()(owner, name, raw)
-    assert value is not None
+    value = str(_string()(owner, name, raw))
     if any(c in value for c in "{}\x00 ") or len(value) > 64:
         raise _err(owner, name, f"must be at most 64 characters without braces or spaces: {raw!r}")
     return value
@@ -126,7 +125,7 @@ TASK_OPTIONS: dict[str, Option] = {
             None,
             "template or callable",
             "Resource the task locks while it runs. A format template over the task's bound "
-            "arguments (``\"order:{order_id}\"``) or a callable that receives the bound "
+            'arguments (``"order:{order_id}"``) or a callable that receives the bound '
             "arguments as one mapping and returns the resource name. ``None`` means no lock.",
             _lock_spec,
         ),
@@ -143,9 +142,9 @@ TASK_OPTIONS: dict[str, Option] = {
             "lock_contention",
             "defer",
             "one of defer, skip, fail",
-            "What a task does when its lock is held by another execution: ``\"defer\"`` "
-            "re-publishes it with a jittered countdown (no retry consumed), ``\"skip\"`` drops "
-            "it and stores the result state ``SKIPPED``, ``\"fail\"`` raises ``LockNotAcquired``.",
+            'What a task does when its lock is held by another execution: ``"defer"`` '
+            're-publishes it with a jittered countdown (no retry consumed), ``"skip"`` drops '
+            'it and stores the result state ``SKIPPED``, ``"fail"`` raises ``LockNotAcquired``.',
             _choice(_CONTENTION),
         ),
         Option(
@@ -255,8 +254,14 @@ class DeferPolicy:
     delay: float
     max_delay: float
 
-    def countdown(self, deferrals: int, rand: float, *, not_after: float | None = None,
-                  not_before: float | None = None) -> float:
+    def countdown(
+        self,
+        deferrals: int,
+        rand: float,
+        *,
+        not_after: float | None = None,
+        not_before: float | None = None,
+    ) -> float:
         """Seconds until the next attempt after ``deferrals`` earlier deferrals.
 
         ``rand`` is uniform in [0, 1). The base is equal jitter,
@@ -265,8 +270,8 @@ class DeferPolicy:
         ``not_before`` (e.g. a bucket's retry-after) floors it, jittered by up to
         20% so deferred tasks do not return in lockstep.
         """
-        d = min(self.max_delay, self.delay * (2 ** min(deferrals, 30)))
-        wait = d / 2 + rand * d / 2
+        d = min(self.max_delay, self.delay * (2.0 ** min(deferrals, 30)))
+        wait: float = d / 2 + rand * d / 2
         if not_after is not None and not_after >= 0:
             wait = min(wait, not_after + 0.05 * rand)
         if not_before is not None and not_before > 0:
@@ -288,8 +293,20 @@ class TaskPolicy:
 
 # Names that are ours in spirit: an attribute starting with one of these that
 # is not a registered option is most likely a typo.
-_OUR_PREFIXES = ("lock", "defer", "fence", "reliable", "idempotency", "bulkhead", "rate_cost",
-                 "rate_limit_key", "backoff", "circuit", "retry_budget", "max_redeliveries")
+_OUR_PREFIXES = (
+    "lock",
+    "defer",
+    "fence",
+    "reliable",
+    "idempotency",
+    "bulkhead",
+    "rate_cost",
+    "rate_limit_key",
+    "backoff",
+    "circuit",
+    "retry_budget",
+    "max_redeliveries",
+)
 
 
 def unknown_options(task_name: str, attributes: Mapping[str, Any], known: set[str]) -> None:
@@ -320,16 +337,20 @@ def task_signature(run: Callable[..., Any], bound: bool) -> inspect.Signature | 
     return sig
 
 
-def build_policy(task_name: str, values: Mapping[str, Any],
-                 signature: inspect.Signature | None) -> TaskPolicy:
+def build_policy(
+    task_name: str, values: Mapping[str, Any], signature: inspect.Signature | None
+) -> TaskPolicy:
     """Validate every option of one task and return its policy."""
-    opts = {name: opt.value(task_name, values.get(name, opt.default))
-            for name, opt in TASK_OPTIONS.items()}
+    opts = {
+        name: opt.value(task_name, values.get(name, opt.default))
+        for name, opt in TASK_OPTIONS.items()
+    }
     params: tuple[str, ...] = ()
     var_kw = True
     if signature is not None:
         params = tuple(
-            p.name for p in signature.parameters.values()
+            p.name
+            for p in signature.parameters.values()
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         )
         var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())

@@ -47,9 +47,7 @@ def check_postgres(conn: Any, resource: str, token: int) -> None:
         where=fences.c.token <= ins.excluded.token,
     ).returning(fences.c.token)
     if conn.execute(stmt).first() is None:
-        current = conn.execute(
-            select(fences.c.token).where(fences.c.resource == resource)
-        ).scalar()
+        current = conn.execute(select(fences.c.token).where(fences.c.resource == resource)).scalar()
         raise StaleFenceToken(resource, token, current)
 
 
@@ -68,8 +66,11 @@ class RedisFence:
         if int(ok) != 1:
             raise StaleFenceToken(key, token, int(current))
 
-    def get(self, key: str) -> tuple[bytes | None, int | None]:
-        """``(value, token)`` last written, or ``(None, None)``."""
+    def get(self, key: str) -> tuple[bytes | str | None, int | None]:
+        """``(value, token)`` last written, or ``(None, None)``.
+
+        The value is ``bytes`` unless the client decodes responses.
+        """
         value, token = self.client.hmget(key, ["v", "t"])
         return value, (int(token) if token is not None else None)
 

@@ -34,8 +34,9 @@ class FencedLock:
         prefix: the ``reliable_key_prefix`` shared with the tasks.
     """
 
-    def __init__(self, client: redis.Redis, resource: str, *, ttl: float = 30.0,
-                 prefix: str = "reliable") -> None:
+    def __init__(
+        self, client: redis.Redis, resource: str, *, ttl: float = 30.0, prefix: str = "reliable"
+    ) -> None:
         if ttl <= 0:
             raise ValueError(f"FencedLock: ttl must be > 0 seconds, got {ttl!r}")
         self.client = client
@@ -91,6 +92,7 @@ class FencedLock:
             raise LockNotAcquired("FencedLock", self.resource)
         return token
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()

@@ -38,8 +38,9 @@ class Lease:
 
     __slots__ = ("deadline", "describe", "key", "kind", "lost", "next_due", "ttl", "value")
 
-    def __init__(self, kind: str, key: str, value: str, ttl: float, started: float,
-                 describe: str) -> None:
+    def __init__(
+        self, kind: str, key: str, value: str, ttl: float, started: float, describe: str
+    ) -> None:
         self.kind = kind
         self.key = key
         self.value = value
@@ -118,7 +119,7 @@ class Heartbeat:
                 if sent >= lease.deadline and not lease.lost:
                     self._lose(lease, f"renewals failed past its expiry ({exc!r})")
             return
-        for lease, ok in zip(leases, results):
+        for lease, ok in zip(leases, results, strict=True):
             if ok:
                 lease.deadline = sent + lease.ttl
                 lease.next_due = sent + lease.ttl / 3

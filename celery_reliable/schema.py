@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import BigInteger, Column, DateTime, MetaData, Table, Text, func
-from sqlalchemy.engine import Engine, make_url
 from sqlalchemy import create_engine as _create_engine
+from sqlalchemy.engine import Engine, make_url
 
 from .errors import ConfigurationError
 

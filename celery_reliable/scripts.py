@@ -33,5 +33,5 @@ class Script:
 @cache
 def script(name: str) -> Script:
     """The packaged script ``celery_reliable/lua/<name>.lua``."""
-    source = resources.files("celery_reliable").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    source = resources.files("celery_reliable").joinpath(f"lua/{name}.lua").read_text("utf-8")
     return Script(name, source)

@@ -27,9 +27,12 @@ def _shutdown(**_: Any) -> None:
 
 def connect() -> None:
     """Connect the receivers once (idempotent through ``dispatch_uid``)."""
-    signals.worker_process_init.connect(_after_fork, weak=False,
-                                        dispatch_uid="celery_reliable.after_fork")
-    signals.worker_process_shutdown.connect(_shutdown, weak=False,
-                                            dispatch_uid="celery_reliable.process_shutdown")
-    signals.worker_shutdown.connect(_shutdown, weak=False,
-                                    dispatch_uid="celery_reliable.worker_shutdown")
+    signals.worker_process_init.connect(
+        _after_fork, weak=False, dispatch_uid="celery_reliable.after_fork"
+    )
+    signals.worker_process_shutdown.connect(
+        _shutdown, weak=False, dispatch_uid="celery_reliable.process_shutdown"
+    )
+    signals.worker_shutdown.connect(
+        _shutdown, weak=False, dispatch_uid="celery_reliable.worker_shutdown"
+    )

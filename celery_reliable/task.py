@@ -149,8 +149,9 @@ class ReliableTask(Task):  # type: ignore[misc]
         finally:
             self._complete(execution)
 
-    def _arguments(self, policy: TaskPolicy, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _arguments(
+        self, policy: TaskPolicy, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
         if policy.signature is None:
             return dict(kwargs)
         bound = policy.signature.bind_partial(*args, **kwargs)
@@ -161,20 +162,27 @@ class ReliableTask(Task):  # type: ignore[misc]
                 arguments.update(arguments.pop(param.name, {}))
         return arguments
 
-    def _plan(self, policy: TaskPolicy, args: tuple[Any, ...], kwargs: dict[str, Any],
-              execution: _Execution) -> Plan:
+    def _plan(
+        self,
+        policy: TaskPolicy,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        execution: _Execution,
+    ) -> Plan:
         """Every guard of this call, as one admission plan. Guards plug in here."""
         runtime = runtime_for(self.app)
         plan = Plan()
         if policy.lock is not None:
-            execution.resource = policy.lock.resource(self.name, self._arguments(policy, args,
-                                                                                  kwargs))
+            execution.resource = policy.lock.resource(
+                self.name, self._arguments(policy, args, kwargs)
+            )
             execution.owner = f"{self.request.id}/{secrets.token_hex(4)}"
             plan.add_lock(runtime.keys, execution.resource, execution.owner, policy.lock.ttl)
         return plan
 
-    def _admit(self, policy: TaskPolicy, args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> _Execution:
+    def _admit(
+        self, policy: TaskPolicy, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> _Execution:
         runtime = runtime_for(self.app)
         while True:
             execution = _Execution()
@@ -195,8 +203,14 @@ class ReliableTask(Task):  # type: ignore[misc]
                 execution.token = outcome.results[index]
                 key = runtime.keys.lock(execution.resource)
                 value = f"{execution.token} {execution.owner}"
-                execution.lease = Lease("L", key, value, policy.lock.ttl, started,
-                                        f"lock of {self.name}[{self.request.id}]")
+                execution.lease = Lease(
+                    "L",
+                    key,
+                    value,
+                    policy.lock.ttl,
+                    started,
+                    f"lock of {self.name}[{self.request.id}]",
+                )
                 execution.release.add_lock(key, value)
                 runtime.heartbeat.add(execution.lease)
         return execution
@@ -207,10 +221,15 @@ class ReliableTask(Task):  # type: ignore[misc]
             assert policy.lock is not None and execution.resource is not None
             how = policy.lock.contention
             if how == "skip":
-                log.info("celery-reliable: %s[%s] skipped: lock %s is busy",
-                         self.name, self.request.id, digest(execution.resource))
-                self._store_state(SKIPPED, {"reason": "lock busy",
-                                            "lock": digest(execution.resource)})
+                log.info(
+                    "celery-reliable: %s[%s] skipped: lock %s is busy",
+                    self.name,
+                    self.request.id,
+                    digest(execution.resource),
+                )
+                self._store_state(
+                    SKIPPED, {"reason": "lock busy", "lock": digest(execution.resource)}
+                )
                 raise Ignore()
             if how == "fail":
                 raise LockNotAcquired(self.name, execution.resource)
@@ -218,8 +237,15 @@ class ReliableTask(Task):  # type: ignore[misc]
             return
         raise AssertionError(f"unknown guard {refusal.kind!r}")  # pragma: no cover
 
-    def _defer(self, policy: TaskPolicy, reason: str, *, not_after: float | None = None,
-               not_before: float | None = None, cause: BaseException | None = None) -> None:
+    def _defer(
+        self,
+        policy: TaskPolicy,
+        reason: str,
+        *,
+        not_after: float | None = None,
+        not_before: float | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
         """Re-publish this task with a jittered countdown and stop this delivery.
 
         The new message keeps the task id, arguments, options and ``retries``
@@ -229,10 +255,12 @@ class ReliableTask(Task):  # type: ignore[misc]
         call sleeps and returns so the caller tries again.
         """
         request = self.request
-        deferrals = int(getattr(request, DEFER_HEADER, None)
-                        or (request.headers or {}).get(DEFER_HEADER) or 0)
-        countdown = policy.defer.countdown(deferrals, random.random(),
-                                           not_after=not_after, not_before=not_before)
+        deferrals = int(
+            getattr(request, DEFER_HEADER, None) or (request.headers or {}).get(DEFER_HEADER) or 0
+        )
+        countdown = policy.defer.countdown(
+            deferrals, random.random(), not_after=not_after, not_before=not_before
+        )
         if request.is_eager:
             if cause is not None and not isinstance(cause, redis.ConnectionError):
                 raise StorageError(f"{self.name}: {reason}") from cause
@@ -250,11 +278,18 @@ class ReliableTask(Task):  # type: ignore[misc]
             if self._acks_late():
                 time.sleep(min(countdown, 5.0))
                 raise Reject(f"{reason}; could not re-publish: {exc!r}", requeue=True) from exc
-            raise StorageError(f"{self.name}: {reason} and the broker refused the "
-                               f"deferred message") from exc
-        log.info("celery-reliable: %s[%s] deferred %.2fs (%s, deferral %d)%s",
-                 self.name, request.id, countdown, reason, deferrals + 1,
-                 f": {cause!r}" if cause else "")
+            raise StorageError(
+                f"{self.name}: {reason} and the broker refused the deferred message"
+            ) from exc
+        log.info(
+            "celery-reliable: %s[%s] deferred %.2fs (%s, deferral %d)%s",
+            self.name,
+            request.id,
+            countdown,
+            reason,
+            deferrals + 1,
+            f": {cause!r}" if cause else "",
+        )
         raise Deferred(f"deferred: {reason}", when=countdown)
 
     def _acks_late(self) -> bool:
@@ -267,8 +302,13 @@ class ReliableTask(Task):  # type: ignore[misc]
         try:
             self.backend.store_result(self.request.id, meta, state, request=self.request)
         except Exception:  # the backend's failure must not change the task's outcome
-            log.warning("celery-reliable: could not store state %s for %s[%s]", state,
-                        self.name, self.request.id, exc_info=True)
+            log.warning(
+                "celery-reliable: could not store state %s for %s[%s]",
+                state,
+                self.name,
+                self.request.id,
+                exc_info=True,
+            )
 
     def _complete(self, execution: _Execution) -> None:
         """Release what admission took, in one round trip; safe to call twice."""
@@ -281,12 +321,19 @@ class ReliableTask(Task):  # type: ignore[misc]
         try:
             results = release.run(runtime.redis)
         except redis.RedisError:
-            log.warning("celery-reliable: %s[%s] could not release its guards; they expire "
-                        "by their TTL", self.name, self.request.id, exc_info=True)
+            log.warning(
+                "celery-reliable: %s[%s] could not release its guards; they expire by their TTL",
+                self.name,
+                self.request.id,
+                exc_info=True,
+            )
             return
         if execution.lease is not None and results and not results[0]:
-            log.warning("celery-reliable: %s[%s] finished after its lock was lost",
-                        self.name, self.request.id)
+            log.warning(
+                "celery-reliable: %s[%s] finished after its lock was lost",
+                self.name,
+                self.request.id,
+            )
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's ``retry``, releasing this execution's guards first.
@@ -305,8 +352,10 @@ class ReliableTask(Task):  # type: ignore[misc]
     def _execution(self) -> _Execution:
         execution = getattr(self.request, "_reliable_execution", None)
         if execution is None or execution.token is None or execution.resource is None:
-            raise RuntimeError(f"{self.name}: no lock is held (set the 'lock' option, and "
-                               "read this only while the task runs)")
+            raise RuntimeError(
+                f"{self.name}: no lock is held (set the 'lock' option, and "
+                "read this only while the task runs)"
+            )
         return execution  # type: ignore[no-any-return]
 
     @property
@@ -335,5 +384,4 @@ class ReliableTask(Task):  # type: ignore[misc]
         execution = self._execution()
         assert execution.token is not None and execution.resource is not None
         lease = execution.lease
-        return Fence(execution.resource, execution.token,
-                     lambda: lease is not None and lease.lost)
+        return Fence(execution.resource, execution.token, lambda: lease is not None and lease.lost)

@@ -56,9 +56,23 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.tmp), "--logfile", str(self.tmp / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+                "--logfile",
+                str(self.tmp / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port)
         for _ in range(100):
@@ -135,6 +149,7 @@ def prefix() -> str:
 
 # ----------------------------------------------------- embedded worker (pytest-celery)
 
+
 @pytest.fixture(scope="session")
 def celery_config(redis_server: RedisServer, database_url: str) -> dict[str, Any]:
     return {
@@ -158,8 +173,9 @@ def celery_worker_parameters() -> dict[str, Any]:
 
 
 @pytest.fixture
-def celery_worker(celery_app: Any, celery_worker_pool: str,
-                  celery_worker_parameters: dict[str, Any]) -> Iterator[Any]:
+def celery_worker(
+    celery_app: Any, celery_worker_pool: str, celery_worker_parameters: dict[str, Any]
+) -> Iterator[Any]:
     """Celery's embedded worker (celery.contrib.pytest).
 
     pytest-celery 1.x replaces this fixture with a Docker-based worker; no
@@ -167,12 +183,12 @@ def celery_worker(celery_app: Any, celery_worker_pool: str,
     """
     from celery.contrib.testing import worker
 
-    with worker.start_worker(celery_app, pool=celery_worker_pool,
-                             **celery_worker_parameters) as w:
+    with worker.start_worker(celery_app, pool=celery_worker_pool, **celery_worker_parameters) as w:
         yield w
 
 
 # ------------------------------------------------------ worker subprocesses
+
 
 class Fleet:
     """``celery worker`` subprocesses running tests/fleet_app.py, for kill/pause tests."""
@@ -188,11 +204,33 @@ class Fleet:
             name = f"w{len(self.procs)}-{secrets.token_hex(2)}"
             log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
             proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tests.fleet_app", "worker",
-                 "-P", "prefork", "-c", str(concurrency), "-Q", self.env["FLEET_QUEUE"],
-                 "-n", f"{name}@%h", "--without-mingle", "--without-gossip",
-                 "--without-heartbeat", "--prefetch-multiplier", "1", "-l", "info"],
-                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "tests.fleet_app",
+                    "worker",
+                    "-P",
+                    "prefork",
+                    "-c",
+                    str(concurrency),
+                    "-Q",
+                    self.env["FLEET_QUEUE"],
+                    "-n",
+                    f"{name}@%h",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "--without-heartbeat",
+                    "--prefetch-multiplier",
+                    "1",
+                    "-l",
+                    "info",
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
             self.procs.append(proc)
@@ -225,8 +263,9 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(redis_server: RedisServer, database_url: str, prefix: str,
-          tmp_path: Path) -> Iterator[Fleet]:
+def fleet(
+    redis_server: RedisServer, database_url: str, prefix: str, tmp_path: Path
+) -> Iterator[Fleet]:
     env = dict(os.environ)
     env.update(
         FLEET_BROKER_URL=f"{redis_server.url}/3",

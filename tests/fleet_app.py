@@ -33,8 +33,11 @@ def env(name: str, default: str = "") -> str:
 
 
 def build_app() -> Celery:
-    app = Celery("fleet", broker=env("FLEET_BROKER_URL", "memory://"),
-                 backend=env("FLEET_RESULT_URL", "cache+memory://"))
+    app = Celery(
+        "fleet",
+        broker=env("FLEET_BROKER_URL", "memory://"),
+        backend=env("FLEET_RESULT_URL", "cache+memory://"),
+    )
     app.conf.update(
         reliable_redis_url=env("FLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
         reliable_database_url=env("FLEET_DATABASE_URL") or None,
@@ -67,19 +70,41 @@ def rkey(*parts: Any) -> str:
 
 
 def register(app: Celery) -> None:
-    @app.task(base=ReliableTask, bind=True, name="fleet.exclusive", lock="excl:{key}",
-              lock_ttl=10, defer_delay=0.05, defer_max_delay=0.3)
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        name="fleet.exclusive",
+        lock="excl:{key}",
+        lock_ttl=10,
+        defer_delay=0.05,
+        defer_max_delay=0.3,
+    )
     def exclusive(self: ReliableTask, key: str, hold: float) -> int:
         start = time.time()
         time.sleep(hold)
         end = time.time()
-        client().rpush(rkey("records", key), json.dumps(
-            {"token": self.fence_token, "start": start, "end": end, "pid": os.getpid(),
-             "id": self.request.id}))
+        client().rpush(
+            rkey("records", key),
+            json.dumps(
+                {
+                    "token": self.fence_token,
+                    "start": start,
+                    "end": end,
+                    "pid": os.getpid(),
+                    "id": self.request.id,
+                }
+            ),
+        )
         return self.fence_token
 
-    @app.task(base=ReliableTask, bind=True, name="fleet.fenced_writer", lock="acct:{account}",
-              lock_ttl=2, acks_late=True)  # the paused holder keeps its prefetch slot
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        name="fleet.fenced_writer",
+        lock="acct:{account}",
+        lock_ttl=2,
+        acks_late=True,
+    )  # the paused holder keeps its prefetch slot
     def fenced_writer(self: ReliableTask, account: str, label: str) -> dict[str, Any]:
         r = client()
         r.set(rkey("pid", label), os.getpid())
@@ -101,8 +126,10 @@ def register(app: Celery) -> None:
                 conn.execute(
                     insert(accounts)
                     .values(account=account, value=label, token=self.fence_token)
-                    .on_conflict_do_update(index_elements=[accounts.c.account],
-                                           set_={"value": label, "token": self.fence_token})
+                    .on_conflict_do_update(
+                        index_elements=[accounts.c.account],
+                        set_={"value": label, "token": self.fence_token},
+                    )
                 )
             outcome["postgres"] = "written"
         except StaleFenceToken as exc:
@@ -111,14 +138,30 @@ def register(app: Celery) -> None:
         r.set(rkey("outcome", label), json.dumps(outcome))
         return outcome
 
-    @app.task(base=ReliableTask, bind=True, name="fleet.crashy", lock="crash:{key}",
-              lock_ttl=3, acks_late=True, reject_on_worker_lost=True, defer_delay=0.2,
-              defer_max_delay=1.0)
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        name="fleet.crashy",
+        lock="crash:{key}",
+        lock_ttl=3,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        defer_delay=0.2,
+        defer_max_delay=1.0,
+    )
     def crashy(self: ReliableTask, key: str) -> str:
         r = client()
-        r.rpush(rkey("attempts", key), json.dumps(
-            {"pid": os.getpid(), "token": self.fence_token, "at": time.time(),
-             "retries": self.request.retries}))
+        r.rpush(
+            rkey("attempts", key),
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "token": self.fence_token,
+                    "at": time.time(),
+                    "retries": self.request.retries,
+                }
+            ),
+        )
         if r.set(rkey("first", key), 1, nx=True):
             time.sleep(60)  # the test kills this process meanwhile
         return "done"
@@ -133,5 +176,3 @@ def _ready(sender: Any = None, **_: Any) -> None:
     if ready_dir and sender is not None:
         name = str(sender.hostname).split("@", 1)[0]
         Path(ready_dir, f"ready-{name}").touch()
-
-

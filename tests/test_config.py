@@ -85,17 +85,22 @@ def test_var_kwargs_task_accepts_any_template_field(app: Celery) -> None:
     def flexible(self: Any, **kwargs: Any) -> None:
         return None
 
-    task = app.task(base=ReliableTask, bind=True, shared=False, name="flex", lock="t:{tenant}")(flexible)
+    task = app.task(base=ReliableTask, bind=True, shared=False, name="flex", lock="t:{tenant}")(
+        flexible
+    )
     assert task.name == "flex"
 
 
 def test_unbound_function_signature_is_used(app: Celery) -> None:
     """bind=False tasks are checked against their own parameters (no self)."""
+
     def plain(order_id: int) -> int:
         return order_id
 
     with pytest.raises(ConfigurationError, match="its arguments: order_id"):
-        app.task(base=ReliableTask, shared=False, name="plain", lock="x:{self}")(plain).name
+        app.task(base=ReliableTask, shared=False, name="plain", lock="x:{self}")(
+            plain
+        )._get_current_object()
 
 
 def test_methods_with_our_prefixes_are_not_options(app: Celery) -> None:

@@ -13,8 +13,7 @@ from celery_reliable import RedisFence, StaleFenceToken, check_postgres
 from celery_reliable.fencing import Fence
 
 
-def test_postgres_accepts_equal_or_higher_and_refuses_lower(engine: sa.Engine,
-                                                           prefix: str) -> None:
+def test_postgres_accepts_equal_or_higher_and_refuses_lower(engine: sa.Engine, prefix: str) -> None:
     resource = f"{prefix}:acct"
     with engine.begin() as conn:
         check_postgres(conn, resource, 10)
@@ -28,7 +27,7 @@ def test_postgres_accepts_equal_or_higher_and_refuses_lower(engine: sa.Engine,
 
 
 def test_postgres_check_is_atomic_with_the_write(engine: sa.Engine, prefix: str) -> None:
-    """A higher token waits for an open lower-token transaction, then wins; rollback leaves no trace."""
+    """A higher token waits for an open lower-token transaction, then wins."""
     resource = f"{prefix}:atomic"
     with engine.begin() as conn:
         check_postgres(conn, resource, 1)
@@ -58,8 +57,9 @@ def test_postgres_check_is_atomic_with_the_write(engine: sa.Engine, prefix: str)
         check_postgres(conn, resource, 5)
     # A refused or rolled-back transaction did not lower the recorded token.
     with engine.connect() as conn:
-        token = conn.execute(sa.text("select token from reliable_fences where resource = :r"),
-                             {"r": resource}).scalar()
+        token = conn.execute(
+            sa.text("select token from reliable_fences where resource = :r"), {"r": resource}
+        ).scalar()
     assert token == 7
 
 
@@ -75,8 +75,9 @@ def test_redis_fence(redis_client: redis.Redis, prefix: str) -> None:
     assert fence.get(key) == (b"c", 9)
 
 
-def test_task_fence_refuses_once_lock_lost(redis_client: redis.Redis, engine: sa.Engine,
-                                           prefix: str) -> None:
+def test_task_fence_refuses_once_lock_lost(
+    redis_client: redis.Redis, engine: sa.Engine, prefix: str
+) -> None:
     """self.fence refuses before touching the resource once the lease is known lost."""
     lost = {"v": False}
     fence = Fence(f"{prefix}:r", 100, lambda: lost["v"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -37,14 +38,15 @@ def test_mutual_exclusion_across_processes(fleet: Fleet, redis_client: redis.Red
     tokens = [r.get(timeout=120) for r in results]
     runs = sorted(records(redis_client, module.rkey("records", "k")), key=lambda r: r["start"])
     assert len(runs) == 24 and sorted(tokens) == sorted(r["token"] for r in runs)
-    for before, after in zip(runs, runs[1:]):
+    for before, after in itertools.pairwise(runs):
         assert before["end"] <= after["start"], f"overlap: {before} {after}"
         assert before["token"] < after["token"], "tokens must increase in acquisition order"
     assert len({r["pid"] for r in runs}) >= 2, "work should have spread over processes"
 
 
-def test_paused_holder_is_fenced_out(fleet: Fleet, redis_client: redis.Redis,
-                                     engine: sa.Engine) -> None:
+def test_paused_holder_is_fenced_out(
+    fleet: Fleet, redis_client: redis.Redis, engine: sa.Engine
+) -> None:
     """A holder paused past its TTL loses to a newer holder; its writes are refused."""
     module, app = fleet_app()
     module.accounts.metadata.create_all(engine)
@@ -66,8 +68,9 @@ def test_paused_holder_is_fenced_out(fleet: Fleet, redis_client: redis.Redis,
     assert out_a["redis"] == f"stale:{out_b['token']}"
     assert out_a["postgres"] == f"stale:{out_b['token']}"
     with engine.connect() as conn:
-        row = conn.execute(sa.select(module.accounts).where(
-            module.accounts.c.account == "acct1")).one()
+        row = conn.execute(
+            sa.select(module.accounts).where(module.accounts.c.account == "acct1")
+        ).one()
     assert (row.value, row.token) == ("B", out_b["token"])
     assert redis_client.hget(module.rkey("acct", "acct1"), "v") == b"B"
 
