@@ -18,7 +18,7 @@ import redis
 from .keys import KeySpace
 from .scripts import script
 
-__all__ = ["FENCE_TTL_MIN", "Admitted", "Plan", "Refused"]
+__all__ = ["FENCE_TTL_MIN", "Admitted", "Mismatch", "Plan", "Refused", "Release", "Replay"]
 
 #: Fencing counters outlive every lease by far; tokens are floored at the
 #: server clock, so even an expired counter never lets tokens go backwards.
@@ -35,6 +35,22 @@ class Refused:
 
 
 @dataclass(frozen=True)
+class Replay:
+    """Guard ``index`` is a finished idempotency record: ``state`` S or F, ``payload`` JSON."""
+
+    index: int
+    state: str
+    payload: str
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """Guard ``index``'s idempotency key was recorded with another fingerprint."""
+
+    index: int
+
+
+@dataclass(frozen=True)
 class Admitted:
     """Every guard admitted; ``results[i]`` is guard i's result (lock: its token)."""
 
@@ -47,13 +63,29 @@ class Plan:
 
     kinds: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # each guard's first key in ``keys``
     admit_args: list[Any] = field(default_factory=list)
     release_keys: list[str] = field(default_factory=list)
     release_args: list[Any] = field(default_factory=list)
 
+    def add_idempotency(
+        self, key: str, fingerprint: str, owner: str, lease: float, ttl: float
+    ) -> int:
+        """Claim the idempotency record ``key`` for ``lease`` seconds; returns its index.
+
+        Put it first in the plan: a finished record replays even when other
+        guards (a busy lock, an empty bucket) would have refused.
+        """
+        self.kinds.append("I")
+        self.offsets.append(len(self.keys))
+        self.keys.append(key)
+        self.admit_args += [fingerprint, owner, max(1, int(lease * 1000)), max(1, int(ttl * 1000))]
+        return len(self.kinds) - 1
+
     def add_lock(self, keys: KeySpace, resource: str, owner: str, ttl: float) -> int:
         """Lock ``resource`` for ``ttl`` seconds, minting a fencing token; returns its index."""
         self.kinds.append("L")
+        self.offsets.append(len(self.keys))
         self.keys += [keys.lock(resource), keys.fence(resource)]
         self.admit_args += [
             owner,
@@ -62,33 +94,60 @@ class Plan:
         ]
         return len(self.kinds) - 1
 
-    def admit(self, client: redis.Redis) -> Admitted | Refused:
+    def admit(self, client: redis.Redis) -> Admitted | Refused | Replay | Mismatch:
         """One round trip: everything admitted, or nothing changed."""
         reply = script("admit")(client, self.keys, ["".join(self.kinds), *self.admit_args])
-        if int(reply[0]) == 1:
+        code = int(reply[0])
+        if code == 1:
             return Admitted(tuple(int(r) for r in reply[1:]))
         index = int(reply[1]) - 1
+        if code == 2:
+            return Replay(index, _text(reply[2]), _text(reply[3]))
+        if code == 3:
+            return Mismatch(index)
         ms = int(reply[2])
         return Refused(index, self.kinds[index], ms / 1000 if ms > 0 else None)
 
 
-@dataclass
-class Release:
-    """What completion gives back, built from what admission took."""
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
-    kinds: list[str] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-    args: list[Any] = field(default_factory=list)
+
+class Release:
+    """What completion settles, built from what admission took.
+
+    Idempotency records are settled with an outcome chosen at the end of the
+    run (:meth:`settle_idempotency`); by default they are forgotten (``X``).
+    """
+
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+        self.keys: list[str] = []
+        self._args: list[list[Any]] = []
+
+    def add_idempotency(self, key: str, owner: str, ttl: float) -> None:
+        self.kinds.append("I")
+        self.keys.append(key)
+        self._args.append([owner, "X", "", max(1, int(ttl * 1000))])
+
+    def settle_idempotency(self, outcome: str, payload: str) -> None:
+        """``S`` with result JSON, ``F`` with error JSON, or ``X`` (forget)."""
+        for kind, args in zip(self.kinds, self._args, strict=True):
+            if kind == "I":
+                args[1], args[2] = outcome, payload
 
     def add_lock(self, lock_key: str, lease_value: str) -> None:
         self.kinds.append("L")
         self.keys.append(lock_key)
-        self.args.append(lease_value)
+        self._args.append([lease_value])
 
     def __bool__(self) -> bool:
         return bool(self.kinds)
 
     def run(self, client: redis.Redis) -> list[int]:
         """One round trip; safe to repeat (a second run changes nothing)."""
-        reply = script("complete")(client, self.keys, ["".join(self.kinds), *self.args])
+        args: list[Any] = ["".join(self.kinds)]
+        for entry in self._args:
+            args += entry
+        reply = script("complete")(client, self.keys, args)
         return [int(r) for r in reply]

@@ -27,6 +27,7 @@ __all__ = [
     "SETTINGS",
     "TASK_OPTIONS",
     "DeferPolicy",
+    "IdempotencyPolicy",
     "LockPolicy",
     "Option",
     "ReliableSettings",
@@ -99,6 +100,20 @@ def _lock_spec(owner: str, name: str, raw: Any) -> Any:
     return raw
 
 
+def _idempotency_spec(owner: str, name: str, raw: Any) -> Any:
+    if raw is None or raw is True or callable(raw):
+        return raw
+    if raw is False:
+        return None
+    return _lock_spec(owner, name, raw)
+
+
+def _flag(owner: str, name: str, raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise _err(owner, name, f"must be True or False, got {raw!r}")
+    return raw
+
+
 def _string(*, optional: bool = False) -> Callable[[str, str, Any], Any]:
     def parse(owner: str, name: str, raw: Any) -> str | None:
         if raw is None and optional:
@@ -148,6 +163,43 @@ TASK_OPTIONS: dict[str, Option] = {
             _choice(_CONTENTION),
         ),
         Option(
+            "idempotency_key",
+            None,
+            "template, callable or True",
+            "Makes the task's effect happen once per key. A format template over the bound "
+            'arguments (``"charge:{order_id}"``), a callable receiving them as one mapping, or '
+            "``True`` for the task name plus the canonical JSON of all arguments. A producer "
+            'may pass the key per call instead: ``apply_async(headers={"idempotency_key": '
+            "k})``. Duplicates replay the stored result; the same key with other arguments "
+            "raises ``IdempotencyKeyMismatch``.",
+            _idempotency_spec,
+        ),
+        Option(
+            "idempotency_ttl",
+            24 * 3600.0,
+            "seconds",
+            "How long a finished record (result, or a kept failure) is kept and replayed.",
+            _seconds(),
+        ),
+        Option(
+            "idempotency_lease",
+            30.0,
+            "seconds",
+            "Lease of an execution in progress, renewed by the heartbeat about every "
+            "``idempotency_lease / 3``. Duplicates arriving meanwhile are deferred; if the "
+            "worker dies, one duplicate takes over at most this long after the last renewal.",
+            _seconds(),
+        ),
+        Option(
+            "idempotency_keep_failures",
+            False,
+            "bool",
+            "Keep terminal failures: a duplicate of a task that raised (not retried) raises "
+            "``ReplayedFailure`` instead of running again. Off by default: a later delivery "
+            "may run.",
+            _flag,
+        ),
+        Option(
             "defer_delay",
             1.0,
             "seconds",
@@ -188,6 +240,26 @@ SETTINGS: dict[str, Option] = {
             _string(optional=True),
         ),
         Option(
+            "reliable_idempotency_store",
+            "postgres",
+            "one of postgres, redis",
+            "Where idempotency records are durable. ``postgres`` (default): each first "
+            "execution holds one PostgreSQL transaction, committed with the result; a Redis "
+            "miss consults PostgreSQL. ``redis``: records live in Redis only, which is faster "
+            "but loses them (and may run a key again) if Redis loses data: use it only with "
+            "a persistent Redis (AOF ``appendfsync always`` or ``everysec`` with its window).",
+            _choice(("postgres", "redis")),
+        ),
+        Option(
+            "reliable_database_lock_timeout",
+            5.0,
+            "seconds",
+            "PostgreSQL ``lock_timeout`` of celery-reliable's connections (also inside "
+            "``idempotent_transaction``): a duplicate blocked by a stalled execution's "
+            "uncommitted record gives up after this long and is deferred.",
+            _seconds(),
+        ),
+        Option(
             "reliable_key_prefix",
             "reliable",
             "string",
@@ -206,6 +278,8 @@ class ReliableSettings:
     redis_url: str
     database_url: str | None
     key_prefix: str
+    idempotency_store: str = "postgres"
+    database_lock_timeout: float = 5.0
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> ReliableSettings:
@@ -217,6 +291,8 @@ class ReliableSettings:
             redis_url=values["reliable_redis_url"],
             database_url=values["reliable_database_url"],
             key_prefix=values["reliable_key_prefix"],
+            idempotency_store=values["reliable_idempotency_store"],
+            database_lock_timeout=values["reliable_database_lock_timeout"],
         )
 
 
@@ -244,6 +320,47 @@ class LockPolicy:
             raise ConfigurationError(
                 f"{task_name}: option 'lock' template {self.spec!r} cannot be formatted "
                 f"with the call's arguments: {exc!r}"
+            ) from exc
+
+
+@dataclass(frozen=True)
+class IdempotencyPolicy:
+    """How one task derives and keeps its idempotency key."""
+
+    spec: Any  # template str, callable, True, or None (header keys only)
+    ttl: float
+    lease: float
+    keep_failures: bool
+
+    def key(
+        self, task_name: str, arguments: Mapping[str, Any], header: Any, fingerprint: str
+    ) -> str | None:
+        """The key for one call: the header's if given, else the option's; None if neither."""
+        if header is not None:
+            if not isinstance(header, str) or not header:
+                raise ConfigurationError(
+                    f"{task_name}: header 'idempotency_key' must be a non-empty string, "
+                    f"got {header!r}"
+                )
+            return header
+        if self.spec is None:
+            return None
+        if self.spec is True:
+            return fingerprint
+        if callable(self.spec):
+            value = self.spec(arguments)
+            if not isinstance(value, str) or not value:
+                raise ConfigurationError(
+                    f"{task_name}: option 'idempotency_key' callable returned {value!r}; "
+                    "it must return a non-empty string"
+                )
+            return value
+        try:
+            return str(self.spec.format_map(arguments))
+        except (KeyError, IndexError, AttributeError) as exc:
+            raise ConfigurationError(
+                f"{task_name}: option 'idempotency_key' template {self.spec!r} cannot be "
+                f"formatted with the call's arguments: {exc!r}"
             ) from exc
 
 
@@ -285,6 +402,7 @@ class TaskPolicy:
 
     task_name: str
     lock: LockPolicy | None
+    idempotency: IdempotencyPolicy
     defer: DeferPolicy
     parameters: tuple[str, ...]
     takes_var_kwargs: bool
@@ -354,17 +472,19 @@ def build_policy(
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         )
         var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    lock = None
-    if opts["lock"] is not None:
-        spec = opts["lock"]
+    for option in ("lock", "idempotency_key"):
+        spec = opts[option]
         if isinstance(spec, str) and not var_kw:
-            for field_name in template_fields(task_name, spec):
+            for field_name in template_fields(task_name, spec, option):
                 if field_name not in params:
                     raise ConfigurationError(
-                        f"{task_name}: option 'lock' template {spec!r} names argument "
+                        f"{task_name}: option {option!r} template {spec!r} names argument "
                         f"{field_name!r}, which the task does not take "
                         f"(its arguments: {', '.join(params) or 'none'})"
                     )
+    lock = None
+    if opts["lock"] is not None:
+        spec = opts["lock"]
         lock = LockPolicy(spec=spec, ttl=opts["lock_ttl"], contention=opts["lock_contention"])
     if opts["defer_max_delay"] < opts["defer_delay"]:
         raise ConfigurationError(
@@ -374,6 +494,12 @@ def build_policy(
     return TaskPolicy(
         task_name=task_name,
         lock=lock,
+        idempotency=IdempotencyPolicy(
+            spec=opts["idempotency_key"],
+            ttl=opts["idempotency_ttl"],
+            lease=opts["idempotency_lease"],
+            keep_failures=opts["idempotency_keep_failures"],
+        ),
         defer=DeferPolicy(delay=opts["defer_delay"], max_delay=opts["defer_max_delay"]),
         parameters=params,
         takes_var_kwargs=var_kw,
@@ -381,7 +507,7 @@ def build_policy(
     )
 
 
-def template_fields(task_name: str, template: str) -> list[str]:
+def template_fields(task_name: str, template: str, option: str = "lock") -> list[str]:
     """Root argument names a format template refers to (``{order.id}`` → ``order``)."""
     names = []
     for _, field_name, _, _ in string.Formatter().parse(template):
@@ -390,7 +516,7 @@ def template_fields(task_name: str, template: str) -> list[str]:
         root = field_name.split(".", 1)[0].split("[", 1)[0]
         if root == "" or root.isdigit():
             raise ConfigurationError(
-                f"{task_name}: option 'lock' template {template!r} uses a positional field; "
+                f"{task_name}: option {option!r} template {template!r} uses a positional field; "
                 "name the argument instead"
             )
         names.append(root)

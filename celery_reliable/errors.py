@@ -3,12 +3,16 @@
 ::
 
     ReliableError
-    ├── Refusal                 a guard said "not now" (control flow, never a fault)
-    │   └── LockNotAcquired     lock busy and ``lock_contention="fail"``
-    └── ReliableFault           something is wrong (chained ``from`` the cause)
-        ├── ConfigurationError  a bad task option or ``reliable_*`` setting
-        ├── StorageError        Redis or PostgreSQL could not be reached or answered oddly
-        └── StaleFenceToken     a fenced write carried a token lower than one already accepted
+    ├── Refusal                     a guard said "not now" (control flow, never a fault)
+    │   └── LockNotAcquired         lock busy and ``lock_contention="fail"``
+    └── ReliableFault               something is wrong (chained ``from`` the cause)
+        ├── ConfigurationError      a bad task option or ``reliable_*`` setting
+        │   └── ArgumentsNotCanonical   an idempotent call's arguments have no canonical form
+        ├── StorageError            Redis or PostgreSQL could not be reached or answered oddly
+        ├── StaleFenceToken         a fenced write carried a token lower than one already accepted
+        ├── IdempotencyKeyMismatch  an idempotency key reused with other arguments
+        ├── ResultNotSerializable   an idempotent task returned a value JSON cannot store
+        └── ReplayedFailure         a kept terminal failure, replayed to a duplicate
 
 Refusals are translated into Celery's ``Retry``/``Ignore`` in one place
 (:meth:`celery_reliable.task.ReliableTask.__call__`); faults propagate.
@@ -19,11 +23,15 @@ and Celery's JSON result backend rebuilds it with its type and fields.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentsNotCanonical",
     "ConfigurationError",
+    "IdempotencyKeyMismatch",
     "LockNotAcquired",
     "Refusal",
     "ReliableError",
     "ReliableFault",
+    "ReplayedFailure",
+    "ResultNotSerializable",
     "StaleFenceToken",
     "StorageError",
 ]
@@ -83,3 +91,57 @@ class StaleFenceToken(ReliableFault):
         else:
             detail = f"the resource has already accepted token {self.current}"
         return f"stale fencing token {self.token} for {self.resource!r}: {detail}"
+
+
+class ArgumentsNotCanonical(ConfigurationError):
+    """An idempotent task was called with an argument that has no canonical JSON form."""
+
+    def __init__(self, task_name: str, detail: str) -> None:
+        super().__init__(task_name, detail)
+        self.task_name = task_name
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return (
+            f"{self.task_name}: option 'idempotency_key' needs canonical arguments: {self.detail}"
+        )
+
+
+class IdempotencyKeyMismatch(ReliableFault):
+    """The idempotency key was used before with different arguments; the task did not run."""
+
+    def __init__(self, task_name: str, key_digest: str) -> None:
+        super().__init__(task_name, key_digest)
+        self.task_name = task_name
+        self.key_digest = key_digest
+
+    def __str__(self) -> str:
+        return (
+            f"{self.task_name}: idempotency key {self.key_digest[:12]}… was already used "
+            "with different arguments"
+        )
+
+
+class ResultNotSerializable(ReliableFault):
+    """An idempotent task's result cannot be stored as JSON; nothing was recorded."""
+
+    def __init__(self, task_name: str, detail: str) -> None:
+        super().__init__(task_name, detail)
+        self.task_name = task_name
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.task_name}: result is not JSON-serialisable ({self.detail})"
+
+
+class ReplayedFailure(ReliableFault):
+    """A duplicate of a task whose terminal failure was kept (``idempotency_keep_failures``)."""
+
+    def __init__(self, task_name: str, exc_type: str, message: str) -> None:
+        super().__init__(task_name, exc_type, message)
+        self.task_name = task_name
+        self.exc_type = exc_type
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.task_name}: replayed failure {self.exc_type}: {self.message}"

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["KeySpace", "digest"]
+__all__ = ["KeySpace", "digest", "idempotency_digest"]
 
 
 def digest(value: str) -> str:
     """128-bit hex digest of a resource name: stable, bounded, not reversible."""
     return hashlib.sha256(value.encode("utf-8")).hexdigest()[:32]
+
+
+def idempotency_digest(task_name: str, key: str) -> str:
+    """Digest of an idempotency key, scoped to its task (also the PostgreSQL row key)."""
+    return hashlib.sha256(f"{task_name}\x00{key}".encode()).hexdigest()[:32]
 
 
 class KeySpace:
@@ -34,6 +39,10 @@ class KeySpace:
     def fence(self, resource: str) -> str:
         """The last fencing token minted for ``resource``."""
         return f"{self.tag}:fence:{digest(resource)}"
+
+    def idempotency(self, task_name: str, key: str) -> str:
+        """The idempotency record of ``key`` for ``task_name``."""
+        return f"{self.tag}:idem:{idempotency_digest(task_name, key)}"
 
     def pattern(self, kind: str) -> str:
         """SCAN pattern for every key of one kind."""

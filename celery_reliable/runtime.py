@@ -157,7 +157,14 @@ class Runtime:
                 if self._engine is None:
                     from .schema import make_engine
 
-                    self._engine = make_engine(self.settings.database_url)
+                    timeout_ms = int(self.settings.database_lock_timeout * 1000)
+                    self._engine = make_engine(
+                        self.settings.database_url,
+                        connect_args={
+                            "connect_timeout": 5,
+                            "options": f"-c lock_timeout={timeout_ms}",
+                        },
+                    )
         return self._engine
 
     def close(self) -> None:

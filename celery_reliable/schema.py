@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, DateTime, MetaData, Table, Text, func
+from sqlalchemy import BigInteger, Column, DateTime, Index, MetaData, String, Table, Text, func
 from sqlalchemy import create_engine as _create_engine
 from sqlalchemy.engine import Engine, make_url
 
 from .errors import ConfigurationError
 
-__all__ = ["create_tables", "fences", "make_engine", "metadata"]
+__all__ = ["create_tables", "fences", "idempotency", "make_engine", "metadata"]
 
 metadata = MetaData()
 
@@ -26,6 +26,25 @@ fences = Table(
     Column("resource", Text, primary_key=True),
     Column("token", BigInteger, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+
+#: Durable idempotency records (``celery_reliable.idempotency``). ``state`` is
+#: S (succeeded, ``result_json`` holds the result) or F (failed and kept,
+#: ``result_json`` holds ``{"type", "message"}``); an execution in progress
+#: holds its row as P inside its own open transaction, invisible to others.
+idempotency = Table(
+    "reliable_idempotency",
+    metadata,
+    Column("task", Text, primary_key=True),
+    Column("key_digest", String(64), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("state", String(1), nullable=False),
+    Column("result_json", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_reliable_idempotency_expires_at", "expires_at"),
 )
 
 
@@ -45,6 +64,7 @@ def make_engine(url: str | None, **kwargs: Any) -> Engine:
             "PostgreSQL-backed features need it"
         )
     kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("connect_args", {"connect_timeout": 5})
     return _create_engine(normalise_url(url), **kwargs)
 
 

@@ -20,17 +20,24 @@ its tracer, which a signal receiver could never influence):
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import random
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import redis
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from .admission import Admitted, Plan, Refused, Release
+from . import metrics
+from .admission import Admitted, Mismatch, Plan, Refused, Release, Replay
+from .canonical import NotCanonical, fingerprint
 from .config import (
     TASK_OPTIONS,
     ReliableSettings,
@@ -39,12 +46,21 @@ from .config import (
     task_signature,
     unknown_options,
 )
-from .errors import LockNotAcquired, StorageError
+from .errors import (
+    ArgumentsNotCanonical,
+    ConfigurationError,
+    IdempotencyKeyMismatch,
+    LockNotAcquired,
+    ReplayedFailure,
+    ResultNotSerializable,
+    StorageError,
+)
 from .fencing import Fence
-from .keys import digest
-from .runtime import Lease, runtime_for
+from .idempotency import PostgresRecord, dumps_result
+from .keys import digest, idempotency_digest
+from .runtime import Lease, Runtime, runtime_for
 
-__all__ = ["DEFER_HEADER", "SKIPPED", "Deferred", "ReliableTask"]
+__all__ = ["DEFER_HEADER", "IDEMPOTENCY_HEADER", "SKIPPED", "Deferred", "ReliableTask"]
 
 log = logging.getLogger("celery_reliable")
 
@@ -54,6 +70,16 @@ SKIPPED = "SKIPPED"
 
 #: Message header counting consecutive deferrals of one task id.
 DEFER_HEADER = "reliable_deferrals"
+
+#: Message header carrying a producer's own idempotency key.
+IDEMPOTENCY_HEADER = "idempotency_key"
+
+
+def _header(request: Any, name: str) -> Any:
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
 
 
 class Deferred(Retry):  # type: ignore[misc]
@@ -68,14 +94,32 @@ class Deferred(Retry):  # type: ignore[misc]
 class _Execution:
     """What one admitted execution holds (kept on the request)."""
 
-    __slots__ = ("lease", "owner", "release", "resource", "token")
+    __slots__ = (
+        "done",
+        "fingerprint",
+        "idem_digest",
+        "lease",
+        "leases",
+        "owner",
+        "pg",
+        "release",
+        "replay",
+        "resource",
+        "token",
+    )
 
-    def __init__(self) -> None:
-        self.owner = ""
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
         self.resource: str | None = None
         self.token: int | None = None
-        self.lease: Lease | None = None
+        self.lease: Lease | None = None  # the lock's lease
+        self.leases: list[Lease] = []
+        self.idem_digest: str | None = None
+        self.fingerprint = ""
+        self.pg: PostgresRecord | None = None
+        self.replay: Replay | None = None
         self.release = Release()
+        self.done = False
 
 
 class ReliableTask(Task):  # type: ignore[misc]
@@ -94,6 +138,14 @@ class ReliableTask(Task):  # type: ignore[misc]
     lock_ttl: ClassVar[Any] = TASK_OPTIONS["lock_ttl"].default
     #: ``"defer"`` | ``"skip"`` | ``"fail"`` when the lock is busy.
     lock_contention: ClassVar[Any] = TASK_OPTIONS["lock_contention"].default
+    #: Idempotency key: template, callable, or True (task name + canonical arguments).
+    idempotency_key: ClassVar[Any] = TASK_OPTIONS["idempotency_key"].default
+    #: How long finished records are kept and replayed, seconds.
+    idempotency_ttl: ClassVar[Any] = TASK_OPTIONS["idempotency_ttl"].default
+    #: Lease of an execution in progress, seconds, renewed by the heartbeat.
+    idempotency_lease: ClassVar[Any] = TASK_OPTIONS["idempotency_lease"].default
+    #: Keep terminal failures so duplicates raise ReplayedFailure instead of running.
+    idempotency_keep_failures: ClassVar[Any] = TASK_OPTIONS["idempotency_keep_failures"].default
     #: Base countdown of a deferral, seconds.
     defer_delay: ClassVar[Any] = TASK_OPTIONS["defer_delay"].default
     #: Cap of one deferral's countdown, seconds.
@@ -140,14 +192,32 @@ class ReliableTask(Task):  # type: ignore[misc]
         if request.called_directly:  # a plain function call: no guards
             return super().__call__(*args, **kwargs)
         policy = self._policy()
-        if policy.lock is None:
+        header_key = _header(request, IDEMPOTENCY_HEADER)
+        if policy.lock is None and policy.idempotency.spec is None and header_key is None:
             return self.run(*args, **kwargs)
-        execution = self._admit(policy, args, kwargs)
+        execution = self._admit(policy, args, kwargs, header_key)
+        if execution.replay is not None:
+            return self._replay(execution.replay)
         request._reliable_execution = execution
         try:
-            return self.run(*args, **kwargs)
-        finally:
-            self._complete(execution)
+            result = self.run(*args, **kwargs)
+        except BaseException as exc:
+            self._complete(execution, policy, failure=exc)
+            raise
+        self._complete(execution, policy, result=result)
+        return result
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Celery's ``apply_async``; an idempotent call's arguments are checked here first.
+
+        An argument with no canonical JSON form raises ``ArgumentsNotCanonical``
+        in the caller, before anything is published.
+        """
+        policy = self._policy()
+        headers = options.get("headers") or {}
+        if policy.idempotency.spec is not None or IDEMPOTENCY_HEADER in headers:
+            self._fingerprint(self._arguments(policy, tuple(args or ()), dict(kwargs or {})))
+        return super().apply_async(args, kwargs, **options)
 
     def _arguments(
         self, policy: TaskPolicy, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -162,31 +232,55 @@ class ReliableTask(Task):  # type: ignore[misc]
                 arguments.update(arguments.pop(param.name, {}))
         return arguments
 
+    def _fingerprint(self, arguments: dict[str, Any]) -> str:
+        try:
+            return fingerprint(arguments)
+        except NotCanonical as exc:
+            raise ArgumentsNotCanonical(self.name, str(exc)) from exc
+
     def _plan(
         self,
         policy: TaskPolicy,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        header_key: Any,
         execution: _Execution,
+        runtime: Runtime,
     ) -> Plan:
-        """Every guard of this call, as one admission plan. Guards plug in here."""
-        runtime = runtime_for(self.app)
+        """Every guard of this call, as one admission plan. Guards plug in here.
+
+        Idempotency goes first: a finished key replays even when another guard
+        (a busy lock) would refuse.
+        """
         plan = Plan()
-        if policy.lock is not None:
-            execution.resource = policy.lock.resource(
-                self.name, self._arguments(policy, args, kwargs)
+        arguments = self._arguments(policy, args, kwargs)
+        idem = policy.idempotency
+        if idem.spec is not None or header_key is not None:
+            fp = execution.fingerprint = self._fingerprint(arguments)
+            key = idem.key(self.name, arguments, header_key, fp)
+            assert key is not None
+            execution.idem_digest = idempotency_digest(self.name, key)
+            plan.add_idempotency(
+                runtime.keys.idempotency(self.name, key), fp, execution.owner, idem.lease, idem.ttl
             )
-            execution.owner = f"{self.request.id}/{secrets.token_hex(4)}"
+        if policy.lock is not None:
+            execution.resource = policy.lock.resource(self.name, arguments)
             plan.add_lock(runtime.keys, execution.resource, execution.owner, policy.lock.ttl)
         return plan
 
     def _admit(
-        self, policy: TaskPolicy, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, policy: TaskPolicy, args: tuple[Any, ...], kwargs: dict[str, Any], header_key: Any
     ) -> _Execution:
+        """Admit this execution (one Redis round trip), or defer/skip/fail it.
+
+        Returns an execution that may run, or one carrying a replay. Raises
+        Celery's ``Retry``/``Ignore`` (through :meth:`_defer`/:meth:`_refused`)
+        or an error; loops only in eager mode, after sleeping out a deferral.
+        """
         runtime = runtime_for(self.app)
         while True:
-            execution = _Execution()
-            plan = self._plan(policy, args, kwargs, execution)
+            execution = _Execution(f"{self.request.id}/{secrets.token_hex(4)}")
+            plan = self._plan(policy, args, kwargs, header_key, execution, runtime)
             started = time.monotonic()
             try:
                 outcome = plan.admit(runtime.redis)
@@ -194,26 +288,131 @@ class ReliableTask(Task):  # type: ignore[misc]
                 # Fail closed: an unguarded run could break the guarantee.
                 self._defer(policy, "Redis unavailable", cause=exc)
                 continue
-            if isinstance(outcome, Admitted):
-                break
-            self._refused(policy, outcome, execution)
+            if isinstance(outcome, Replay):
+                execution.replay = outcome
+                return execution
+            if isinstance(outcome, Mismatch):
+                assert execution.idem_digest is not None
+                raise IdempotencyKeyMismatch(self.name, execution.idem_digest)
+            if isinstance(outcome, Refused):
+                self._refused(policy, outcome, execution)
+                continue
+            self._hold(policy, plan, outcome, execution, runtime, started)
+            if execution.idem_digest is None or runtime.settings.idempotency_store != "postgres":
+                return execution
+            if self._claim_durably(policy, execution, runtime):
+                return execution
+
+    def _hold(
+        self,
+        policy: TaskPolicy,
+        plan: Plan,
+        admitted: Admitted,
+        execution: _Execution,
+        runtime: Runtime,
+        started: float,
+    ) -> None:
+        """Register what admission took: leases for the heartbeat, entries for completion."""
+        describe = f"{self.name}[{self.request.id}]"
         for index, kind in enumerate(plan.kinds):
-            if kind == "L":
-                assert policy.lock is not None and execution.resource is not None
-                execution.token = outcome.results[index]
-                key = runtime.keys.lock(execution.resource)
+            key = plan.keys[plan.offsets[index]]
+            if kind == "I":
+                idem = policy.idempotency
+                execution.leases.append(
+                    Lease(
+                        "I",
+                        key,
+                        execution.owner,
+                        idem.lease,
+                        started,
+                        f"idempotency lease of {describe}",
+                    )
+                )
+                execution.release.add_idempotency(key, execution.owner, idem.ttl)
+            elif kind == "L":
+                assert policy.lock is not None
+                execution.token = admitted.results[index]
                 value = f"{execution.token} {execution.owner}"
                 execution.lease = Lease(
-                    "L",
-                    key,
-                    value,
-                    policy.lock.ttl,
-                    started,
-                    f"lock of {self.name}[{self.request.id}]",
+                    "L", key, value, policy.lock.ttl, started, f"lock of {describe}"
                 )
+                execution.leases.append(execution.lease)
                 execution.release.add_lock(key, value)
-                runtime.heartbeat.add(execution.lease)
-        return execution
+        for lease in execution.leases:
+            runtime.heartbeat.add(lease)
+
+    def _claim_durably(self, policy: TaskPolicy, execution: _Execution, runtime: Runtime) -> bool:
+        """Open this execution's PostgreSQL transaction; False if it deferred (eager only).
+
+        A committed record found here means Redis had lost it: it is written
+        back to Redis and replayed, or refused as a mismatch.
+        """
+        assert execution.idem_digest is not None
+        record = PostgresRecord(
+            runtime.engine,
+            self.name,
+            execution.idem_digest,
+            execution.fingerprint,
+            policy.idempotency.ttl,
+        )
+        try:
+            existing = record.begin()
+        except SQLAlchemyError as exc:
+            self._settle(execution, runtime, "X", "")
+            self._defer(policy, "PostgreSQL unavailable", cause=exc)
+            return False
+        if existing is None:
+            execution.pg = record
+            return True
+        if existing.fingerprint != record.fingerprint:
+            self._settle(execution, runtime, "X", "")
+            raise IdempotencyKeyMismatch(self.name, execution.idem_digest)
+        self._settle(execution, runtime, existing.state, existing.payload)
+        execution.replay = Replay(0, existing.state, existing.payload)
+        return True
+
+    def _settle(
+        self, execution: _Execution, runtime: Runtime, outcome: str, payload: str
+    ) -> list[int]:
+        """Complete the Redis side in one round trip (idempotency ``outcome``, release the rest)."""
+        if execution.done:
+            return []
+        execution.done = True
+        for lease in execution.leases:
+            runtime.heartbeat.discard(lease)
+        execution.release.settle_idempotency(outcome, payload)
+        try:
+            results = execution.release.run(runtime.redis)
+        except redis.RedisError:
+            log.warning(
+                "celery-reliable: %s[%s] could not settle its guards in Redis; leases "
+                "expire by their TTL",
+                self.name,
+                self.request.id,
+                exc_info=True,
+            )
+            return []
+        kinds = execution.release.kinds
+        if "L" in kinds and not results[kinds.index("L")]:
+            log.warning(
+                "celery-reliable: %s[%s] finished after its lock was lost",
+                self.name,
+                self.request.id,
+            )
+        return results
+
+    def _replay(self, replay: Replay) -> Any:
+        metrics.inc("reliable_idempotent_replays_total", task=self.name)
+        if replay.state == "F":
+            error = json.loads(replay.payload or "{}")
+            log.info("celery-reliable: %s[%s] replayed a kept failure", self.name, self.request.id)
+            raise ReplayedFailure(self.name, str(error.get("type")), str(error.get("message")))
+        log.info(
+            "celery-reliable: %s[%s] replayed the stored result (duplicate not run)",
+            self.name,
+            self.request.id,
+        )
+        return json.loads(replay.payload)
 
     def _refused(self, policy: TaskPolicy, refusal: Refused, execution: _Execution) -> None:
         """Translate a refusal into Celery's control flow (returns only in eager mode)."""
@@ -255,9 +454,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         call sleeps and returns so the caller tries again.
         """
         request = self.request
-        deferrals = int(
-            getattr(request, DEFER_HEADER, None) or (request.headers or {}).get(DEFER_HEADER) or 0
-        )
+        deferrals = int(_header(request, DEFER_HEADER) or 0)
         countdown = policy.defer.countdown(
             deferrals, random.random(), not_after=not_after, not_before=not_before
         )
@@ -310,42 +507,115 @@ class ReliableTask(Task):  # type: ignore[misc]
                 exc_info=True,
             )
 
-    def _complete(self, execution: _Execution) -> None:
-        """Release what admission took, in one round trip; safe to call twice."""
+    def _complete(
+        self,
+        execution: _Execution,
+        policy: TaskPolicy,
+        *,
+        result: Any = None,
+        failure: BaseException | None = None,
+    ) -> None:
+        """Settle what admission took: one PostgreSQL commit (if durable), one Redis call.
+
+        Safe to call twice (``self.retry()`` completes early; the exception it
+        raises then passes through here again).
+        """
+        if execution.done:
+            return
         runtime = runtime_for(self.app)
-        if execution.lease is not None:
-            runtime.heartbeat.discard(execution.lease)
-        if not execution.release:
+        if execution.idem_digest is None:
+            self._settle(execution, runtime, "X", "")
             return
-        release, execution.release = execution.release, Release()
+        pg = execution.pg
+        if failure is not None:
+            terminal = not isinstance(failure, (Retry, Ignore, Reject)) and isinstance(
+                failure, Exception
+            )
+            if terminal and policy.idempotency.keep_failures:
+                payload = json.dumps(
+                    {"type": type(failure).__name__, "message": str(failure)[:2000]}
+                )
+                if pg is not None:
+                    try:
+                        pg.fail_kept(payload)
+                    except SQLAlchemyError:
+                        log.error(
+                            "celery-reliable: %s[%s] could not record its kept failure "
+                            "in PostgreSQL",
+                            self.name,
+                            self.request.id,
+                            exc_info=True,
+                        )
+                self._settle(execution, runtime, "F", payload)
+            else:
+                if pg is not None:
+                    pg.abandon()
+                self._settle(execution, runtime, "X", "")
+            return
         try:
-            results = release.run(runtime.redis)
-        except redis.RedisError:
-            log.warning(
-                "celery-reliable: %s[%s] could not release its guards; they expire by their TTL",
-                self.name,
-                self.request.id,
-                exc_info=True,
-            )
-            return
-        if execution.lease is not None and results and not results[0]:
-            log.warning(
-                "celery-reliable: %s[%s] finished after its lock was lost",
-                self.name,
-                self.request.id,
-            )
+            payload = dumps_result(result)
+        except (TypeError, ValueError) as exc:
+            if pg is not None:
+                pg.abandon()
+            self._settle(execution, runtime, "X", "")
+            raise ResultNotSerializable(self.name, str(exc)) from exc
+        if pg is not None:
+            try:
+                pg.succeed(payload)
+            except SQLAlchemyError as exc:
+                if pg.session_used:
+                    # The task's own rows were in this transaction: they did not
+                    # commit (or PostgreSQL will tell the redelivery they did).
+                    self._settle(execution, runtime, "X", "")
+                    self._defer(policy, "PostgreSQL commit failed", cause=exc)
+                    return
+                log.error(
+                    "celery-reliable: %s[%s] ran but its durable record could not be "
+                    "committed; only Redis remembers it",
+                    self.name,
+                    self.request.id,
+                    exc_info=True,
+                )
+        self._settle(execution, runtime, "S", payload)
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's ``retry``, releasing this execution's guards first.
 
         The retried message may start on another worker at once; holding the
-        lock until this delivery's bookkeeping ends would make it defer on
-        its own lock.
+        lock (or the idempotency lease) until this delivery's bookkeeping ends
+        would make it defer on its own guards. An idempotency record is
+        forgotten (rolled back), so the retry runs.
         """
         execution = getattr(self.request, "_reliable_execution", None)
         if execution is not None:
-            self._complete(execution)
+            self._complete(execution, self._policy(), failure=Retry())
         return super().retry(*args, **kwargs)
+
+    @contextmanager
+    def idempotent_transaction(self) -> Iterator[Session]:
+        """A SQLAlchemy session whose rows commit with this task's idempotency record.
+
+        Everything done in the session commits in ONE PostgreSQL transaction
+        with the record and the task's result, when the task returns. If the
+        task raises, or its worker dies, none of it commits, and a redelivery
+        runs cleanly. Leaving the ``with`` block flushes; it does not commit.
+        """
+        execution = getattr(self.request, "_reliable_execution", None)
+        if execution is None or execution.pg is None:
+            raise ConfigurationError(
+                f"{self.name}: idempotent_transaction() needs option 'idempotency_key' (or the "
+                "idempotency_key header) and reliable_idempotency_store='postgres', and is "
+                "available only while the task runs"
+            )
+        session = execution.pg.session()
+        try:
+            yield session
+            session.commit()  # releases the savepoint; the transaction commits at completion
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
 
     # ---------------------------------------------------------- inside a run
 

@@ -89,6 +89,12 @@ def safe_url(url: str) -> str:
         return url
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (drivers add context lines and SQL)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
              interval: float = 0.02) -> Any:
     deadline = time.monotonic() + timeout
@@ -115,15 +121,14 @@ def check_services() -> sa.Engine:
                 client.close()
         except (redis.RedisError, ValueError, OSError) as exc:
             raise Unavailable(f"cannot reach {what} at {safe_url(url)} "
-                              f"({type(exc).__name__}: {str(exc).strip()})") from exc
+                              f"({type(exc).__name__}: {first_line(exc)})") from exc
     try:
         engine = sa.create_engine(demo.sqlalchemy_url(), connect_args={"connect_timeout": 3})
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except Exception as exc:  # OperationalError, a bad URL, a missing driver
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise Unavailable(f"cannot reach PostgreSQL at {safe_url(demo.DATABASE_URL)} "
-                          f"({type(exc).__name__}: {first})") from exc
+                          f"({type(exc).__name__}: {first_line(exc)})") from exc
     return engine
 
 
@@ -504,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         say(f"demo: cannot prepare Redis/PostgreSQL ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); {HOW_TO_START}")
+            f"{first_line(exc)}); {HOW_TO_START}")
         return 2
 
     run = secrets.token_hex(3)

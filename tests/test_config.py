@@ -118,3 +118,14 @@ def test_methods_with_our_prefixes_are_not_options(app: Celery) -> None:
 
     app.register_task(Job())
     assert Job._build_reliable_policy(app).lock is not None
+
+
+def test_every_option_is_a_documented_class_attribute() -> None:
+    """Each registered option is a ReliableTask attribute defaulting to the registry's value."""
+    from celery_reliable.config import SETTINGS, TASK_OPTIONS
+
+    for name, option in TASK_OPTIONS.items():
+        assert getattr(ReliableTask, name) == option.default, name
+        assert option.doc and option.unit, name
+    for name, option in SETTINGS.items():
+        assert name.startswith("reliable_") and option.doc and option.unit, name

@@ -1,19 +1,32 @@
 --[[ renew.lua: extend many leases held by one process in ONE round trip (the heartbeat).
 
 KEYS  lease keys
-ARGV  [1] plan: one letter per key, e.g. "LL"
+ARGV  [1] plan: one letter per key, e.g. "LI"
       then per key: lease value, lease_ms
-        L: extend the lock only if its value is still ours
+        L: lock key; value "<token> <owner>"; PEXPIRE if still ours
+        I: idempotency record; value = owner; deadline = now + lease_ms if still ours
 Returns {r1, r2, ...}: 1 extended, 0 lost (expired or taken over; untouched)
 ]]
 local plan = ARGV[1]
 local out = {}
+local now_ms = nil
 for g = 1, #plan do
   local kind = string.sub(plan, g, g)
   local ai = 2 * g
   if kind == 'L' then
     if redis.call('GET', KEYS[g]) == ARGV[ai] then
       redis.call('PEXPIRE', KEYS[g], ARGV[ai + 1])
+      out[g] = 1
+    else
+      out[g] = 0
+    end
+  elseif kind == 'I' then
+    if redis.call('HGET', KEYS[g], 'o') == ARGV[ai] then
+      if not now_ms then
+        local t = redis.call('TIME')
+        now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      end
+      redis.call('HSET', KEYS[g], 'd', now_ms + tonumber(ARGV[ai + 1]))
       out[g] = 1
     else
       out[g] = 0

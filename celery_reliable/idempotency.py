@@ -1,0 +1,202 @@
+"""The durable side of idempotent execution (PostgreSQL), and purging.
+
+The fast path lives in Redis (``admit.lua``/``complete.lua``, guard ``I``):
+a finished key replays from Redis without touching PostgreSQL, and a key in
+progress defers its duplicates. PostgreSQL holds the durable record:
+
+* When Redis lets an execution start (no record, or an expired lease), the
+  execution opens ONE PostgreSQL transaction and inserts its record as ``P``.
+  A committed record for that key (Redis lost it: flush, restart, failover)
+  shows up here and is replayed instead of running the task again; an
+  *uncommitted* one (a stalled twin) blocks the insert until that twin ends
+  or ``reliable_database_lock_timeout`` passes (then this delivery defers).
+* The task body runs inside that transaction's lifetime;
+  ``self.idempotent_transaction()`` hands out a session on it, so the task's
+  own rows commit together with the record.
+* On success the record becomes ``S`` with the result JSON and the
+  transaction commits. On failure it rolls back (nothing kept), or a kept
+  failure is written as ``F``.
+
+A worker killed mid-task drops its connection; PostgreSQL rolls its
+transaction back, so neither the task's rows nor the record survive, and the
+redelivery runs cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from .schema import idempotency
+
+__all__ = ["Existing", "PostgresRecord", "dumps_result", "purge_expired"]
+
+
+class Existing:
+    """A committed, unexpired record found for a key."""
+
+    __slots__ = ("fingerprint", "payload", "state")
+
+    def __init__(self, state: str, fingerprint: str, payload: str) -> None:
+        self.state = state
+        self.fingerprint = fingerprint
+        self.payload = payload
+
+
+class PostgresRecord:
+    """The durable record of one execution, inside its own open transaction."""
+
+    def __init__(
+        self, engine: Engine, task: str, key_digest: str, fingerprint: str, ttl: float
+    ) -> None:
+        self.engine = engine
+        self.task = task
+        self.key_digest = key_digest
+        self.fingerprint = fingerprint
+        self.ttl = ttl
+        self.conn: Connection | None = None
+        self.session_used = False
+
+    def begin(self) -> Existing | None:
+        """Open the transaction and claim the key; return a committed record if one exists.
+
+        Raises SQLAlchemy's ``OperationalError``/``DBAPIError`` if PostgreSQL is
+        unreachable or the claim timed out behind a stalled twin.
+        """
+        conn = self.engine.connect()
+        try:
+            conn.begin()
+            ins = insert(idempotency).values(
+                task=self.task,
+                key_digest=self.key_digest,
+                fingerprint=self.fingerprint,
+                state="P",
+                expires_at=func.now() + timedelta(seconds=self.ttl),
+            )
+            claimed = conn.execute(
+                ins.on_conflict_do_update(
+                    index_elements=[idempotency.c.task, idempotency.c.key_digest],
+                    set_={
+                        "fingerprint": ins.excluded.fingerprint,
+                        "state": "P",
+                        "result_json": None,
+                        "created_at": func.now(),
+                        "updated_at": func.now(),
+                        "expires_at": ins.excluded.expires_at,
+                    },
+                    where=idempotency.c.expires_at <= func.now(),
+                ).returning(idempotency.c.state)
+            ).first()
+            if claimed is None:
+                row = conn.execute(
+                    select(
+                        idempotency.c.state, idempotency.c.fingerprint, idempotency.c.result_json
+                    ).where(
+                        idempotency.c.task == self.task, idempotency.c.key_digest == self.key_digest
+                    )
+                ).one()
+                conn.rollback()
+                conn.close()
+                return Existing(row.state, row.fingerprint, row.result_json or "null")
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+        return None
+
+    def session(self) -> Session:
+        """A session in this execution's transaction (commits happen at completion)."""
+        assert self.conn is not None
+        self.session_used = True
+        return Session(bind=self.conn, join_transaction_mode="create_savepoint")
+
+    def succeed(self, result_json: str) -> None:
+        """Record the result and commit everything of this execution."""
+        assert self.conn is not None
+        conn, self.conn = self.conn, None
+        try:
+            conn.execute(
+                update(idempotency)
+                .where(idempotency.c.task == self.task, idempotency.c.key_digest == self.key_digest)
+                .values(state="S", result_json=result_json, updated_at=func.now())
+            )
+            conn.commit()
+        finally:
+            conn.close()
+
+    def abandon(self) -> None:
+        """Roll back everything of this execution (safe to call twice)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.rollback()
+            finally:
+                conn.close()
+
+    def fail_kept(self, error_json: str) -> None:
+        """Roll back the execution's rows, then record a kept failure on its own."""
+        self.abandon()
+        with self.engine.begin() as conn:
+            ins = insert(idempotency).values(
+                task=self.task,
+                key_digest=self.key_digest,
+                fingerprint=self.fingerprint,
+                state="F",
+                result_json=error_json,
+                expires_at=func.now() + timedelta(seconds=self.ttl),
+            )
+            conn.execute(
+                ins.on_conflict_do_update(
+                    index_elements=[idempotency.c.task, idempotency.c.key_digest],
+                    set_={
+                        "state": "F",
+                        "result_json": error_json,
+                        "updated_at": func.now(),
+                        "fingerprint": ins.excluded.fingerprint,
+                        "expires_at": ins.excluded.expires_at,
+                    },
+                )
+            )
+
+
+def purge_expired(engine: Engine, *, batch_size: int = 1000, max_batches: int | None = None) -> int:
+    """Delete expired idempotency records in batches; returns how many were deleted.
+
+    Each batch is its own short transaction (``DELETE ... WHERE ctid IN
+    (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)``), so no lock is held for
+    long and concurrent purges do not block each other or running tasks.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"purge_expired: batch_size must be > 0, got {batch_size!r}")
+    total = 0
+    batches = 0
+    victims = (
+        select(idempotency.c.task, idempotency.c.key_digest)
+        .where(idempotency.c.expires_at <= func.now())
+        .limit(batch_size)
+        .with_for_update(skip_locked=True)
+    )
+    while max_batches is None or batches < max_batches:
+        with engine.begin() as conn:
+            result = conn.execute(
+                delete(idempotency).where(
+                    tuple_(idempotency.c.task, idempotency.c.key_digest).in_(victims)
+                )
+            )
+        deleted = int(result.rowcount or 0)
+        total += deleted
+        batches += 1
+        if deleted < batch_size:
+            break
+    return total
+
+
+def dumps_result(value: Any) -> str:
+    """JSON text of a result; raises TypeError/ValueError if it has none."""
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
