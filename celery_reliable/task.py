@@ -434,6 +434,10 @@ class ReliableTask(Task):  # type: ignore[misc]
                 raise LockNotAcquired(self.name, execution.resource)
             self._defer(policy, "lock busy", not_after=refusal.retry_after)
             return
+        if refusal.kind == "I":
+            # A twin is executing this key right now: wait for its result.
+            self._defer(policy, "duplicate in progress", not_after=refusal.retry_after)
+            return
         raise AssertionError(f"unknown guard {refusal.kind!r}")  # pragma: no cover
 
     def _defer(

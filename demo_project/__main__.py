@@ -217,10 +217,10 @@ class Fleet:
     def stop(self) -> None:
         for pid in list(self.paused):
             self.resume(pid)
-        for proc in self.procs:
+        for proc in self.procs:  # warm shutdown: the main process waits for its children
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
+                    os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in self.procs:
             try:
@@ -274,8 +274,9 @@ class Demo:
 
     def fence_row(self, resource: str) -> int | None:
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(fences.c.token)  # type: ignore[no-any-return]
-                                .where(fences.c.resource == resource)).scalar()
+            token = conn.execute(sa.select(fences.c.token)
+                                 .where(fences.c.resource == resource)).scalar()
+        return None if token is None else int(token)
 
     # -- scenario 1
 
@@ -370,8 +371,8 @@ class Demo:
             info_b = next((e for e in self.executions(order_id) if e["attempt"] == "B"), {})
             say(f"    lock expired {expired_after:.1f}s into the pause; B acquired token "
                 f"{info_b.get('token')} and wrote: {info_b.get('write')} ({b.state})")
-            self.r.set(gate, 1, ex=demo.NOTE_TTL)
         finally:
+            self.r.set(gate, 1, ex=demo.NOTE_TTL)  # let A go on to its write, even if interrupted
             self.fleet.resume(info_a["pid"])
         paused_for = time.monotonic() - paused_at
         a.get(timeout=20, propagate=False)
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"    error: {type(exc).__name__}: {exc}")
                     outcomes.append(Outcome(name, "-", f"error: {type(exc).__name__}", False))
         except KeyboardInterrupt:
-            say("demo: interrupted; cleaning up")
+            say(f"demo: interrupted; cleaning up ({fleet.logs_hint()})")
             return 130
         finally:
             fleet.stop()

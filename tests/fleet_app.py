@@ -28,6 +28,15 @@ accounts = sa.Table(
 )
 
 
+effects = sa.Table(
+    "fleet_effects",
+    accounts.metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("order_id", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+)
+
+
 def env(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
@@ -163,6 +172,44 @@ def register(app: Celery) -> None:
             ),
         )
         if r.set(rkey("first", key), 1, nx=True):
+            time.sleep(60)  # the test kills this process meanwhile
+        return "done"
+
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        name="fleet.charge",
+        idempotency_key="charge:{order_id}",
+        defer_delay=0.05,
+        defer_max_delay=0.3,
+    )
+    def charge(self: ReliableTask, order_id: str, amount: int) -> dict[str, Any]:
+        with self.idempotent_transaction() as session:
+            session.execute(sa.insert(effects).values(order_id=order_id, pid=os.getpid()))
+        time.sleep(0.2)
+        return {"order": order_id, "amount": amount, "pid": os.getpid(), "at": time.time()}
+
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        name="fleet.charge_slow",
+        acks_late=True,
+        reject_on_worker_lost=True,
+        idempotency_key="slow:{order_id}",
+        idempotency_lease=2,
+        defer_delay=0.2,
+        defer_max_delay=1.0,
+    )
+    def charge_slow(self: ReliableTask, order_id: str, transactional: bool) -> str:
+        r = client()
+        r.rpush(rkey("attempts", order_id), json.dumps({"pid": os.getpid()}))
+        if transactional:
+            with self.idempotent_transaction() as session:
+                session.execute(sa.insert(effects).values(order_id=order_id, pid=os.getpid()))
+        else:  # the effect commits on its own: at-least-once across a crash
+            with engine().begin() as conn:
+                conn.execute(sa.insert(effects).values(order_id=order_id, pid=os.getpid()))
+        if r.set(rkey("first", order_id), 1, nx=True):
             time.sleep(60)  # the test kills this process meanwhile
         return "done"
 
