@@ -15,10 +15,21 @@ from typing import Any
 
 import redis
 
+from .bulkhead import TierSpec
 from .keys import KeySpace
+from .ratelimit import BucketSpec
 from .scripts import script
 
-__all__ = ["FENCE_TTL_MIN", "Admitted", "Mismatch", "Plan", "Refused", "Release", "Replay"]
+__all__ = [
+    "FENCE_TTL_MIN",
+    "Admitted",
+    "Mismatch",
+    "Plan",
+    "Refused",
+    "Rejected",
+    "Release",
+    "Replay",
+]
 
 #: Fencing counters outlive every lease by far; tokens are floored at the
 #: server clock, so even an expired counter never lets tokens go backwards.
@@ -48,6 +59,15 @@ class Mismatch:
     """Guard ``index``'s idempotency key was recorded with another fingerprint."""
 
     index: int
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Guard ``index`` rejects for good (a full bulkhead: drop, fail, queue, timeout)."""
+
+    index: int
+    kind: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -94,7 +114,33 @@ class Plan:
         ]
         return len(self.kinds) - 1
 
-    def admit(self, client: redis.Redis) -> Admitted | Refused | Replay | Mismatch:
+    def add_bulkhead(
+        self, keys: KeySpace, tier: str, spec: TierSpec, owner: str, waiter: str
+    ) -> int:
+        """Take a slot of ``tier`` as a lease; ``waiter`` names the task while it waits."""
+        self.kinds.append("K")
+        self.offsets.append(len(self.keys))
+        self.keys += list(keys.bulkhead(tier))
+        self.admit_args += [
+            owner,
+            spec.concurrent,
+            max(1, int(spec.lease * 1000)),
+            waiter,
+            spec.queue,
+            max(1, int(spec.timeout * 1000)),
+            spec.policy,
+        ]
+        return len(self.kinds) - 1
+
+    def add_bucket(self, key: str, spec: BucketSpec, cost: float) -> int:
+        """Take ``cost`` tokens from the bucket at ``key``."""
+        self.kinds.append("B")
+        self.offsets.append(len(self.keys))
+        self.keys.append(key)
+        self.admit_args += [repr(spec.rate), repr(spec.burst), repr(float(cost))]
+        return len(self.kinds) - 1
+
+    def admit(self, client: redis.Redis) -> Admitted | Refused | Replay | Mismatch | Rejected:
         """One round trip: everything admitted, or nothing changed."""
         reply = script("admit")(client, self.keys, ["".join(self.kinds), *self.admit_args])
         code = int(reply[0])
@@ -105,6 +151,8 @@ class Plan:
             return Replay(index, _text(reply[2]), _text(reply[3]))
         if code == 3:
             return Mismatch(index)
+        if code == 4:
+            return Rejected(index, self.kinds[index], _text(reply[2]))
         ms = int(reply[2])
         return Refused(index, self.kinds[index], ms / 1000 if ms > 0 else None)
 
@@ -140,6 +188,11 @@ class Release:
         self.kinds.append("L")
         self.keys.append(lock_key)
         self._args.append([lease_value])
+
+    def add_bulkhead(self, slots_key: str, owner: str) -> None:
+        self.kinds.append("K")
+        self.keys.append(slots_key)
+        self._args.append([owner])
 
     def __bool__(self) -> bool:
         return bool(self.kinds)

@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
+from .bulkhead import TierSpec, parse_bulkheads
 from .errors import ConfigurationError
+from .ratelimit import BucketSpec, parse_bucket, parse_queue_limits
 
 __all__ = [
     "SETTINGS",
     "TASK_OPTIONS",
     "DeferPolicy",
     "IdempotencyPolicy",
+    "KeyBucketPolicy",
     "LockPolicy",
     "Option",
     "ReliableSettings",
@@ -200,6 +203,40 @@ TASK_OPTIONS: dict[str, Option] = {
             _flag,
         ),
         Option(
+            "rate_limit_key",
+            None,
+            "template or callable",
+            "A token bucket per key on top of the queue's (per-tenant quotas): a format "
+            'template over the bound arguments (``"tenant:{tenant_id}"``) or a callable '
+            "receiving them as one mapping. Needs ``rate_limit_key_spec``. Buckets are shared "
+            "by every task that uses the same key.",
+            _lock_spec,
+        ),
+        Option(
+            "rate_limit_key_spec",
+            None,
+            'rate such as "10/s", or {rate, burst}',
+            'The bucket of ``rate_limit_key``: ``"10/s"``, ``"300/m"``, ``"1000/h"``, or '
+            '``{"rate": 25, "burst": 50}`` (rate in tokens per second); burst defaults to '
+            "max(1, rate per second).",
+            lambda owner, name, raw: raw,  # parsed with the key in build_policy
+        ),
+        Option(
+            "rate_cost",
+            1.0,
+            "tokens",
+            "Tokens one execution takes from each of its buckets (queue and key).",
+            _seconds(),
+        ),
+        Option(
+            "bulkhead",
+            None,
+            "tier name",
+            'Bulkhead tier whose fleet-wide slot the task holds while it runs (``"critical"``, '
+            '``"standard"``, ``"optional"`` or one defined in ``reliable_bulkheads``).',
+            _string(optional=True),
+        ),
+        Option(
             "defer_delay",
             1.0,
             "seconds",
@@ -260,6 +297,27 @@ SETTINGS: dict[str, Option] = {
             _seconds(),
         ),
         Option(
+            "reliable_queue_rate_limits",
+            None,
+            "queue → rate",
+            'Fleet-wide token bucket per queue: ``{"emails": "50/s", "stripe": '
+            '{"rate": 25, "burst": 50}}``. Every ReliableTask taken from the queue (by '
+            "its message's routing key) draws ``rate_cost`` tokens; a denied task is deferred "
+            "by the bucket's retry-after plus jitter, without consuming a retry.",
+            parse_queue_limits,
+        ),
+        Option(
+            "reliable_bulkheads",
+            None,
+            "tier → {concurrent, queue, timeout, policy, lease}",
+            "Bulkhead tiers, merged over the defaults critical 5/10/180 s (wait), standard "
+            "8/12/120 s (wait), optional 4/6/60 s (drop); lease 30 s. ``concurrent`` slots "
+            "fleet-wide, ``queue`` tasks waiting at most, each for ``timeout`` seconds; "
+            "``policy`` wait|drop|fail. Environment variables "
+            "``RELIABLE_BULKHEAD_<TIER>_CONCURRENT``/``_QUEUE``/``_TIMEOUT`` override.",
+            parse_bulkheads,
+        ),
+        Option(
             "reliable_key_prefix",
             "reliable",
             "string",
@@ -280,6 +338,8 @@ class ReliableSettings:
     key_prefix: str
     idempotency_store: str = "postgres"
     database_lock_timeout: float = 5.0
+    queue_rate_limits: Mapping[str, BucketSpec] = field(default_factory=dict)
+    bulkheads: Mapping[str, TierSpec] = field(default_factory=dict)
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> ReliableSettings:
@@ -293,6 +353,8 @@ class ReliableSettings:
             key_prefix=values["reliable_key_prefix"],
             idempotency_store=values["reliable_idempotency_store"],
             database_lock_timeout=values["reliable_database_lock_timeout"],
+            queue_rate_limits=values["reliable_queue_rate_limits"],
+            bulkheads=values["reliable_bulkheads"],
         )
 
 
@@ -365,6 +427,31 @@ class IdempotencyPolicy:
 
 
 @dataclass(frozen=True)
+class KeyBucketPolicy:
+    """A per-key token bucket (``rate_limit_key`` + ``rate_limit_key_spec``)."""
+
+    spec: Any  # template str or callable
+    bucket: BucketSpec
+
+    def key(self, task_name: str, arguments: Mapping[str, Any]) -> str:
+        if callable(self.spec):
+            value = self.spec(arguments)
+            if not isinstance(value, str) or not value:
+                raise ConfigurationError(
+                    f"{task_name}: option 'rate_limit_key' callable returned {value!r}; "
+                    "it must return a non-empty string"
+                )
+            return value
+        try:
+            return str(self.spec.format_map(arguments))
+        except (KeyError, IndexError, AttributeError) as exc:
+            raise ConfigurationError(
+                f"{task_name}: option 'rate_limit_key' template {self.spec!r} cannot be "
+                f"formatted with the call's arguments: {exc!r}"
+            ) from exc
+
+
+@dataclass(frozen=True)
 class DeferPolicy:
     """Countdown of deferrals (a guard said "not now")."""
 
@@ -403,10 +490,20 @@ class TaskPolicy:
     task_name: str
     lock: LockPolicy | None
     idempotency: IdempotencyPolicy
+    key_bucket: KeyBucketPolicy | None
+    rate_cost: float
+    bulkhead: str | None
+    tier: TierSpec | None
     defer: DeferPolicy
     parameters: tuple[str, ...]
     takes_var_kwargs: bool
     signature: inspect.Signature | None
+
+    @property
+    def guarded(self) -> bool:
+        """True if any task-level guard is configured (queue buckets come per delivery)."""
+        return (self.lock is not None or self.idempotency.spec is not None
+                or self.key_bucket is not None or self.bulkhead is not None)
 
 
 # Names that are ours in spirit: an attribute starting with one of these that
@@ -456,7 +553,10 @@ def task_signature(run: Callable[..., Any], bound: bool) -> inspect.Signature | 
 
 
 def build_policy(
-    task_name: str, values: Mapping[str, Any], signature: inspect.Signature | None
+    task_name: str,
+    values: Mapping[str, Any],
+    signature: inspect.Signature | None,
+    settings: ReliableSettings | None = None,
 ) -> TaskPolicy:
     """Validate every option of one task and return its policy."""
     opts = {
@@ -472,7 +572,7 @@ def build_policy(
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         )
         var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    for option in ("lock", "idempotency_key"):
+    for option in ("lock", "idempotency_key", "rate_limit_key"):
         spec = opts[option]
         if isinstance(spec, str) and not var_kw:
             for field_name in template_fields(task_name, spec, option):
@@ -491,9 +591,41 @@ def build_policy(
             f"{task_name}: option 'defer_max_delay' ({opts['defer_max_delay']}) must be >= "
             f"'defer_delay' ({opts['defer_delay']})"
         )
+    key_bucket = None
+    if opts["rate_limit_key"] is not None:
+        if opts["rate_limit_key_spec"] is None:
+            raise ConfigurationError(
+                f"{task_name}: option 'rate_limit_key' needs 'rate_limit_key_spec' (e.g. \"10/s\")"
+            )
+        bucket = parse_bucket(
+            f"{task_name}: option 'rate_limit_key_spec'", opts["rate_limit_key_spec"]
+        )
+        if opts["rate_cost"] > bucket.burst:
+            raise ConfigurationError(
+                f"{task_name}: option 'rate_cost' ({opts['rate_cost']}) exceeds the "
+                f"'rate_limit_key_spec' burst ({bucket.burst}); the task could never run"
+            )
+        key_bucket = KeyBucketPolicy(spec=opts["rate_limit_key"], bucket=bucket)
+    elif opts["rate_limit_key_spec"] is not None:
+        raise ConfigurationError(
+            f"{task_name}: option 'rate_limit_key_spec' is set but 'rate_limit_key' is not"
+        )
+    tier = None
+    if opts["bulkhead"] is not None and settings is not None:
+        tier = settings.bulkheads.get(opts["bulkhead"])
+        if tier is None:
+            raise ConfigurationError(
+                f"{task_name}: option 'bulkhead' names tier {opts['bulkhead']!r}, which is not "
+                f"configured (tiers: {', '.join(sorted(settings.bulkheads))}; define it in "
+                "reliable_bulkheads)"
+            )
     return TaskPolicy(
         task_name=task_name,
         lock=lock,
+        key_bucket=key_bucket,
+        rate_cost=opts["rate_cost"],
+        bulkhead=opts["bulkhead"],
+        tier=tier,
         idempotency=IdempotencyPolicy(
             spec=opts["idempotency_key"],
             ttl=opts["idempotency_ttl"],

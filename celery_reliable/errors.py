@@ -4,7 +4,8 @@
 
     ReliableError
     ├── Refusal                     a guard said "not now" (control flow, never a fault)
-    │   └── LockNotAcquired         lock busy and ``lock_contention="fail"``
+    │   ├── LockNotAcquired         lock busy and ``lock_contention="fail"``
+    │   └── BulkheadFull            a full tier whose policy fails, or a wait past its bounds
     └── ReliableFault               something is wrong (chained ``from`` the cause)
         ├── ConfigurationError      a bad task option or ``reliable_*`` setting
         │   └── ArgumentsNotCanonical   an idempotent call's arguments have no canonical form
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArgumentsNotCanonical",
+    "BulkheadFull",
     "ConfigurationError",
     "IdempotencyKeyMismatch",
     "LockNotAcquired",
@@ -55,6 +57,24 @@ class LockNotAcquired(Refusal):
 
     def __str__(self) -> str:
         return f"{self.task_name}: lock {self.resource!r} is held by another execution"
+
+
+class BulkheadFull(Refusal):
+    """A bulkhead tier was full: policy ``fail``, too many waiting, or waited too long."""
+
+    def __init__(self, task_name: str, tier: str, reason: str) -> None:
+        super().__init__(task_name, tier, reason)
+        self.task_name = task_name
+        self.tier = tier
+        self.reason = reason
+
+    def __str__(self) -> str:
+        why = {
+            "fail": "the tier is full and its policy is 'fail'",
+            "queue": "the tier is full and its waiting queue too",
+            "timeout": "the task waited longer than the tier's timeout",
+        }.get(self.reason, self.reason)
+        return f"{self.task_name}: bulkhead {self.tier!r} refused the task: {why}"
 
 
 class ReliableFault(ReliableError):

@@ -44,6 +44,19 @@ class KeySpace:
         """The idempotency record of ``key`` for ``task_name``."""
         return f"{self.tag}:idem:{idempotency_digest(task_name, key)}"
 
+    def queue_bucket(self, queue: str) -> str:
+        """The token bucket every task taken from ``queue`` draws from."""
+        return f"{self.tag}:bucket:q:{digest(queue)}"
+
+    def key_bucket(self, key: str) -> str:
+        """The token bucket of a ``rate_limit_key`` (shared by every task using that key)."""
+        return f"{self.tag}:bucket:k:{digest(key)}"
+
+    def bulkhead(self, tier: str) -> tuple[str, str, str]:
+        """A tier's slots (zset), waiting tasks (zset) and counters (hash)."""
+        base = f"{self.tag}:bh:{tier}"
+        return f"{base}:slots", f"{base}:waiting", f"{base}:stats"
+
     def pattern(self, kind: str) -> str:
         """SCAN pattern for every key of one kind."""
         return f"{self.tag}:{kind}:*"

@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import redis
 from celery import Task
@@ -36,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from . import metrics
-from .admission import Admitted, Mismatch, Plan, Refused, Release, Replay
+from .admission import Admitted, Mismatch, Plan, Refused, Rejected, Release, Replay
 from .canonical import NotCanonical, fingerprint
 from .config import (
     TASK_OPTIONS,
@@ -48,6 +48,7 @@ from .config import (
 )
 from .errors import (
     ArgumentsNotCanonical,
+    BulkheadFull,
     ConfigurationError,
     IdempotencyKeyMismatch,
     LockNotAcquired,
@@ -58,15 +59,27 @@ from .errors import (
 from .fencing import Fence
 from .idempotency import PostgresRecord, dumps_result
 from .keys import digest, idempotency_digest
+from .ratelimit import BucketSpec
 from .runtime import Lease, Runtime, runtime_for
+from .scripts import script
 
-__all__ = ["DEFER_HEADER", "IDEMPOTENCY_HEADER", "SKIPPED", "Deferred", "ReliableTask"]
+__all__ = [
+    "DEFER_HEADER",
+    "DROPPED",
+    "IDEMPOTENCY_HEADER",
+    "SKIPPED",
+    "Deferred",
+    "ReliableTask",
+]
 
 log = logging.getLogger("celery_reliable")
 
 #: Result state of a task dropped because its lock was busy (``lock_contention="skip"``).
 #: Like Celery's IGNORED it is not a ready state: do not ``.get()`` a skippable task.
 SKIPPED = "SKIPPED"
+
+#: Result state of a task dropped by a full bulkhead tier with policy ``drop``.
+DROPPED = "DROPPED"
 
 #: Message header counting consecutive deferrals of one task id.
 DEFER_HEADER = "reliable_deferrals"
@@ -95,6 +108,7 @@ class _Execution:
     """What one admitted execution holds (kept on the request)."""
 
     __slots__ = (
+        "buckets",
         "done",
         "fingerprint",
         "idem_digest",
@@ -113,6 +127,7 @@ class _Execution:
         self.resource: str | None = None
         self.token: int | None = None
         self.lease: Lease | None = None  # the lock's lease
+        self.buckets: list[tuple[str, BucketSpec, str]] = []  # key, spec, what it limits
         self.leases: list[Lease] = []
         self.idem_digest: str | None = None
         self.fingerprint = ""
@@ -146,6 +161,14 @@ class ReliableTask(Task):  # type: ignore[misc]
     idempotency_lease: ClassVar[Any] = TASK_OPTIONS["idempotency_lease"].default
     #: Keep terminal failures so duplicates raise ReplayedFailure instead of running.
     idempotency_keep_failures: ClassVar[Any] = TASK_OPTIONS["idempotency_keep_failures"].default
+    #: Per-key token bucket: template or callable over the arguments.
+    rate_limit_key: ClassVar[Any] = TASK_OPTIONS["rate_limit_key"].default
+    #: The per-key bucket's rate ("10/s") or {"rate", "burst"}.
+    rate_limit_key_spec: ClassVar[Any] = TASK_OPTIONS["rate_limit_key_spec"].default
+    #: Tokens one execution takes from each bucket.
+    rate_cost: ClassVar[Any] = TASK_OPTIONS["rate_cost"].default
+    #: Bulkhead tier holding a fleet-wide slot while the task runs.
+    bulkhead: ClassVar[Any] = TASK_OPTIONS["bulkhead"].default
     #: Base countdown of a deferral, seconds.
     defer_delay: ClassVar[Any] = TASK_OPTIONS["defer_delay"].default
     #: Cap of one deferral's countdown, seconds.
@@ -175,9 +198,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         raw_run = inspect.getattr_static(cls, "run")
         bound = not isinstance(raw_run, staticmethod)
         run = raw_run.__func__ if isinstance(raw_run, staticmethod) else raw_run
-        policy = build_policy(name, values, task_signature(run, bound))
-        ReliableSettings.from_conf(app.conf)  # a bad setting fails at bind too
-        return policy
+        settings = ReliableSettings.from_conf(app.conf)  # a bad setting fails at bind too
+        return build_policy(name, values, task_signature(run, bound), settings)
 
     def _policy(self) -> TaskPolicy:
         policy = type(self)._reliable_policy
@@ -193,9 +215,10 @@ class ReliableTask(Task):  # type: ignore[misc]
             return super().__call__(*args, **kwargs)
         policy = self._policy()
         header_key = _header(request, IDEMPOTENCY_HEADER)
-        if policy.lock is None and policy.idempotency.spec is None and header_key is None:
+        queue_bucket = self._queue_bucket(request)
+        if not (policy.guarded or header_key is not None or queue_bucket is not None):
             return self.run(*args, **kwargs)
-        execution = self._admit(policy, args, kwargs, header_key)
+        execution = self._admit(policy, args, kwargs, header_key, queue_bucket)
         if execution.replay is not None:
             return self._replay(execution.replay)
         request._reliable_execution = execution
@@ -232,6 +255,21 @@ class ReliableTask(Task):  # type: ignore[misc]
                 arguments.update(arguments.pop(param.name, {}))
         return arguments
 
+    def _queue_bucket(self, request: Any) -> tuple[str, BucketSpec] | None:
+        """The queue this delivery came from and its bucket, if the queue is rate limited.
+
+        The queue is the message's routing key (with Celery's default direct
+        routing, the queue name).
+        """
+        limits = runtime_for(self.app).settings.queue_rate_limits
+        if not limits:
+            return None
+        info = getattr(request, "delivery_info", None) or {}
+        queue = info.get("routing_key") or info.get("queue")
+        if queue is None or queue not in limits:
+            return None
+        return queue, limits[queue]
+
     def _fingerprint(self, arguments: dict[str, Any]) -> str:
         try:
             return fingerprint(arguments)
@@ -244,6 +282,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         header_key: Any,
+        queue_bucket: tuple[str, BucketSpec] | None,
         execution: _Execution,
         runtime: Runtime,
     ) -> Plan:
@@ -266,10 +305,33 @@ class ReliableTask(Task):  # type: ignore[misc]
         if policy.lock is not None:
             execution.resource = policy.lock.resource(self.name, arguments)
             plan.add_lock(runtime.keys, execution.resource, execution.owner, policy.lock.ttl)
+        if policy.bulkhead is not None and policy.tier is not None:
+            plan.add_bulkhead(runtime.keys, policy.bulkhead, policy.tier, execution.owner,
+                              str(self.request.id))
+        if queue_bucket is not None:
+            queue, spec = queue_bucket
+            if policy.rate_cost > spec.burst:
+                raise ConfigurationError(
+                    f"{self.name}: option 'rate_cost' ({policy.rate_cost}) exceeds the burst of "
+                    f"queue {queue!r} ({spec.burst}); the task could never run"
+                )
+            key = runtime.keys.queue_bucket(queue)
+            execution.buckets.append((key, spec, f"queue {queue!r}"))
+            plan.add_bucket(key, spec, policy.rate_cost)
+        if policy.key_bucket is not None:
+            name = policy.key_bucket.key(self.name, arguments)
+            key = runtime.keys.key_bucket(name)
+            execution.buckets.append((key, policy.key_bucket.bucket, "rate_limit_key"))
+            plan.add_bucket(key, policy.key_bucket.bucket, policy.rate_cost)
         return plan
 
     def _admit(
-        self, policy: TaskPolicy, args: tuple[Any, ...], kwargs: dict[str, Any], header_key: Any
+        self,
+        policy: TaskPolicy,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        header_key: Any,
+        queue_bucket: tuple[str, BucketSpec] | None,
     ) -> _Execution:
         """Admit this execution (one Redis round trip), or defer/skip/fail it.
 
@@ -280,7 +342,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         runtime = runtime_for(self.app)
         while True:
             execution = _Execution(f"{self.request.id}/{secrets.token_hex(4)}")
-            plan = self._plan(policy, args, kwargs, header_key, execution, runtime)
+            plan = self._plan(policy, args, kwargs, header_key, queue_bucket, execution,
+                              runtime)
             started = time.monotonic()
             try:
                 outcome = plan.admit(runtime.redis)
@@ -295,8 +358,10 @@ class ReliableTask(Task):  # type: ignore[misc]
                 assert execution.idem_digest is not None
                 raise IdempotencyKeyMismatch(self.name, execution.idem_digest)
             if isinstance(outcome, Refused):
-                self._refused(policy, outcome, execution)
+                self._refused(policy, outcome, execution, plan)
                 continue
+            if isinstance(outcome, Rejected):
+                self._rejected(policy, outcome)
             self._hold(policy, plan, outcome, execution, runtime, started)
             if execution.idem_digest is None or runtime.settings.idempotency_store != "postgres":
                 return execution
@@ -329,6 +394,11 @@ class ReliableTask(Task):  # type: ignore[misc]
                     )
                 )
                 execution.release.add_idempotency(key, execution.owner, idem.ttl)
+            elif kind == "K":
+                assert policy.tier is not None
+                execution.leases.append(Lease("K", key, execution.owner, policy.tier.lease,
+                                              started, f"bulkhead slot of {describe}"))
+                execution.release.add_bulkhead(key, execution.owner)
             elif kind == "L":
                 assert policy.lock is not None
                 execution.token = admitted.results[index]
@@ -414,7 +484,20 @@ class ReliableTask(Task):  # type: ignore[misc]
         )
         return json.loads(replay.payload)
 
-    def _refused(self, policy: TaskPolicy, refusal: Refused, execution: _Execution) -> None:
+    def _rejected(self, policy: TaskPolicy, rejection: Rejected) -> NoReturn:
+        """A full bulkhead said no for good: drop (Ignore) or raise BulkheadFull."""
+        tier = str(policy.bulkhead)
+        if rejection.reason == "drop":
+            metrics.inc("reliable_bulkhead_rejected_total", tier=tier, reason="drop")
+            log.info("celery-reliable: %s[%s] dropped: bulkhead %r is full", self.name,
+                     self.request.id, tier)
+            self._store_state(DROPPED, {"reason": "bulkhead full", "tier": tier})
+            raise Ignore()
+        metrics.inc("reliable_bulkhead_rejected_total", tier=tier, reason=rejection.reason)
+        raise BulkheadFull(self.name, tier, rejection.reason)
+
+    def _refused(self, policy: TaskPolicy, refusal: Refused, execution: _Execution,
+                 plan: Plan) -> None:
         """Translate a refusal into Celery's control flow (returns only in eager mode)."""
         if refusal.kind == "L":
             assert policy.lock is not None and execution.resource is not None
@@ -437,6 +520,15 @@ class ReliableTask(Task):  # type: ignore[misc]
         if refusal.kind == "I":
             # A twin is executing this key right now: wait for its result.
             self._defer(policy, "duplicate in progress", not_after=refusal.retry_after)
+            return
+        if refusal.kind == "B":
+            bucket = execution.buckets[plan.kinds[: refusal.index].count("B")]
+            metrics.inc("reliable_rate_limited_total", bucket=bucket[2])
+            self._defer(policy, f"rate limited ({bucket[2]})", not_before=refusal.retry_after)
+            return
+        if refusal.kind == "K":
+            metrics.inc("reliable_bulkhead_waits_total", tier=str(policy.bulkhead))
+            self._defer(policy, f"bulkhead {policy.bulkhead!r} full")
             return
         raise AssertionError(f"unknown guard {refusal.kind!r}")  # pragma: no cover
 
@@ -594,6 +686,35 @@ class ReliableTask(Task):  # type: ignore[misc]
         if execution is not None:
             self._complete(execution, self._policy(), failure=Retry())
         return super().retry(*args, **kwargs)
+
+    def throttle(self, seconds: float) -> NoReturn:
+        """Empty this task's buckets fleet-wide for ``seconds``, then defer this task.
+
+        For an upstream that said "slow down" (HTTP 429 with ``Retry-After``):
+        every worker stops taking tokens from the task's queue bucket and key
+        bucket until ``seconds`` have passed. This execution's guards are
+        released (its idempotency record forgotten) and the task is re-published
+        to run after the pause; no retry is consumed.
+        """
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ConfigurationError(f"{self.name}: throttle() takes seconds >= 0, "
+                                     f"got {seconds!r}")
+        execution = getattr(self.request, "_reliable_execution", None)
+        policy = self._policy()
+        if execution is None or not execution.buckets:
+            raise ConfigurationError(
+                f"{self.name}: throttle() needs a token bucket (a rate-limited queue in "
+                "reliable_queue_rate_limits, or option 'rate_limit_key') and a running task"
+            )
+        runtime = runtime_for(self.app)
+        args: list[Any] = [max(1, int(seconds * 1000))]
+        for _, spec, _ in execution.buckets:
+            args += [repr(spec.rate), repr(spec.burst)]
+        script("throttle")(runtime.redis, [key for key, _, _ in execution.buckets], args)
+        metrics.inc("reliable_throttles_total", task=self.name)
+        self._complete(execution, policy, failure=Retry())
+        self._defer(policy, f"throttled for {seconds:g}s", not_before=float(seconds))
+        raise AssertionError("unreachable")  # pragma: no cover - _defer raises in a worker
 
     @contextmanager
     def idempotent_transaction(self) -> Iterator[Session]:

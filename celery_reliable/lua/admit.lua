@@ -3,18 +3,28 @@
 KEYS  the keys of each guard, in plan order
         I (idempotency): record key
         L (lock):        lock key, fence key
-ARGV  [1] plan: one letter per guard, e.g. "IL"
+        K (bulkhead):    slots zset, waiting zset, stats hash
+        B (bucket):      bucket hash
+ARGV  [1] plan: one letter per guard, e.g. "ILKB"
       then each guard's arguments, in plan order
         I: fingerprint, owner, lease_ms, ttl_ms
         L: owner, lease_ms, fence_ttl_ms
+        K: owner, concurrent, lease_ms, waiter id, queue size, timeout_ms,
+           policy (wait|drop|fail)
+        B: rate (tokens/s), burst (tokens), cost (tokens)
 Returns
   {1, r1, r2, ...}          every guard admitted; r_i is guard i's result
                             (I: 1 if a record existed (lease taken over), else 0;
-                             L: the fencing token)
-  {0, i, retry_after_ms}    guard i (1-based) refused for now
+                             L: the fencing token; K: slots now in use;
+                             B: whole tokens left)
+  {0, i, retry_after_ms}    guard i (1-based) refused for now (-1: unknown)
   {2, i, state, payload}    guard i is a finished idempotency record: replay it
   {3, i, fingerprint}       guard i's key was used with other arguments
-Unless every guard admits, NOTHING is written. Time is the server's (TIME).
+  {4, i, reason}            guard i rejects for good: a full bulkhead's
+                            drop | fail | queue (too many waiting) | timeout
+Unless every guard admits, no token, slot, lock or record is taken. The only
+writes on a refusal are a full bulkhead's own bookkeeping (its waiting set
+and counters) and sweeping expired slots. Time is the server's (TIME).
 
 Idempotency record: a hash {s = P|S|F, f = fingerprint, o = owner,
 d = lease deadline in ms (P only), r = result or error JSON (S/F)}.
@@ -53,6 +63,58 @@ for g = 1, n do
       return {0, g, redis.call('PTTL', KEYS[ki])}
     end
     ki, ai = ki + 2, ai + 3
+  elseif kind == 'K' then
+    local slots, waiting, stats = KEYS[ki], KEYS[ki + 1], KEYS[ki + 2]
+    redis.call('ZREMRANGEBYSCORE', slots, '-inf', now_ms)  -- leases of dead workers
+    if redis.call('ZCARD', slots) >= tonumber(ARGV[ai + 1]) then
+      local policy = ARGV[ai + 6]
+      if policy == 'drop' then
+        redis.call('HINCRBY', stats, 'dropped', 1)
+        return {4, g, 'drop'}
+      elseif policy == 'fail' then
+        redis.call('HINCRBY', stats, 'rejected', 1)
+        return {4, g, 'fail'}
+      end
+      local waiter = ARGV[ai + 3]
+      local deadline = redis.call('ZSCORE', waiting, waiter)
+      if deadline then
+        if tonumber(deadline) <= now_ms then
+          redis.call('ZREM', waiting, waiter)
+          redis.call('HINCRBY', stats, 'timed_out', 1)
+          return {4, g, 'timeout'}
+        end
+      else
+        -- waiters past their deadline by a minute are gone (their task is)
+        redis.call('ZREMRANGEBYSCORE', waiting, '-inf', now_ms - 60000)
+        if redis.call('ZCOUNT', waiting, now_ms, '+inf') >= tonumber(ARGV[ai + 4]) then
+          redis.call('HINCRBY', stats, 'rejected', 1)
+          return {4, g, 'queue'}
+        end
+        redis.call('ZADD', waiting, now_ms + tonumber(ARGV[ai + 5]), waiter)
+        redis.call('PEXPIRE', waiting, tonumber(ARGV[ai + 5]) + 120000)
+      end
+      return {0, g, -1}
+    end
+    ki, ai = ki + 3, ai + 7
+  elseif kind == 'B' then
+    local b = redis.call('HMGET', KEYS[ki], 't', 'ts')
+    local rate, burst, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
+    local tokens, ts = tonumber(b[1]), tonumber(b[2])
+    if not tokens then
+      tokens, ts = burst, now_ms
+    end
+    local avail = tokens
+    if now_ms > ts then
+      avail = math.min(burst, tokens + (now_ms - ts) * rate / 1000)
+    end
+    if avail < cost then
+      local wait = (cost - avail) * 1000 / rate
+      if ts > now_ms then
+        wait = wait + (ts - now_ms)  -- throttled until ts
+      end
+      return {0, g, math.ceil(wait)}
+    end
+    ki, ai = ki + 1, ai + 3
   else
     return redis.error_reply('admit.lua: unknown guard ' .. kind)
   end
@@ -82,6 +144,28 @@ for g = 1, n do
     redis.call('SET', KEYS[ki + 1], tok, 'PX', ARGV[ai + 2])
     out[#out + 1] = token
     ki, ai = ki + 2, ai + 3
+  elseif kind == 'K' then
+    redis.call('ZADD', KEYS[ki], now_ms + tonumber(ARGV[ai + 2]), ARGV[ai])
+    redis.call('PEXPIRE', KEYS[ki], tonumber(ARGV[ai + 2]) * 2 + 60000)
+    redis.call('ZREM', KEYS[ki + 1], ARGV[ai + 3])
+    out[#out + 1] = redis.call('ZCARD', KEYS[ki])
+    ki, ai = ki + 3, ai + 7
+  elseif kind == 'B' then
+    -- recompute (phase 1 kept nothing): refill, take, store, expire when full again
+    local b = redis.call('HMGET', KEYS[ki], 't', 'ts')
+    local rate, burst, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
+    local tokens, ts = tonumber(b[1]), tonumber(b[2])
+    if not tokens then
+      tokens, ts = burst, now_ms
+    end
+    if now_ms > ts then
+      tokens = math.min(burst, tokens + (now_ms - ts) * rate / 1000)
+    end
+    tokens = tokens - cost
+    redis.call('HSET', KEYS[ki], 't', tostring(tokens), 'ts', math.max(ts, now_ms))
+    redis.call('PEXPIRE', KEYS[ki], math.ceil((burst - tokens) * 1000 / rate) + 1000)
+    out[#out + 1] = math.floor(tokens)
+    ki, ai = ki + 1, ai + 3
   end
 end
 return out

@@ -3,6 +3,7 @@
 KEYS  the keys of each guard, in plan order
         I (idempotency): record key
         L (lock):        lock key
+        K (bulkhead):    slots zset
 ARGV  [1] plan: one letter per guard, e.g. "IL"
       then each guard's arguments, in plan order
         I: owner, outcome, payload, ttl_ms
@@ -10,6 +11,7 @@ ARGV  [1] plan: one letter per guard, e.g. "IL"
            (payload: error JSON), X = forget (nothing happened; a later
            delivery may run)
         L: lease value ("<token> <owner>") returned by admission
+        K: owner
 Returns {r1, r2, ...}: 1 settled, 0 not ours any more (expired or taken over;
         left untouched)
 Safe to run twice: the second run finds nothing of ours and changes nothing.
@@ -42,6 +44,9 @@ for g = 1, #plan do
     else
       out[g] = 0
     end
+    ki, ai = ki + 1, ai + 1
+  elseif kind == 'K' then
+    out[g] = redis.call('ZREM', KEYS[ki], ARGV[ai])
     ki, ai = ki + 1, ai + 1
   else
     return redis.error_reply('complete.lua: unknown guard ' .. kind)

@@ -5,6 +5,7 @@ ARGV  [1] plan: one letter per key, e.g. "LI"
       then per key: lease value, lease_ms
         L: lock key; value "<token> <owner>"; PEXPIRE if still ours
         I: idempotency record; value = owner; deadline = now + lease_ms if still ours
+        K: bulkhead slots zset; value = owner; score = now + lease_ms if still a member
 Returns {r1, r2, ...}: 1 extended, 0 lost (expired or taken over; untouched)
 ]]
 local plan = ARGV[1]
@@ -27,6 +28,17 @@ for g = 1, #plan do
         now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
       end
       redis.call('HSET', KEYS[g], 'd', now_ms + tonumber(ARGV[ai + 1]))
+      out[g] = 1
+    else
+      out[g] = 0
+    end
+  elseif kind == 'K' then
+    if redis.call('ZSCORE', KEYS[g], ARGV[ai]) then
+      if not now_ms then
+        local t = redis.call('TIME')
+        now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      end
+      redis.call('ZADD', KEYS[g], now_ms + tonumber(ARGV[ai + 1]), ARGV[ai])
       out[g] = 1
     else
       out[g] = 0

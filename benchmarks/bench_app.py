@@ -1,0 +1,183 @@
+"""The Celery app that ``benchmarks/throughput.py`` runs in ``celery worker`` subprocesses.
+
+Configured only from ``BENCH_*`` environment variables (set by throughput.py), so the
+same module serves both worker fleets; they differ in ONE app setting,
+``reliable_idempotency_store`` (``BENCH_IDEMPOTENCY_STORE``: ``postgres`` or ``redis``):
+
+* ``BENCH_BROKER_URL``          broker (db 0 of the throwaway broker redis-server)
+* ``BENCH_STATS_URL``           where workers report completions (db 1 of the same server)
+* ``BENCH_RELIABLE_REDIS_URL``  ``reliable_redis_url`` (a SEPARATE throwaway redis-server)
+* ``BENCH_DATABASE_URL``        ``reliable_database_url`` (the throwaway PostgreSQL database)
+* ``BENCH_IDEMPOTENCY_STORE``   ``reliable_idempotency_store``
+* ``BENCH_PROFILE_DIR``         optional: cProfile each pool process, dump
+                                ``<dir>/<hostname>-<pid>.prof`` when it exits
+
+Every task is a no-op taking ``(run, n)``: ``run`` names the timed pass, ``n`` is unique
+across the whole benchmark, so idempotent tasks are always first executions and lock
+resources never contend. No result backend is configured and every task has
+``ignore_result=True``: the benchmark measures task execution, not result storage.
+
+Completion is measured by ``task_prerun``/``task_postrun`` receivers that only update a
+dict in memory (identical cost for every contender, no I/O per task). A daemon thread per
+pool process publishes the dict to ``BENCH_STATS_URL`` every 50 ms when it changed, as a
+hash ``bench:stats:<run>`` with one field per process: ``"<ok> <other> <first> <last>"``
+(completed tasks, tasks that ended in another state, wall-clock start of the first task,
+wall-clock end of the last task).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery, signals
+
+from celery_reliable import ReliableTask
+
+FLUSH_INTERVAL = 0.05
+
+
+def env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def build_app() -> Celery:
+    app = Celery("bench", broker=env("BENCH_BROKER_URL", "memory://"))
+    app.conf.update(
+        result_backend=None,
+        task_ignore_result=True,
+        reliable_redis_url=env("BENCH_RELIABLE_REDIS_URL", "redis://127.0.0.1:6379/15"),
+        reliable_database_url=env("BENCH_DATABASE_URL") or None,
+        reliable_idempotency_store=env("BENCH_IDEMPOTENCY_STORE", "postgres"),
+        reliable_key_prefix="bench",
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+app = build_app()
+
+
+@app.task(name="bench.plain", ignore_result=True)
+def plain(run: str, n: int) -> None:
+    """Plain Celery: the baseline."""
+
+
+@app.task(name="bench.idempotent", base=ReliableTask, ignore_result=True, idempotency_key=True)
+def idempotent(run: str, n: int) -> None:
+    """Idempotent execution; the store (postgres or redis) is the worker's app setting."""
+
+
+@app.task(name="bench.lock", base=ReliableTask, ignore_result=True, lock="bench:{n}")
+def lock(run: str, n: int) -> None:
+    """A fencing-token lock on a resource no other task uses (never contends)."""
+
+
+# ------------------------------------------------------------------ measurement
+
+# run -> [tasks ended in SUCCESS, tasks ended otherwise, first start, last end]
+_stats: dict[str, list[float]] = {}
+_dirty = threading.Event()
+_flusher: threading.Thread | None = None
+_flusher_pid = 0
+
+
+def _run_of(args: Any, kwargs: Any) -> str | None:
+    if args:
+        return str(args[0])
+    if kwargs and "run" in kwargs:
+        return str(kwargs["run"])
+    return None
+
+
+@signals.task_prerun.connect
+def _prerun(args: Any = None, kwargs: Any = None, **_: Any) -> None:
+    now = time.time()
+    run = _run_of(args, kwargs)
+    if run is None:
+        return
+    entry = _stats.get(run)
+    if entry is None:
+        _stats[run] = [0, 0, now, now]
+        _ensure_flusher()
+
+
+@signals.task_postrun.connect
+def _postrun(args: Any = None, kwargs: Any = None, state: Any = None, **_: Any) -> None:
+    now = time.time()
+    run = _run_of(args, kwargs)
+    if run is None:
+        return
+    entry = _stats.get(run)
+    if entry is None:
+        return
+    if state == "SUCCESS":
+        entry[0] += 1
+    else:
+        entry[1] += 1
+    entry[3] = now
+    _dirty.set()
+
+
+def _ensure_flusher() -> None:
+    global _flusher, _flusher_pid
+    if _flusher is not None and _flusher_pid == os.getpid() and _flusher.is_alive():
+        return
+    _flusher_pid = os.getpid()
+    _flusher = threading.Thread(target=_flush_forever, name="bench-stats", daemon=True)
+    _flusher.start()
+
+
+def _flush_forever() -> None:
+    client = redis.Redis.from_url(env("BENCH_STATS_URL", "redis://127.0.0.1:6379/15"))
+    field = f"{socket.gethostname()}-{os.getpid()}"
+    while True:
+        _dirty.wait()
+        time.sleep(FLUSH_INTERVAL)
+        _dirty.clear()
+        snapshot = [(run, list(entry)) for run, entry in list(_stats.items())]
+        pipe = client.pipeline(transaction=False)
+        for run, (ok, other, first, last) in snapshot:
+            pipe.hset(f"bench:stats:{run}", field, f"{int(ok)} {int(other)} {first!r} {last!r}")
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            _dirty.set()  # try again next time
+            time.sleep(0.5)
+
+
+# ------------------------------------------------------------------ profiling
+
+_profiler: Any = None
+
+
+@signals.worker_process_init.connect
+def _start_profile(**_: Any) -> None:
+    global _profiler
+    if env("BENCH_PROFILE_DIR"):
+        import cProfile
+
+        _profiler = cProfile.Profile()
+        _profiler.enable()
+
+
+@signals.worker_process_shutdown.connect
+def _dump_profile(**_: Any) -> None:
+    if _profiler is not None:
+        _profiler.disable()
+        path = Path(env("BENCH_PROFILE_DIR"), f"{socket.gethostname()}-{os.getpid()}.prof")
+        _profiler.dump_stats(str(path))
+
+
+@signals.worker_ready.connect
+def _ready(sender: Any = None, **_: Any) -> None:
+    ready_dir = env("BENCH_READY_DIR")
+    if ready_dir and sender is not None:
+        Path(ready_dir, f"ready-{sender.hostname.split('@', 1)[0]}").touch()
