@@ -10,6 +10,7 @@ from . import metrics
 from . import signals as _signals
 from .errors import (
     ArgumentsNotCanonical,
+    BulkheadFull,
     ConfigurationError,
     IdempotencyKeyMismatch,
     LockNotAcquired,
@@ -25,11 +26,14 @@ from .fencing import Fence, RedisFence, check_postgres
 from .idempotency import purge_expired
 from .locks import FencedLock
 from .schema import create_tables, metadata
-from .task import SKIPPED, Deferred, ReliableTask
+from .status import bucket_tokens, bulkhead_stats
+from .task import DROPPED, SKIPPED, Deferred, ReliableTask
 
 __all__ = [
+    "DROPPED",
     "SKIPPED",
     "ArgumentsNotCanonical",
+    "BulkheadFull",
     "ConfigurationError",
     "Deferred",
     "Fence",
@@ -45,6 +49,8 @@ __all__ = [
     "ResultNotSerializable",
     "StaleFenceToken",
     "StorageError",
+    "bucket_tokens",
+    "bulkhead_stats",
     "check_postgres",
     "create_tables",
     "metadata",

@@ -200,7 +200,8 @@ class Fleet:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, n: int = 2, concurrency: int = 2, timeout: float = 60) -> None:
+    def start(self, n: int = 2, concurrency: int = 2, timeout: float = 60,
+              queues: str | None = None) -> None:
         names = []
         for _ in range(n):
             name = f"w{len(self.procs)}-{secrets.token_hex(2)}"
@@ -218,7 +219,7 @@ class Fleet:
                     "-c",
                     str(concurrency),
                     "-Q",
-                    self.env["FLEET_QUEUE"],
+                    queues or self.env["FLEET_QUEUE"],
                     "-n",
                     f"{name}@%h",
                     "--without-mingle",
