@@ -89,7 +89,7 @@ def test_unknown_tier_and_key_bucket_options_fail_at_bind() -> None:
     with pytest.raises(ConfigurationError, match="needs 'rate_limit_key_spec'"):
         app.task(base=ReliableTask, shared=False, name="b2", rate_limit_key="t:{tenant}")(
             job)._get_current_object()
-    with pytest.raises(ConfigurationError, match="'rate_cost' .* exceeds"):
+    with pytest.raises(ConfigurationError, match=r"'rate_cost' .* exceeds"):
         app.task(base=ReliableTask, shared=False, name="b3", rate_limit_key="t:{tenant}",
                  rate_limit_key_spec="1/s", rate_cost=5)(job)._get_current_object()
 
