@@ -181,12 +181,21 @@ def fenced_lock(client: redis.Redis) -> Cycle:
 
 CONTENDERS = (
     Contender(BASELINE, "redispy", "client.lock(name, timeout=30)", redis_py_lock),
-    Contender("python-redis-lock", "redislock", "redis_lock.Lock(client, name, expire=30)",
-              python_redis_lock),
-    Contender("pottery Redlock (1 master)", "pottery",
-              "Redlock(key=name, masters={client}, auto_release_time=30)", pottery_redlock),
-    Contender("celery_reliable.FencedLock", "fenced", "FencedLock(client, name, ttl=30)",
-              fenced_lock),
+    Contender(
+        "python-redis-lock",
+        "redislock",
+        "redis_lock.Lock(client, name, expire=30)",
+        python_redis_lock,
+    ),
+    Contender(
+        "pottery Redlock (1 master)",
+        "pottery",
+        "Redlock(key=name, masters={client}, auto_release_time=30)",
+        pottery_redlock,
+    ),
+    Contender(
+        "celery_reliable.FencedLock", "fenced", "FencedLock(client, name, ttl=30)", fenced_lock
+    ),
 )
 
 
@@ -208,9 +217,23 @@ def throwaway_redis(binary: str) -> Iterator[tuple[int, str]]:
             port = free_port()
             log = Path(tmp) / "redis.log"
             proc = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", tmp, "--logfile", str(log)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                [
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    tmp,
+                    "--logfile",
+                    str(log),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
             )
             probe = redis.Redis(port=port, socket_connect_timeout=0.2)
             try:
@@ -277,8 +300,9 @@ def keys_for(contender: Contender, tag: str, n: int) -> list[str]:
     return [f"bench:{contender.slug}:{tag}:{i}" for i in range(n)]
 
 
-def count_pass(contender: Contender, port: int, admin: redis.Redis, n: int,
-               warmup: int, result: Result) -> None:
+def count_pass(
+    contender: Contender, port: int, admin: redis.Redis, n: int, warmup: int, result: Result
+) -> None:
     """One extra pass through a counting client: round trips and server commands."""
     conn_class = counting_connection_class()
     pool = redis.ConnectionPool(port=port, connection_class=conn_class)
@@ -305,7 +329,8 @@ def count_pass(contender: Contender, port: int, admin: redis.Redis, n: int,
         result.acquire_returns = [repr(v) for v in returned]
         ints = [v for v in returned if isinstance(v, int) and not isinstance(v, bool)]
         result.mints_fencing_token = len(ints) == len(returned) and all(
-            a < b for a, b in pairwise(ints))
+            a < b for a, b in pairwise(ints)
+        )
     finally:
         client.close()
         pool.disconnect()
@@ -324,7 +349,7 @@ def run(args: argparse.Namespace, port: int) -> list[Result]:
         timed_pass(cycles[c.name], keys_for(c, "warmup", warmup))
 
     for r in range(rounds):
-        order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[:r % len(CONTENDERS)]
+        order = CONTENDERS[r % len(CONTENDERS) :] + CONTENDERS[: r % len(CONTENDERS)]
         line = []
         for c in order:
             elapsed = timed_pass(cycles[c.name], keys_for(c, f"r{r}", n))
@@ -342,8 +367,10 @@ def run(args: argparse.Namespace, port: int) -> list[Result]:
     for res in results.values():
         res.median_ops_per_s = statistics.median(res.rounds_ops_per_s)
         res.ratio_vs_baseline = res.median_ops_per_s / base
-        res.per_round_ratios = [a / b for a, b in zip(
-            res.rounds_ops_per_s, results[BASELINE].rounds_ops_per_s, strict=True)]
+        res.per_round_ratios = [
+            a / b
+            for a, b in zip(res.rounds_ops_per_s, results[BASELINE].rounds_ops_per_s, strict=True)
+        ]
     client.close()
     admin.close()
     return list(results.values())
@@ -375,26 +402,36 @@ def versions(server_version: str) -> dict[str, str]:
 
 
 def table(results: list[Result]) -> str:
-    header = ["implementation", "acquire+release/s (median)", f"vs {BASELINE}",
-              "round trips / op", "server cmds / op (incl. Lua)", "fencing token",
-              "rounds min..max /s"]
+    header = [
+        "implementation",
+        "acquire+release/s (median)",
+        f"vs {BASELINE}",
+        "round trips / op",
+        "server cmds / op (incl. Lua)",
+        "fencing token",
+        "rounds min..max /s",
+    ]
     rows = [header]
     for r in results:
-        rows.append([
-            r.name,
-            f"{r.median_ops_per_s:,.0f}",
-            f"{r.ratio_vs_baseline:.2f}x",
-            f"{r.client_round_trips_per_op:g}",
-            f"{r.server_commands_per_op:g}",
-            "yes" if r.mints_fencing_token else "no",
-            f"{min(r.rounds_ops_per_s):,.0f}..{max(r.rounds_ops_per_s):,.0f}",
-        ])
+        rows.append(
+            [
+                r.name,
+                f"{r.median_ops_per_s:,.0f}",
+                f"{r.ratio_vs_baseline:.2f}x",
+                f"{r.client_round_trips_per_op:g}",
+                f"{r.server_commands_per_op:g}",
+                "yes" if r.mints_fencing_token else "no",
+                f"{min(r.rounds_ops_per_s):,.0f}..{max(r.rounds_ops_per_s):,.0f}",
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     right = {1, 2, 3, 4, 6}
 
     def fmt(row: list[str]) -> str:
-        cells = [c.rjust(w) if i in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         return "| " + " | ".join(cells) + " |"
 
     sep = ["-" * (w - 1) + ":" if i in right else "-" * w for i, w in enumerate(widths)]
@@ -429,25 +466,50 @@ def reproduce_command(args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Fenced-lock acquire+release/s: celery_reliable.FencedLock vs redis-py "
-                    "Lock, python-redis-lock and pottery Redlock, on a throwaway redis-server.")
-    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
-                        help=f"acquire+release cycles per contender per round "
-                             f"(default {DEFAULT_ITERATIONS})")
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                        help=f"interleaved rounds; the median is reported "
-                             f"(default {DEFAULT_ROUNDS})")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="warm-up cycles per contender (default max(100, iterations/10))")
-    parser.add_argument("--count-iterations", type=int, default=None, metavar="N",
-                        help="cycles in the (untimed) round-trip counting pass; counts are "
-                             "exact per cycle (default min(iterations, 1000))")
-    parser.add_argument("--json", metavar="PATH", type=Path,
-                        help="also write the results as JSON to PATH")
-    parser.add_argument("--redis-server", default="redis-server", metavar="BINARY",
-                        help="redis-server binary to start (default: from PATH)")
+        "Lock, python-redis-lock and pottery Redlock, on a throwaway redis-server."
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=DEFAULT_ITERATIONS,
+        help=f"acquire+release cycles per contender per round (default {DEFAULT_ITERATIONS})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=DEFAULT_ROUNDS,
+        help=f"interleaved rounds; the median is reported (default {DEFAULT_ROUNDS})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warm-up cycles per contender (default max(100, iterations/10))",
+    )
+    parser.add_argument(
+        "--count-iterations",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cycles in the (untimed) round-trip counting pass; counts are "
+        "exact per cycle (default min(iterations, 1000))",
+    )
+    parser.add_argument(
+        "--json", metavar="PATH", type=Path, help="also write the results as JSON to PATH"
+    )
+    parser.add_argument(
+        "--redis-server",
+        default="redis-server",
+        metavar="BINARY",
+        help="redis-server binary to start (default: from PATH)",
+    )
     args = parser.parse_args(argv)
-    if (args.iterations < 1 or args.rounds < 1 or (args.warmup or 0) < 0
-            or (args.count_iterations is not None and args.count_iterations < 1)):
+    if (
+        args.iterations < 1
+        or args.rounds < 1
+        or (args.warmup or 0) < 0
+        or (args.count_iterations is not None and args.count_iterations < 1)
+    ):
         parser.error("--iterations, --rounds, --count-iterations must be >= 1, --warmup >= 0")
     return args
 
@@ -456,31 +518,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     binary = shutil.which(args.redis_server)
     if binary is None:
-        print(f"error: redis-server is not installed ({args.redis_server!r} not found); "
-              "install Redis (e.g. apt-get install redis-server) or pass --redis-server PATH",
-              file=sys.stderr)
+        print(
+            f"error: redis-server is not installed ({args.redis_server!r} not found); "
+            "install Redis (e.g. apt-get install redis-server) or pass --redis-server PATH",
+            file=sys.stderr,
+        )
         return 2
     missing = []
-    for module, dist in (("redis_lock", "python-redis-lock"), ("pottery", "pottery"),
-                         ("celery_reliable", "celery-reliable")):
+    for module, dist in (
+        ("redis_lock", "python-redis-lock"),
+        ("pottery", "pottery"),
+        ("celery_reliable", "celery-reliable"),
+    ):
         try:
             __import__(module)
         except ImportError:
             missing.append(dist)
     if missing:
-        print(f"error: missing {', '.join(missing)}; run: pip install -e '.[bench]'",
-              file=sys.stderr)
+        print(
+            f"error: missing {', '.join(missing)}; run: pip install -e '.[bench]'", file=sys.stderr
+        )
         return 2
 
     started = dt.datetime.now(dt.timezone.utc)
-    print(f"# reproduce: {reproduce_command(args)}"
-          + (f" --json {args.json}" if args.json else ""))
+    print(f"# reproduce: {reproduce_command(args)}" + (f" --json {args.json}" if args.json else ""))
     with throwaway_redis(binary) as (port, server_version):
         vers = versions(server_version)
         print("# " + ", ".join(f"{k} {v}" for k, v in vers.items()))
-        print(f"# {os.cpu_count()} CPUs, {platform.platform()}, throwaway redis-server on "
-              f"127.0.0.1:{port}; {args.iterations} iterations x {args.rounds} interleaved "
-              f"rounds, median; started {started:%Y-%m-%d %H:%M} UTC", flush=True)
+        print(
+            f"# {os.cpu_count()} CPUs, {platform.platform()}, throwaway redis-server on "
+            f"127.0.0.1:{port}; {args.iterations} iterations x {args.rounds} interleaved "
+            f"rounds, median; started {started:%Y-%m-%d %H:%M} UTC",
+            flush=True,
+        )
         t0 = time.monotonic()
         results = run(args, port)
         wall = time.monotonic() - t0
@@ -488,8 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     print()
     print(breakdown(results))
-    print(f"\n(wall time {wall:.1f} s; 'round trips' = requests the client wrote, "
-          "'server cmds' = INFO commandstats delta, Lua-internal calls included)")
+    print(
+        f"\n(wall time {wall:.1f} s; 'round trips' = requests the client wrote, "
+        "'server cmds' = INFO commandstats delta, Lua-internal calls included)"
+    )
 
     if args.json:
         payload = {
@@ -497,8 +569,11 @@ def main(argv: list[str] | None = None) -> int:
             "reproduce": reproduce_command(args),
             "started_utc": started.isoformat(timespec="seconds"),
             "wall_seconds": round(wall, 2),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "machine": platform.machine()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "machine": platform.machine(),
+            },
             "versions": vers,
             "iterations": args.iterations,
             "rounds": args.rounds,

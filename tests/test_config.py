@@ -129,3 +129,13 @@ def test_every_option_is_a_documented_class_attribute() -> None:
         assert option.doc and option.unit, name
     for name, option in SETTINGS.items():
         assert name.startswith("reliable_") and option.doc and option.unit, name
+
+
+def test_readme_reference_matches_the_code() -> None:
+    """The README's option tables are generated from the registry; regenerate on change."""
+    from pathlib import Path
+
+    from celery_reliable import docs
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    assert docs.replace_in(readme) == readme, "run: python -m celery_reliable.docs --write README.md"
