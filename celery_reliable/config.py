@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
+from .backoff import Backoff
+from .breaker import BreakerSpec, parse_breakers
 from .bulkhead import TierSpec, parse_bulkheads
 from .errors import ConfigurationError
 from .ratelimit import BucketSpec, parse_bucket, parse_queue_limits
@@ -115,6 +117,41 @@ def _flag(owner: str, name: str, raw: Any) -> bool:
     if not isinstance(raw, bool):
         raise _err(owner, name, f"must be True or False, got {raw!r}")
     return raw
+
+
+def _backoff(owner: str, name: str, raw: Any) -> Any:
+    if raw is None or isinstance(raw, Backoff):
+        return raw
+    raise _err(owner, name, f"must be a Backoff (e.g. Backoff.exponential(base=2, cap=60)) "
+                            f"or None, got {raw!r}")
+
+
+def _exception_types(owner: str, name: str, raw: Any) -> tuple[type[BaseException], ...]:
+    if raw is None:
+        return ()
+    items = raw if isinstance(raw, (tuple, list)) else (raw,)
+    for item in items:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise _err(owner, name, f"must be exception classes, got {item!r}")
+    return tuple(items)
+
+
+def _optional_flag(owner: str, name: str, raw: Any) -> bool | None:
+    if raw is None or isinstance(raw, bool):
+        return raw
+    raise _err(owner, name, f"must be True, False or None, got {raw!r}")
+
+
+def _count(owner: str, name: str, raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise _err(owner, name, f"must be a whole number >= 0, got {raw!r}")
+    return raw
+
+
+def _budget(owner: str, name: str, raw: Any) -> Any:
+    if raw is None or raw is False:
+        return raw
+    return parse_bucket(f"{owner}: option {name!r}", raw)
 
 
 def _string(*, optional: bool = False) -> Callable[[str, str, Any], Any]:
@@ -237,6 +274,59 @@ TASK_OPTIONS: dict[str, Option] = {
             _string(optional=True),
         ),
         Option(
+            "backoff",
+            None,
+            "Backoff policy",
+            "Retry delays: ``Backoff.exponential(base=2, cap=60, jitter=\"full\")`` or a preset "
+            "(``Backoff.user_facing()``, ``.background()``, ``.rate_limited_api()``). With it, "
+            "retryable failures (connection errors, timeouts, HTTP 408/429/5xx, plus "
+            "``retry_for`` and ``autoretry_for``) are retried automatically, and every "
+            "``self.retry()`` without a countdown waits the policy's delay (floored by a "
+            "``Retry-After`` header). ``max_attempts`` and ``deadline`` bound the retries.",
+            _backoff,
+        ),
+        Option(
+            "retry_for",
+            (),
+            "exception classes",
+            "Exceptions retried besides the transient ones (with ``backoff``).",
+            _exception_types,
+        ),
+        Option(
+            "retry_budget",
+            None,
+            "rate, False or None",
+            "Fleet-wide retries per second of this task (``\"10/s\"``): past it, a failure is "
+            "dead-lettered instead of retried (this stops retry storms). ``None`` uses "
+            "``reliable_retry_budget``; ``False`` disables the budget.",
+            _budget,
+        ),
+        Option(
+            "dead_letter",
+            None,
+            "bool or None",
+            "Record terminal failures in the PostgreSQL dead-letter table. ``None``: when "
+            "``reliable_database_url`` is set.",
+            _optional_flag,
+        ),
+        Option(
+            "max_redeliveries",
+            3,
+            "deliveries",
+            "With ``acks_late``: how many times a task whose worker died while running it "
+            "(kill -9, out of memory) is redelivered; the next delivery is dead-lettered with "
+            "reason \"worker lost\" instead of killing another worker.",
+            _count,
+        ),
+        Option(
+            "circuit_breaker",
+            None,
+            "breaker name",
+            "Circuit breaker shared by every worker (configured in "
+            "``reliable_circuit_breakers``). While open, the task is deferred, not run.",
+            _string(optional=True),
+        ),
+        Option(
             "defer_delay",
             1.0,
             "seconds",
@@ -318,6 +408,32 @@ SETTINGS: dict[str, Option] = {
             parse_bulkheads,
         ),
         Option(
+            "reliable_retry_budget",
+            "10/s",
+            "rate or None",
+            "Default fleet-wide retry budget per task name (see the task option "
+            "``retry_budget``). ``None`` disables it.",
+            _budget,
+        ),
+        Option(
+            "reliable_dead_letter_queue",
+            None,
+            "queue name",
+            "Also publish each dead-lettered task to this queue (same task name, arguments "
+            "and a ``reliable_dead_letter`` header), for consumers of your own.",
+            _string(optional=True),
+        ),
+        Option(
+            "reliable_circuit_breakers",
+            None,
+            "name → thresholds",
+            "Circuit breakers: ``{\"payments-api\": {\"failure_threshold\": 5, \"window\": 10, "
+            "\"min_calls\": 5, \"open_seconds\": 30, \"success_threshold\": 2, "
+            "\"half_open_max\": 2, \"slow_call_seconds\": None, \"probe_lease\": 60}}`` "
+            "(these are the defaults).",
+            parse_breakers,
+        ),
+        Option(
             "reliable_key_prefix",
             "reliable",
             "string",
@@ -340,6 +456,9 @@ class ReliableSettings:
     database_lock_timeout: float = 5.0
     queue_rate_limits: Mapping[str, BucketSpec] = field(default_factory=dict)
     bulkheads: Mapping[str, TierSpec] = field(default_factory=dict)
+    retry_budget: BucketSpec | None = None
+    dead_letter_queue: str | None = None
+    circuit_breakers: Mapping[str, BreakerSpec] = field(default_factory=dict)
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> ReliableSettings:
@@ -355,6 +474,9 @@ class ReliableSettings:
             database_lock_timeout=values["reliable_database_lock_timeout"],
             queue_rate_limits=values["reliable_queue_rate_limits"],
             bulkheads=values["reliable_bulkheads"],
+            retry_budget=values["reliable_retry_budget"],
+            dead_letter_queue=values["reliable_dead_letter_queue"],
+            circuit_breakers=values["reliable_circuit_breakers"],
         )
 
 
@@ -494,6 +616,13 @@ class TaskPolicy:
     rate_cost: float
     bulkhead: str | None
     tier: TierSpec | None
+    backoff: Backoff | None
+    retry_for: tuple[type[BaseException], ...]
+    retry_budget: BucketSpec | None
+    dead_letter: bool
+    max_redeliveries: int
+    circuit_breaker: str | None
+    breaker: BreakerSpec | None
     defer: DeferPolicy
     parameters: tuple[str, ...]
     takes_var_kwargs: bool
@@ -503,7 +632,8 @@ class TaskPolicy:
     def guarded(self) -> bool:
         """True if any task-level guard is configured (queue buckets come per delivery)."""
         return (self.lock is not None or self.idempotency.spec is not None
-                or self.key_bucket is not None or self.bulkhead is not None)
+                or self.key_bucket is not None or self.bulkhead is not None
+                or self.circuit_breaker is not None)
 
 
 # Names that are ours in spirit: an attribute starting with one of these that
@@ -524,10 +654,19 @@ _OUR_PREFIXES = (
 )
 
 
+# Decorator options Celery itself understands that are not Task attributes.
+_CELERY_OPTIONS = frozenset({
+    "autoretry_for", "dont_autoretry_for", "retry_kwargs", "retry_backoff",
+    "retry_backoff_max", "retry_jitter", "pydantic", "pydantic_strict", "pydantic_context",
+    "pydantic_dump_kwargs", "shared", "filter", "lazy", "base", "bind",
+})
+
+
 def unknown_options(task_name: str, attributes: Mapping[str, Any], known: set[str]) -> None:
     """Refuse attributes that look like our options but are not (``lock_tll=30``)."""
     for name, value in attributes.items():
-        if name.startswith("_") or name in known or name in TASK_OPTIONS:
+        if name.startswith("_") or name in known or name in TASK_OPTIONS or \
+                name in _CELERY_OPTIONS:
             continue
         close = difflib.get_close_matches(name, list(TASK_OPTIONS), n=1, cutoff=0.8)
         # A method or property of a class-based task may share our prefixes;
@@ -619,9 +758,42 @@ def build_policy(
                 f"configured (tiers: {', '.join(sorted(settings.bulkheads))}; define it in "
                 "reliable_bulkheads)"
             )
+    if opts["idempotency_ttl"] < opts["idempotency_lease"]:
+        raise ConfigurationError(
+            f"{task_name}: option 'idempotency_ttl' ({opts['idempotency_ttl']}) must be >= "
+            f"'idempotency_lease' ({opts['idempotency_lease']})"
+        )
+    if (opts["idempotency_key"] is not None and settings is not None
+            and settings.idempotency_store == "postgres" and not settings.database_url):
+        raise ConfigurationError(
+            f"{task_name}: option 'idempotency_key' needs 'reliable_database_url' (durable "
+            "records), or reliable_idempotency_store='redis' (Redis only, weaker)"
+        )
+    breaker = None
+    if opts["circuit_breaker"] is not None and settings is not None:
+        breaker = settings.circuit_breakers.get(opts["circuit_breaker"])
+        if breaker is None:
+            raise ConfigurationError(
+                f"{task_name}: option 'circuit_breaker' names {opts['circuit_breaker']!r}, "
+                "which is not configured in reliable_circuit_breakers "
+                f"(configured: {', '.join(sorted(settings.circuit_breakers)) or 'none'})"
+            )
+    budget = opts["retry_budget"]
+    if budget is None and settings is not None:
+        budget = settings.retry_budget
+    dead_letter = opts["dead_letter"]
+    if dead_letter is None:
+        dead_letter = bool(settings is not None and settings.database_url)
     return TaskPolicy(
         task_name=task_name,
         lock=lock,
+        backoff=opts["backoff"],
+        retry_for=opts["retry_for"],
+        retry_budget=budget or None,
+        dead_letter=dead_letter,
+        max_redeliveries=opts["max_redeliveries"],
+        circuit_breaker=opts["circuit_breaker"],
+        breaker=breaker,
         key_bucket=key_bucket,
         rate_cost=opts["rate_cost"],
         bulkhead=opts["bulkhead"],

@@ -124,7 +124,8 @@ class PostgresRecord:
             conn.execute(
                 update(idempotency)
                 .where(idempotency.c.task == self.task, idempotency.c.key_digest == self.key_digest)
-                .values(state="S", result_json=result_json, updated_at=func.now())
+                .values(state="S", result_json=result_json, updated_at=func.now(),
+                        expires_at=func.now() + timedelta(seconds=self.ttl))
             )
             conn.commit()
         finally:
@@ -136,27 +137,38 @@ class PostgresRecord:
         if conn is not None:
             try:
                 conn.rollback()
+            except Exception:
+                # The server already ended the session (restart, terminate,
+                # idle timeout): its transaction is gone; drop the connection.
+                conn.invalidate()
             finally:
                 conn.close()
+
+    def record_success(self, result_json: str) -> None:
+        """Upsert the succeeded record in a transaction of its own (after a failed commit)."""
+        self._upsert("S", result_json)
 
     def fail_kept(self, error_json: str) -> None:
         """Roll back the execution's rows, then record a kept failure on its own."""
         self.abandon()
+        self._upsert("F", error_json)
+
+    def _upsert(self, state: str, payload: str) -> None:
         with self.engine.begin() as conn:
             ins = insert(idempotency).values(
                 task=self.task,
                 key_digest=self.key_digest,
                 fingerprint=self.fingerprint,
-                state="F",
-                result_json=error_json,
+                state=state,
+                result_json=payload,
                 expires_at=func.now() + timedelta(seconds=self.ttl),
             )
             conn.execute(
                 ins.on_conflict_do_update(
                     index_elements=[idempotency.c.task, idempotency.c.key_digest],
                     set_={
-                        "state": "F",
-                        "result_json": error_json,
+                        "state": state,
+                        "result_json": payload,
                         "updated_at": func.now(),
                         "fingerprint": ins.excluded.fingerprint,
                         "expires_at": ins.excluded.expires_at,

@@ -120,6 +120,9 @@ class Heartbeat:
                     self._lose(lease, f"renewals failed past its expiry ({exc!r})")
             return
         for lease, ok in zip(leases, results, strict=True):
+            with self._mutex:
+                if lease not in self._leases:
+                    continue  # completed while the renewal was in flight: not lost
             if ok:
                 lease.deadline = sent + lease.ttl
                 lease.next_due = sent + lease.ttl / 3
@@ -157,13 +160,9 @@ class Runtime:
                 if self._engine is None:
                     from .schema import make_engine
 
-                    timeout_ms = int(self.settings.database_lock_timeout * 1000)
                     self._engine = make_engine(
                         self.settings.database_url,
-                        connect_args={
-                            "connect_timeout": 5,
-                            "options": f"-c lock_timeout={timeout_ms}",
-                        },
+                        lock_timeout=self.settings.database_lock_timeout,
                     )
         return self._engine
 

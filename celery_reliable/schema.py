@@ -9,13 +9,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, MetaData, String, Table, Text, func
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+    func,
+    text,
+)
 from sqlalchemy import create_engine as _create_engine
 from sqlalchemy.engine import Engine, make_url
 
 from .errors import ConfigurationError
 
-__all__ = ["create_tables", "fences", "idempotency", "make_engine", "metadata"]
+__all__ = ["create_tables", "dead_letters", "fences", "idempotency", "make_engine", "metadata"]
 
 metadata = MetaData()
 
@@ -48,6 +63,31 @@ idempotency = Table(
 )
 
 
+#: Tasks that will not be retried (``celery_reliable.deadletter``).
+dead_letters = Table(
+    "reliable_dead_letters",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("task_name", Text, nullable=False),
+    Column("task_id", Text, nullable=False),
+    Column("args_json", Text, nullable=False),
+    Column("kwargs_json", Text, nullable=False),
+    Column("replayable", Boolean, nullable=False),
+    Column("exc_type", Text, nullable=False),
+    Column("exc_message", Text, nullable=False),
+    Column("traceback", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("queue", Text),
+    Column("first_failure_at", DateTime(timezone=True), nullable=False),
+    Column("last_failure_at", DateTime(timezone=True), nullable=False,
+           server_default=func.now()),
+    Column("replayed_as", Text),
+    Column("replayed_at", DateTime(timezone=True)),
+    Index("ix_reliable_dead_letters_task_name", "task_name"),
+)
+
+
 def normalise_url(url: str) -> str:
     """``postgresql://`` → ``postgresql+psycopg://`` (psycopg 3); other URLs unchanged."""
     parsed = make_url(url)
@@ -56,8 +96,12 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str | None, **kwargs: Any) -> Engine:
-    """An engine for ``reliable_database_url``; raises ConfigurationError when unset."""
+def make_engine(url: str | None, *, lock_timeout: float | None = None, **kwargs: Any) -> Engine:
+    """An engine for ``reliable_database_url``; raises ConfigurationError when unset.
+
+    ``lock_timeout`` (seconds) is set on every new connection, keeping any
+    ``options`` the URL carries.
+    """
     if not url:
         raise ConfigurationError(
             "app settings: option 'reliable_database_url' is not set; "
@@ -65,9 +109,26 @@ def make_engine(url: str | None, **kwargs: Any) -> Engine:
         )
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("connect_args", {"connect_timeout": 5})
-    return _create_engine(normalise_url(url), **kwargs)
+    engine = _create_engine(normalise_url(url), **kwargs)
+    if lock_timeout is not None:
+        statement = f"SET lock_timeout = {int(lock_timeout * 1000)}"
+
+        @event.listens_for(engine, "connect")
+        def _set_lock_timeout(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute(statement)
+            cursor.close()
+            dbapi_conn.commit()
+
+    return engine
 
 
 def create_tables(engine: Engine) -> None:
-    """Create every celery-reliable table that does not exist yet (idempotent)."""
-    metadata.create_all(engine, checkfirst=True)
+    """Create every celery-reliable table that does not exist yet (idempotent).
+
+    Safe to run from many processes at once: a transaction-level advisory lock
+    serialises the creators.
+    """
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(7310420561)"))
+        metadata.create_all(conn, checkfirst=True)

@@ -169,6 +169,18 @@ class ReliableTask(Task):  # type: ignore[misc]
     rate_cost: ClassVar[Any] = TASK_OPTIONS["rate_cost"].default
     #: Bulkhead tier holding a fleet-wide slot while the task runs.
     bulkhead: ClassVar[Any] = TASK_OPTIONS["bulkhead"].default
+    #: Retry delay policy (celery_reliable.Backoff); None keeps Celery's own.
+    backoff: ClassVar[Any] = TASK_OPTIONS["backoff"].default
+    #: Exceptions retried besides the transient ones.
+    retry_for: ClassVar[Any] = TASK_OPTIONS["retry_for"].default
+    #: Fleet-wide retries per second of this task; None: reliable_retry_budget.
+    retry_budget: ClassVar[Any] = TASK_OPTIONS["retry_budget"].default
+    #: Record terminal failures as dead letters; None: when a database is configured.
+    dead_letter: ClassVar[Any] = TASK_OPTIONS["dead_letter"].default
+    #: Redeliveries after the worker died mid-task before dead-lettering (acks_late).
+    max_redeliveries: ClassVar[Any] = TASK_OPTIONS["max_redeliveries"].default
+    #: Shared circuit breaker name (reliable_circuit_breakers).
+    circuit_breaker: ClassVar[Any] = TASK_OPTIONS["circuit_breaker"].default
     #: Base countdown of a deferral, seconds.
     defer_delay: ClassVar[Any] = TASK_OPTIONS["defer_delay"].default
     #: Cap of one deferral's countdown, seconds.
@@ -211,7 +223,8 @@ class ReliableTask(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if request.called_directly:  # a plain function call: no guards
+        if request.called_directly or getattr(request, "_reliable_execution", None) is not None:
+            # A plain function call (also one made from inside a running task): no guards.
             return super().__call__(*args, **kwargs)
         policy = self._policy()
         header_key = _header(request, IDEMPOTENCY_HEADER)
@@ -230,7 +243,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         self._complete(execution, policy, result=result)
         return result
 
-    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+    def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any,
+                    **options: Any) -> Any:
         """Celery's ``apply_async``; an idempotent call's arguments are checked here first.
 
         An argument with no canonical JSON form raises ``ArgumentsNotCanonical``
@@ -240,7 +254,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         headers = options.get("headers") or {}
         if policy.idempotency.spec is not None or IDEMPOTENCY_HEADER in headers:
             self._fingerprint(self._arguments(policy, tuple(args or ()), dict(kwargs or {})))
-        return super().apply_async(args, kwargs, **options)
+        return super().apply_async(args, kwargs, *rest, **options)
 
     def _arguments(
         self, policy: TaskPolicy, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -363,10 +377,16 @@ class ReliableTask(Task):  # type: ignore[misc]
             if isinstance(outcome, Rejected):
                 self._rejected(policy, outcome)
             self._hold(policy, plan, outcome, execution, runtime, started)
-            if execution.idem_digest is None or runtime.settings.idempotency_store != "postgres":
-                return execution
-            if self._claim_durably(policy, execution, runtime):
-                return execution
+            try:
+                if (execution.idem_digest is None
+                        or runtime.settings.idempotency_store != "postgres"):
+                    return execution
+                if self._claim_durably(policy, execution, runtime):
+                    return execution
+            except BaseException:
+                # Whatever went wrong, nothing admitted may outlive this delivery.
+                self._settle(execution, runtime, "X", "")
+                raise
 
     def _hold(
         self,
@@ -555,7 +575,7 @@ class ReliableTask(Task):  # type: ignore[misc]
             deferrals, random.random(), not_after=not_after, not_before=not_before
         )
         if request.is_eager:
-            if cause is not None and not isinstance(cause, redis.ConnectionError):
+            if cause is not None:  # nobody else can make it come back: do not spin
                 raise StorageError(f"{self.name}: {reason}") from cause
             time.sleep(countdown)
             return
@@ -614,47 +634,59 @@ class ReliableTask(Task):  # type: ignore[misc]
         """Settle what admission took: one PostgreSQL commit (if durable), one Redis call.
 
         Safe to call twice (``self.retry()`` completes early; the exception it
-        raises then passes through here again).
+        raises then passes through here again). Whatever fails in here, the
+        ``finally`` settles the Redis side, so no lease outlives the delivery.
         """
         if execution.done:
             return
         runtime = runtime_for(self.app)
-        if execution.idem_digest is None:
-            self._settle(execution, runtime, "X", "")
-            return
-        pg = execution.pg
-        if failure is not None:
-            terminal = not isinstance(failure, (Retry, Ignore, Reject)) and isinstance(
-                failure, Exception
-            )
-            if terminal and policy.idempotency.keep_failures:
-                payload = json.dumps(
-                    {"type": type(failure).__name__, "message": str(failure)[:2000]}
-                )
-                if pg is not None:
-                    try:
-                        pg.fail_kept(payload)
-                    except SQLAlchemyError:
-                        log.error(
-                            "celery-reliable: %s[%s] could not record its kept failure "
-                            "in PostgreSQL",
-                            self.name,
-                            self.request.id,
-                            exc_info=True,
-                        )
-                self._settle(execution, runtime, "F", payload)
-            else:
-                if pg is not None:
-                    pg.abandon()
+        try:
+            if execution.idem_digest is None:
                 self._settle(execution, runtime, "X", "")
+            elif failure is not None:
+                self._complete_failure(execution, policy, runtime, failure)
+            else:
+                self._complete_success(execution, policy, runtime, result)
+        finally:
+            if not execution.done:
+                if execution.pg is not None:
+                    execution.pg.abandon()
+                self._settle(execution, runtime, "X", "")
+
+    def _complete_failure(self, execution: _Execution, policy: TaskPolicy, runtime: Runtime,
+                          failure: BaseException) -> None:
+        terminal = isinstance(failure, Exception) and not isinstance(
+            failure, (Retry, Ignore, Reject))
+        if terminal and policy.idempotency.keep_failures:
+            self._keep_failure(execution, runtime, type(failure).__name__, str(failure))
             return
+        if execution.pg is not None:
+            execution.pg.abandon()
+        self._settle(execution, runtime, "X", "")
+
+    def _keep_failure(self, execution: _Execution, runtime: Runtime, exc_type: str,
+                      message: str) -> None:
+        """Record a terminal failure (Redis and PostgreSQL); duplicates raise ReplayedFailure."""
+        payload = json.dumps({"type": exc_type, "message": message[:2000]})
+        if execution.pg is not None:
+            try:
+                execution.pg.fail_kept(payload)
+            except SQLAlchemyError:
+                log.error("celery-reliable: %s[%s] could not record its kept failure in "
+                          "PostgreSQL", self.name, self.request.id, exc_info=True)
+        self._settle(execution, runtime, "F", payload)
+
+    def _complete_success(self, execution: _Execution, policy: TaskPolicy, runtime: Runtime,
+                          result: Any) -> None:
+        pg = execution.pg
         try:
             payload = dumps_result(result)
         except (TypeError, ValueError) as exc:
-            if pg is not None:
-                pg.abandon()
-            self._settle(execution, runtime, "X", "")
-            raise ResultNotSerializable(self.name, str(exc)) from exc
+            # The body ran: forgetting the key would run its effects again on
+            # every duplicate. Keep it as a failure that duplicates replay.
+            error = ResultNotSerializable(self.name, str(exc))
+            self._keep_failure(execution, runtime, type(error).__name__, str(error))
+            raise error from exc
         if pg is not None:
             try:
                 pg.succeed(payload)
@@ -665,13 +697,12 @@ class ReliableTask(Task):  # type: ignore[misc]
                     self._settle(execution, runtime, "X", "")
                     self._defer(policy, "PostgreSQL commit failed", cause=exc)
                     return
-                log.error(
-                    "celery-reliable: %s[%s] ran but its durable record could not be "
-                    "committed; only Redis remembers it",
-                    self.name,
-                    self.request.id,
-                    exc_info=True,
-                )
+                try:  # the effect happened: make the record durable on its own
+                    pg.record_success(payload)
+                except SQLAlchemyError:
+                    log.error("celery-reliable: %s[%s] ran but its durable record could not "
+                              "be committed; only Redis remembers it", self.name,
+                              self.request.id, exc_info=True)
         self._settle(execution, runtime, "S", payload)
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
@@ -679,12 +710,25 @@ class ReliableTask(Task):  # type: ignore[misc]
 
         The retried message may start on another worker at once; holding the
         lock (or the idempotency lease) until this delivery's bookkeeping ends
-        would make it defer on its own guards. An idempotency record is
-        forgotten (rolled back), so the retry runs.
+        would make it defer on its own guards. When no retry is left, nothing
+        is released early: the error Celery raises then is a terminal failure
+        (kept, with ``idempotency_keep_failures``). The deferral count starts
+        afresh for the retried message.
         """
-        execution = getattr(self.request, "_reliable_execution", None)
-        if execution is not None:
-            self._complete(execution, self._policy(), failure=Retry())
+        request = self.request
+        execution = getattr(request, "_reliable_execution", None)
+        max_retries = kwargs.get("max_retries", self.max_retries)
+        exhausted = max_retries is not None and request.retries + 1 > max_retries
+        headers = dict(kwargs.pop("headers", None) or request.headers or {})
+        headers.pop(DEFER_HEADER, None)
+        kwargs["headers"] = headers
+        if execution is not None and not exhausted:
+            try:
+                self._complete(execution, self._policy(), failure=Retry())
+            except Exception:  # bookkeeping must never stop the retry from being published
+                log.warning("celery-reliable: %s[%s] could not release its guards before "
+                            "retrying; they expire by their TTL", self.name, request.id,
+                            exc_info=True)
         return super().retry(*args, **kwargs)
 
     def throttle(self, seconds: float) -> NoReturn:

@@ -86,6 +86,7 @@ def register(app: Celery) -> None:
     @app.task(
         base=ReliableTask,
         bind=True,
+        shared=False,
         name="fleet.exclusive",
         lock="excl:{key}",
         lock_ttl=10,
@@ -113,6 +114,7 @@ def register(app: Celery) -> None:
     @app.task(
         base=ReliableTask,
         bind=True,
+        shared=False,
         name="fleet.fenced_writer",
         lock="acct:{account}",
         lock_ttl=2,
@@ -154,6 +156,7 @@ def register(app: Celery) -> None:
     @app.task(
         base=ReliableTask,
         bind=True,
+        shared=False,
         name="fleet.crashy",
         lock="crash:{key}",
         lock_ttl=3,
@@ -182,6 +185,7 @@ def register(app: Celery) -> None:
     @app.task(
         base=ReliableTask,
         bind=True,
+        shared=False,
         name="fleet.charge",
         idempotency_key="charge:{order_id}",
         defer_delay=0.05,
@@ -196,6 +200,7 @@ def register(app: Celery) -> None:
     @app.task(
         base=ReliableTask,
         bind=True,
+        shared=False,
         name="fleet.charge_slow",
         acks_late=True,
         reject_on_worker_lost=True,
@@ -218,16 +223,16 @@ def register(app: Celery) -> None:
         return "done"
 
 
-    @app.task(base=ReliableTask, bind=True, name="fleet.tick", ignore_result=True,
+    @app.task(base=ReliableTask, bind=True, shared=False, name="fleet.tick", ignore_result=True,
               defer_delay=0.25, defer_max_delay=2.0)
     def tick(self: ReliableTask) -> None:
         client().rpush(rkey("ticks"), time.time())
 
-    @app.task(name="fleet.plain_tick", ignore_result=True, rate_limit=env("FLEET_RATE") or None)
+    @app.task(shared=False, name="fleet.plain_tick", ignore_result=True, rate_limit=env("FLEET_RATE") or None)
     def plain_tick() -> None:
         client().rpush(rkey("plain_ticks"), time.time())
 
-    @app.task(base=ReliableTask, bind=True, name="fleet.bulk", bulkhead="tier3",
+    @app.task(base=ReliableTask, bind=True, shared=False, name="fleet.bulk", bulkhead="tier3",
               defer_delay=0.1, defer_max_delay=0.5)
     def bulk(self: ReliableTask, hold: float) -> int:
         r = client()

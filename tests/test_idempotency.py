@@ -106,12 +106,15 @@ def test_same_key_other_arguments_is_a_mismatch(
 def test_non_json_result_is_an_error_naming_the_task(
     celery_app: Celery, celery_worker: TestWorkController, engine: sa.Engine, tag: str
 ) -> None:
-    """Nothing is recorded and the transaction's rows roll back; a later call may run."""
+    """The transaction's rows roll back; the key keeps the failure, so duplicates never
+    run the body again (its other effects may already have happened)."""
+    runs: list[int] = []
 
     @celery_app.task(
         base=ReliableTask, bind=True, shared=False, name=f"t.setret.{tag}", idempotency_key=True
     )
     def weird(self: Any, n: int) -> Any:
+        runs.append(n)
         with self.idempotent_transaction() as session:
             session.execute(sa.insert(effects).values(tag=tag))
         return {1, 2}
@@ -120,8 +123,9 @@ def test_non_json_result_is_an_error_naming_the_task(
     with pytest.raises(ResultNotSerializable, match=rf"t\.setret\.{tag}: result is not JSON"):
         weird.delay(1).get(timeout=10)
     assert count(engine, tag) == 0
-    with pytest.raises(ResultNotSerializable):
-        weird.delay(1).get(timeout=10)  # ran again: nothing was kept
+    with pytest.raises(ReplayedFailure, match="ResultNotSerializable"):
+        weird.delay(1).get(timeout=10)
+    assert runs == [1]
 
 
 def test_uncanonical_argument_fails_in_the_caller(celery_app: Celery) -> None:
@@ -156,7 +160,7 @@ def test_header_key_without_option(
 def test_expiry_allows_re_execution_and_purge_deletes(
     celery_app: Celery, celery_worker: TestWorkController, engine: sa.Engine, tag: str
 ) -> None:
-    charge = charge_task(celery_app, tag, idempotency_ttl=1)
+    charge = charge_task(celery_app, tag, idempotency_ttl=1, idempotency_lease=1)
     celery_worker.reload()
     for order in range(5):
         charge.delay(order, 1).get(timeout=10)

@@ -45,17 +45,21 @@ for g = 1, n do
     existed[g] = 0
     if rec[1] then
       existed[g] = 1
-      if rec[2] ~= ARGV[ai] then
-        return {3, g, rec[2] or ''}
-      end
       if rec[1] == 'S' or rec[1] == 'F' then
+        if rec[2] ~= ARGV[ai] then
+          return {3, g, rec[2] or ''}
+        end
         return {2, g, rec[1], rec[4] or ''}
       end
       local deadline = tonumber(rec[3] or '0')
       if deadline > now_ms then
+        if rec[2] ~= ARGV[ai] then
+          return {3, g, rec[2] or ''}
+        end
         return {0, g, deadline - now_ms}
       end
-      -- an expired lease: its holder died or stalled; take it over
+      -- an expired lease: its holder died or stalled, nothing was recorded
+      -- here; take it over (PostgreSQL still has the last word)
     end
     ki, ai = ki + 1, ai + 4
   elseif kind == 'L' then

@@ -28,6 +28,10 @@ for g = 1, #plan do
         now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
       end
       redis.call('HSET', KEYS[g], 'd', now_ms + tonumber(ARGV[ai + 1]))
+      -- a run longer than the record's TTL must not lose the record mid-run
+      if redis.call('PTTL', KEYS[g]) < 2 * tonumber(ARGV[ai + 1]) then
+        redis.call('PEXPIRE', KEYS[g], 2 * tonumber(ARGV[ai + 1]))
+      end
       out[g] = 1
     else
       out[g] = 0
