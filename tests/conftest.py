@@ -200,8 +200,9 @@ class Fleet:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, n: int = 2, concurrency: int = 2, timeout: float = 60,
-              queues: str | None = None) -> None:
+    def start(
+        self, n: int = 2, concurrency: int = 2, timeout: float = 60, queues: str | None = None
+    ) -> None:
         names = []
         for _ in range(n):
             name = f"w{len(self.procs)}-{secrets.token_hex(2)}"

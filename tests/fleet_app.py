@@ -55,8 +55,7 @@ def build_app() -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         result_expires=600,
-        reliable_bulkheads={"tier3": {"concurrent": 3, "queue": 1000, "timeout": 300,
-                                      "lease": 3}},
+        reliable_bulkheads={"tier3": {"concurrent": 3, "queue": 1000, "timeout": 300, "lease": 3}},
     )
     if env("FLEET_RATE"):
         app.conf.reliable_queue_rate_limits = {env("FLEET_QUEUE", "fleet"): env("FLEET_RATE")}
@@ -222,18 +221,36 @@ def register(app: Celery) -> None:
             time.sleep(60)  # the test kills this process meanwhile
         return "done"
 
-
-    @app.task(base=ReliableTask, bind=True, shared=False, name="fleet.tick", ignore_result=True,
-              defer_delay=0.25, defer_max_delay=2.0)
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="fleet.tick",
+        ignore_result=True,
+        defer_delay=0.25,
+        defer_max_delay=2.0,
+    )
     def tick(self: ReliableTask) -> None:
         client().rpush(rkey("ticks"), time.time())
 
-    @app.task(shared=False, name="fleet.plain_tick", ignore_result=True, rate_limit=env("FLEET_RATE") or None)
+    @app.task(
+        shared=False,
+        name="fleet.plain_tick",
+        ignore_result=True,
+        rate_limit=env("FLEET_RATE") or None,
+    )
     def plain_tick() -> None:
         client().rpush(rkey("plain_ticks"), time.time())
 
-    @app.task(base=ReliableTask, bind=True, shared=False, name="fleet.bulk", bulkhead="tier3",
-              defer_delay=0.1, defer_max_delay=0.5)
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="fleet.bulk",
+        bulkhead="tier3",
+        defer_delay=0.1,
+        defer_max_delay=0.5,
+    )
     def bulk(self: ReliableTask, hold: float) -> int:
         r = client()
         now = r.eval(_ENTER, 2, rkey("active"), rkey("max_active"))

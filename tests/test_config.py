@@ -138,4 +138,6 @@ def test_readme_reference_matches_the_code() -> None:
     from celery_reliable import docs
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
-    assert docs.replace_in(readme) == readme, "run: python -m celery_reliable.docs --write README.md"
+    assert docs.replace_in(readme) == readme, (
+        "run: python -m celery_reliable.docs --write README.md"
+    )

@@ -32,8 +32,14 @@ from .conftest import wait_for
 
 @pytest.mark.parametrize(
     ("raw", "rate", "burst"),
-    [("50/s", 50, 50), ("300/m", 5, 5), ("1000/h", 1000 / 3600, 1), ("0.5/s", 0.5, 1),
-     ({"rate": 25, "burst": 50}, 25, 50), ({"rate": "120/m"}, 2, 2)],
+    [
+        ("50/s", 50, 50),
+        ("300/m", 5, 5),
+        ("1000/h", 1000 / 3600, 1),
+        ("0.5/s", 0.5, 1),
+        ({"rate": 25, "burst": 50}, 25, 50),
+        ({"rate": "120/m"}, 2, 2),
+    ],
 )
 def test_bucket_specs(raw: Any, rate: float, burst: float) -> None:
     """Rates in /s, /m, /h or a mapping; burst defaults to max(1, rate per second)."""
@@ -41,8 +47,10 @@ def test_bucket_specs(raw: Any, rate: float, burst: float) -> None:
     assert spec.rate == pytest.approx(rate) and spec.burst == pytest.approx(burst)
 
 
-@pytest.mark.parametrize("raw", ["50", "50/d", "fast", -1, 0, {"burst": 5}, {"rate": 5, "x": 1},
-                                 {"rate": 5, "burst": 0}, True])
+@pytest.mark.parametrize(
+    "raw",
+    ["50", "50/d", "fast", -1, 0, {"burst": 5}, {"rate": 5, "x": 1}, {"rate": 5, "burst": 0}, True],
+)
 def test_malformed_queue_limit_names_the_queue(raw: Any) -> None:
     app = Celery("lim", broker="memory://", set_as_current=False)
     app.conf.reliable_queue_rate_limits = {"emails": raw}
@@ -55,23 +63,31 @@ def test_malformed_queue_limit_names_the_queue(raw: Any) -> None:
 
 
 def test_bulkhead_defaults_config_and_environment() -> None:
-    tiers = parse_bulkheads("s", "reliable_bulkheads", {"payments": {"concurrent": 2},
-                                                       "standard": {"queue": 3}},
-                            environ={"RELIABLE_BULKHEAD_CRITICAL_CONCURRENT": "7",
-                                     "RELIABLE_BULKHEAD_PAYMENTS_TIMEOUT": "9.5"})
+    tiers = parse_bulkheads(
+        "s",
+        "reliable_bulkheads",
+        {"payments": {"concurrent": 2}, "standard": {"queue": 3}},
+        environ={
+            "RELIABLE_BULKHEAD_CRITICAL_CONCURRENT": "7",
+            "RELIABLE_BULKHEAD_PAYMENTS_TIMEOUT": "9.5",
+        },
+    )
     assert tiers["critical"] == TierSpec(7, 10, 180.0, "wait")
     assert tiers["standard"] == TierSpec(8, 3, 120.0, "wait")
     assert tiers["optional"] == DEFAULT_TIERS["optional"] and tiers["optional"].policy == "drop"
     assert tiers["payments"].concurrent == 2 and tiers["payments"].timeout == 9.5
 
 
-@pytest.mark.parametrize(("conf", "env", "fragment"), [
-    ({"x": {"queue": 1}}, {}, "a new tier needs 'concurrent'"),
-    ({"critical": {"concurrent": 0}}, {}, "out of range"),
-    ({"critical": {"policy": "queue"}}, {}, "'policy' must be one of"),
-    ({"critical": {"size": 3}}, {}, "unknown keys"),
-    ({}, {"RELIABLE_BULKHEAD_CRITICAL_QUEUE": "many"}, "RELIABLE_BULKHEAD_CRITICAL_QUEUE"),
-])
+@pytest.mark.parametrize(
+    ("conf", "env", "fragment"),
+    [
+        ({"x": {"queue": 1}}, {}, "a new tier needs 'concurrent'"),
+        ({"critical": {"concurrent": 0}}, {}, "out of range"),
+        ({"critical": {"policy": "queue"}}, {}, "'policy' must be one of"),
+        ({"critical": {"size": 3}}, {}, "unknown keys"),
+        ({}, {"RELIABLE_BULKHEAD_CRITICAL_QUEUE": "many"}, "RELIABLE_BULKHEAD_CRITICAL_QUEUE"),
+    ],
+)
 def test_bad_bulkheads(conf: Any, env: dict[str, str], fragment: str) -> None:
     with pytest.raises(ConfigurationError, match=fragment):
         parse_bulkheads("s", "reliable_bulkheads", conf, environ=env)
@@ -85,13 +101,21 @@ def test_unknown_tier_and_key_bucket_options_fail_at_bind() -> None:
 
     with pytest.raises(ConfigurationError, match=r"^b1: option 'bulkhead' names tier 'gold'"):
         app.task(base=ReliableTask, shared=False, name="b1", bulkhead="gold")(
-            job)._get_current_object()
+            job
+        )._get_current_object()
     with pytest.raises(ConfigurationError, match="needs 'rate_limit_key_spec'"):
         app.task(base=ReliableTask, shared=False, name="b2", rate_limit_key="t:{tenant}")(
-            job)._get_current_object()
+            job
+        )._get_current_object()
     with pytest.raises(ConfigurationError, match=r"'rate_cost' .* exceeds"):
-        app.task(base=ReliableTask, shared=False, name="b3", rate_limit_key="t:{tenant}",
-                 rate_limit_key_spec="1/s", rate_cost=5)(job)._get_current_object()
+        app.task(
+            base=ReliableTask,
+            shared=False,
+            name="b3",
+            rate_limit_key="t:{tenant}",
+            rate_limit_key_spec="1/s",
+            rate_cost=5,
+        )(job)._get_current_object()
 
 
 # ------------------------------------------------------------------ the Lua guards
@@ -117,8 +141,7 @@ def test_bucket_take_and_retry_after(redis_client: redis.Redis, prefix: str) -> 
     assert 0 < redis_client.pttl(key) <= 1000 + 300  # idle buckets expire once full again
 
 
-def test_busy_lock_burns_no_token_and_takes_no_slot(redis_client: redis.Redis,
-                                                    prefix: str) -> None:
+def test_busy_lock_burns_no_token_and_takes_no_slot(redis_client: redis.Redis, prefix: str) -> None:
     """All-or-nothing: with the lock busy, the bucket and the bulkhead are untouched."""
     keys = KeySpace(prefix)
     holder = FencedLock(redis_client, "acct:1", prefix=prefix)
@@ -172,8 +195,15 @@ def tiers(celery_app: Celery) -> Celery:
 
 
 def bulk_task(app: Celery, name: str, tier: str) -> Any:
-    @app.task(base=ReliableTask, bind=True, shared=False, name=name, bulkhead=tier,
-              defer_delay=0.1, defer_max_delay=0.2)
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name=name,
+        bulkhead=tier,
+        defer_delay=0.1,
+        defer_max_delay=0.2,
+    )
     def job(self: Any, hold: float) -> str:
         time.sleep(hold)
         return "ran"
@@ -190,8 +220,10 @@ def test_optional_tier_drops_when_full(tiers: Celery, celery_worker: TestWorkCon
     dropped = job.delay(0)
     wait_for(lambda: dropped.state == DROPPED, 5, "the drop")
     assert first.get(timeout=10) == "ran"
-    assert metrics.value("reliable_bulkhead_rejected_total", tier="optional",
-                         reason="drop") == before + 1
+    assert (
+        metrics.value("reliable_bulkhead_rejected_total", tier="optional", reason="drop")
+        == before + 1
+    )
     assert bulkhead_stats(tiers)["optional"].dropped >= 1
 
 
@@ -231,10 +263,18 @@ def test_wait_times_out(tiers: Celery, celery_worker: TestWorkController) -> Non
     first.get(timeout=10)
 
 
-def test_slot_is_released_on_failure_and_retry(tiers: Celery,
-                                               celery_worker: TestWorkController) -> None:
-    @tiers.task(base=ReliableTask, bind=True, shared=False, name="t.rel", bulkhead="strict",
-                max_retries=1, default_retry_delay=0.05)
+def test_slot_is_released_on_failure_and_retry(
+    tiers: Celery, celery_worker: TestWorkController
+) -> None:
+    @tiers.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="t.rel",
+        bulkhead="strict",
+        max_retries=1,
+        default_retry_delay=0.05,
+    )
     def rel(self: Any) -> str:
         if self.request.retries == 0:
             raise self.retry()
@@ -248,15 +288,22 @@ def test_slot_is_released_on_failure_and_retry(tiers: Celery,
     assert bulkhead_stats(tiers)["strict"].active == 0
 
 
-def test_throttle_pauses_the_queue_fleet_wide(celery_app: Celery,
-                                              celery_worker: TestWorkController) -> None:
+def test_throttle_pauses_the_queue_fleet_wide(
+    celery_app: Celery, celery_worker: TestWorkController
+) -> None:
     """self.throttle(1) empties the queue's bucket: nothing from that queue runs for 1 s."""
     celery_app.conf.reliable_queue_rate_limits = {"celery": "100/s"}
     starts: list[tuple[str, float]] = []
     lock = threading.Lock()
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="t.api",
-                     defer_delay=0.05, defer_max_delay=0.2)
+    @celery_app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="t.api",
+        defer_delay=0.05,
+        defer_max_delay=0.2,
+    )
     def api(self: Any, n: int) -> int:
         with lock:
             starts.append((f"{n}:{self.request.retries}", time.monotonic()))
