@@ -116,7 +116,11 @@ CONTENDERS = (
               "base=ReliableTask, idempotency_key=True (store redis)"),
     Contender("lock", "bench.lock", "pg", 'base=ReliableTask, lock="bench:{n}"'),
 )
-FLEETS = {"pg": "postgres", "redis": "redis"}  # fleet -> reliable_idempotency_store
+#: fleet -> environment of its workers (they differ in reliable_idempotency_store only)
+FLEETS: dict[str, dict[str, str]] = {
+    "pg": {"BENCH_IDEMPOTENCY_STORE": "postgres"},
+    "redis": {"BENCH_IDEMPOTENCY_STORE": "redis"},
+}
 
 
 class BenchmarkError(RuntimeError):
@@ -407,11 +411,12 @@ class Fleets:
         return f"bench.{fleet}"
 
     def start(self) -> None:
-        for fleet, store in FLEETS.items():
+        for fleet, fleet_env in FLEETS.items():
+            if not any(c.fleet == fleet for c in CONTENDERS if c.name in self.args.contenders):
+                continue
             for i in range(1, self.args.workers + 1):
                 name = f"bench-{fleet}-{i}"
-                env = dict(self.env, BENCH_IDEMPOTENCY_STORE=store,
-                           BENCH_READY_DIR=str(self.ready_dir))
+                env = dict(self.env, **fleet_env, BENCH_READY_DIR=str(self.ready_dir))
                 log = self.tmp / f"{name}.log"
                 cmd = [sys.executable, "-m", "celery", "-A", "bench_app", "worker",
                        "-P", "prefork", "-c", str(self.args.concurrency),
@@ -757,7 +762,8 @@ def run(args: argparse.Namespace, stack: ExitStack, tmp: Path, binary: str,
 
     fleets = Fleets(args, tmp, env)
     stack.callback(fleets.stop)
-    progress(f"starting {len(FLEETS)} x {args.workers} celery workers "
+    fleets_used = {c.fleet for c in contenders}
+    progress(f"starting {len(fleets_used)} x {args.workers} celery workers "
              f"(prefork, concurrency {args.concurrency})")
     fleets.start()
     fleets.wait_ready()

@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 
+from .breaker import BreakerSpec
 from .bulkhead import TierSpec
 from .keys import KeySpace
 from .ratelimit import BucketSpec
@@ -25,6 +26,7 @@ __all__ = [
     "Admitted",
     "Mismatch",
     "Plan",
+    "Poison",
     "Refused",
     "Rejected",
     "Release",
@@ -68,6 +70,14 @@ class Rejected:
     index: int
     kind: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Poison:
+    """Guard ``index``: the task was delivered ``deliveries`` times without finishing."""
+
+    index: int
+    deliveries: int
 
 
 @dataclass(frozen=True)
@@ -140,7 +150,26 @@ class Plan:
         self.admit_args += [repr(spec.rate), repr(spec.burst), repr(float(cost))]
         return len(self.kinds) - 1
 
-    def admit(self, client: redis.Redis) -> Admitted | Refused | Replay | Mismatch | Rejected:
+    def add_deliveries(self, key: str, max_redeliveries: int, ttl: float) -> int:
+        """Count this delivery; refuse (poison) past ``max_redeliveries`` unfinished ones."""
+        self.kinds.append("D")
+        self.offsets.append(len(self.keys))
+        self.keys.append(key)
+        self.admit_args += [max_redeliveries, max(1, int(ttl * 1000))]
+        return len(self.kinds) - 1
+
+    def add_breaker(self, keys: tuple[str, str], spec: BreakerSpec, owner: str) -> int:
+        """Pass the breaker: refused while open or while half-open probes are all taken."""
+        self.kinds.append("C")
+        self.offsets.append(len(self.keys))
+        self.keys += list(keys)
+        self.admit_args += [max(1, int(spec.open_seconds * 1000)), spec.half_open_max, owner,
+                            max(1, int(spec.probe_lease * 1000))]
+        return len(self.kinds) - 1
+
+    def admit(
+        self, client: redis.Redis
+    ) -> Admitted | Refused | Replay | Mismatch | Rejected | Poison:
         """One round trip: everything admitted, or nothing changed."""
         reply = script("admit")(client, self.keys, ["".join(self.kinds), *self.admit_args])
         code = int(reply[0])
@@ -153,6 +182,8 @@ class Plan:
             return Mismatch(index)
         if code == 4:
             return Rejected(index, self.kinds[index], _text(reply[2]))
+        if code == 5:
+            return Poison(index, int(reply[2]))
         ms = int(reply[2])
         return Refused(index, self.kinds[index], ms / 1000 if ms > 0 else None)
 
@@ -193,6 +224,24 @@ class Release:
         self.kinds.append("K")
         self.keys.append(slots_key)
         self._args.append([owner])
+
+    def add_deliveries(self, key: str) -> None:
+        self.kinds.append("D")
+        self.keys.append(key)
+        self._args.append([])
+
+    def add_breaker(self, keys: tuple[str, str], spec: BreakerSpec, owner: str) -> None:
+        """Report the outcome to the breaker; neutral unless :meth:`settle_breaker` says."""
+        self.kinds.append("C")
+        self.keys += list(keys)
+        self._args.append([owner, "n", spec.window, spec.failure_threshold, spec.min_calls,
+                           spec.success_threshold])
+
+    def settle_breaker(self, outcome: str) -> None:
+        """``s`` success, ``f`` a classified failure, ``n`` neutral."""
+        for kind, args in zip(self.kinds, self._args, strict=True):
+            if kind == "C":
+                args[1] = outcome
 
     def __bool__(self) -> bool:
         return bool(self.kinds)

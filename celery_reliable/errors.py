@@ -13,7 +13,8 @@
         ├── StaleFenceToken         a fenced write carried a token lower than one already accepted
         ├── IdempotencyKeyMismatch  an idempotency key reused with other arguments
         ├── ResultNotSerializable   an idempotent task returned a value JSON cannot store
-        └── ReplayedFailure         a kept terminal failure, replayed to a duplicate
+        ├── ReplayedFailure         a kept terminal failure, replayed to a duplicate
+        └── PoisonMessage           its workers died running it more than max_redeliveries times
 
 Refusals are translated into Celery's ``Retry``/``Ignore`` in one place
 (:meth:`celery_reliable.task.ReliableTask.__call__`); faults propagate.
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigurationError",
     "IdempotencyKeyMismatch",
     "LockNotAcquired",
+    "PoisonMessage",
     "Refusal",
     "ReliableError",
     "ReliableFault",
@@ -165,3 +167,16 @@ class ReplayedFailure(ReliableFault):
 
     def __str__(self) -> str:
         return f"{self.task_name}: replayed failure {self.exc_type}: {self.message}"
+
+
+class PoisonMessage(ReliableFault):
+    """A task whose workers kept dying while running it; dead-lettered, not run again."""
+
+    def __init__(self, task_name: str, deliveries: int) -> None:
+        super().__init__(task_name, deliveries)
+        self.task_name = task_name
+        self.deliveries = deliveries
+
+    def __str__(self) -> str:
+        return (f"{self.task_name}: delivered {self.deliveries} times without finishing "
+                "(worker lost each time); dead-lettered as a poison message")

@@ -57,6 +57,18 @@ class KeySpace:
         base = f"{self.tag}:bh:{tier}"
         return f"{base}:slots", f"{base}:waiting", f"{base}:stats"
 
+    def deliveries(self, task_id: str) -> str:
+        """Unfinished deliveries of one task id (poison-message detection)."""
+        return f"{self.tag}:deliv:{digest(task_id)}"
+
+    def breaker(self, name: str) -> tuple[str, str]:
+        """A circuit breaker's state (hash) and its half-open probes (zset)."""
+        return f"{self.tag}:cb:{name}", f"{self.tag}:cb:{name}:probes"
+
+    def retry_budget(self, task_name: str) -> str:
+        """The retry-budget bucket of one task name."""
+        return f"{self.tag}:bucket:r:{digest(task_name)}"
+
     def pattern(self, kind: str) -> str:
         """SCAN pattern for every key of one kind."""
         return f"{self.tag}:{kind}:*"

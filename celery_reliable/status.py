@@ -7,7 +7,7 @@ from typing import Any
 from .bulkhead import TierStats
 from .runtime import runtime_for
 
-__all__ = ["bucket_tokens", "bulkhead_stats"]
+__all__ = ["breaker_state", "bucket_tokens", "bulkhead_stats"]
 
 
 def bulkhead_stats(app: Any) -> dict[str, TierStats]:
@@ -40,6 +40,19 @@ def bucket_tokens(app: Any, queue: str) -> float | None:
         return spec.burst
     elapsed = max(0, _now_ms(runtime.redis) - int(float(ts or 0)))
     return float(min(spec.burst, float(tokens) + elapsed * spec.rate / 1000))
+
+
+def breaker_state(app: Any, name: str) -> int:
+    """0 closed, 1 open, 2 half-open (an open breaker past its open time reads 2)."""
+    runtime = runtime_for(app)
+    spec = runtime.settings.circuit_breakers.get(name)
+    if spec is None:
+        raise KeyError(f"no circuit breaker {name!r} in reliable_circuit_breakers")
+    state, opened = runtime.redis.hmget(runtime.keys.breaker(name)[0], ["s", "o"])
+    value = int(state or 0)
+    if value == 1 and _now_ms(runtime.redis) >= int(opened or 0) + spec.open_seconds * 1000:
+        return 2
+    return value
 
 
 def _now_ms(client: Any) -> int:

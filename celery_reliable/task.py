@@ -27,6 +27,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from typing import Any, ClassVar, NoReturn
 
 import redis
@@ -35,9 +36,11 @@ from celery.exceptions import Ignore, Reject, Retry
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from . import metrics
-from .admission import Admitted, Mismatch, Plan, Refused, Rejected, Release, Replay
+from . import deadletter, metrics
+from .admission import Admitted, Mismatch, Plan, Poison, Refused, Rejected, Release, Replay
+from .breaker import HALF_OPEN, OPEN, STATE_NAMES
 from .canonical import NotCanonical, fingerprint
+from .classify import is_retryable, retry_after
 from .config import (
     TASK_OPTIONS,
     ReliableSettings,
@@ -52,6 +55,7 @@ from .errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
     LockNotAcquired,
+    PoisonMessage,
     ReplayedFailure,
     ResultNotSerializable,
     StorageError,
@@ -83,6 +87,12 @@ DROPPED = "DROPPED"
 
 #: Message header counting consecutive deferrals of one task id.
 DEFER_HEADER = "reliable_deferrals"
+
+#: Message header: when the first failure of this task happened (epoch seconds).
+FIRST_FAILURE_HEADER = "reliable_first_failure"
+
+#: Message header: the previous retry delay (decorrelated jitter), seconds.
+PREV_DELAY_HEADER = "reliable_prev_delay"
 
 #: Message header carrying a producer's own idempotency key.
 IDEMPOTENCY_HEADER = "idempotency_key"
@@ -119,6 +129,7 @@ class _Execution:
         "release",
         "replay",
         "resource",
+        "started",
         "token",
     )
 
@@ -128,6 +139,7 @@ class _Execution:
         self.token: int | None = None
         self.lease: Lease | None = None  # the lock's lease
         self.buckets: list[tuple[str, BucketSpec, str]] = []  # key, spec, what it limits
+        self.started = time.monotonic()
         self.leases: list[Lease] = []
         self.idem_digest: str | None = None
         self.fingerprint = ""
@@ -229,19 +241,68 @@ class ReliableTask(Task):  # type: ignore[misc]
         policy = self._policy()
         header_key = _header(request, IDEMPOTENCY_HEADER)
         queue_bucket = self._queue_bucket(request)
-        if not (policy.guarded or header_key is not None or queue_bucket is not None):
-            return self.run(*args, **kwargs)
-        execution = self._admit(policy, args, kwargs, header_key, queue_bucket)
+        counts_deliveries = self._counts_deliveries(policy)
+        if not (policy.guarded or header_key is not None or queue_bucket is not None
+                or counts_deliveries):
+            if policy.backoff is None and not policy.dead_letter:
+                return self.run(*args, **kwargs)
+            try:
+                return self.run(*args, **kwargs)
+            except Exception as exc:
+                final = self._on_failure(policy, exc)
+                if final is exc:
+                    raise
+                raise final from exc
+        execution = self._admit(policy, args, kwargs, header_key, queue_bucket,
+                                counts_deliveries)
         if execution.replay is not None:
             return self._replay(execution.replay)
         request._reliable_execution = execution
         try:
             result = self.run(*args, **kwargs)
+        except Exception as exc:
+            final = self._on_failure(policy, exc)
+            self._complete(execution, policy, failure=final)
+            if final is exc:
+                raise
+            raise final from exc
         except BaseException as exc:
             self._complete(execution, policy, failure=exc)
             raise
         self._complete(execution, policy, result=result)
         return result
+
+    def _counts_deliveries(self, policy: TaskPolicy) -> bool:
+        """Poison-message counting: only where a dead worker's task is redelivered."""
+        return bool(self._acks_late() and not self.request.is_eager
+                    and policy.max_redeliveries is not None)
+
+    def _on_failure(self, policy: TaskPolicy, exc: Exception) -> BaseException:
+        """What the body's exception becomes: a retry (``Retry``) or a terminal failure.
+
+        Retries happen for classified failures when the task has a ``backoff``
+        policy (Celery's ``autoretry_for`` retries on its own, through
+        :meth:`retry`). Terminal failures are dead-lettered once.
+        """
+        if isinstance(exc, (Retry, Ignore, Reject)):
+            return exc  # type: ignore[no-any-return]  # Celery is untyped
+        if policy.backoff is not None and self._retryable(policy, exc):
+            try:
+                self.retry(exc=exc)
+            except Retry as retry:
+                return retry  # type: ignore[no-any-return]
+            except Exception as final:  # retries exhausted, deadline or budget
+                self._dead_letter(policy, final, "retries exhausted")
+                return final
+        self._dead_letter(policy, exc, "not retryable" if policy.backoff else "failed")
+        return exc
+
+    def _retryable(self, policy: TaskPolicy, exc: BaseException) -> bool:
+        never = tuple(getattr(self, "dont_autoretry_for", None) or ())
+        if never and isinstance(exc, never):
+            return False
+        extra = tuple(policy.retry_for) + tuple(getattr(self, "autoretry_for", None) or ())
+        return is_retryable(exc, extra)
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any,
                     **options: Any) -> Any:
@@ -299,6 +360,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         queue_bucket: tuple[str, BucketSpec] | None,
         execution: _Execution,
         runtime: Runtime,
+        counts_deliveries: bool = False,
     ) -> Plan:
         """Every guard of this call, as one admission plan. Guards plug in here.
 
@@ -306,6 +368,9 @@ class ReliableTask(Task):  # type: ignore[misc]
         (a busy lock) would refuse.
         """
         plan = Plan()
+        if counts_deliveries:
+            plan.add_deliveries(runtime.keys.deliveries(str(self.request.id)),
+                                policy.max_redeliveries, 24 * 3600.0)
         arguments = self._arguments(policy, args, kwargs)
         idem = policy.idempotency
         if idem.spec is not None or header_key is not None:
@@ -322,6 +387,9 @@ class ReliableTask(Task):  # type: ignore[misc]
         if policy.bulkhead is not None and policy.tier is not None:
             plan.add_bulkhead(runtime.keys, policy.bulkhead, policy.tier, execution.owner,
                               str(self.request.id))
+        if policy.breaker is not None and policy.circuit_breaker is not None:
+            plan.add_breaker(runtime.keys.breaker(policy.circuit_breaker), policy.breaker,
+                             execution.owner)
         if queue_bucket is not None:
             queue, spec = queue_bucket
             if policy.rate_cost > spec.burst:
@@ -346,6 +414,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         kwargs: dict[str, Any],
         header_key: Any,
         queue_bucket: tuple[str, BucketSpec] | None,
+        counts_deliveries: bool = False,
     ) -> _Execution:
         """Admit this execution (one Redis round trip), or defer/skip/fail it.
 
@@ -357,7 +426,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         while True:
             execution = _Execution(f"{self.request.id}/{secrets.token_hex(4)}")
             plan = self._plan(policy, args, kwargs, header_key, queue_bucket, execution,
-                              runtime)
+                              runtime, counts_deliveries)
             started = time.monotonic()
             try:
                 outcome = plan.admit(runtime.redis)
@@ -376,6 +445,11 @@ class ReliableTask(Task):  # type: ignore[misc]
                 continue
             if isinstance(outcome, Rejected):
                 self._rejected(policy, outcome)
+            if isinstance(outcome, Poison):
+                runtime.redis.delete(runtime.keys.deliveries(str(self.request.id)))
+                error = PoisonMessage(self.name, outcome.deliveries)
+                self._dead_letter(policy, error, "worker lost")
+                raise error
             self._hold(policy, plan, outcome, execution, runtime, started)
             try:
                 if (execution.idem_digest is None
@@ -414,6 +488,14 @@ class ReliableTask(Task):  # type: ignore[misc]
                     )
                 )
                 execution.release.add_idempotency(key, execution.owner, idem.ttl)
+            elif kind == "D":
+                execution.release.add_deliveries(key)
+            elif kind == "C":
+                assert policy.breaker is not None and policy.circuit_breaker is not None
+                execution.release.add_breaker(runtime.keys.breaker(policy.circuit_breaker),
+                                              policy.breaker, execution.owner)
+                if admitted.results[index] == 2:
+                    self._breaker_changed(policy.circuit_breaker, OPEN, HALF_OPEN)
             elif kind == "K":
                 assert policy.tier is not None
                 execution.leases.append(Lease("K", key, execution.owner, policy.tier.lease,
@@ -430,6 +512,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                 execution.release.add_lock(key, value)
         for lease in execution.leases:
             runtime.heartbeat.add(lease)
+        execution.started = time.monotonic()
 
     def _claim_durably(self, policy: TaskPolicy, execution: _Execution, runtime: Runtime) -> bool:
         """Open this execution's PostgreSQL transaction; False if it deferred (eager only).
@@ -483,6 +566,11 @@ class ReliableTask(Task):  # type: ignore[misc]
             )
             return []
         kinds = execution.release.kinds
+        if "C" in kinds:
+            code = results[kinds.index("C")]
+            old, new = divmod(code, 10)
+            if old != new:
+                self._breaker_changed(str(self._policy().circuit_breaker), old, new)
         if "L" in kinds and not results[kinds.index("L")]:
             log.warning(
                 "celery-reliable: %s[%s] finished after its lock was lost",
@@ -545,6 +633,11 @@ class ReliableTask(Task):  # type: ignore[misc]
             bucket = execution.buckets[plan.kinds[: refusal.index].count("B")]
             metrics.inc("reliable_rate_limited_total", bucket=bucket[2])
             self._defer(policy, f"rate limited ({bucket[2]})", not_before=refusal.retry_after)
+            return
+        if refusal.kind == "C":
+            metrics.inc("reliable_circuit_deferrals_total", breaker=str(policy.circuit_breaker))
+            self._defer(policy, f"circuit {policy.circuit_breaker!r} open",
+                        not_before=refusal.retry_after)
             return
         if refusal.kind == "K":
             metrics.inc("reliable_bulkhead_waits_total", tier=str(policy.bulkhead))
@@ -623,6 +716,61 @@ class ReliableTask(Task):  # type: ignore[misc]
                 exc_info=True,
             )
 
+    def _breaker_outcome(self, policy: TaskPolicy, execution: _Execution,
+                         failure: BaseException | None) -> str:
+        """``s``, ``f`` (a classified failure, or a slow call) or ``n`` (does not count)."""
+        assert policy.breaker is not None
+        if isinstance(failure, Deferred):
+            return "n"
+        if isinstance(failure, Retry):
+            failure = failure.exc if isinstance(failure.exc, BaseException) else None
+            if failure is None:
+                return "n"
+        if failure is not None:
+            return "f" if self._retryable(policy, failure) else "n"
+        slow = policy.breaker.slow_call_seconds
+        if slow is not None and time.monotonic() - execution.started > slow:
+            return "f"
+        return "s"
+
+    def _breaker_changed(self, name: str, old: int, new: int) -> None:
+        metrics.inc("reliable_circuit_transitions_total", breaker=name, state=STATE_NAMES[new])
+        log.warning("celery-reliable: circuit breaker %r %s -> %s (seen by %s[%s])", name,
+                    STATE_NAMES[old], STATE_NAMES[new], self.name, self.request.id)
+
+    def _dead_letter(self, policy: TaskPolicy, exc: BaseException, reason: str) -> None:
+        """Record a terminal failure once (PostgreSQL, optional queue, metric); never raises."""
+        request = self.request
+        if not policy.dead_letter or getattr(request, "_reliable_dead_lettered", False):
+            return
+        request._reliable_dead_lettered = True
+        metrics.inc("reliable_dead_letters_total", task=self.name, reason=reason)
+        runtime = runtime_for(self.app)
+        first = _header(request, FIRST_FAILURE_HEADER)
+        info = getattr(request, "delivery_info", None) or {}
+        queue = info.get("routing_key") or info.get("queue")
+        try:
+            letter = deadletter.record(
+                runtime.engine, task_name=self.name, task_id=str(request.id),
+                args=request.args, kwargs=request.kwargs, exc=exc,
+                attempts=int(request.retries or 0) + 1, reason=reason, queue=queue,
+                first_failure_at=(datetime.fromtimestamp(float(first), timezone.utc)
+                                  if first else None),
+            )
+            log.warning("celery-reliable: %s[%s] dead-lettered (%s) as #%d: %r", self.name,
+                        request.id, reason, letter, exc)
+        except Exception:
+            log.error("celery-reliable: %s[%s] could not be dead-lettered (%s)", self.name,
+                      request.id, reason, exc_info=True)
+        dlq = runtime.settings.dead_letter_queue
+        if dlq:
+            try:
+                self.app.send_task(self.name, args=request.args, kwargs=request.kwargs,
+                                   queue=dlq, headers={"reliable_dead_letter": reason})
+            except Exception:
+                log.error("celery-reliable: %s[%s] could not be published to the dead-letter "
+                          "queue %r", self.name, request.id, dlq, exc_info=True)
+
     def _complete(
         self,
         execution: _Execution,
@@ -640,6 +788,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         if execution.done:
             return
         runtime = runtime_for(self.app)
+        if policy.breaker is not None:
+            execution.release.settle_breaker(self._breaker_outcome(policy, execution, failure))
         try:
             if execution.idem_digest is None:
                 self._settle(execution, runtime, "X", "")
@@ -705,31 +855,87 @@ class ReliableTask(Task):  # type: ignore[misc]
                               self.request.id, exc_info=True)
         self._settle(execution, runtime, "S", payload)
 
-    def retry(self, *args: Any, **kwargs: Any) -> Any:
-        """Celery's ``retry``, releasing this execution's guards first.
+    def retry(self, args: Any = None, kwargs: Any = None, exc: Any = None, throw: bool = True,
+              eta: Any = None, countdown: float | None = None, max_retries: int | None = None,
+              **options: Any) -> Any:
+        """Celery's ``retry`` with the task's backoff, retry budget and guards released first.
 
-        The retried message may start on another worker at once; holding the
-        lock (or the idempotency lease) until this delivery's bookkeeping ends
-        would make it defer on its own guards. When no retry is left, nothing
-        is released early: the error Celery raises then is a terminal failure
-        (kept, with ``idempotency_keep_failures``). The deferral count starts
-        afresh for the retried message.
+        * Without an explicit ``countdown``/``eta``, a task with ``backoff``
+          waits the policy's delay, floored by the error's ``Retry-After``.
+          ``backoff.max_attempts`` sets ``max_retries``; ``backoff.deadline``
+          ends retrying that long after the first failure.
+        * Each retry takes a token from the task's fleet-wide retry budget;
+          with the budget spent the failure is dead-lettered, not retried.
+        * Guards are released before the retried message is published (it may
+          start elsewhere at once). With no retry left, nothing is released
+          early and the failure is terminal (dead-lettered, kept with
+          ``idempotency_keep_failures``).
         """
         request = self.request
-        execution = getattr(request, "_reliable_execution", None)
-        max_retries = kwargs.get("max_retries", self.max_retries)
-        exhausted = max_retries is not None and request.retries + 1 > max_retries
-        headers = dict(kwargs.pop("headers", None) or request.headers or {})
+        policy = self._policy()
+        backoff = policy.backoff
+        if max_retries is None:
+            max_retries = (backoff.max_attempts - 1 if backoff is not None
+                           and backoff.max_attempts is not None else self.max_retries)
+        headers = dict(options.pop("headers", None) or request.headers or {})
         headers.pop(DEFER_HEADER, None)
-        kwargs["headers"] = headers
-        if execution is not None and not exhausted:
+        now = time.time()
+        first = float(headers.get(FIRST_FAILURE_HEADER) or now)
+        headers[FIRST_FAILURE_HEADER] = first
+        exhausted = max_retries is not None and request.retries + 1 > max_retries
+        reason = "retries exhausted"
+        if backoff is not None and now - first > backoff.deadline:
+            exhausted, reason = True, "deadline passed"
+        if not exhausted and policy.retry_budget is not None and not request.is_eager \
+                and not self._take_retry_budget(policy):
+            exhausted, reason = True, "retry budget exhausted"
+        if exhausted:
+            error = exc if isinstance(exc, BaseException) else self.MaxRetriesExceededError(
+                f"{self.name}[{request.id}]: {reason}")
+            self._dead_letter(policy, error, reason)
+            if reason == "retries exhausted":
+                return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
+                                     headers=headers, **options)
+            raise error
+        if countdown is None and eta is None and backoff is not None:
+            previous = headers.get(PREV_DELAY_HEADER)
+            countdown = backoff.delay(request.retries, random.Random(),
+                                      float(previous) if previous is not None else None)
+            floor = retry_after(exc) if isinstance(exc, BaseException) else None
+            if floor is not None:
+                countdown = max(countdown, floor)
+        if countdown is not None:
+            headers[PREV_DELAY_HEADER] = countdown
+        metrics.inc("reliable_retries_total", task=self.name,
+                    reason=type(exc).__name__ if isinstance(exc, BaseException) else "retry")
+        execution = getattr(request, "_reliable_execution", None)
+        if execution is not None:
             try:
-                self._complete(execution, self._policy(), failure=Retry())
+                self._complete(execution, policy, failure=Retry(exc=exc))
             except Exception:  # bookkeeping must never stop the retry from being published
                 log.warning("celery-reliable: %s[%s] could not release its guards before "
                             "retrying; they expire by their TTL", self.name, request.id,
                             exc_info=True)
-        return super().retry(*args, **kwargs)
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
+                             headers=headers, **options)
+
+    def _take_retry_budget(self, policy: TaskPolicy) -> bool:
+        """One token from the task's fleet-wide retry budget (fail open if Redis is down)."""
+        assert policy.retry_budget is not None
+        runtime = runtime_for(self.app)
+        plan = Plan()
+        plan.add_bucket(runtime.keys.retry_budget(self.name), policy.retry_budget, 1)
+        try:
+            granted = isinstance(plan.admit(runtime.redis), Admitted)
+        except redis.RedisError:
+            # The budget only limits retries; a retry still goes through the
+            # guards, which fail closed on their own.
+            log.warning("celery-reliable: retry budget of %s unavailable; retrying",
+                        self.name, exc_info=True)
+            return True
+        if not granted:
+            metrics.inc("reliable_retry_budget_exhausted_total", task=self.name)
+        return granted
 
     def throttle(self, seconds: float) -> NoReturn:
         """Empty this task's buckets fleet-wide for ``seconds``, then defer this task.

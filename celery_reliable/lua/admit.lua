@@ -5,6 +5,8 @@ KEYS  the keys of each guard, in plan order
         L (lock):        lock key, fence key
         K (bulkhead):    slots zset, waiting zset, stats hash
         B (bucket):      bucket hash
+        D (deliveries):  counter of unfinished deliveries of this task id
+        C (breaker):     breaker hash, probes zset
 ARGV  [1] plan: one letter per guard, e.g. "ILKB"
       then each guard's arguments, in plan order
         I: fingerprint, owner, lease_ms, ttl_ms
@@ -12,16 +14,22 @@ ARGV  [1] plan: one letter per guard, e.g. "ILKB"
         K: owner, concurrent, lease_ms, waiter id, queue size, timeout_ms,
            policy (wait|drop|fail)
         B: rate (tokens/s), burst (tokens), cost (tokens)
+        D: max_redeliveries, ttl_ms
+        C: open_ms, half_open_max, probe owner, probe_lease_ms
 Returns
   {1, r1, r2, ...}          every guard admitted; r_i is guard i's result
                             (I: 1 if a record existed (lease taken over), else 0;
                              L: the fencing token; K: slots now in use;
-                             B: whole tokens left)
+                             B: whole tokens left; D: deliveries so far;
+                             C: 0 closed, 1 a half-open probe, 2 a probe
+                             that just half-opened the breaker)
   {0, i, retry_after_ms}    guard i (1-based) refused for now (-1: unknown)
   {2, i, state, payload}    guard i is a finished idempotency record: replay it
   {3, i, fingerprint}       guard i's key was used with other arguments
   {4, i, reason}            guard i rejects for good: a full bulkhead's
                             drop | fail | queue (too many waiting) | timeout
+  {5, i, deliveries}        guard i: the task was delivered and never finished more
+                            than max_redeliveries times (its workers died): poison
 Unless every guard admits, no token, slot, lock or record is taken. The only
 writes on a refusal are a full bulkhead's own bookkeeping (its waiting set
 and counters) and sweeping expired slots. Time is the server's (TIME).
@@ -100,6 +108,29 @@ for g = 1, n do
       return {0, g, -1}
     end
     ki, ai = ki + 3, ai + 7
+  elseif kind == 'D' then
+    local count = tonumber(redis.call('GET', KEYS[ki]) or '0')
+    if count > tonumber(ARGV[ai]) then
+      return {5, g, count}
+    end
+    ki, ai = ki + 1, ai + 2
+  elseif kind == 'C' then
+    local st = redis.call('HMGET', KEYS[ki], 's', 'o')
+    local state = tonumber(st[1] or '0')
+    if state == 1 then
+      local reopen = tonumber(st[2] or '0') + tonumber(ARGV[ai])
+      if now_ms < reopen then
+        return {0, g, reopen - now_ms}
+      end
+      state = 2  -- open long enough: half-open (written in phase 2)
+    end
+    if state == 2 then
+      redis.call('ZREMRANGEBYSCORE', KEYS[ki + 1], '-inf', now_ms)  -- dead probes
+      if redis.call('ZCARD', KEYS[ki + 1]) >= tonumber(ARGV[ai + 1]) then
+        return {0, g, 1000}
+      end
+    end
+    ki, ai = ki + 2, ai + 4
   elseif kind == 'B' then
     local b = redis.call('HMGET', KEYS[ki], 't', 'ts')
     local rate, burst, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
@@ -154,6 +185,26 @@ for g = 1, n do
     redis.call('ZREM', KEYS[ki + 1], ARGV[ai + 3])
     out[#out + 1] = redis.call('ZCARD', KEYS[ki])
     ki, ai = ki + 3, ai + 7
+  elseif kind == 'D' then
+    out[#out + 1] = redis.call('INCR', KEYS[ki])
+    redis.call('PEXPIRE', KEYS[ki], ARGV[ai + 1])
+    ki, ai = ki + 1, ai + 2
+  elseif kind == 'C' then
+    local st = redis.call('HMGET', KEYS[ki], 's', 'o')
+    local state = tonumber(st[1] or '0')
+    local became = 0
+    if state == 1 then  -- phase 1 found it may half-open now
+      redis.call('HSET', KEYS[ki], 's', 2, 'ok', 0)
+      state, became = 2, 1
+    end
+    if state == 2 then
+      redis.call('ZADD', KEYS[ki + 1], now_ms + tonumber(ARGV[ai + 3]), ARGV[ai + 2])
+      redis.call('PEXPIRE', KEYS[ki + 1], tonumber(ARGV[ai + 3]) + 60000)
+      out[#out + 1] = 1 + became  -- 2: this probe half-opened the breaker
+    else
+      out[#out + 1] = 0
+    end
+    ki, ai = ki + 2, ai + 4
   elseif kind == 'B' then
     -- recompute (phase 1 kept nothing): refill, take, store, expire when full again
     local b = redis.call('HMGET', KEYS[ki], 't', 'ts')

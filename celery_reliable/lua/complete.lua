@@ -4,6 +4,8 @@ KEYS  the keys of each guard, in plan order
         I (idempotency): record key
         L (lock):        lock key
         K (bulkhead):    slots zset
+        D (deliveries):  counter
+        C (breaker):     breaker hash, probes zset
 ARGV  [1] plan: one letter per guard, e.g. "IL"
       then each guard's arguments, in plan order
         I: owner, outcome, payload, ttl_ms
@@ -12,8 +14,11 @@ ARGV  [1] plan: one letter per guard, e.g. "IL"
            delivery may run)
         L: lease value ("<token> <owner>") returned by admission
         K: owner
+        D: (none) the delivery finished: forget the counter
+        C: probe owner, outcome (s success | f failure | n neutral), window,
+           failure_threshold, min_calls, success_threshold
 Returns {r1, r2, ...}: 1 settled, 0 not ours any more (expired or taken over;
-        left untouched)
+        left untouched); C: 10 * old state + new state
 Safe to run twice: the second run finds nothing of ours and changes nothing.
 ]]
 local plan = ARGV[1]
@@ -48,6 +53,48 @@ for g = 1, #plan do
   elseif kind == 'K' then
     out[g] = redis.call('ZREM', KEYS[ki], ARGV[ai])
     ki, ai = ki + 1, ai + 1
+  elseif kind == 'D' then
+    out[g] = redis.call('DEL', KEYS[ki])
+    ki = ki + 1
+  elseif kind == 'C' then
+    local h, probes = KEYS[ki], KEYS[ki + 1]
+    local was_probe = redis.call('ZREM', probes, ARGV[ai]) == 1
+    local outcome = ARGV[ai + 1]
+    local state = tonumber(redis.call('HGET', h, 's') or '0')
+    local new = state
+    if outcome ~= 'n' then
+      if state == 2 and was_probe then
+        if outcome == 'f' then
+          new = 1
+        elseif redis.call('HINCRBY', h, 'ok', 1) >= tonumber(ARGV[ai + 5]) then
+          new = 0
+        end
+      elseif state == 0 then
+        local w = (redis.call('HGET', h, 'w') or '') .. outcome
+        local size = tonumber(ARGV[ai + 2])
+        if #w > size then
+          w = string.sub(w, -size)
+        end
+        local _, fails = string.gsub(w, 'f', '')
+        if #w >= tonumber(ARGV[ai + 4]) and fails >= tonumber(ARGV[ai + 3]) then
+          new = 1
+        else
+          redis.call('HSET', h, 'w', w)
+        end
+      end
+      -- results arriving while open, or from non-probes while half-open, are ignored
+    end
+    if new ~= state then
+      if new == 1 then
+        local t = redis.call('TIME')
+        redis.call('HSET', h, 's', 1, 'o', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000),
+                   'w', '', 'ok', 0)
+      else
+        redis.call('HSET', h, 's', 0, 'w', '', 'ok', 0)
+      end
+    end
+    out[g] = 10 * state + new
+    ki, ai = ki + 2, ai + 6
   else
     return redis.error_reply('complete.lua: unknown guard ' .. kind)
   end
