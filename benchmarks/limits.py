@@ -657,8 +657,33 @@ def target_table(targets: list[TargetResult]) -> str:
     return markdown(rows, {1, 2, 3})
 
 
-def breakdown(results: list[Result]) -> str:
-    lines = ["Server commands per operation (INFO commandstats delta / calls):"]
+def break_even(target: TargetResult, by_name: dict[str, Result]) -> str:
+    """The extra latency per round trip (a network instead of loopback) that meets the target.
+
+    A model, not a measurement: every round trip costs ``r`` more, nothing else changes, so
+    the ratio becomes (T_peer + k_peer r) / (T_ours + k_ours r) with T = 1 / median ops/s
+    and k = measured round trips per op.
+    """
+    ours, peer = by_name[target.ours], by_name[target.peer]
+    t_ours, t_peer = 1e6 / ours.median_ops_per_s, 1e6 / peer.median_ops_per_s
+    k_ours, k_peer = ours.client_round_trips_per_op, peer.client_round_trips_per_op
+    x = target.needed
+    if t_peer >= x * t_ours:
+        return "already met on loopback"
+    if k_peer <= x * k_ours:
+        return (f"never: the ratio tends to {k_peer:g}/{k_ours:g} = {k_peer / k_ours:.2f}x "
+                "as round trips get dearer")
+    r = (x * t_ours - t_peer) / (k_peer - x * k_ours)
+    return f"met once a round trip costs {r:,.0f} µs more than here"
+
+
+def breakdown(results: list[Result], targets: list[TargetResult]) -> str:
+    by_name = {r.name: r for r in results}
+    lines = ["If Redis were across a network (model, not measured; see break_even()):"]
+    for t in targets:
+        if t.needed:
+            lines.append(f"  {t.what}: {break_even(t, by_name)}")
+    lines.append("Server commands per operation (INFO commandstats delta / calls):")
     for r in results:
         parts = ", ".join(f"{k} {_num(v)}" for k, v in r.server_commands_breakdown_per_op.items())
         lines.append(f"  {r.name}: {parts}")
@@ -747,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(target_table(targets))
     print()
-    print(breakdown(results))
+    print(breakdown(results, targets))
     print(f"\n(wall time {wall:.1f} s; 'round trips' = requests the client wrote, "
           "'server cmds' = INFO commandstats delta, Lua-internal calls included; CPU from "
           "the counting pass: process_time() here, INFO cpu on the server)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 from celery import Celery, signals
 from sqlalchemy.dialects.postgresql import insert
 
-from celery_reliable import RedisFence, ReliableTask, StaleFenceToken, check_postgres
+from celery_reliable import Backoff, RedisFence, ReliableTask, StaleFenceToken, check_postgres
 
 accounts = sa.Table(
     "fleet_accounts",
@@ -57,6 +58,16 @@ def build_app() -> Celery:
         result_expires=600,
         reliable_bulkheads={"tier3": {"concurrent": 3, "queue": 1000, "timeout": 300, "lease": 3}},
     )
+    app.conf.reliable_circuit_breakers = {
+        "partner": {
+            "failure_threshold": 2,
+            "window": 4,
+            "min_calls": 2,
+            "open_seconds": 2.0,
+            "success_threshold": 1,
+            "half_open_max": 1,
+        }
+    }
     if env("FLEET_RATE"):
         app.conf.reliable_queue_rate_limits = {env("FLEET_QUEUE", "fleet"): env("FLEET_RATE")}
     register(app)
@@ -262,6 +273,55 @@ def register(app: Celery) -> None:
             r.decr(rkey("active"))
         r.rpush(rkey("bulk_starts"), json.dumps({"at": time.time() - hold, "pid": os.getpid()}))
         return int(now)
+
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="fleet.suicide",
+        acks_late=True,
+        reject_on_worker_lost=True,
+        max_redeliveries=2,
+        defer_delay=0.1,
+    )
+    def suicide(self: ReliableTask, key: str) -> None:
+        client().rpush(rkey("suicide", key), os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)  # out of memory, a segfault: the worker is lost
+
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="fleet.flaky",
+        backoff=Backoff.exponential(0.05, 0.2, max_attempts=6),
+    )
+    def flaky(self: ReliableTask, key: str, k: int) -> dict[str, Any]:
+        r = client()
+        r.rpush(rkey("flaky", key), os.getpid())
+        if r.incr(rkey("flaky-n", key)) <= k:
+            raise ConnectionError("partner reset the connection")
+        return {
+            "retries": self.request.retries,
+            "pids": [int(p) for p in r.lrange(rkey("flaky", key), 0, -1)],
+        }
+
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="fleet.partner",
+        circuit_breaker="partner",
+        defer_delay=0.2,
+        defer_max_delay=0.5,
+    )
+    def partner(self: ReliableTask, mode: str) -> dict[str, Any]:
+        client().rpush(
+            rkey("partner"),
+            json.dumps({"mode": mode, "at": time.time(), "host": self.request.hostname}),
+        )
+        if mode == "down":
+            raise ConnectionError("partner unreachable")
+        return {"host": self.request.hostname}
 
 
 # count concurrent executions and keep the maximum, atomically

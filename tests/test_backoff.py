@@ -57,19 +57,40 @@ def test_float_delays_and_caps() -> None:
 
 
 def test_presets_from_the_seed() -> None:
-    assert (Backoff.user_facing().max_attempts, Backoff.user_facing().base,
-            Backoff.user_facing().cap) == (2, 0.5, 2.0)
-    assert (Backoff.background().max_attempts, Backoff.background().base,
-            Backoff.background().cap) == (5, 2.0, 60.0)
-    assert (Backoff.rate_limited_api().max_attempts, Backoff.rate_limited_api().base,
-            Backoff.rate_limited_api().cap) == (3, 2.0, 120.0)
-    assert Backoff.exponential(timedelta(seconds=1), timedelta(minutes=1),
-                               deadline=timedelta(hours=1)).deadline == 3600
+    assert (
+        Backoff.user_facing().max_attempts,
+        Backoff.user_facing().base,
+        Backoff.user_facing().cap,
+    ) == (2, 0.5, 2.0)
+    assert (
+        Backoff.background().max_attempts,
+        Backoff.background().base,
+        Backoff.background().cap,
+    ) == (5, 2.0, 60.0)
+    assert (
+        Backoff.rate_limited_api().max_attempts,
+        Backoff.rate_limited_api().base,
+        Backoff.rate_limited_api().cap,
+    ) == (3, 2.0, 120.0)
+    assert (
+        Backoff.exponential(
+            timedelta(seconds=1), timedelta(minutes=1), deadline=timedelta(hours=1)
+        ).deadline
+        == 3600
+    )
 
 
-@pytest.mark.parametrize("kwargs", [{"base": 0}, {"base": -1}, {"cap": 0.1, "base": 1},
-                                    {"jitter": "random"}, {"max_attempts": 0},
-                                    {"deadline": -5}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"base": 0},
+        {"base": -1},
+        {"cap": 0.1, "base": 1},
+        {"jitter": "random"},
+        {"max_attempts": 0},
+        {"deadline": -5},
+    ],
+)
 def test_bad_policies_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="Backoff"):
         Backoff.exponential(**kwargs)  # type: ignore[arg-type]
@@ -84,9 +105,11 @@ def _requests_error(status: int, headers: dict[str, str] | None = None) -> reque
 
 def _httpx_error(status: int, headers: dict[str, str] | None = None) -> httpx.HTTPStatusError:
     request = httpx.Request("GET", "http://upstream.invalid/")
-    return httpx.HTTPStatusError(f"{status}", request=request,
-                                 response=httpx.Response(status, headers=headers or {},
-                                                         request=request))
+    return httpx.HTTPStatusError(
+        f"{status}",
+        request=request,
+        response=httpx.Response(status, headers=headers or {}, request=request),
+    )
 
 
 @pytest.mark.parametrize("make", [_requests_error, _httpx_error])

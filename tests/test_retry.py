@@ -18,13 +18,19 @@ def letters(app: Celery, name: str) -> list[Any]:
     return DeadLetters(app).list(task_name=name)
 
 
-def test_flaky_task_succeeds_after_k_failures(celery_app: Celery,
-                                              celery_worker: TestWorkController) -> None:
+def test_flaky_task_succeeds_after_k_failures(
+    celery_app: Celery, celery_worker: TestWorkController
+) -> None:
     """Retryable errors are retried automatically with backoff delays (no countdown given)."""
     seen: list[float] = []
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.flaky",
-                     backoff=Backoff.exponential(0.05, 0.2, max_attempts=5))
+    @celery_app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="r.flaky",
+        backoff=Backoff.exponential(0.05, 0.2, max_attempts=5),
+    )
     def flaky(self: Any) -> int:
         seen.append(time.monotonic())
         if len(seen) <= 3:
@@ -43,8 +49,13 @@ def test_not_retryable_is_dead_lettered_and_replay_runs_again(
 ) -> None:
     calls: list[int] = []
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.bad",
-                     backoff=Backoff.exponential(0.05, 0.2, max_attempts=5))
+    @celery_app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="r.bad",
+        backoff=Backoff.exponential(0.05, 0.2, max_attempts=5),
+    )
     def bad(self: Any, n: int, note: str = "") -> int:
         calls.append(n)
         if len(calls) == 1:
@@ -66,10 +77,16 @@ def test_not_retryable_is_dead_lettered_and_replay_runs_again(
     assert dead.purge(ids=[letter.id]) == 1 and letters(celery_app, "r.bad") == []
 
 
-def test_exhausted_retries_are_dead_lettered(celery_app: Celery,
-                                             celery_worker: TestWorkController) -> None:
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.down",
-                     backoff=Backoff.exponential(0.02, 0.05, max_attempts=3))
+def test_exhausted_retries_are_dead_lettered(
+    celery_app: Celery, celery_worker: TestWorkController
+) -> None:
+    @celery_app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="r.down",
+        backoff=Backoff.exponential(0.02, 0.05, max_attempts=3),
+    )
     def down(self: Any) -> None:
         raise TimeoutError("partner timed out")
 
@@ -80,14 +97,18 @@ def test_exhausted_retries_are_dead_lettered(celery_app: Celery,
     assert (letter.reason, letter.attempts) == ("retries exhausted", 3)
 
 
-def test_retry_budget_stops_a_storm(celery_app: Celery,
-                                    celery_worker: TestWorkController) -> None:
+def test_retry_budget_stops_a_storm(celery_app: Celery, celery_worker: TestWorkController) -> None:
     """Budget of 1 retry (refilling very slowly): the second failing task is not retried."""
     before = metrics.value("reliable_retry_budget_exhausted_total", task="r.storm")
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.storm",
-                     backoff=Backoff.exponential(0.02, 0.05, max_attempts=3),
-                     retry_budget={"rate": 0.001, "burst": 1})
+    @celery_app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="r.storm",
+        backoff=Backoff.exponential(0.02, 0.05, max_attempts=3),
+        retry_budget={"rate": 0.001, "burst": 1},
+    )
     def storm(self: Any, n: int) -> None:
         raise ConnectionError("partner down")
 
@@ -97,18 +118,26 @@ def test_retry_budget_stops_a_storm(celery_app: Celery,
             storm.delay(n).get(timeout=10)
     # n=0 spent the only token on its first retry; its second failure and n=1's
     # first find the budget empty and are dead-lettered instead of retried.
-    found = sorted((letter.args[0], letter.reason, letter.attempts)
-                   for letter in letters(celery_app, "r.storm"))
+    found = sorted(
+        (letter.args[0], letter.reason, letter.attempts)
+        for letter in letters(celery_app, "r.storm")
+    )
     assert found == [(0, "retry budget exhausted", 2), (1, "retry budget exhausted", 1)]
     assert metrics.value("reliable_retry_budget_exhausted_total", task="r.storm") >= before + 1
 
 
-def test_retry_after_is_the_floor_of_the_next_delay(celery_app: Celery,
-                                                    celery_worker: TestWorkController) -> None:
+def test_retry_after_is_the_floor_of_the_next_delay(
+    celery_app: Celery, celery_worker: TestWorkController
+) -> None:
     seen: list[float] = []
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.429",
-                     backoff=Backoff.exponential(0.01, 0.02, max_attempts=3))
+    @celery_app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="r.429",
+        backoff=Backoff.exponential(0.01, 0.02, max_attempts=3),
+    )
     def limited(self: Any) -> str:
         seen.append(time.monotonic())
         if len(seen) == 1:
@@ -123,12 +152,18 @@ def test_retry_after_is_the_floor_of_the_next_delay(celery_app: Celery,
     assert seen[1] - seen[0] >= 0.95
 
 
-def test_explicit_retry_and_autoretry_use_the_backoff(celery_app: Celery,
-                                                      celery_worker: TestWorkController) -> None:
+def test_explicit_retry_and_autoretry_use_the_backoff(
+    celery_app: Celery, celery_worker: TestWorkController
+) -> None:
     seen: list[float] = []
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.explicit",
-                     backoff=Backoff.exponential(0.3, 0.3, jitter="none", max_attempts=3))
+    @celery_app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="r.explicit",
+        backoff=Backoff.exponential(0.3, 0.3, jitter="none", max_attempts=3),
+    )
     def explicit(self: Any) -> int:
         seen.append(time.monotonic())
         if len(seen) < 2:
@@ -137,9 +172,14 @@ def test_explicit_retry_and_autoretry_use_the_backoff(celery_app: Celery,
 
     auto_calls: list[int] = []
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.auto",
-                     autoretry_for=(KeyError,),
-                     backoff=Backoff.exponential(0.05, 0.05, jitter="none", max_attempts=3))
+    @celery_app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="r.auto",
+        autoretry_for=(KeyError,),
+        backoff=Backoff.exponential(0.05, 0.05, jitter="none", max_attempts=3),
+    )
     def auto(self: Any) -> int:
         auto_calls.append(1)
         if len(auto_calls) < 3:
@@ -153,9 +193,14 @@ def test_explicit_retry_and_autoretry_use_the_backoff(celery_app: Celery,
 
 
 def test_deadline_ends_retrying(celery_app: Celery, celery_worker: TestWorkController) -> None:
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.deadline",
-                     backoff=Backoff.exponential(0.2, 0.2, jitter="none", deadline=0.3),
-                     max_retries=50)
+    @celery_app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="r.deadline",
+        backoff=Backoff.exponential(0.2, 0.2, jitter="none", deadline=0.3),
+        max_retries=50,
+    )
     def slow(self: Any) -> None:
         raise ConnectionError("down")
 
@@ -173,5 +218,6 @@ def test_bad_backoff_option_fails_at_bind(celery_app: Celery) -> None:
         return None
 
     with pytest.raises(ConfigurationError, match=r"^r\.bad_backoff: option 'backoff' must be"):
-        celery_app.task(base=ReliableTask, shared=False, name="r.bad_backoff",
-                        backoff={"base": 1})(f)._get_current_object()
+        celery_app.task(base=ReliableTask, shared=False, name="r.bad_backoff", backoff={"base": 1})(
+            f
+        )._get_current_object()
