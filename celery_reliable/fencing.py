@@ -24,6 +24,7 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 
+from . import metrics
 from .errors import StaleFenceToken
 from .schema import fences
 from .scripts import script
@@ -48,6 +49,7 @@ def check_postgres(conn: Any, resource: str, token: int) -> None:
     ).returning(fences.c.token)
     if conn.execute(stmt).first() is None:
         current = conn.execute(select(fences.c.token).where(fences.c.resource == resource)).scalar()
+        metrics.inc("reliable_fence_rejections_total", store="postgres")
         raise StaleFenceToken(resource, token, current)
 
 
@@ -64,6 +66,7 @@ class RedisFence:
         """Write ``value`` if ``token`` is not lower than the last accepted; else raise."""
         ok, current = script("fenced_set")(self.client, [key], [token, value])
         if int(ok) != 1:
+            metrics.inc("reliable_fence_rejections_total", store="redis")
             raise StaleFenceToken(key, token, int(current))
 
     def get(self, key: str) -> tuple[bytes | str | None, int | None]:
@@ -89,6 +92,7 @@ class Fence:
 
     def _refuse_if_lost(self, resource: str) -> None:
         if self.lost:
+            metrics.inc("reliable_fence_rejections_total", store="lost-lock")
             raise StaleFenceToken(resource, self.token, None)
 
     def check_postgres(self, conn: Any, resource: str | None = None) -> None:

@@ -503,6 +503,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                 execution.release.add_bulkhead(key, execution.owner)
             elif kind == "L":
                 assert policy.lock is not None
+                metrics.inc("reliable_lock_acquire_total", result="acquired")
                 execution.token = admitted.results[index]
                 value = f"{execution.token} {execution.owner}"
                 execution.lease = Lease(
@@ -610,6 +611,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         if refusal.kind == "L":
             assert policy.lock is not None and execution.resource is not None
             how = policy.lock.contention
+            metrics.inc("reliable_lock_acquire_total", result=f"busy-{how}")
             if how == "skip":
                 log.info(
                     "celery-reliable: %s[%s] skipped: lock %s is busy",

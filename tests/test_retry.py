@@ -221,3 +221,58 @@ def test_bad_backoff_option_fails_at_bind(celery_app: Celery) -> None:
         celery_app.task(base=ReliableTask, shared=False, name="r.bad_backoff", backoff={"base": 1})(
             f
         )._get_current_object()
+
+
+def test_dead_letter_queue_gets_a_copy(celery_app: Celery,
+                                       celery_worker: TestWorkController) -> None:
+    """With reliable_dead_letter_queue, the dead-lettered task is also published there."""
+    import redis as redis_lib
+
+    celery_app.conf.reliable_dead_letter_queue = "dead-letters-test"
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.dlq")
+    def broken(self: Any, n: int) -> None:
+        raise ValueError("bad")
+
+    celery_worker.reload()
+    with pytest.raises(ValueError):
+        broken.delay(5).get(timeout=10)
+    broker = redis_lib.Redis.from_url(celery_app.conf.broker_url)
+    raw = broker.lpop("dead-letters-test")
+    assert raw is not None
+    import json
+
+    message = json.loads(raw)
+    assert message["headers"]["task"] == "r.dlq"
+    assert message["headers"]["reliable_dead_letter"] == "failed"
+
+
+def test_fence_and_lock_metrics(celery_app: Celery, celery_worker: TestWorkController,
+                                redis_client: Any) -> None:
+    from celery_reliable import FencedLock, RedisFence, StaleFenceToken
+
+    before = metrics.value("reliable_fence_rejections_total", store="redis")
+    RedisFence(redis_client).set("metric-fence", "a", 10)
+    with pytest.raises(StaleFenceToken):
+        RedisFence(redis_client).set("metric-fence", "b", 9)
+    assert metrics.value("reliable_fence_rejections_total", store="redis") == before + 1
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.skip", lock="m",
+                     lock_contention="skip")
+    def skip(self: Any) -> None:
+        return None
+
+    celery_worker.reload()
+    acquired = metrics.value("reliable_lock_acquire_total", result="acquired")
+    skip.delay().get(timeout=10)
+    assert metrics.value("reliable_lock_acquire_total", result="acquired") == acquired + 1
+    held = FencedLock(redis_client.__class__.from_url(celery_app.conf.reliable_redis_url), "m",
+                      prefix=celery_app.conf.reliable_key_prefix)
+    assert held.acquire() is not None
+    busy = metrics.value("reliable_lock_acquire_total", result="busy-skip")
+    skip.delay()
+    from .conftest import wait_for
+
+    wait_for(lambda: metrics.value("reliable_lock_acquire_total", result="busy-skip") == busy + 1,
+             10, "the skip")
+    held.release()
