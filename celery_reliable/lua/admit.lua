@@ -39,9 +39,16 @@ d = lease deadline in ms (P only), r = result or error JSON (S/F)}.
 ]]
 local plan = ARGV[1]
 local n = #plan
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local now_ms = math.floor(now_us / 1000)
+-- The server clock, read once and only by guards that need it (a lock whose
+-- fencing counter exists does not: TIME costs a few microseconds per call).
+local now_us, now_ms
+local function clock()
+  if not now_us then
+    local t = redis.call('TIME')
+    now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    now_ms = math.floor(now_us / 1000)
+  end
+end
 
 -- phase 1: check (reads only)
 local ki, ai = 1, 2
@@ -49,6 +56,7 @@ local existed = {}
 for g = 1, n do
   local kind = string.sub(plan, g, g)
   if kind == 'I' then
+    clock()
     local rec = redis.call('HMGET', KEYS[ki], 's', 'f', 'd', 'r')
     existed[g] = 0
     if rec[1] then
@@ -76,6 +84,7 @@ for g = 1, n do
     end
     ki, ai = ki + 2, ai + 3
   elseif kind == 'K' then
+    clock()
     local slots, waiting, stats = KEYS[ki], KEYS[ki + 1], KEYS[ki + 2]
     redis.call('ZREMRANGEBYSCORE', slots, '-inf', now_ms)  -- leases of dead workers
     if redis.call('ZCARD', slots) >= tonumber(ARGV[ai + 1]) then
@@ -115,6 +124,7 @@ for g = 1, n do
     end
     ki, ai = ki + 1, ai + 2
   elseif kind == 'C' then
+    clock()
     local st = redis.call('HMGET', KEYS[ki], 's', 'o')
     local state = tonumber(st[1] or '0')
     if state == 1 then
@@ -132,6 +142,7 @@ for g = 1, n do
     end
     ki, ai = ki + 2, ai + 4
   elseif kind == 'B' then
+    clock()
     local b = redis.call('HMGET', KEYS[ki], 't', 'ts')
     local rate, burst, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
     local tokens, ts = tonumber(b[1]), tonumber(b[2])
@@ -161,6 +172,7 @@ ki, ai = 1, 2
 for g = 1, n do
   local kind = string.sub(plan, g, g)
   if kind == 'I' then
+    clock()
     redis.call('HSET', KEYS[ki], 's', 'P', 'f', ARGV[ai], 'o', ARGV[ai + 1],
                'd', now_ms + tonumber(ARGV[ai + 2]))
     redis.call('HDEL', KEYS[ki], 'r')
@@ -169,17 +181,25 @@ for g = 1, n do
     ki, ai = ki + 1, ai + 4
   elseif kind == 'L' then
     -- The token is strictly greater than every token minted before for this
-    -- resource, and never below the server clock in microseconds: after the
-    -- fence key expires or Redis loses it, tokens still only grow (as long as
-    -- the server clock does not step back).
-    local last = tonumber(redis.call('GET', KEYS[ki + 1]) or '0')
-    local token = math.max(last + 1, now_us)
+    -- resource. A new (or lost, or expired) counter starts at the server clock
+    -- in microseconds, and a counter grows by one per acquire, far slower than
+    -- the clock: so tokens only grow even when Redis loses the counter (as
+    -- long as the server clock does not step back).
+    local last = tonumber(redis.call('GET', KEYS[ki + 1]))
+    local token
+    if last then
+      token = last + 1
+    else
+      clock()
+      token = now_us
+    end
     local tok = string.format('%.0f', token)
     redis.call('SET', KEYS[ki], tok .. ' ' .. ARGV[ai], 'PX', ARGV[ai + 1])
     redis.call('SET', KEYS[ki + 1], tok, 'PX', ARGV[ai + 2])
     out[#out + 1] = token
     ki, ai = ki + 2, ai + 3
   elseif kind == 'K' then
+    clock()
     redis.call('ZADD', KEYS[ki], now_ms + tonumber(ARGV[ai + 2]), ARGV[ai])
     redis.call('PEXPIRE', KEYS[ki], tonumber(ARGV[ai + 2]) * 2 + 60000)
     redis.call('ZREM', KEYS[ki + 1], ARGV[ai + 3])
@@ -190,6 +210,7 @@ for g = 1, n do
     redis.call('PEXPIRE', KEYS[ki], ARGV[ai + 1])
     ki, ai = ki + 1, ai + 2
   elseif kind == 'C' then
+    clock()
     local st = redis.call('HMGET', KEYS[ki], 's', 'o')
     local state = tonumber(st[1] or '0')
     local became = 0
@@ -206,6 +227,7 @@ for g = 1, n do
     end
     ki, ai = ki + 2, ai + 4
   elseif kind == 'B' then
+    clock()
     -- recompute (phase 1 kept nothing): refill, take, store, expire when full again
     local b = redis.call('HMGET', KEYS[ki], 't', 'ts')
     local rate, burst, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
