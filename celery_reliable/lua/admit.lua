@@ -53,6 +53,7 @@ end
 -- phase 1: check (reads only)
 local ki, ai = 1, 2
 local existed = {}
+local seen = {}  -- K: slots in use; B: {tokens, ts} as read in phase 1
 for g = 1, n do
   local kind = string.sub(plan, g, g)
   if kind == 'I' then
@@ -86,8 +87,14 @@ for g = 1, n do
   elseif kind == 'K' then
     clock()
     local slots, waiting, stats = KEYS[ki], KEYS[ki + 1], KEYS[ki + 2]
-    redis.call('ZREMRANGEBYSCORE', slots, '-inf', now_ms)  -- leases of dead workers
-    if redis.call('ZCARD', slots) >= tonumber(ARGV[ai + 1]) then
+    local used = redis.call('ZCARD', slots)
+    if used >= tonumber(ARGV[ai + 1]) then
+      -- looks full: sweep the leases of dead workers, then count again
+      redis.call('ZREMRANGEBYSCORE', slots, '-inf', now_ms)
+      used = redis.call('ZCARD', slots)
+    end
+    seen[g] = used
+    if used >= tonumber(ARGV[ai + 1]) then
       local policy = ARGV[ai + 6]
       if policy == 'drop' then
         redis.call('HINCRBY', stats, 'dropped', 1)
@@ -153,6 +160,7 @@ for g = 1, n do
     if now_ms > ts then
       avail = math.min(burst, tokens + (now_ms - ts) * rate / 1000)
     end
+    seen[g] = {tokens, ts}
     if avail < cost then
       local wait = (cost - avail) * 1000 / rate
       if ts > now_ms then
@@ -200,10 +208,10 @@ for g = 1, n do
     ki, ai = ki + 2, ai + 3
   elseif kind == 'K' then
     clock()
-    redis.call('ZADD', KEYS[ki], now_ms + tonumber(ARGV[ai + 2]), ARGV[ai])
+    local added = redis.call('ZADD', KEYS[ki], now_ms + tonumber(ARGV[ai + 2]), ARGV[ai])
     redis.call('PEXPIRE', KEYS[ki], tonumber(ARGV[ai + 2]) * 2 + 60000)
     redis.call('ZREM', KEYS[ki + 1], ARGV[ai + 3])
-    out[#out + 1] = redis.call('ZCARD', KEYS[ki])
+    out[#out + 1] = seen[g] + added
     ki, ai = ki + 3, ai + 7
   elseif kind == 'D' then
     out[#out + 1] = redis.call('INCR', KEYS[ki])
@@ -228,13 +236,9 @@ for g = 1, n do
     ki, ai = ki + 2, ai + 4
   elseif kind == 'B' then
     clock()
-    -- recompute (phase 1 kept nothing): refill, take, store, expire when full again
-    local b = redis.call('HMGET', KEYS[ki], 't', 'ts')
+    -- refill, take, store, expire when full again (from the state phase 1 read)
     local rate, burst, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
-    local tokens, ts = tonumber(b[1]), tonumber(b[2])
-    if not tokens then
-      tokens, ts = burst, now_ms
-    end
+    local tokens, ts = seen[g][1], seen[g][2]
     if now_ms > ts then
       tokens = math.min(burst, tokens + (now_ms - ts) * rate / 1000)
     end
