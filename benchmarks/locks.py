@@ -296,7 +296,14 @@ def timed_pass(cycle: Cycle, keys: list[str]) -> float:
     return time.perf_counter() - start
 
 
+#: ``--key-pool``: 0 locks a fresh resource every cycle; N cycles over N resources,
+#: as a service locking the same orders again and again does.
+KEY_POOL = 0
+
+
 def keys_for(contender: Contender, tag: str, n: int) -> list[str]:
+    if KEY_POOL:
+        return [f"bench:{contender.slug}:pool:{i % KEY_POOL}" for i in range(n)]
     return [f"bench:{contender.slug}:{tag}:{i}" for i in range(n)]
 
 
@@ -498,12 +505,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--json", metavar="PATH", type=Path, help="also write the results as JSON to PATH"
     )
     parser.add_argument(
+        "--key-pool",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cycle over N resources instead of a fresh one per cycle (default 0: fresh)",
+    )
+    parser.add_argument(
         "--redis-server",
         default="redis-server",
         metavar="BINARY",
         help="redis-server binary to start (default: from PATH)",
     )
     args = parser.parse_args(argv)
+    global KEY_POOL
+    KEY_POOL = max(0, args.key_pool)
     if (
         args.iterations < 1
         or args.rounds < 1
