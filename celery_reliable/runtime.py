@@ -67,6 +67,7 @@ class Heartbeat:
         self._wake = threading.Event()
         self._stopped = False
         self._thread: threading.Thread | None = None
+        self._wake_at = 0.0  # when the thread will next look, if nothing wakes it
 
     def add(self, lease: Lease) -> None:
         with self._mutex:
@@ -76,7 +77,11 @@ class Heartbeat:
                     target=self._run, name="celery-reliable-heartbeat", daemon=True
                 )
                 self._thread.start()
-        self._wake.set()
+            # Wake the thread only if this lease is due before its next wake-up:
+            # a wake-up per task would cost a context switch per task.
+            wake = lease.next_due < self._wake_at
+        if wake:
+            self._wake.set()
 
     def discard(self, lease: Lease) -> None:
         with self._mutex:
@@ -92,6 +97,7 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stopped:
+            self._wake.clear()  # before reading: an add() from now on interrupts the wait
             with self._mutex:
                 leases = list(self._leases)
             now = self._clock()
@@ -100,9 +106,10 @@ class Heartbeat:
                 self.renew(due)
             with self._mutex:
                 pending = [lease.next_due for lease in self._leases]
-            wait = (min(pending) - self._clock()) if pending else 5.0
-            self._wake.wait(timeout=max(0.01, min(wait, 5.0)))
-            self._wake.clear()
+                now = self._clock()
+                wait = max(0.01, min((min(pending) - now) if pending else 5.0, 5.0))
+                self._wake_at = now + wait
+            self._wake.wait(timeout=wait)
 
     def renew(self, leases: list[Lease]) -> None:
         """Renew ``leases`` now in one round trip; mark the ones that are gone."""
