@@ -154,6 +154,12 @@ def _budget(owner: str, name: str, raw: Any) -> Any:
     return parse_bucket(f"{owner}: option {name!r}", raw)
 
 
+def _pool(owner: str, name: str, raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise _err(owner, name, f"must be a whole number >= 1, got {raw!r}")
+    return raw
+
+
 def _string(*, optional: bool = False) -> Callable[[str, str, Any], Any]:
     def parse(owner: str, name: str, raw: Any) -> str | None:
         if raw is None and optional:
@@ -378,6 +384,15 @@ SETTINGS: dict[str, Option] = {
             _choice(("postgres", "redis")),
         ),
         Option(
+            "reliable_database_pool_size",
+            10,
+            "connections",
+            "Connections per worker process in celery-reliable's PostgreSQL pool (as many "
+            "again may overflow). Each running idempotent task holds one for its whole run: "
+            "keep it at least the worker's concurrency per process (threads, gevent).",
+            lambda owner, name, raw: _pool(owner, name, raw),
+        ),
+        Option(
             "reliable_database_lock_timeout",
             5.0,
             "seconds",
@@ -454,6 +469,7 @@ class ReliableSettings:
     key_prefix: str
     idempotency_store: str = "postgres"
     database_lock_timeout: float = 5.0
+    database_pool_size: int = 10
     queue_rate_limits: Mapping[str, BucketSpec] = field(default_factory=dict)
     bulkheads: Mapping[str, TierSpec] = field(default_factory=dict)
     retry_budget: BucketSpec | None = None
@@ -472,6 +488,7 @@ class ReliableSettings:
             key_prefix=values["reliable_key_prefix"],
             idempotency_store=values["reliable_idempotency_store"],
             database_lock_timeout=values["reliable_database_lock_timeout"],
+            database_pool_size=values["reliable_database_pool_size"],
             queue_rate_limits=values["reliable_queue_rate_limits"],
             bulkheads=values["reliable_bulkheads"],
             retry_budget=values["reliable_retry_budget"],

@@ -170,6 +170,8 @@ class Runtime:
                     self._engine = make_engine(
                         self.settings.database_url,
                         lock_timeout=self.settings.database_lock_timeout,
+                        pool_size=self.settings.database_pool_size,
+                        max_overflow=self.settings.database_pool_size,
                     )
         return self._engine
 
