@@ -33,7 +33,7 @@ fi
 stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   log="$(mktemp)"
-  if ! "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev,bench]" >"$log" 2>&1; then
+  if ! "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev,prometheus]" >"$log" 2>&1; then
     cat "$log" >&2
     exit 1
   fi
