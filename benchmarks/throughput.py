@@ -190,6 +190,16 @@ def progress(msg: str) -> None:
 # --------------------------------------------------------------------------- redis-server
 
 
+def _die_with_parent() -> None:
+    """In a child, before exec: get SIGTERM if the benchmark dies (even by SIGKILL). Linux only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -223,6 +233,7 @@ def throwaway_redis(binary: str, tmp: Path, name: str) -> Iterator[tuple[int, st
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(home), "--logfile", str(log)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         try:
             probe = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
@@ -427,6 +438,7 @@ class Fleets:
                     self.procs[name] = subprocess.Popen(
                         cmd, cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL, start_new_session=True,
+                        preexec_fn=_die_with_parent,
                     )
                 self.logs[name] = log
 
@@ -571,7 +583,7 @@ def versions(redis_version: str, pg_version: str) -> dict[str, str]:
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
-            return "?"
+            return "not installed"
 
     return {
         "python": platform.python_version(),
@@ -585,6 +597,20 @@ def versions(redis_version: str, pg_version: str) -> dict[str, str]:
         "redis-server": redis_version,
         "postgresql": pg_version,
     }
+
+
+def library_revision() -> str:
+    """The git commit of the checkout, and whether celery_reliable/ has uncommitted changes."""
+    root = HERE.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "celery_reliable"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{commit}" + (" + uncommitted changes under celery_reliable/" if dirty else "")
 
 
 def fmt_table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
@@ -606,20 +632,22 @@ def num(value: float, digits: int = 2) -> str:
 
 
 def table(results: list[Result]) -> str:
-    header = ["contender", "tasks/s (median)", "vs plain", "rounds min..max /s",
-              "Redis round trips/task", "Redis cmds/task (incl. Lua)", "PG xacts/task"]
+    header = ["contender", "tasks/s (median)", "vs plain", "same-round vs plain (median)",
+              "rounds min..max /s", "Redis round trips/task", "Redis cmds/task (incl. Lua)",
+              "PG xacts/task"]
     rows = []
     for r in results:
         rows.append([
             r.name,
             f"{r.median_tasks_per_s:,.0f}",
             f"{r.ratio_vs_plain:.2f}x",
+            f"{statistics.median(r.per_round_ratios):.2f}x",
             f"{min(r.rounds_tasks_per_s):,.0f}..{max(r.rounds_tasks_per_s):,.0f}",
             num(r.redis_round_trips_per_task),
             num(r.redis_commands_per_task),
             num(r.pg_transactions_per_task),
         ])
-    return fmt_table(header, rows, right={1, 2, 3, 4, 5, 6})
+    return fmt_table(header, rows, right={1, 2, 3, 4, 5, 6, 7})
 
 
 def targets(results: list[Result]) -> str:
@@ -674,6 +702,10 @@ def reproduce_command(args: argparse.Namespace) -> str:
            f"--warmup {args.warmup} --count-tasks {args.count_tasks}")
     if args.contenders != [c.name for c in CONTENDERS]:
         cmd += " --contenders " + ",".join(args.contenders)
+    if args.postgres_url != DEFAULT_ADMIN_URL:
+        cmd += f" --postgres-url {args.postgres_url}"
+    if args.redis_server != "redis-server":
+        cmd += f" --redis-server {args.redis_server}"
     if args.json:
         cmd += f" --json {args.json}"
     return cmd
@@ -738,12 +770,14 @@ def run(args: argparse.Namespace, stack: ExitStack, tmp: Path, binary: str,
     pg = PgStats(args.postgres_url, db_name)
     stack.callback(pg.close)
     header["versions"] = versions(redis_version, pg.version())
+    header["library_revision"] = library_revision()
     header["services"] = {
         "broker": f"redis://127.0.0.1:{broker_port}/0 (completion reports in db 1)",
         "reliable_redis_url": f"redis://127.0.0.1:{reliable_port}/0",
         "database": db_name,
     }
     print("# " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()))
+    print(f"# library at commit {header['library_revision']}")
     print("# " + "; ".join(f"{k}: {v}" for k, v in header["services"].items()), flush=True)
 
     env = dict(os.environ)
@@ -853,6 +887,12 @@ def main(argv: list[str] | None = None) -> int:
                 results = run(args, stack, tmp, binary, header)
             except BenchmarkError as exc:
                 print(f"error: {exc}", file=sys.stderr)
+                return 1
+            except psycopg.Error as exc:
+                print(f"error: PostgreSQL ({args.postgres_url}): {exc}", file=sys.stderr)
+                return 1
+            except redis.RedisError as exc:
+                print(f"error: Redis: {exc!r}", file=sys.stderr)
                 return 1
             except KeyboardInterrupt:
                 print("interrupted; cleaning up", file=sys.stderr)

@@ -1,18 +1,44 @@
 """In-process counters of what the guards did.
 
 Always on and cheap (a dict increment). They are readable from Python
-(:func:`snapshot`) and are the source for the Prometheus exporter.
+(:func:`snapshot`) and are the source for the Prometheus exporter, which
+installs itself as this module's *sink* (:func:`set_sink`): every
+:func:`inc` and :func:`observe` is forwarded to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
+from collections.abc import Callable, Mapping
 
-__all__ = ["inc", "snapshot"]
+__all__ = ["Sink", "inc", "observe", "set_sink", "snapshot"]
+
+#: ``sink(name, amount_or_value, labels)``: receives every increment and observation.
+Sink = Callable[[str, float, Mapping[str, str]], None]
 
 _counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
 _mutex = threading.Lock()
+_sink: Sink | None = None
+
+
+def set_sink(sink: Sink | None) -> Sink | None:
+    """Forward every :func:`inc`/:func:`observe` to ``sink`` (None: stop); returns the old one.
+
+    A sink must be quick and thread-safe; whatever it raises is swallowed (a
+    metric must never change what a task does).
+    """
+    global _sink
+    old, _sink = _sink, sink
+    return old
+
+
+def _forward(name: str, amount: float, labels: Mapping[str, str]) -> None:
+    sink = _sink
+    if sink is not None:
+        with contextlib.suppress(Exception):  # a metric never breaks the caller
+            sink(name, amount, labels)
 
 
 def inc(name: str, amount: int = 1, **labels: str) -> None:
@@ -20,6 +46,12 @@ def inc(name: str, amount: int = 1, **labels: str) -> None:
     key = (name, tuple(sorted(labels.items())))
     with _mutex:
         _counts[key] += amount
+    _forward(name, amount, labels)
+
+
+def observe(name: str, value: float, **labels: str) -> None:
+    """One observation for histogram ``name`` (only forwarded to the sink; not counted here)."""
+    _forward(name, value, labels)
 
 
 def snapshot() -> dict[tuple[str, tuple[tuple[str, str], ...]], int]:

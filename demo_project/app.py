@@ -1,18 +1,34 @@
-"""The demo's Celery app: payment captures serialised per order, and a singleton report.
+"""The demo's Celery app: a small shop's payments, emails, partner sync and reports.
 
-Run a worker with ``celery -A demo_project.app worker -Q demo``. Everything is
-configured from the environment (defaults suit the local services):
+Run a worker with ``celery -A demo_project.app worker -Q demo,emails``.
+Everything is configured from the environment (defaults suit the local
+services):
 
-=========================  ==============================================
-``DEMO_BROKER_URL``        broker (``redis://127.0.0.1:6379/0``)
-``DEMO_RESULT_URL``        result backend (``redis://127.0.0.1:6379/1``)
-``DEMO_RELIABLE_REDIS_URL`` locks and fencing counters (``.../2``)
-``DEMO_DATABASE_URL``      PostgreSQL (``postgresql://postgres@127.0.0.1:5432/postgres``)
-``DEMO_PREFIX``            celery-reliable key prefix (``reliable-demo``)
-=========================  ==============================================
+===========================  ==============================================
+``DEMO_BROKER_URL``          broker (``redis://127.0.0.1:6379/0``)
+``DEMO_RESULT_URL``          result backend (``redis://127.0.0.1:6379/1``)
+``DEMO_RELIABLE_REDIS_URL``  celery-reliable's state (``.../2``)
+``DEMO_DATABASE_URL``        PostgreSQL (``postgresql://postgres@127.0.0.1:5432/postgres``)
+``DEMO_PREFIX``              celery-reliable key prefix (``reliable-demo``)
+===========================  ==============================================
 
-The tasks also leave a few observations in Redis (under the demo's key
-prefix) so the runner can show what happened; a real app would not.
+What each task shows:
+
+* ``capture_payment``: a fencing-token lock per order, idempotency with the
+  payment row written in the same transaction as the idempotency record, the
+  ``critical`` bulkhead tier, ``acks_late`` + ``reject_on_worker_lost``.
+* ``cancel_order``: the same lock, so a capture and a cancellation of one
+  order never overlap; its fenced write outranks a stalled capture's.
+* ``send_email``: queue ``emails``, drained through one fleet-wide token bucket.
+* ``notify_partner``: a flaky partner API behind a shared circuit breaker,
+  retried with exponential backoff and full jitter.
+* ``render_report``: the ``optional`` tier, which drops work when full.
+* ``rebuild_daily_report``: a singleton (``lock_contention="skip"``).
+
+The tasks also leave observations in Redis (under the demo's key prefix) and
+take a few instrumentation arguments (``gate``, ``partner``, ``campaign``,
+``batch``) so the runner can inject faults and verify what happened; a real
+app would not.
 """
 
 from __future__ import annotations
@@ -30,10 +46,9 @@ import sqlalchemy as sa
 from celery import Celery, signals
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session
 
-from celery_reliable import ReliableTask, StaleFenceToken
-from celery_reliable.task import DEFER_HEADER
+from celery_reliable import Backoff, ReliableTask
+from celery_reliable.task import DEFER_HEADER, PREV_DELAY_HEADER
 
 
 def _env(name: str, default: str) -> str:
@@ -46,11 +61,26 @@ RELIABLE_REDIS_URL = _env("DEMO_RELIABLE_REDIS_URL", "redis://127.0.0.1:6379/2")
 DATABASE_URL = _env("DEMO_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 PREFIX = _env("DEMO_PREFIX", "reliable-demo")
 
-#: The only queue the demo publishes to and consumes from.
+#: The queues the demo publishes to and its workers consume.
 QUEUE = "demo"
+EMAIL_QUEUE = "emails"
+QUEUES = (QUEUE, EMAIL_QUEUE)
+
 #: Lease of an order's lock. Short so the paused-holder scenario is quick.
 CAPTURE_LOCK_TTL = 2.0
+#: Lease of a capture in progress: a killed capture's redelivery takes over after it.
+CAPTURE_LEASE = 3.0
 REPORT_LOCK_TTL = 10.0
+#: The ``emails`` queue's fleet-wide bucket.
+EMAIL_RATE = 20.0
+EMAIL_BURST = 5.0
+#: The partner API's shared circuit breaker.
+PARTNER_BREAKER = {"failure_threshold": 3, "window": 6, "min_calls": 3, "open_seconds": 2.0,
+                   "success_threshold": 2, "half_open_max": 2}
+PARTNER_BACKOFF = Backoff.exponential(base=0.2, cap=2.0, jitter="full", max_attempts=10)
+#: The tier the reports run in (at most this many at once, fleet-wide; extras dropped).
+REPORT_TIER = "optional"
+REPORT_SLOTS = 2
 #: Observations the tasks leave in Redis expire on their own after this long.
 NOTE_TTL = 3600
 
@@ -59,7 +89,14 @@ app.conf.update(
     reliable_redis_url=RELIABLE_REDIS_URL,
     reliable_database_url=DATABASE_URL,
     reliable_key_prefix=PREFIX,
+    reliable_queue_rate_limits={EMAIL_QUEUE: {"rate": EMAIL_RATE, "burst": EMAIL_BURST}},
+    reliable_circuit_breakers={"partner": PARTNER_BREAKER},
+    # Tiers merge over the defaults (critical 5 slots/wait, optional 4/drop);
+    # leases short so a killed worker's slot comes back quickly.
+    reliable_bulkheads={"critical": {"lease": 10},
+                        REPORT_TIER: {"concurrent": REPORT_SLOTS, "lease": 10}},
     task_default_queue=QUEUE,
+    task_routes={"demo.send_email": {"queue": EMAIL_QUEUE}},
     task_serializer="json",
     result_serializer="json",
     result_expires=NOTE_TTL,
@@ -71,15 +108,27 @@ app.conf.update(
 
 metadata = sa.MetaData()
 
-#: One row per order: who captured its payment, with which fencing token.
-orders = sa.Table(
-    "demo_orders",
+#: The effect that must happen exactly once: one row per captured payment.
+payments = sa.Table(
+    "demo_payments",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("order_id", sa.Text, nullable=False, index=True),
+    sa.Column("amount", sa.Numeric(12, 2), nullable=False),
+    sa.Column("token", sa.BigInteger, nullable=False),
+    sa.Column("worker", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+)
+
+#: An order's status, written only under its lock and fenced by the lock's token.
+order_status = sa.Table(
+    "demo_order_status",
     metadata,
     sa.Column("order_id", sa.Text, primary_key=True),
-    sa.Column("captured_by", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
     sa.Column("token", sa.BigInteger, nullable=False),
-    sa.Column("amount", sa.Numeric(12, 2), nullable=False),
-    sa.Column("captured_at", sa.DateTime(timezone=True), nullable=False,
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False,
               server_default=sa.func.now()),
 )
 
@@ -95,14 +144,6 @@ def sqlalchemy_url(url: str = DATABASE_URL) -> str:
 _per_process: dict[tuple[int, str], Any] = {}
 
 
-def engine() -> sa.Engine:
-    """This process's engine (never shared across a prefork fork)."""
-    key = (os.getpid(), "engine")
-    if key not in _per_process:
-        _per_process[key] = sa.create_engine(sqlalchemy_url(), pool_pre_ping=True)
-    return _per_process[key]  # type: ignore[no-any-return]
-
-
 def notes() -> redis.Redis:
     """This process's Redis client for the demo's observations."""
     key = (os.getpid(), "redis")
@@ -116,6 +157,13 @@ def note_key(*parts: str) -> str:
     return ":".join(["{" + PREFIX + "}", "demo", *parts])
 
 
+def note(key: str, value: Any) -> None:
+    """Append one observation (JSON) to a list that expires on its own."""
+    r = notes()
+    r.rpush(key, json.dumps(value))
+    r.expire(key, NOTE_TTL)
+
+
 def process_start(pid: int | str = "self") -> str | None:
     """Kernel start time of a process: with its pid, it names one process unambiguously."""
     try:
@@ -125,51 +173,148 @@ def process_start(pid: int | str = "self") -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-# -------------------------------------------------------------------- tasks
+def header(task: ReliableTask, name: str) -> Any:
+    """A message header of the running task (Celery exposes them two ways)."""
+    request = task.request
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
+def wait_gate(gate: str, timeout: float = 60.0) -> None:
+    """Demo instrumentation: block until the runner sets ``gate`` (a Redis key)."""
+    r = notes()
+    deadline = time.monotonic() + timeout
+    while not r.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+# ----------------------------------------------------------------- payments
 
 @app.task(base=ReliableTask, bind=True, name="demo.capture_payment",
-          lock="order:{order_id}", lock_ttl=CAPTURE_LOCK_TTL, acks_late=True,
-          defer_delay=0.05, defer_max_delay=0.4)
-def capture_payment(self: ReliableTask, order_id: str, amount: str, attempt: str,
-                    gateway_seconds: float = 0.1, hold_until: str | None = None
-                    ) -> dict[str, Any]:
-    """Capture an order's payment; one capture per order at a time, fenced in PostgreSQL.
+          lock="order:{order_id}", lock_ttl=CAPTURE_LOCK_TTL,
+          idempotency_key="capture:{order_id}", idempotency_lease=CAPTURE_LEASE,
+          bulkhead="critical", acks_late=True, reject_on_worker_lost=True,
+          defer_delay=0.05, defer_max_delay=0.5)
+def capture_payment(self: ReliableTask, order_id: str, amount: str,
+                    gateway_seconds: float = 0.2, gate: str | None = None,
+                    gate_at: str = "before-write") -> dict[str, Any]:
+    """Capture an order's payment: exactly one payment row per order, fenced.
 
-    ``hold_until`` (demo instrumentation) names a Redis key the task waits for
-    before it writes, so the runner can pause it at a known point.
+    The row, the order's status, the idempotency record and the result commit
+    in one PostgreSQL transaction when the task returns. ``gate`` (demo
+    instrumentation) holds the task ``before-write`` or ``after-write`` until
+    the runner sets that Redis key.
+    """
+    token = self.fence_token
+    me = {"pid": os.getpid(), "proc_start": process_start(), "worker": worker_name(),
+          "token": token, "retries": self.request.retries,
+          "deferrals": int(header(self, DEFER_HEADER) or 0), "at": time.time()}
+    note(note_key(order_id, "started"), me)
+    if gate is not None and gate_at == "before-write":
+        wait_gate(gate)
+    with self.idempotent_transaction() as session:
+        self.fence.check_postgres(session)  # a stale lock holder stops here
+        session.execute(sa.insert(payments).values(
+            order_id=order_id, amount=Decimal(amount), token=token, worker=me["worker"]))
+        row = {"status": "captured", "token": token}
+        session.execute(insert(order_status).values(order_id=order_id, **row)
+                        .on_conflict_do_update(index_elements=[order_status.c.order_id],
+                                               set_={**row, "updated_at": sa.func.now()}))
+    note(note_key(order_id, "written"), me)
+    time.sleep(gateway_seconds)  # the payment gateway call
+    if gate is not None and gate_at == "after-write":
+        wait_gate(gate)
+    return {"order_id": order_id, "amount": amount, "status": "captured", "token": token,
+            "pid": me["pid"], "worker": me["worker"]}
+
+
+@app.task(base=ReliableTask, bind=True, name="demo.cancel_order",
+          lock="order:{order_id}", lock_ttl=CAPTURE_LOCK_TTL,
+          idempotency_key="cancel:{order_id}", idempotency_lease=CAPTURE_LEASE,
+          bulkhead="critical", acks_late=True, reject_on_worker_lost=True,
+          defer_delay=0.05, defer_max_delay=0.5)
+def cancel_order(self: ReliableTask, order_id: str, reason: str) -> dict[str, Any]:
+    """Cancel an order: under the order's lock, fenced like a capture."""
+    token = self.fence_token
+    with self.idempotent_transaction() as session:
+        self.fence.check_postgres(session)
+        row = {"status": "cancelled", "token": token}
+        session.execute(insert(order_status).values(order_id=order_id, **row)
+                        .on_conflict_do_update(index_elements=[order_status.c.order_id],
+                                               set_={**row, "updated_at": sa.func.now()}))
+    return {"order_id": order_id, "status": "cancelled", "reason": reason, "token": token}
+
+
+# ------------------------------------------------------------------ partner
+
+class PartnerUnavailable(ConnectionError):
+    """The partner API did not answer (a connection error: retried, counted by the breaker)."""
+
+
+@app.task(base=ReliableTask, bind=True, name="demo.notify_partner",
+          circuit_breaker="partner", backoff=PARTNER_BACKOFF, retry_budget="20/s",
+          defer_delay=0.2, defer_max_delay=1.0)
+def notify_partner(self: ReliableTask, order_id: str, partner: str) -> dict[str, Any]:
+    """Tell the shipping partner about an order.
+
+    The partner is simulated (demo instrumentation): it is down while the
+    Redis key ``<partner>:down`` exists, and each call is recorded.
     """
     r = notes()
-    started = time.time()
-    token = self.fence_token
-    me = {"attempt": attempt, "token": token, "pid": os.getpid(), "host": socket.gethostname(),
-          "retries": self.request.retries,
-          "deferrals": int(self.request.get(DEFER_HEADER) or 0)}
-    r.set(note_key(order_id, "running", attempt),
-          json.dumps({**me, "proc_start": process_start()}), ex=NOTE_TTL)
-    time.sleep(gateway_seconds)  # the payment gateway call
-    if hold_until is not None:
-        deadline = time.monotonic() + 60
-        while not r.exists(hold_until) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    outcome = dict(me)
+    prev = header(self, PREV_DELAY_HEADER)
+    call = {"order_id": order_id, "at": time.time(), "retries": self.request.retries,
+            "prev_delay": None if prev is None else float(prev),
+            "deferrals": int(header(self, DEFER_HEADER) or 0), "pid": os.getpid()}
+    time.sleep(0.05)  # the HTTP round trip
+    call["ok"] = not r.exists(note_key(partner, "down"))
+    note(note_key(partner, "calls"), call)
+    if not call["ok"]:
+        raise PartnerUnavailable(f"partner {partner} is not answering")
+    return {"order_id": order_id, "notified": True, "deferrals": call["deferrals"],
+            "retries": call["retries"]}
+
+
+# ------------------------------------------------------------------- emails
+
+@app.task(base=ReliableTask, bind=True, name="demo.send_email", ignore_result=True,
+          defer_delay=0.1, defer_max_delay=1.0)
+def send_email(self: ReliableTask, to: str, template: str, campaign: str) -> None:
+    """Send one email; queue ``emails`` is drained at the bucket's rate, fleet-wide."""
+    note(note_key(campaign, "sent"), {"at": time.time(), "to": to, "pid": os.getpid()})
+    time.sleep(0.01)  # the SMTP call
+
+
+# ------------------------------------------------------------------ reports
+
+# Count report bodies running at once and keep the maximum, atomically.
+_ENTER = """
+local v = redis.call('INCR', KEYS[1])
+if v > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], v) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return v
+"""
+
+
+@app.task(base=ReliableTask, bind=True, name="demo.render_report", bulkhead=REPORT_TIER)
+def render_report(self: ReliableTask, report_id: str, batch: str,
+                  seconds: float = 0.5) -> dict[str, Any]:
+    """An optional report: when its tier is full, it is dropped (state DROPPED)."""
+    r = notes()
+    active, peak = note_key(batch, "active"), note_key(batch, "max-active")
+    r.eval(_ENTER, 2, active, peak, NOTE_TTL)
     try:
-        with Session(engine()) as session, session.begin():
-            self.fence.check_postgres(session)
-            row = {"captured_by": attempt, "token": token, "amount": Decimal(amount)}
-            session.execute(
-                insert(orders).values(order_id=order_id, **row)
-                .on_conflict_do_update(index_elements=[orders.c.order_id],
-                                       set_={**row, "captured_at": sa.func.now()})
-            )
-        outcome["write"] = "committed"
-    except StaleFenceToken as exc:
-        outcome.update(write="stale", current=exc.current, lock_lost=self.lock_lost)
-        raise
+        time.sleep(seconds)
     finally:
-        outcome.update(start=started, end=time.time())
-        r.rpush(note_key(order_id, "executions"), json.dumps(outcome))
-        r.expire(note_key(order_id, "executions"), NOTE_TTL)
-    return outcome
+        r.decr(active)
+    note(note_key(batch, "ran"), report_id)
+    return {"report": report_id, "pid": os.getpid()}
 
 
 @app.task(base=ReliableTask, bind=True, name="demo.rebuild_daily_report",
