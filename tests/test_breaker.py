@@ -190,3 +190,23 @@ def test_unknown_breaker_fails_at_bind(celery_app: Celery) -> None:
         celery_app.task(base=ReliableTask, shared=False, name="cb.x", circuit_breaker="nope")(
             f
         )._get_current_object()
+
+
+def test_slow_calls_count_as_failures(celery_app: Celery,
+                                      celery_worker: TestWorkController) -> None:
+    celery_app.conf.reliable_circuit_breakers = {
+        "slowpoke": {"failure_threshold": 2, "window": 2, "min_calls": 2, "open_seconds": 30,
+                     "slow_call_seconds": 0.2}}
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="cb.slow",
+                     circuit_breaker="slowpoke")
+    def slow(self: Any, seconds: float) -> str:
+        time.sleep(seconds)
+        return "done"
+
+    celery_worker.reload()
+    assert slow.delay(0.0).get(timeout=10) == "done"
+    assert breaker_state(celery_app, "slowpoke") == 0
+    for _ in range(2):
+        assert slow.delay(0.3).get(timeout=10) == "done"  # succeeded, but too slowly
+    assert breaker_state(celery_app, "slowpoke") == 1

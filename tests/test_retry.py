@@ -276,3 +276,50 @@ def test_fence_and_lock_metrics(celery_app: Celery, celery_worker: TestWorkContr
     wait_for(lambda: metrics.value("reliable_lock_acquire_total", result="busy-skip") == busy + 1,
              10, "the skip")
     held.release()
+
+
+def test_dont_autoretry_for_wins(celery_app: Celery, celery_worker: TestWorkController) -> None:
+    """A transient-looking error listed in dont_autoretry_for is not retried."""
+    calls: list[int] = []
+
+    class Refused(ConnectionRefusedError):
+        pass
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.never",
+                     dont_autoretry_for=(Refused,),
+                     backoff=Backoff.exponential(0.02, 0.05, max_attempts=4))
+    def never(self: Any) -> None:
+        calls.append(1)
+        raise Refused("the partner said no")
+
+    celery_worker.reload()
+    with pytest.raises(ConnectionRefusedError):  # the backend rebuilds a local class as its base
+        never.delay().get(timeout=10)
+    assert calls == [1]
+    [letter] = letters(celery_app, "r.never")
+    assert letter.reason == "not retryable"
+
+
+def test_purge_older_than(celery_app: Celery, celery_worker: TestWorkController) -> None:
+    from celery_reliable import deadletter
+    from celery_reliable.runtime import runtime_for
+
+    engine = runtime_for(celery_app).engine
+    old = deadletter.record(engine, task_name="r.purge", task_id="t1", args=[1], kwargs={},
+                            exc=ValueError("x"), attempts=1, reason="failed", queue=None,
+                            first_failure_at=None)
+    with engine.begin() as conn:
+        import sqlalchemy as sa
+
+        from celery_reliable.schema import dead_letters
+
+        conn.execute(sa.update(dead_letters).where(dead_letters.c.id == old)
+                     .values(last_failure_at=sa.func.now() - sa.text("interval '3 days'")))
+    fresh = deadletter.record(engine, task_name="r.purge", task_id="t2", args=[2], kwargs={},
+                              exc=ValueError("y"), attempts=1, reason="failed", queue=None,
+                              first_failure_at=None)
+    dead = DeadLetters(celery_app)
+    assert dead.purge(older_than_days=2) == 1
+    assert [letter.id for letter in dead.list(task_name="r.purge")] == [fresh]
+    with pytest.raises(KeyError, match=f"no dead letter with id {old}"):
+        dead.get(old)
