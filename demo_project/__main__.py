@@ -1,22 +1,29 @@
-"""``python -m demo_project``: run a real worker fleet and show each guard at work.
+"""``python -m demo_project``: run a real worker fleet, inject faults, verify each guarantee.
 
-Starts two ``celery -A demo_project.app worker`` processes (prefork, two
-children each, queue ``demo``), then runs three scenarios against them and
-ends with a PASS/FAIL table; the exit code is 1 if anything failed, 2 if
-Redis or PostgreSQL cannot be reached. ``--external-workers`` (or
-``DEMO_EXTERNAL_WORKERS=1``) uses workers that already consume ``demo``
-instead; the paused-holder scenario then needs to see their processes (same
-host, or ``pid: service:worker`` in Docker Compose).
+Starts three ``celery -A demo_project.app worker`` processes (prefork, two
+children each, queues ``demo`` and ``emails``), then runs the scenarios:
+duplicate payment submissions, kill -9 of the process capturing a payment, a
+lock holder paused past its lease, a partner outage behind the circuit
+breaker, an email campaign through the fleet-wide bucket, a report flood on
+the optional tier and a singleton report. It ends with a table of each
+guarantee (configured, observed, PASS/FAIL).
 
-Only the demo's own things are touched: its queue, its key prefix, the rows
-of its own orders and fences, and its ``demo_orders`` table.
+Exit code: 0 all PASS, 1 any FAIL, 2 if Redis or PostgreSQL cannot be
+reached (or another run is using the same key prefix), 130 if interrupted.
+``--external-workers`` (or ``DEMO_EXTERNAL_WORKERS=1``) uses workers that
+already consume ``demo`` and ``emails`` instead; the kill and pause scenarios
+then need to see their processes (same host, or one PID namespace in Docker
+Compose: ``pid: service:worker``).
+
+Only the demo's own things are touched: its queues, its key prefix, the rows
+of this run's orders, fences, idempotency records and dead letters, and its
+``demo_*`` tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import secrets
@@ -26,8 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,49 +43,69 @@ from celery.result import AsyncResult
 from celery.states import READY_STATES
 from sqlalchemy.engine import make_url
 
-from celery_reliable import SKIPPED, ConfigurationError, StaleFenceToken, create_tables
-from celery_reliable.keys import KeySpace
-from celery_reliable.schema import fences
+from celery_reliable import (
+    DROPPED,
+    SKIPPED,
+    ConfigurationError,
+    breaker_state,
+    bulkhead_stats,
+    create_tables,
+)
+from celery_reliable.config import ReliableSettings
+from celery_reliable.keys import KeySpace, idempotency_digest
+from celery_reliable.schema import dead_letters, fences, idempotency
 
 from . import app as demo
+from . import checks
 from .app import (
     CAPTURE_LOCK_TTL,
-    QUEUE,
+    PARTNER_BACKOFF,
+    QUEUES,
+    REPORT_TIER,
     app,
+    cancel_order,
     capture_payment,
     note_key,
-    orders,
+    notify_partner,
+    order_status,
+    payments,
     process_start,
     rebuild_daily_report,
+    render_report,
+    send_email,
 )
+from .checks import Verdict
+from .ui import UI, PlainUI, make_ui
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKERS = 2
+WORKERS = 3
 CONCURRENCY = 2
-HOT_CAPTURES = 20
-OTHER_ORDERS = 3
-CAPTURES_PER_OTHER = 2
-DUPLICATES = 2
+DUPLICATES = 20
+PARTNER_TASKS = 12
+OUTAGE = 4.0
+EMAILS = 150
+REPORTS = 24
+REPORT_RATE = 12.0  # reports offered per second
+REPORT_SECONDS = 0.5
+SINGLETON_DUPLICATES = 2
+#: Another run's claim on the key prefix expires after this long (a killed runner).
+CLAIM_TTL = 150
 
 HOW_TO_START = ("start them with `docker compose up -d redis postgres`, or point "
                 "DEMO_BROKER_URL / DEMO_RESULT_URL / DEMO_RELIABLE_REDIS_URL / "
                 "DEMO_DATABASE_URL at running servers")
+
+FINAL_STATES = frozenset(READY_STATES) | {SKIPPED, DROPPED}
+
+ui: UI = PlainUI()
 
 
 class Unavailable(Exception):
     """A service or the worker fleet is not there; one line says what to do."""
 
 
-@dataclass
-class Outcome:
-    scenario: str
-    configured: str
-    observed: str
-    passed: bool
-
-
 def say(line: str = "") -> None:
-    print(line, flush=True)
+    ui.line(line)
 
 
 def safe_url(url: str) -> str:
@@ -112,7 +138,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
 def check_services() -> sa.Engine:
     """Reach every Redis and PostgreSQL the demo uses, or raise Unavailable."""
     for what, url in (("Redis (broker)", demo.BROKER_URL), ("Redis (results)", demo.RESULT_URL),
-                      ("Redis (locks)", demo.RELIABLE_REDIS_URL)):
+                      ("Redis (celery-reliable)", demo.RELIABLE_REDIS_URL)):
         try:
             client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
             try:
@@ -132,10 +158,36 @@ def check_services() -> sa.Engine:
     return engine
 
 
-def purge_queue() -> int:
-    """Drop messages left in the demo's own queue by an interrupted earlier run."""
+def purge_queues() -> int:
+    """Drop messages left in the demo's own queues by an interrupted earlier run."""
     with app.connection_for_write() as conn:
-        return int(conn.default_channel.queue_purge(QUEUE) or 0)
+        return sum(int(conn.default_channel.queue_purge(q) or 0) for q in QUEUES)
+
+
+class Claim:
+    """This run's claim on the key prefix: the guards' state (breaker, bucket,
+    tiers) is fleet-wide, so two runs at once would measure each other."""
+
+    RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
+
+    def __init__(self, client: redis.Redis, run: str) -> None:
+        self.client, self.run = client, run
+        self.key = note_key("run")
+
+    def take(self) -> str | None:
+        """None if claimed, else the other run's id."""
+        if self.client.set(self.key, self.run, nx=True, ex=CLAIM_TTL):
+            return None
+        return str(self.client.get(self.key) or "?")
+
+    def refresh(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            if self.client.get(self.key) == self.run:
+                self.client.expire(self.key, CLAIM_TTL)
+
+    def release(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.client.eval(self.RELEASE, 1, self.key, self.run)
 
 
 # ------------------------------------------------------------------- workers
@@ -150,8 +202,9 @@ class Fleet:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.names: list[str] = []
         self.paused: set[int] = set()
+        self.processes = WORKERS * CONCURRENCY  # task-executing processes, fleet-wide
 
-    def start(self, timeout: float = 40) -> str:
+    def start(self, timeout: float = 60) -> str:
         if self.external:
             return self._find_external(timeout=float(os.environ.get("DEMO_WORKER_WAIT", "90")))
         env = dict(os.environ)
@@ -162,8 +215,8 @@ class Fleet:
             log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - the worker writes it
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "demo_project.app", "worker",
-                 "-P", "prefork", "-c", str(CONCURRENCY), "-Q", QUEUE, "-n", f"{name}@%h",
-                 "--without-mingle", "--without-gossip", "-l", "info"],
+                 "-P", "prefork", "-c", str(CONCURRENCY), "-Q", ",".join(QUEUES),
+                 "-n", f"{name}@%h", "--without-mingle", "--without-gossip", "-l", "info"],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             ))
@@ -179,25 +232,36 @@ class Fleet:
                     raise RuntimeError(f"worker {name} not ready after {timeout:.0f}s; "
                                        f"log: {self.tmp / (name + '.log')}")
                 time.sleep(0.05)
-        return (f"{WORKERS} workers (prefork x{CONCURRENCY}, queue {QUEUE!r}), "
+        return (f"{WORKERS} workers (prefork x{CONCURRENCY}, queues {','.join(QUEUES)}), "
                 f"pids {', '.join(str(p.pid) for p in self.procs)}")
 
     def _find_external(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while True:
             replies = app.control.inspect(timeout=1.0).active_queues() or {}
-            found = sorted(host for host, queues in replies.items()
-                           if any(q.get("name") == QUEUE for q in queues or ()))
-            if found:
+            consumed = {host: {q.get("name") for q in queues or ()}
+                        for host, queues in replies.items()}
+            found = sorted(h for h, names in consumed.items() if names & set(QUEUES))
+            if found and all(any(q in names for names in consumed.values()) for q in QUEUES):
                 self.names = found
-                return f"external workers on queue {QUEUE!r}: {', '.join(found)}"
+                stats = app.control.inspect(destination=found, timeout=1.0).stats() or {}
+                total = sum(int((s.get("pool") or {}).get("max-concurrency") or 0)
+                            for s in stats.values())
+                self.processes = total or self.processes
+                if self.processes < 2:
+                    raise Unavailable(f"the demo needs at least 2 worker processes on queues "
+                                      f"{','.join(QUEUES)} (one is paused while another works); "
+                                      f"found {self.processes}")
+                return (f"external workers on queues {','.join(QUEUES)}: {', '.join(found)} "
+                        f"({self.processes} processes)")
             if time.monotonic() > deadline:
-                raise Unavailable(f"no worker consumes queue {QUEUE!r} after {timeout:.0f}s; "
-                                  "start one with `celery -A demo_project.app worker -Q demo` "
-                                  "(or `docker compose up -d worker`)")
+                raise Unavailable(f"no workers consume queues {', '.join(QUEUES)} after "
+                                  f"{timeout:.0f}s; start them with `celery -A demo_project.app "
+                                  f"worker -Q {','.join(QUEUES)}` (or `docker compose up -d "
+                                  "worker worker-2`)")
 
-    def pause(self, pid: int, proc_start: str | None) -> None:
-        """SIGSTOP one worker child, after making sure the pid names that process here."""
+    def verify(self, pid: int, proc_start: str | None) -> None:
+        """Make sure ``pid`` names the task's process here (not a recycled or foreign pid)."""
         here = process_start(pid)
         if proc_start is not None or here is not None:
             if here != proc_start:
@@ -206,6 +270,9 @@ class Fleet:
                     "the demo on the workers' host (Compose: `pid: service:worker`)")
         elif self.external:
             raise RuntimeError("cannot verify the worker's pid without /proc")
+
+    def pause(self, pid: int, proc_start: str | None) -> None:
+        self.verify(pid, proc_start)
         os.kill(pid, signal.SIGSTOP)
         self.paused.add(pid)
 
@@ -213,6 +280,10 @@ class Fleet:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
         self.paused.discard(pid)
+
+    def kill(self, pid: int, proc_start: str | None) -> None:
+        self.verify(pid, proc_start)
+        os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
         for pid in list(self.paused):
@@ -241,36 +312,82 @@ class Fleet:
 # ----------------------------------------------------------------- the demo
 
 class Demo:
-    def __init__(self, fleet: Fleet, engine: sa.Engine) -> None:
+    def __init__(self, fleet: Fleet, engine: sa.Engine, claim: Claim) -> None:
         self.fleet = fleet
         self.engine = engine
+        self.claim = claim
         self.run = fleet.run
         self.r = redis.Redis.from_url(demo.RELIABLE_REDIS_URL, decode_responses=True)
         self.keys = KeySpace(demo.PREFIX)
+        self.settings = ReliableSettings.from_conf(app.conf)
         self.sent: list[str] = []
         self.order_ids: list[str] = []
         self.days: list[str] = []
+        self.step_no = 0
+        self.scenarios: list[Callable[[], list[Verdict]]] = [
+            self.duplicates, self.killed_payment, self.paused_holder, self.partner_outage,
+            self.email_bucket, self.report_flood, self.singleton,
+        ]
 
     # -- helpers
 
+    def ident(self, name: str) -> str:
+        """An id of this run (every note key, order and report embeds the run id)."""
+        return f"d{self.run}-{name}"
+
     def order(self, name: str) -> str:
-        order_id = f"d{self.run}-{name}"
+        order_id = self.ident(name)
         self.order_ids.append(order_id)
         return order_id
 
-    def capture(self, order_id: str, attempt: str, **kwargs: Any) -> AsyncResult:
-        result = capture_payment.apply_async(
-            kwargs={"order_id": order_id, "amount": "19.99", "attempt": attempt, **kwargs})
+    def title(self, text: str) -> str:
+        self.step_no += 1
+        return f"[{self.step_no}/{len(self.scenarios)}] {text}"
+
+    def send(self, task: Any, **kwargs: Any) -> AsyncResult:
+        result = task.apply_async(kwargs=kwargs)
         self.sent.append(result.id)
         return result
 
-    def executions(self, order_id: str) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self.r.lrange(note_key(order_id, "executions"), 0, -1)]
+    def capture(self, order_id: str, **kwargs: Any) -> AsyncResult:
+        return self.send(capture_payment, order_id=order_id, amount="19.99", **kwargs)
 
-    def stored(self, order_id: str) -> Any:
+    def states(self, results: Sequence[AsyncResult]) -> list[str]:
+        """Each result's state, in one round trip to the result backend."""
+        backend = app.backend
+        try:
+            values = backend.mget([backend.get_key_for_task(r.id) for r in results])
+            return [backend.decode_result(v)["status"] if v else "PENDING" for v in values]
+        except AttributeError:  # not a key-value backend
+            return [r.state for r in results]
+
+    def wait_all(self, results: Sequence[AsyncResult], timeout: float, step: Any) -> list[str]:
+        """Wait until every result is final (or the timeout); returns their states."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.states(results)
+            done = sum(s in FINAL_STATES for s in states)
+            step.update(done)
+            if done == len(results):
+                return states
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(results) - done} of {len(results)} tasks unfinished "
+                                   f"after {timeout:.0f}s ({checks.state_counts(states)})")
+            time.sleep(0.1)
+
+    def notes(self, key: str) -> list[Any]:
+        return [json.loads(x) for x in self.r.lrange(key, 0, -1)]
+
+    def payment_rows(self, order_id: str) -> int:
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(orders.c.captured_by, orders.c.token)
-                                .where(orders.c.order_id == order_id)).first()
+            return int(conn.execute(sa.select(sa.func.count()).select_from(payments)
+                                    .where(payments.c.order_id == order_id)).scalar() or 0)
+
+    def status_row(self, order_id: str) -> tuple[str, int] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(order_status.c.status, order_status.c.token)
+                               .where(order_status.c.order_id == order_id)).first()
+        return None if row is None else (str(row.status), int(row.token))
 
     def fence_row(self, resource: str) -> int | None:
         with self.engine.connect() as conn:
@@ -278,152 +395,240 @@ class Demo:
                                  .where(fences.c.resource == resource)).scalar()
         return None if token is None else int(token)
 
-    # -- scenario 1
+    # -- 1: duplicates
 
-    def contending(self) -> Outcome:
-        hot = self.order("hot")
-        others = [self.order(f"o{i + 1}") for i in range(OTHER_ORDERS)]
-        configured = (f"order:{{order_id}} ttl {CAPTURE_LOCK_TTL:g}s defer; {HOT_CAPTURES} "
-                      f"captures of 1 order + {OTHER_ORDERS * CAPTURES_PER_OTHER} others")
-        say(f"[1] contending captures: {HOT_CAPTURES} on order {hot} and "
-            f"{CAPTURES_PER_OTHER} on each of {OTHER_ORDERS} other orders, sent at once")
-        side_jobs = [(others[k % OTHER_ORDERS], f"x{k + 1:02d}")
-                     for k in range(OTHER_ORDERS * CAPTURES_PER_OTHER)]
-        pending = []
-        t0 = time.monotonic()
-        for i in range(HOT_CAPTURES):
-            pending.append(self.capture(hot, f"h{i + 1:02d}"))
-            if i % 3 == 1 and side_jobs:  # interleave the other orders' captures
-                pending.append(self.capture(*side_jobs.pop(0), gateway_seconds=0.3))
-        for job in side_jobs:
-            pending.append(self.capture(*job, gateway_seconds=0.3))
-        deadline = time.monotonic() + 45
-        failed = 0
-        for res in pending:
-            res.get(timeout=max(1.0, deadline - time.monotonic()), propagate=False)
-            failed += res.state != "SUCCESS"
-        took = time.monotonic() - t0
+    def duplicates(self) -> list[Verdict]:
+        order = self.order("dup")
+        with ui.step(self.title(f"duplicate submissions: {DUPLICATES} captures of order "
+                                f"{order} at once"), DUPLICATES) as step:
+            results = [self.capture(order) for _ in range(DUPLICATES)]
+            states = self.wait_all(results, 40, step)
+        values = [r.result if s == "SUCCESS" else None for r, s in zip(results, states,
+                                                                          strict=True)]
+        started = self.notes(note_key(order, "started"))
+        rows = self.payment_rows(order)
+        replayed = sum(s == "SUCCESS" for s in states) - len(started)
+        say(f"    {checks.state_counts(states)}; body ran {len(started)}x "
+            f"(in {started[0]['worker'] if started else '-'}), {replayed} duplicates "
+            "replayed the stored result")
+        say(f"    demo_payments rows for {order}: {rows}")
+        return [checks.check_duplicates(checks.Duplicates(
+            submissions=DUPLICATES, states=states, results=values, executions=len(started),
+            effect_rows=rows))]
 
-        runs = sorted(self.executions(hot), key=lambda e: e["start"])
-        committed = sum(e.get("write") == "committed" for e in runs)
-        overlaps = sum(b["start"] < a["end"] for a, b in itertools.pairwise(runs))
-        gaps = [b["start"] - a["end"] for a, b in itertools.pairwise(runs)]
-        tokens = [e["token"] for e in runs]
-        increasing = all(b > a for a, b in itertools.pairwise(tokens))
-        deferrals = sum(e["deferrals"] for e in runs)
-        retries = sum(e["retries"] for e in runs)
-        pids = {(e["host"], e["pid"]) for e in runs}
-        row = self.stored(hot)
-        last = runs[-1] if runs else {}
-        stored_ok = row is not None and row.token == max(tokens, default=-1) \
-            and row.captured_by == last.get("attempt")
-        side = [e for o in others for e in self.executions(o)]
-        side_ok = sum(e.get("write") == "committed" for e in side)
-        alongside = sum(any(s["start"] < h["end"] and h["start"] < s["end"] for h in runs)
-                        for s in side)
+    # -- 2: kill -9 mid-payment
 
-        say(f"    all {len(pending)} finished in {took:.1f}s ({failed} not SUCCESS); "
-            f"hot order ran in {len(pids)} worker processes")
-        say(f"    hot order: {committed}/{len(runs)} executions committed, "
-            f"{overlaps} overlapping"
-            + (f", gaps between executions {min(gaps) * 1000:.1f}-{max(gaps) * 1000:.0f} ms"
-               if gaps else ""))
-        if tokens:
-            base = tokens[0]
-            shown = " ".join(f"+{t - base}" for t in tokens[1:5])
-            verdict = "strictly increasing" if increasing else "NOT increasing"
-            say(f"    fencing tokens in acquisition order: {base} {shown} ... "
-                f"+{tokens[-1] - base} ({verdict})")
-        say(f"    {deferrals} deferrals while the lock was busy, {retries} retries consumed; "
-            f"demo_orders[{hot}] = {row.captured_by if row else None} "
-            f"token {row.token if row else None}")
-        say(f"    other orders: {side_ok}/{len(side)} committed, {alongside} ran alongside "
-            "a hot-order capture (the lock is per order)")
-        passed = (failed == 0 and len(runs) == HOT_CAPTURES and committed == HOT_CAPTURES
-                  and overlaps == 0 and increasing and retries == 0 and stored_ok
-                  and side_ok == OTHER_ORDERS * CAPTURES_PER_OTHER)
-        observed = (f"{committed}/{HOT_CAPTURES} serialised, {overlaps} overlaps, tokens "
-                    f"{'increasing' if increasing else 'NOT increasing'}, {retries} retries")
-        return Outcome("contending work", configured, observed, passed)
+    def killed_payment(self) -> list[Verdict]:
+        order = self.order("kill9")
+        gate = note_key(order, "gate")
+        killed_pid: int | None = None
+        rows_at_kill = -1
+        with ui.step(self.title(f"kill -9 mid-payment: order {order}"), 3) as step:
+            result = self.capture(order, gate=gate, gate_at="after-write")
+            try:
+                first = json.loads(wait_for(lambda: self.r.lindex(note_key(order, "written"), 0),
+                                            20, "the capture to write its payment row"))
+                step.update(1)
+                rows_at_kill = self.payment_rows(order)
+                self.fleet.kill(first["pid"], first["proc_start"])
+                killed_pid = first["pid"]
+                killed_at = time.monotonic()
+                say(f"    payment row written (uncommitted: {rows_at_kill} rows visible) by "
+                    f"pid {killed_pid} with token {first['token']}: SIGKILL")
+                step.update(2)
+            finally:
+                self.r.set(gate, 1, ex=demo.NOTE_TTL)  # the redelivery must not wait
+            [state] = self.wait_all([result], 40, _Offset(step, 2))
+        took = time.monotonic() - killed_at
+        started = self.notes(note_key(order, "started"))
+        value = result.result if state == "SUCCESS" else None
+        rows = self.payment_rows(order)
+        result_pid = value.get("pid") if isinstance(value, dict) else None
+        say(f"    redelivered and {state} in pid {result_pid} {took:.1f}s after the kill "
+            f"(the dead capture's lease expired first); body ran {len(started)}x")
+        say(f"    demo_payments rows for {order}: {rows}")
+        return [checks.check_killed_payment(checks.KilledPayment(
+            killed_pid=killed_pid, rows_at_kill=rows_at_kill, executions=len(started),
+            final_state=state, result_pid=result_pid, effect_rows=rows))]
 
-    # -- scenario 2
+    # -- 3: paused lock holder
 
-    def paused_holder(self) -> Outcome:
-        order_id = self.order("paused")
-        resource = f"order:{order_id}"
-        gate = note_key(order_id, "gate")
-        configured = f"A SIGSTOPped > lock_ttl {CAPTURE_LOCK_TTL:g}s, B sent meanwhile"
-        say(f"[2] paused lock holder: order {order_id}")
-        a = self.capture(order_id, "A", gateway_seconds=0.0, hold_until=gate)
-        info_a = json.loads(wait_for(
-            lambda: self.r.get(note_key(order_id, "running", "A")), 20, "capture A to start"))
-        self.fleet.pause(info_a["pid"], info_a["proc_start"])
-        paused_at = time.monotonic()
-        say(f"    A holds the lock with token {info_a['token']} in pid {info_a['pid']}: "
-            "SIGSTOP")
-        lock_key = self.keys.lock(resource)
-        try:
-            wait_for(lambda: not self.r.exists(lock_key), CAPTURE_LOCK_TTL + 5,
-                     "A's lock to expire")
-            expired_after = time.monotonic() - paused_at
-            b = self.capture(order_id, "B", gateway_seconds=0.05)
-            b.get(timeout=20, propagate=False)
-            info_b = next((e for e in self.executions(order_id) if e["attempt"] == "B"), {})
-            say(f"    lock expired {expired_after:.1f}s into the pause; B acquired token "
-                f"{info_b.get('token')} and wrote: {info_b.get('write')} ({b.state})")
-        finally:
-            self.r.set(gate, 1, ex=demo.NOTE_TTL)  # let A go on to its write, even if interrupted
-            self.fleet.resume(info_a["pid"])
-        paused_for = time.monotonic() - paused_at
-        a.get(timeout=20, propagate=False)
-        info_a = next((e for e in self.executions(order_id) if e["attempt"] == "A"), {})
-        error = a.result
-        row = self.stored(order_id)
+    def paused_holder(self) -> list[Verdict]:
+        order = self.order("paused")
+        resource = f"order:{order}"
+        gate = note_key(order, "gate")
+        with ui.step(self.title(f"paused lock holder: capture of {order} stopped, order "
+                                "cancelled meanwhile"), 3) as step:
+            a = self.capture(order, gate=gate, gate_at="before-write", gateway_seconds=0.0)
+            info_a = json.loads(wait_for(lambda: self.r.lindex(note_key(order, "started"), 0),
+                                         20, "the capture to start"))
+            self.fleet.pause(info_a["pid"], info_a["proc_start"])
+            paused_at = time.monotonic()
+            say(f"    capture holds the lock with token {info_a['token']} in pid "
+                f"{info_a['pid']}: SIGSTOP")
+            step.update(1)
+            try:
+                wait_for(lambda: not self.r.exists(self.keys.lock(resource)),
+                         CAPTURE_LOCK_TTL + 5, "the capture's lock to expire")
+                expired_after = time.monotonic() - paused_at
+                b = self.send(cancel_order, order_id=order, reason="customer request")
+                b.get(timeout=20, propagate=False)
+                b_value = b.result if b.state == "SUCCESS" else {}
+                say(f"    lock expired {expired_after:.1f}s into the pause; the cancellation "
+                    f"took token {b_value.get('token')}: {b.state}")
+                step.update(2)
+                # Past the lock's whole TTL, whenever its last renewal happened.
+                time.sleep(max(0.0, paused_at + CAPTURE_LOCK_TTL + 0.5 - time.monotonic()))
+            finally:
+                self.r.set(gate, 1, ex=demo.NOTE_TTL)  # let A go on, even if interrupted
+                self.fleet.resume(info_a["pid"])
+            paused_for = time.monotonic() - paused_at
+            a.get(timeout=20, propagate=False)
+            step.update(3)
+        error = a.result if a.state == "FAILURE" else None
         fence_token = self.fence_row(resource)
-        if info_a.get("current") is None:
-            why = "refused before the write: its heartbeat had found the lock lost"
-        else:
-            why = f"PostgreSQL fence had already accepted token {info_a['current']}"
-        say(f"    SIGCONT after {paused_for:.1f}s: A's fenced write -> "
-            f"{type(error).__name__} ({why}); task state {a.state}")
-        say(f"    demo_orders[{order_id}] = {row.captured_by if row else None} "
-            f"token {row.token if row else None}; reliable_fences token {fence_token}")
-        passed = (paused_for > CAPTURE_LOCK_TTL and b.state == "SUCCESS"
-                  and info_b.get("write") == "committed"
-                  and info_b.get("token", 0) > info_a.get("token", 0)
-                  and a.state == "FAILURE" and isinstance(error, StaleFenceToken)
-                  and info_a.get("write") == "stale"
-                  and row is not None and row.captured_by == "B"
-                  and row.token == info_b.get("token") and fence_token == info_b.get("token"))
-        observed = (f"B token {'>' if info_b.get('token', 0) > info_a.get('token', 0) else '<='}"
-                    f" A; A's write {type(error).__name__}; row = "
-                    f"{row.captured_by if row else None}")
-        return Outcome("paused lock holder", configured, observed, passed)
+        status = self.status_row(order)
+        rows = self.payment_rows(order)
+        say(f"    SIGCONT after {paused_for:.1f}s: the capture's fenced write -> "
+            f"{type(error).__name__ if error else a.state}; payment rows {rows}; order "
+            f"status {status}; reliable_fences token {fence_token}")
+        return [checks.check_paused_holder(checks.PausedHolder(
+            lock_ttl=CAPTURE_LOCK_TTL, paused_for=paused_for,
+            expired_while_paused=expired_after < paused_for, holder_token=info_a["token"],
+            holder_state=a.state, holder_error=type(error).__name__ if error else None,
+            holder_rows=rows, taker_token=b_value.get("token"), taker_state=b.state,
+            order_status=status, fence_token=fence_token))]
 
-    # -- scenario 3
+    # -- 4: partner outage
 
-    def singleton(self) -> Outcome:
-        day = f"d{self.run}-2025-01-31"
+    def partner_outage(self) -> list[Verdict]:
+        partner = self.ident("partner")
+        spec = self.settings.circuit_breakers["partner"]
+        down = note_key(partner, "down")
+        # The breaker is the demo's own (its prefix); start from closed.
+        self.r.delete(*self.keys.breaker("partner"))
+        with ui.step(self.title(f"partner outage: {PARTNER_TASKS} notifications, partner down "
+                                f"for {OUTAGE:g}s"), PARTNER_TASKS) as step:
+            self.r.set(down, 1, ex=demo.NOTE_TTL)
+            t_down = time.monotonic()
+            results = [self.send(notify_partner, order_id=self.ident(f"p{i:02d}"),
+                                 partner=partner) for i in range(PARTNER_TASKS)]
+            seen: list[int] = []
+            while time.monotonic() - t_down < OUTAGE:
+                state = breaker_state(app, "partner")
+                if not seen or seen[-1] != state:
+                    seen.append(state)
+                time.sleep(0.05)
+            self.r.delete(down)
+            say(f"    while down, the breaker went {' -> '.join(_state_name(s) for s in seen)}"
+                "; partner back up")
+            states = self.wait_all(results, 40, step)
+        final = breaker_state(app, "partner")
+        calls = [checks.PartnerCall(at=c["at"], ok=c["ok"], retries=c["retries"],
+                                    prev_delay=c["prev_delay"])
+                 for c in self.notes(note_key(partner, "calls"))]
+        values = [r.result for r, s in zip(results, states, strict=True) if s == "SUCCESS"]
+        deferred = sum(1 for v in values if isinstance(v, dict) and v.get("deferrals", 0) > 0)
+        bound = checks.breaker_call_bound(self.fleet.processes, spec.failure_threshold,
+                                          spec.half_open_max, OUTAGE, spec.open_seconds)
+        failed = sum(not c.ok for c in calls)
+        say(f"    {len(calls)} partner calls, {failed} while it was down (at most {bound}: "
+            f"{spec.failure_threshold - 1} before the breaker opens + 1 in flight per process "
+            f"x {self.fleet.processes} + {spec.half_open_max} probes per {spec.open_seconds:g}s "
+            f"open); {deferred} tasks deferred by the open breaker instead of failing; "
+            f"{checks.state_counts(states)}; breaker {_state_name(final)}")
+        outage = checks.PartnerOutage(
+            tasks=PARTNER_TASKS, states=states, outage=OUTAGE,
+            opened_while_down=any(s != 0 for s in seen), final_breaker=final,
+            deferred_tasks=deferred, calls=calls, bound=bound,
+            failure_threshold=spec.failure_threshold, open_seconds=spec.open_seconds,
+            backoff=(PARTNER_BACKOFF.base, PARTNER_BACKOFF.cap, PARTNER_BACKOFF.jitter))
+        return [checks.check_breaker(outage), checks.check_retry_jitter(outage)]
+
+    # -- 5: email bucket
+
+    def email_bucket(self) -> list[Verdict]:
+        campaign = self.ident("campaign")
+        spec = self.settings.queue_rate_limits[demo.EMAIL_QUEUE]
+        sent_key = note_key(campaign, "sent")
+        with ui.step(self.title(f"email campaign: {EMAILS} emails at once into queue "
+                                f"'emails' ({spec.rate:g}/s fleet-wide)"), EMAILS) as step:
+            t0 = time.monotonic()
+            for i in range(EMAILS):
+                self.send(send_email, to=f"customer{i:03d}@example.com",
+                          template="order-shipped", campaign=campaign)
+            deadline = t0 + 20 + EMAILS / spec.rate
+            while (done := self.r.llen(sent_key)) < EMAILS:
+                step.update(done)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{EMAILS - done} of {EMAILS} emails unsent after "
+                                       f"{deadline - t0:.0f}s")
+                time.sleep(0.1)
+            step.update(EMAILS)
+        sent = self.notes(sent_key)
+        starts = [s["at"] for s in sent]
+        span = max(starts) - min(starts)
+        say(f"    {len(sent)} emails in {span:.1f}s by {len({s['pid'] for s in sent})} "
+            f"processes; steady rate {checks.steady_rate(starts, spec.burst) or 0:.1f}/s, "
+            f"peak {checks.max_in_window(starts, 1.0)} in any 1s")
+        return [checks.check_bucket(checks.BucketRun(
+            sent=EMAILS, starts=starts, recipients=len({s["to"] for s in sent}),
+            rate=spec.rate, burst=spec.burst))]
+
+    # -- 6: report flood
+
+    def report_flood(self) -> list[Verdict]:
+        batch = self.ident("reports")
+        tier = self.settings.bulkheads[REPORT_TIER]
+        before = bulkhead_stats(app)[REPORT_TIER].dropped
+        with ui.step(self.title(f"report flood: {REPORTS} reports at {REPORT_RATE:g}/s on tier "
+                                f"'{REPORT_TIER}' ({tier.concurrent} at once, "
+                                f"{tier.policy})"), REPORTS) as step:
+            results = []
+            t0 = time.monotonic()
+            for i in range(REPORTS):
+                time.sleep(max(0.0, t0 + i / REPORT_RATE - time.monotonic()))
+                results.append(self.send(render_report, report_id=f"r{i:02d}", batch=batch,
+                                         seconds=REPORT_SECONDS))
+            states = self.wait_all(results, 30, step)
+        dropped = bulkhead_stats(app)[REPORT_TIER].dropped - before
+        peak = int(self.r.get(note_key(batch, "max-active")) or 0)
+        ran = self.r.llen(note_key(batch, "ran"))
+        say(f"    {checks.state_counts(states)}; {ran} ran, at most {peak} at once; "
+            f"bulkhead_stats dropped +{dropped}")
+        return [checks.check_report_flood(checks.ReportFlood(
+            sent=REPORTS, states=states, limit=tier.concurrent, max_concurrent=peak,
+            dropped_counter=dropped, ran=ran))]
+
+    # -- 7: singleton
+
+    def singleton(self) -> list[Verdict]:
+        day = self.ident("2025-01-31")
         self.days.append(day)
-        configured = f"report:{{day}} skip; {DUPLICATES} duplicates while it runs"
-        say(f"[3] singleton report: rebuild {day}, then {DUPLICATES} duplicates while it runs")
-        first = rebuild_daily_report.apply_async(kwargs={"day": day, "seconds": 1.5})
-        self.sent.append(first.id)
-        wait_for(lambda: self.r.get(note_key(day, "report-runs")), 20, "the first rebuild")
-        dups = [rebuild_daily_report.apply_async(kwargs={"day": day, "seconds": 1.5})
-                for _ in range(DUPLICATES)]
-        self.sent += [d.id for d in dups]
-        with contextlib.suppress(TimeoutError):
-            wait_for(lambda: all(d.state == SKIPPED for d in dups), 15, "the duplicates",
-                     interval=0.05)
-        first.get(timeout=20, propagate=False)
-        ran = int(self.r.get(note_key(day, "report-runs")) or 0)
-        states = [d.state for d in dups]
-        say(f"    first: {first.state}; duplicates: {', '.join(states)}; body ran {ran}x")
-        passed = first.state == "SUCCESS" and states == [SKIPPED] * DUPLICATES and ran == 1
-        observed = (f"{states.count(SKIPPED)}/{DUPLICATES} {SKIPPED}, "
-                    f"body ran {ran}x, first {first.state}")
-        return Outcome("singleton duplicate", configured, observed, passed)
+        with ui.step(self.title(f"singleton report: rebuild {day}, then "
+                                f"{SINGLETON_DUPLICATES} duplicates while it runs"),
+                     1 + SINGLETON_DUPLICATES) as step:
+            first = self.send(rebuild_daily_report, day=day, seconds=1.5)
+            wait_for(lambda: self.r.get(note_key(day, "report-runs")), 20, "the first rebuild")
+            dups = [self.send(rebuild_daily_report, day=day, seconds=1.5)
+                    for _ in range(SINGLETON_DUPLICATES)]
+            states = self.wait_all([first, *dups], 20, step)
+        runs = int(self.r.get(note_key(day, "report-runs")) or 0)
+        say(f"    first: {states[0]}; duplicates: {', '.join(states[1:])}; body ran {runs}x")
+        return [checks.check_singleton(checks.Singleton(
+            first_state=states[0], duplicate_states=states[1:], runs=runs))]
+
+    def run_all(self) -> list[Verdict]:
+        verdicts: list[Verdict] = []
+        for scenario in self.scenarios:
+            self.claim.refresh()
+            try:
+                verdicts += scenario()
+            except Exception as exc:
+                name = scenario.__name__.replace("_", " ")
+                say(f"    error: {type(exc).__name__}: {exc}")
+                verdicts.append(checks.error_verdict(name, exc))
+        return verdicts
 
     # -- cleanup
 
@@ -433,42 +638,50 @@ class Demo:
             # Only after a failure: tasks still cycling in external workers (spawned
             # ones are stopped by now; whatever they handed back is purged).
             unfinished = [i for i in self.sent
-                          if AsyncResult(i, app=app).state not in (SKIPPED, *READY_STATES)]
+                          if AsyncResult(i, app=app).state not in FINAL_STATES]
             if unfinished and self.fleet.external and self.fleet.names:
                 app.control.revoke(unfinished, destination=self.fleet.names)
-            purge_queue()
-        for task_id in self.sent:
-            with contextlib.suppress(Exception):
+            purge_queues()
+        with contextlib.suppress(Exception):
+            for task_id in self.sent:
                 AsyncResult(task_id, app=app).forget()
         resources = [f"order:{o}" for o in self.order_ids] + [f"report:{d}" for d in self.days]
+        idem = [(task.name, f"{kind}:{o}") for o in self.order_ids
+                for task, kind in ((capture_payment, "capture"), (cancel_order, "cancel"))]
         with contextlib.suppress(redis.RedisError):
             doomed = [k for res in resources for k in (self.keys.lock(res), self.keys.fence(res))]
-            for ident in self.order_ids + self.days:
-                doomed += list(self.r.scan_iter(match=note_key(ident, "*"), count=500))
-            if doomed:
-                self.r.delete(*doomed)
+            doomed += [self.keys.idempotency(task, key) for task, key in idem]
+            doomed += [self.keys.deliveries(task_id) for task_id in self.sent]
+            doomed += list(self.r.scan_iter(match=note_key(self.ident("*")), count=1000))
+            for i in range(0, len(doomed), 500):
+                self.r.delete(*doomed[i:i + 500])
         with contextlib.suppress(sa.exc.SQLAlchemyError), self.engine.begin() as conn:
             if self.order_ids:
-                conn.execute(orders.delete().where(orders.c.order_id.in_(self.order_ids)))
+                conn.execute(payments.delete().where(payments.c.order_id.in_(self.order_ids)))
+                conn.execute(order_status.delete()
+                             .where(order_status.c.order_id.in_(self.order_ids)))
+                conn.execute(idempotency.delete().where(sa.tuple_(
+                    idempotency.c.task, idempotency.c.key_digest).in_(
+                        [(task, idempotency_digest(task, key)) for task, key in idem])))
             if resources:
                 conn.execute(fences.delete().where(fences.c.resource.in_(resources)))
+            if self.sent:
+                conn.execute(dead_letters.delete().where(dead_letters.c.task_id.in_(self.sent)))
         self.r.close()
 
 
-# ------------------------------------------------------------------- output
+class _Offset:
+    """A step whose progress starts at ``offset`` (a later phase of one step)."""
 
-def table(outcomes: list[Outcome]) -> None:
-    rows = [("scenario", "configured", "observed", "result")]
-    rows += [(o.scenario, o.configured, o.observed, "PASS" if o.passed else "FAIL")
-             for o in outcomes]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    rule = "+-" + "-+-".join("-" * w for w in widths) + "-+"
-    say(rule)
-    for n, r in enumerate(rows):
-        say("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-        if n == 0:
-            say(rule)
-    say(rule)
+    def __init__(self, step: Any, offset: int) -> None:
+        self.step, self.offset = step, offset
+
+    def update(self, completed: int, total: int | None = None) -> None:
+        self.step.update(self.offset + completed)
+
+
+def _state_name(state: int) -> str:
+    return {0: "closed", 1: "open", 2: "half-open"}.get(state, str(state))
 
 
 @contextlib.contextmanager
@@ -484,15 +697,32 @@ def interrupted_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def prepare() -> sa.Engine:
+    """Reach the services and create the tables, or raise Unavailable (one line)."""
+    engine = check_services()
+    try:
+        create_tables(engine)  # celery-reliable's own tables (fences, idempotency, dead letters)
+        demo.metadata.create_all(engine, checkfirst=True)
+    except Exception as exc:
+        raise Unavailable(f"cannot prepare PostgreSQL at {safe_url(demo.DATABASE_URL)} "
+                          f"({type(exc).__name__}: {first_line(exc)})") from exc
+    return engine
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo_project", description=__doc__.split(
-        "\n\n")[0])
+    global ui
+    parser = argparse.ArgumentParser(prog="python -m demo_project",
+                                     description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--external-workers", action="store_true",
                         default=os.environ.get("DEMO_EXTERNAL_WORKERS", "").lower()
                         in ("1", "true", "yes"),
-                        help="use workers already consuming queue 'demo' instead of spawning")
+                        help="use workers already consuming queues demo,emails instead of "
+                             "spawning them")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the spawned workers' logs (kept anyway when a scenario fails)")
+    parser.add_argument("--plain", action="store_true",
+                        default=bool(os.environ.get("DEMO_PLAIN")),
+                        help="plain lines instead of rich progress bars (also DEMO_PLAIN=1)")
     args = parser.parse_args(argv)
     began = time.monotonic()
     try:
@@ -501,26 +731,34 @@ def main(argv: list[str] | None = None) -> int:
         say(f"demo: configuration error: {exc}")
         return 2
     try:
-        engine = check_services()
-        create_tables(engine)       # celery-reliable's own tables (reliable_fences)
-        demo.metadata.create_all(engine, checkfirst=True)
-        purge_queue()
+        engine = prepare()
     except Unavailable as exc:
         say(f"demo: {exc}; {HOW_TO_START}")
         return 2
-    except Exception as exc:
-        say(f"demo: cannot prepare Redis/PostgreSQL ({type(exc).__name__}: "
-            f"{first_line(exc)}); {HOW_TO_START}")
-        return 2
 
     run = secrets.token_hex(3)
+    claim = Claim(redis.Redis.from_url(demo.RELIABLE_REDIS_URL, decode_responses=True), run)
+    try:
+        other = claim.take()
+        if other is None:
+            purge_queues()
+    except redis.RedisError as exc:
+        say(f"demo: cannot reach Redis ({type(exc).__name__}: {first_line(exc)}); "
+            f"{HOW_TO_START}")
+        return 2
+    if other is not None:
+        say(f"demo: another demo run ({other}) is using key prefix {demo.PREFIX!r} on "
+            f"{safe_url(demo.RELIABLE_REDIS_URL)}; wait for it (its claim expires within "
+            f"{CLAIM_TTL}s) or set DEMO_PREFIX")
+        return 2
+
     fleet = Fleet(run, external=args.external_workers)
-    outcomes: list[Outcome] = []
-    demo_run = Demo(fleet, engine)
+    demo_run = Demo(fleet, engine, claim)
+    verdicts: list[Verdict] = []
     with interrupted_as_exit():
         try:
             say(f"celery-reliable demo, run {run}: broker {safe_url(demo.BROKER_URL)}, "
-                f"locks {safe_url(demo.RELIABLE_REDIS_URL)} prefix {demo.PREFIX!r}, "
+                f"state {safe_url(demo.RELIABLE_REDIS_URL)} prefix {demo.PREFIX!r}, "
                 f"database {safe_url(demo.DATABASE_URL)}")
             t0 = time.monotonic()
             try:
@@ -533,29 +771,27 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             say(f"{started}; {'found' if fleet.external else 'ready'} in "
                 f"{time.monotonic() - t0:.1f}s")
-            for scenario in (demo_run.contending, demo_run.paused_holder, demo_run.singleton):
-                try:
-                    outcomes.append(scenario())
-                except Exception as exc:
-                    name = scenario.__name__.replace("_", " ")
-                    say(f"    error: {type(exc).__name__}: {exc}")
-                    outcomes.append(Outcome(name, "-", f"error: {type(exc).__name__}", False))
+            ui = make_ui(len(demo_run.scenarios), plain=args.plain)
+            verdicts = demo_run.run_all()
         except KeyboardInterrupt:
+            ui.close()
             say(f"demo: interrupted; cleaning up ({fleet.logs_hint()})")
             return 130
         finally:
             fleet.stop()
             demo_run.cleanup()
+            claim.release()
             engine.dispose()
-            if all(o.passed for o in outcomes) and len(outcomes) == 3 and not args.keep_logs:
+            if not fleet.procs or (checks.exit_code(verdicts) == 0 and not args.keep_logs):
                 shutil.rmtree(fleet.tmp, ignore_errors=True)
     say()
-    table(outcomes)
-    ok = all(o.passed for o in outcomes)
-    say(f"{'PASS' if ok else 'FAIL'}: {sum(o.passed for o in outcomes)}/{len(outcomes)} "
-        f"scenarios in {time.monotonic() - began:.1f}s"
-        + ("" if ok and not args.keep_logs else f"; {fleet.logs_hint()}"))
-    return 0 if ok else 1
+    ui.table(verdicts)
+    ui.close()
+    code = checks.exit_code(verdicts)
+    say(f"{'PASS' if code == 0 else 'FAIL'}: {sum(v.passed for v in verdicts)}/{len(verdicts)} "
+        f"guarantees in {time.monotonic() - began:.1f}s"
+        + ("" if code == 0 and not args.keep_logs else f"; {fleet.logs_hint()}"))
+    return code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ services):
 ``DEMO_RELIABLE_REDIS_URL``  celery-reliable's state (``.../2``)
 ``DEMO_DATABASE_URL``        PostgreSQL (``postgresql://postgres@127.0.0.1:5432/postgres``)
 ``DEMO_PREFIX``              celery-reliable key prefix (``reliable-demo``)
+``DEMO_METRICS_PORT``        serve Prometheus ``/metrics`` from each worker
+                             on this port (needs ``PROMETHEUS_MULTIPROC_DIR``)
 ===========================  ==============================================
 
 What each task shows:
@@ -326,6 +328,14 @@ def rebuild_daily_report(self: ReliableTask, day: str, seconds: float = 1.0) -> 
     r.expire(note_key(day, "report-runs"), NOTE_TTL)
     time.sleep(seconds)
     return {"day": day, "token": self.fence_token, "pid": os.getpid()}
+
+
+if os.environ.get("DEMO_METRICS_PORT"):
+    # Prometheus /metrics of this worker (its prefork children merged through
+    # PROMETHEUS_MULTIPROC_DIR, which must be set before the worker starts).
+    from celery_reliable.prometheus import setup_worker
+
+    setup_worker(app, port=int(os.environ["DEMO_METRICS_PORT"]))
 
 
 @signals.worker_ready.connect
