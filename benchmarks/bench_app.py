@@ -11,6 +11,8 @@ same module serves both worker fleets; they differ in ONE app setting,
 * ``BENCH_IDEMPOTENCY_STORE``   ``reliable_idempotency_store``
 * ``BENCH_PROFILE_DIR``         optional: cProfile each pool process, dump
                                 ``<dir>/<hostname>-<pid>.prof`` when it exits
+* ``BENCH_PROFILE_CLOCK``       ``wall`` (default) or ``cpu``: the profiler's clock
+                                (``cpu`` = the pool process's main thread CPU time)
 
 Every task is a no-op taking ``(run, n)``: ``run`` names the timed pass, ``n`` is unique
 across the whole benchmark, so idempotent tasks are always first executions and lock
@@ -164,7 +166,8 @@ def _start_profile(**_: Any) -> None:
     if env("BENCH_PROFILE_DIR"):
         import cProfile
 
-        _profiler = cProfile.Profile()
+        clock = time.thread_time if env("BENCH_PROFILE_CLOCK") == "cpu" else time.perf_counter
+        _profiler = cProfile.Profile(clock)
         _profiler.enable()
 
 

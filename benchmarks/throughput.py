@@ -11,7 +11,8 @@ Contenders (tasks of ``benchmarks/bench_app.py``), all in one run, interleaved:
 * ``lock``             ``base=ReliableTask, lock="bench:{n}"`` (n unique: never contends)
 
 Everything is throwaway and private to the run, and removed at the end, also on Ctrl-C,
-SIGTERM or an error:
+SIGTERM or an error (after a SIGKILL the servers and workers still exit, through
+PR_SET_PDEATHSIG, but the database and a temp directory are left behind):
 
 * a ``redis-server`` on a free port as the broker (db 0; db 1 carries the workers'
   completion reports), ``--save "" --appendonly no``;
@@ -34,7 +35,13 @@ worker's blocking BRPOP at once. tasks/s = N / (end of the last task - start of 
 first task), both taken by ``task_prerun``/``task_postrun`` receivers that only touch
 memory (the same cost for every contender); a thread per pool process reports them
 every 50 ms. Passes run in ``--rounds`` rounds, the contender order rotating each round;
-the table shows the median and the ratio to plain Celery's median.
+the table shows the median and the ratio to plain Celery's median, and the median of
+the same-round ratios (less sensitive to load that drifts between rounds).
+
+CPU time per task is measured for every timed pass from ``/proc/<pid>/stat`` (user +
+system) of every process involved: the fleet's worker processes and pool children, both
+redis-servers, and the bench database's PostgreSQL backends. It moves less than tasks/s
+with the other load on the machine (it still inflates when the CPUs are oversubscribed).
 
 Round trips and transactions are measured by the servers, in one extra untimed
 counting pass per contender (``--count-tasks`` tasks):
@@ -46,8 +53,10 @@ counting pass per contender (``--count-tasks`` tasks):
 * PostgreSQL transactions: ``xact_commit + xact_rollback`` of the bench database in
   ``pg_stat_database``. Backends publish their counters only every second or after
   10 s idle, so the pass terminates the bench database's client backends before and
-  after (a backend flushes its counters when it exits) and reads after they are gone.
-  The pool's pre-ping reconnects transparently; read from the ``postgres`` database.
+  after (a backend flushes its counters when it exits) and reads after they are gone,
+  from a connection to the ``postgres`` database. The workers' pools reconnect on their
+  next checkout; whatever a new connection runs (e.g. ``SET lock_timeout``) is counted,
+  at most once per pool process per pass (+0.002/task with the defaults).
 
 Run ``python benchmarks/throughput.py --help`` for the options.
 """
@@ -140,6 +149,10 @@ class Result:
     rounds_tasks_per_process: list[list[int]] = field(default_factory=list)
     #: INFO commandstats delta per task, every timed pass (cross-check of the count pass)
     rounds_redis_commands_per_task: list[float] = field(default_factory=list)
+    #: CPU ms per task by process group, every timed pass (Linux /proc; machine-wide noise
+    #: hardly changes it, unlike tasks/s)
+    rounds_cpu_ms_per_task: list[dict[str, float]] = field(default_factory=list)
+    median_cpu_ms_per_task: dict[str, float] = field(default_factory=dict)
     redis_round_trips_per_task: float = 0.0
     redis_commands_per_task: float = 0.0
     redis_client_commands_per_task: dict[str, float] = field(default_factory=dict)
@@ -222,7 +235,7 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 
 
 @contextmanager
-def throwaway_redis(binary: str, tmp: Path, name: str) -> Iterator[tuple[int, str]]:
+def throwaway_redis(binary: str, tmp: Path, name: str) -> Iterator[tuple[int, str, int]]:
     """A private redis-server on a free port: no persistence, its own directory."""
     home = tmp / name
     home.mkdir()
@@ -251,7 +264,7 @@ def throwaway_redis(binary: str, tmp: Path, name: str) -> Iterator[tuple[int, st
                 progress(f"{name} redis-server on port {port} did not start: {tail}")
                 stop_process(proc)
                 continue
-            yield port, version
+            yield port, version, proc.pid
             return
         finally:
             stop_process(proc)
@@ -296,6 +309,13 @@ class PgStats:
     def version(self) -> str:
         row = self.conn.execute("SHOW server_version").fetchone()
         return str(row[0]) if row else "?"
+
+    def backend_pids(self) -> list[int]:
+        """Client backends of the bench database (for CPU accounting; local server only)."""
+        rows = self.conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s "
+            "AND backend_type = 'client backend'", (self.database,)).fetchall()
+        return [int(r[0]) for r in rows]
 
     def flush_and_read(self, timeout: float = 30.0) -> int:
         """Make every client backend of the database publish its counters, then read them.
@@ -346,6 +366,46 @@ def commandstats(client: redis.Redis) -> dict[str, int]:
 def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     diff = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
     return {k: v for k, v in diff.items() if v}
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+CPU_GROUPS = ("workers", "broker redis", "reliable redis", "PostgreSQL backends")
+
+
+def process_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of one process (Linux /proc), None if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def cpu_snapshot(pids: dict[str, list[int]]) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for group, members in pids.items():
+        out[group] = {}
+        for pid in members:
+            value = process_cpu(pid)
+            if value is not None:
+                out[group][pid] = value
+    return out
+
+
+def cpu_delta(after: dict[str, dict[int, float]],
+              before: dict[str, dict[int, float]]) -> dict[str, float]:
+    """CPU seconds per group; a process that appeared in between counts in full."""
+    return {group: sum(v - before.get(group, {}).get(pid, 0.0) for pid, v in procs.items())
+            for group, procs in after.items()}
 
 
 class Monitor:
@@ -455,6 +515,11 @@ class Fleets:
                     + self.tails())
             time.sleep(0.1)
 
+    def pids(self, fleet: str) -> list[int]:
+        """The worker processes of one fleet and their pool children."""
+        mains = [p.pid for n, p in self.procs.items() if n.startswith(f"bench-{fleet}-")]
+        return mains + [c for m in mains for c in children(m)]
+
     def check_alive(self) -> None:
         dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
         if dead:
@@ -488,6 +553,7 @@ class PassResult:
     elapsed: float
     per_process: list[int]
     redis_commands: dict[str, int]
+    cpu_seconds: dict[str, float]
 
     @property
     def tasks_per_s(self) -> float:
@@ -496,7 +562,10 @@ class PassResult:
 
 class Bench:
     def __init__(self, args: argparse.Namespace, app: Any, broker: redis.Redis,
-                 stats: redis.Redis, reliable: redis.Redis, fleets: Fleets) -> None:
+                 stats: redis.Redis, reliable: redis.Redis, fleets: Fleets,
+                 server_pids: dict[str, int], pg: PgStats) -> None:
+        self.server_pids = server_pids
+        self.pg = pg
         self.args = args
         self.app = app
         self.broker = broker
@@ -553,13 +622,24 @@ class Bench:
             self.fleets.check_alive()
             time.sleep(0.02)
 
+    def cpu_pids(self, contender: Contender) -> dict[str, list[int]]:
+        return {
+            "workers": self.fleets.pids(contender.fleet),
+            "broker redis": [self.server_pids["broker"]],
+            "reliable redis": [self.server_pids["reliable"]],
+            "PostgreSQL backends": self.pg.backend_pids(),
+        }
+
     def timed_pass(self, contender: Contender, count: int) -> PassResult:
         run = self.stage(contender, count)
         before = commandstats(self.reliable)
+        cpu_before = cpu_snapshot(self.cpu_pids(contender))
         self.release(contender)
         elapsed, per_process = self.wait(run, count)
+        cpu_after = cpu_snapshot(self.cpu_pids(contender))
         after = commandstats(self.reliable)
-        return PassResult(count, elapsed, per_process, delta(after, before))
+        return PassResult(count, elapsed, per_process, delta(after, before),
+                          cpu_delta(cpu_after, cpu_before))
 
     def counting_pass(self, contender: Contender, count: int, pg: PgStats,
                       port: int) -> tuple[Monitor, dict[str, int], int]:
@@ -650,6 +730,23 @@ def table(results: list[Result]) -> str:
     return fmt_table(header, rows, right={1, 2, 3, 4, 5, 6, 7})
 
 
+def cpu_table(results: list[Result]) -> str:
+    header = ["contender", *(f"{g} (ms)" for g in CPU_GROUPS), "total (ms)", "vs plain"]
+    base = sum(results[0].median_cpu_ms_per_task.values()) or 1.0
+    for r in results:
+        if r.name == BASELINE:
+            base = sum(r.median_cpu_ms_per_task.values()) or 1.0
+    rows = []
+    for r in results:
+        cpu = r.median_cpu_ms_per_task
+        total = sum(cpu.values())
+        rows.append([r.name, *(f"{cpu.get(g, 0.0):.3f}" for g in CPU_GROUPS), f"{total:.3f}",
+                     f"{total / base:.2f}x"])
+    return ("CPU time per task (median over timed passes; user+system from /proc, all processes "
+            "involved; less\nsensitive to the other load on the machine than tasks/s):\n"
+            + fmt_table(header, rows, right=set(range(1, len(header)))))
+
+
 def targets(results: list[Result]) -> str:
     r = next((x for x in results if x.name == "idempotent-pg"), None)
     if r is None:
@@ -706,6 +803,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
         cmd += f" --postgres-url {args.postgres_url}"
     if args.redis_server != "redis-server":
         cmd += f" --redis-server {args.redis_server}"
+    if args.profile:
+        cmd += f" --profile {args.profile} --profile-clock {args.profile_clock}"
     if args.json:
         cmd += f" --json {args.json}"
     return cmd
@@ -749,6 +848,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="cProfile every pool process into DIR/*.prof (slows everything; "
                              "throughput numbers are then not comparable)")
+    parser.add_argument("--profile-clock", choices=("wall", "cpu"), default="wall",
+                        help="--profile's clock: wall time, or the pool process's CPU time")
     args = parser.parse_args(argv)
     known = {c.name for c in CONTENDERS}
     unknown = [c for c in args.contenders if c not in known]
@@ -764,8 +865,9 @@ def run(args: argparse.Namespace, stack: ExitStack, tmp: Path, binary: str,
         header: dict[str, Any]) -> list[Result]:
     contenders = [c for c in CONTENDERS if c.name in args.contenders]
     progress("starting redis-servers and the database")
-    broker_port, redis_version = stack.enter_context(throwaway_redis(binary, tmp, "broker"))
-    reliable_port, _ = stack.enter_context(throwaway_redis(binary, tmp, "reliable"))
+    broker_port, redis_version, broker_pid = stack.enter_context(
+        throwaway_redis(binary, tmp, "broker"))
+    reliable_port, _, reliable_pid = stack.enter_context(throwaway_redis(binary, tmp, "reliable"))
     db_name, db_url = stack.enter_context(throwaway_database(args.postgres_url))
     pg = PgStats(args.postgres_url, db_name)
     stack.callback(pg.close)
@@ -792,6 +894,7 @@ def run(args: argparse.Namespace, stack: ExitStack, tmp: Path, binary: str,
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         env["BENCH_PROFILE_DIR"] = str(args.profile.resolve())
+        env["BENCH_PROFILE_CLOCK"] = args.profile_clock
     os.environ.update({k: v for k, v in env.items() if k.startswith("BENCH_")})
 
     fleets = Fleets(args, tmp, env)
@@ -811,7 +914,8 @@ def run(args: argparse.Namespace, stack: ExitStack, tmp: Path, binary: str,
     reliable = redis.Redis(host="127.0.0.1", port=reliable_port, db=0)
     for client in (broker, stats, reliable):
         stack.callback(client.close)
-    bench = Bench(args, app, broker, stats, reliable, fleets)
+    bench = Bench(args, app, broker, stats, reliable, fleets,
+                  {"broker": broker_pid, "reliable": reliable_pid}, pg)
 
     if args.warmup:
         progress(f"warm-up: {args.warmup} tasks per contender")
@@ -828,6 +932,8 @@ def run(args: argparse.Namespace, stack: ExitStack, tmp: Path, binary: str,
             r.rounds_tasks_per_s.append(p.tasks_per_s)
             r.rounds_tasks_per_process.append(p.per_process)
             r.rounds_redis_commands_per_task.append(sum(p.redis_commands.values()) / p.tasks)
+            r.rounds_cpu_ms_per_task.append(
+                {g: 1000 * v / p.tasks for g, v in p.cpu_seconds.items()})
             round_rates[c.name] = p.tasks_per_s
             progress(f"round {rnd + 1}/{args.rounds} {c.name:>16}: {p.tasks_per_s:8,.0f} "
                      f"tasks/s ({p.elapsed:.2f} s; per process "
@@ -858,6 +964,9 @@ def run(args: argparse.Namespace, stack: ExitStack, tmp: Path, binary: str,
 
     base = statistics.median(results[BASELINE].rounds_tasks_per_s)
     for r in results.values():
+        r.median_cpu_ms_per_task = {
+            g: statistics.median(x.get(g, 0.0) for x in r.rounds_cpu_ms_per_task)
+            for g in CPU_GROUPS}
         r.median_tasks_per_s = statistics.median(r.rounds_tasks_per_s)
         r.ratio_vs_plain = r.median_tasks_per_s / base
     return list(results.values())
@@ -905,6 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(table(results))
+    print()
+    print(cpu_table(results))
     print()
     print(targets(results))
     print()
