@@ -7,6 +7,8 @@ manage these tables with your own migrations, or call :func:`create_tables`
 
 from __future__ import annotations
 
+import select as _select
+import time
 from typing import Any
 
 from sqlalchemy import (
@@ -27,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import create_engine as _create_engine
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DisconnectionError
 
 from .errors import ConfigurationError
 
@@ -96,20 +99,28 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+#: A pooled connection idle longer than this is pinged before use.
+PING_AFTER_IDLE = 30.0
+
+
 def make_engine(url: str | None, *, lock_timeout: float | None = None, **kwargs: Any) -> Engine:
     """An engine for ``reliable_database_url``; raises ConfigurationError when unset.
 
     ``lock_timeout`` (seconds) is set on every new connection, keeping any
-    ``options`` the URL carries.
+    ``options`` the URL carries. Pooled connections are pinged only when they may
+    be dead (:func:`_ping_when_suspect`), not on every checkout: SQLAlchemy's
+    ``pool_pre_ping`` costs a round trip and a PostgreSQL transaction per task.
     """
     if not url:
         raise ConfigurationError(
             "app settings: option 'reliable_database_url' is not set; "
             "PostgreSQL-backed features need it"
         )
-    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_pre_ping", False)
     kwargs.setdefault("connect_args", {"connect_timeout": 5})
     engine = _create_engine(normalise_url(url), **kwargs)
+    if not kwargs["pool_pre_ping"]:
+        _ping_when_suspect(engine, PING_AFTER_IDLE)
     if lock_timeout is not None:
         statement = f"SET lock_timeout = {int(lock_timeout * 1000)}"
 
@@ -121,6 +132,33 @@ def make_engine(url: str | None, *, lock_timeout: float | None = None, **kwargs:
             dbapi_conn.commit()
 
     return engine
+
+
+def _ping_when_suspect(engine: Engine, idle: float) -> None:
+    """Ping a pooled connection at checkout only if it sat idle > ``idle`` s or its socket is
+    readable (the server closed the session: restart, ``pg_terminate_backend``,
+    ``idle_session_timeout``; it costs one ``select()``, no round trip). A failed ping makes
+    the pool replace the connection, as ``pool_pre_ping`` does.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["reliable_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop("reliable_idle_since", None)
+        if since is None:
+            return  # a new connection
+        try:
+            readable = bool(_select.select([dbapi_conn.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):
+            readable = True
+        if readable or time.monotonic() - since > idle:
+            try:
+                engine.dialect.do_ping(dbapi_conn)
+            except Exception as exc:
+                raise DisconnectionError(str(exc)) from exc
 
 
 def create_tables(engine: Engine) -> None:
