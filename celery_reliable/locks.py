@@ -16,6 +16,7 @@ from types import TracebackType
 
 import redis
 
+from . import metrics
 from .admission import Admitted, Plan, Release
 from .errors import LockNotAcquired
 from .keys import KeySpace
@@ -61,10 +62,12 @@ class FencedLock:
 
     def acquire_blocking(self, timeout: float, poll: float = 0.05) -> int:
         """Retry until ``timeout`` seconds have passed; raise LockNotAcquired then."""
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         while True:
             token = self.acquire()
             if token is not None:
+                metrics.observe("reliable_lock_wait_seconds", time.monotonic() - started)
                 return token
             if time.monotonic() >= deadline:
                 raise LockNotAcquired("FencedLock", self.resource)

@@ -94,6 +94,9 @@ FIRST_FAILURE_HEADER = "reliable_first_failure"
 #: Message header: the previous retry delay (decorrelated jitter), seconds.
 PREV_DELAY_HEADER = "reliable_prev_delay"
 
+#: Message header: when this task first found its lock busy (epoch seconds).
+LOCK_WAIT_HEADER = "reliable_lock_wait_since"
+
 #: Message header carrying a producer's own idempotency key.
 IDEMPOTENCY_HEADER = "idempotency_key"
 
@@ -504,6 +507,9 @@ class ReliableTask(Task):  # type: ignore[misc]
             elif kind == "L":
                 assert policy.lock is not None
                 metrics.inc("reliable_lock_acquire_total", result="acquired")
+                since = _header(self.request, LOCK_WAIT_HEADER)
+                metrics.observe("reliable_lock_wait_seconds",
+                                max(0.0, time.time() - float(since)) if since else 0.0)
                 execution.token = admitted.results[index]
                 value = f"{execution.token} {execution.owner}"
                 execution.lease = Lease(
@@ -625,7 +631,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                 raise Ignore()
             if how == "fail":
                 raise LockNotAcquired(self.name, execution.resource)
-            self._defer(policy, "lock busy", not_after=refusal.retry_after)
+            self._defer(policy, "lock busy", not_after=refusal.retry_after, lock_busy=True)
             return
         if refusal.kind == "I":
             # A twin is executing this key right now: wait for its result.
@@ -655,6 +661,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         not_after: float | None = None,
         not_before: float | None = None,
         cause: BaseException | None = None,
+        lock_busy: bool = False,
     ) -> None:
         """Re-publish this task with a jittered countdown and stop this delivery.
 
@@ -676,6 +683,8 @@ class ReliableTask(Task):  # type: ignore[misc]
             return
         headers = dict(request.headers or {})
         headers[DEFER_HEADER] = deferrals + 1
+        if lock_busy:  # for reliable_lock_wait_seconds: when it first found the lock busy
+            headers.setdefault(LOCK_WAIT_HEADER, time.time())
         try:
             self.signature_from_request(
                 request, countdown=countdown, retries=request.retries, headers=headers
@@ -881,6 +890,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                            and backoff.max_attempts is not None else self.max_retries)
         headers = dict(options.pop("headers", None) or request.headers or {})
         headers.pop(DEFER_HEADER, None)
+        headers.pop(LOCK_WAIT_HEADER, None)
         now = time.time()
         first = float(headers.get(FIRST_FAILURE_HEADER) or now)
         headers[FIRST_FAILURE_HEADER] = first
