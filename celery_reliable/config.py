@@ -497,6 +497,29 @@ class ReliableSettings:
         )
 
 
+def render(spec: Any, task_name: str, option: str, arguments: Mapping[str, Any]) -> str:
+    """A name from a template over the bound arguments or a callable receiving them.
+
+    Shared by ``lock``, ``idempotency_key`` and ``rate_limit_key``; raises
+    ConfigurationError naming the task and the option.
+    """
+    if callable(spec):
+        value = spec(arguments)
+        if not isinstance(value, str) or not value:
+            raise ConfigurationError(
+                f"{task_name}: option {option!r} callable returned {value!r}; "
+                "it must return a non-empty string"
+            )
+        return value
+    try:
+        return str(spec.format_map(arguments))
+    except (KeyError, IndexError, AttributeError) as exc:
+        raise ConfigurationError(
+            f"{task_name}: option {option!r} template {spec!r} cannot be formatted "
+            f"with the call's arguments: {exc!r}"
+        ) from exc
+
+
 @dataclass(frozen=True)
 class LockPolicy:
     """How one task locks its resource."""
@@ -507,21 +530,7 @@ class LockPolicy:
 
     def resource(self, task_name: str, arguments: Mapping[str, Any]) -> str:
         """The resource name for one call; raises ConfigurationError if it cannot be built."""
-        if callable(self.spec):
-            value = self.spec(arguments)
-            if not isinstance(value, str) or not value:
-                raise ConfigurationError(
-                    f"{task_name}: option 'lock' callable returned {value!r}; "
-                    "it must return a non-empty string"
-                )
-            return value
-        try:
-            return self.spec.format_map(arguments)
-        except (KeyError, IndexError, AttributeError) as exc:
-            raise ConfigurationError(
-                f"{task_name}: option 'lock' template {self.spec!r} cannot be formatted "
-                f"with the call's arguments: {exc!r}"
-            ) from exc
+        return render(self.spec, task_name, "lock", arguments)
 
 
 @dataclass(frozen=True)
@@ -548,21 +557,7 @@ class IdempotencyPolicy:
             return None
         if self.spec is True:
             return fingerprint
-        if callable(self.spec):
-            value = self.spec(arguments)
-            if not isinstance(value, str) or not value:
-                raise ConfigurationError(
-                    f"{task_name}: option 'idempotency_key' callable returned {value!r}; "
-                    "it must return a non-empty string"
-                )
-            return value
-        try:
-            return str(self.spec.format_map(arguments))
-        except (KeyError, IndexError, AttributeError) as exc:
-            raise ConfigurationError(
-                f"{task_name}: option 'idempotency_key' template {self.spec!r} cannot be "
-                f"formatted with the call's arguments: {exc!r}"
-            ) from exc
+        return render(self.spec, task_name, "idempotency_key", arguments)
 
 
 @dataclass(frozen=True)
@@ -573,21 +568,7 @@ class KeyBucketPolicy:
     bucket: BucketSpec
 
     def key(self, task_name: str, arguments: Mapping[str, Any]) -> str:
-        if callable(self.spec):
-            value = self.spec(arguments)
-            if not isinstance(value, str) or not value:
-                raise ConfigurationError(
-                    f"{task_name}: option 'rate_limit_key' callable returned {value!r}; "
-                    "it must return a non-empty string"
-                )
-            return value
-        try:
-            return str(self.spec.format_map(arguments))
-        except (KeyError, IndexError, AttributeError) as exc:
-            raise ConfigurationError(
-                f"{task_name}: option 'rate_limit_key' template {self.spec!r} cannot be "
-                f"formatted with the call's arguments: {exc!r}"
-            ) from exc
+        return render(self.spec, task_name, "rate_limit_key", arguments)
 
 
 @dataclass(frozen=True)
