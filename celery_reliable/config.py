@@ -585,6 +585,7 @@ class DeferPolicy:
         *,
         not_after: float | None = None,
         not_before: float | None = None,
+        scheduled: float | None = None,
     ) -> float:
         """Seconds until the next attempt after ``deferrals`` earlier deferrals.
 
@@ -592,8 +593,12 @@ class DeferPolicy:
         ``d/2 + rand * d/2`` with ``d = min(max_delay, delay * 2**deferrals)``;
         ``not_after`` (e.g. when the blocking lock expires) caps it, and
         ``not_before`` (e.g. a bucket's retry-after) floors it, jittered by up to
-        20% so deferred tasks do not return in lockstep.
+        20% so deferred tasks do not return in lockstep. ``scheduled`` (a token
+        bucket's place in its queue of refused tasks) replaces all of that: the
+        task comes back then, give or take 5%.
         """
+        if scheduled is not None:
+            return max(0.0, scheduled) * (1 + 0.05 * rand)
         d = min(self.max_delay, self.delay * (2.0 ** min(deferrals, 30)))
         wait: float = d / 2 + rand * d / 2
         if not_after is not None and not_after >= 0:

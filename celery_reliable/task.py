@@ -640,7 +640,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         if refusal.kind == "B":
             bucket = execution.buckets[plan.kinds[: refusal.index].count("B")]
             metrics.inc("reliable_rate_limited_total", bucket=bucket[2])
-            self._defer(policy, f"rate limited ({bucket[2]})", not_before=refusal.retry_after)
+            self._defer(policy, f"rate limited ({bucket[2]})", scheduled=refusal.retry_after or 0.0)
             return
         if refusal.kind == "C":
             metrics.inc("reliable_circuit_deferrals_total", breaker=str(policy.circuit_breaker))
@@ -662,6 +662,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         not_before: float | None = None,
         cause: BaseException | None = None,
         lock_busy: bool = False,
+        scheduled: float | None = None,
     ) -> None:
         """Re-publish this task with a jittered countdown and stop this delivery.
 
@@ -674,7 +675,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         request = self.request
         deferrals = int(_header(request, DEFER_HEADER) or 0)
         countdown = policy.defer.countdown(
-            deferrals, random.random(), not_after=not_after, not_before=not_before
+            deferrals, random.random(), not_after=not_after, not_before=not_before,
+            scheduled=scheduled,
         )
         if request.is_eager:
             if cause is not None:  # nobody else can make it come back: do not spin

@@ -150,7 +150,7 @@ for g = 1, n do
     ki, ai = ki + 2, ai + 4
   elseif kind == 'B' then
     clock()
-    local b = redis.call('HMGET', KEYS[ki], 't', 'ts')
+    local b = redis.call('HMGET', KEYS[ki], 't', 'ts', 'q')
     local rate, burst, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
     local tokens, ts = tonumber(b[1]), tonumber(b[2])
     if not tokens then
@@ -166,7 +166,14 @@ for g = 1, n do
       if ts > now_ms then
         wait = wait + (ts - now_ms)  -- throttled until ts
       end
-      return {0, g, math.ceil(wait)}
+      -- A virtual queue of the refused: each gets the next free slot after
+      -- those refused before it (q), one token's time apart, so deferred tasks
+      -- come back about when a token is there for them instead of all polling
+      -- at once. Bookkeeping only: no token is taken.
+      local at = math.max(tonumber(b[3] or '0'), now_ms + wait)
+      redis.call('HSET', KEYS[ki], 'q', at + cost * 1000 / rate)
+      redis.call('PEXPIRE', KEYS[ki], math.ceil(at - now_ms + burst * 1000 / rate) + 1000)
+      return {0, g, math.ceil(at - now_ms)}
     end
     ki, ai = ki + 1, ai + 3
   else
