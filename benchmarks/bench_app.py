@@ -39,9 +39,15 @@ from typing import Any
 import redis
 from celery import Celery, signals
 
-from celery_reliable import ReliableTask
+from celery_reliable import Backoff, ReliableTask
 
 FLUSH_INTERVAL = 0.05
+#: staging list of the contenders that draw from a queue bucket (benchmarks/run.py): the
+#: bucket is keyed by the message's routing key, which is the list it was published to
+LIMITED_STAGING = "bench.staging.limited"
+#: queues of benchmarks/run.py's scale phase: ``scale.<k>`` is consumed by k workers
+SCALE_QUEUES = ("scale.1", "scale.2", "scale.4")
+SCALE_RATE = "50/s"
 
 
 def env(name: str, default: str = "") -> str:
@@ -60,7 +66,22 @@ def build_app() -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # benchmarks/run.py: a queue bucket far above any offered rate for the limited
+        # staging list, and the 50/s buckets of the scale phase
+        reliable_queue_rate_limits={
+            LIMITED_STAGING: {"rate": 1_000_000, "burst": 1_000_000},
+            **dict.fromkeys(SCALE_QUEUES, env("BENCH_SCALE_RATE", SCALE_RATE)),
+        },
+        reliable_bulkheads={"bench": {"concurrent": 64, "queue": 64, "timeout": 60}},
+        reliable_circuit_breakers={"bench": {}},
     )
+    # the competitors of benchmarks/run.py, on the throwaway reliable redis-server
+    once_url = env("BENCH_ONCE_URL") or env("BENCH_RELIABLE_REDIS_URL",
+                                            "redis://127.0.0.1:6379/15")
+    app.conf.ONCE = {"backend": "celery_once.backends.Redis",
+                     "settings": {"url": once_url, "default_timeout": 60}}
+    app.conf.singleton_backend_url = once_url
+    app.conf.singleton_key_prefix = "bench-singleton:"
     return app
 
 
@@ -82,6 +103,82 @@ def lock(run: str, n: int) -> None:
     """A fencing-token lock on a resource no other task uses (never contends)."""
 
 
+# ------------------------------------------------------------------ benchmarks/run.py
+
+try:  # optional (the ``bench`` extra); throughput.py does not need them
+    from celery_once import QueueOnce
+    from celery_singleton import Singleton
+except ImportError:  # pragma: no cover
+    QueueOnce = Singleton = None  # type: ignore[assignment,misc]
+
+BACKOFF = Backoff.exponential(base=2, cap=60, jitter="full", max_attempts=5)
+
+if QueueOnce is not None:
+    @app.task(name="bench.once", base=QueueOnce, ignore_result=True)
+    def once(run: str, n: int) -> None:
+        """celery-once: lock taken at publish time, released when the task returns."""
+
+    @app.task(name="bench.singleton", base=Singleton, ignore_result=True)
+    def singleton(run: str, n: int) -> None:
+        """celery-singleton: lock taken at publish time, released on success/failure."""
+
+
+@app.task(name="bench.bucket", base=ReliableTask, ignore_result=True)
+def bucket(run: str, n: int) -> None:
+    """Only the queue bucket (published to LIMITED_STAGING, whose bucket is 1,000,000/s)."""
+
+
+@app.task(name="bench.bulkhead", base=ReliableTask, ignore_result=True, bulkhead="bench")
+def bulkhead(run: str, n: int) -> None:
+    """Only a bulkhead tier of 64 slots (above the fleet's concurrency)."""
+
+
+@app.task(name="bench.backoff", base=ReliableTask, ignore_result=True, backoff=BACKOFF)
+def backoff(run: str, n: int) -> None:
+    """Only a backoff policy (the body never fails, so it never retries)."""
+
+
+@app.task(name="bench.all", base=ReliableTask, ignore_result=True, lock="bench:{n}",
+          idempotency_key=True, bulkhead="bench", backoff=BACKOFF, circuit_breaker="bench")
+def all_guards(run: str, n: int) -> None:
+    """Every guard (published to LIMITED_STAGING for the queue bucket); the idempotency
+    store is the worker's app setting."""
+
+
+_rate_client: Any = None
+_rate_client_pid = 0
+_last_prerun = 0.0
+
+
+def _record_start(run: str, sent: float) -> None:
+    """Scale phase: push ``"<body start> <prerun->body s> <publish->body s>"``."""
+    global _rate_client, _rate_client_pid
+    now = time.time()
+    if _rate_client is None or _rate_client_pid != os.getpid():
+        _rate_client = redis.Redis.from_url(env("BENCH_STATS_URL", "redis://127.0.0.1:6379/15"))
+        _rate_client_pid = os.getpid()
+    _rate_client.rpush(f"bench:starts:{run}",
+                       f"{now!r} {now - _last_prerun!r} {now - sent!r}")
+
+
+@app.task(name="bench.rate_reliable", base=ReliableTask, ignore_result=True)
+def rate_reliable(run: str, n: int, sent: float) -> None:
+    """Scale phase: drawn from the fleet-wide bucket of its queue (``scale.<k>``: 50/s)."""
+    _record_start(run, sent)
+
+
+def _rate_celery(run: str, n: int, sent: float) -> None:
+    """Scale phase: Celery's own ``rate_limit`` (per worker)."""
+    _record_start(run, sent)
+
+
+# one task name per scale queue: Celery's buckets are per task name and worker, so tasks
+# left over from one scale run never share a bucket with the next run's
+for _queue in SCALE_QUEUES:
+    app.task(name=f"bench.rate_celery.{_queue}", ignore_result=True,
+             rate_limit=SCALE_RATE)(_rate_celery)
+
+
 # ------------------------------------------------------------------ measurement
 
 # run -> [tasks ended in SUCCESS, tasks ended otherwise, first start, last end]
@@ -101,7 +198,8 @@ def _run_of(args: Any, kwargs: Any) -> str | None:
 
 @signals.task_prerun.connect
 def _prerun(args: Any = None, kwargs: Any = None, **_: Any) -> None:
-    now = time.time()
+    global _last_prerun
+    now = _last_prerun = time.time()
     run = _run_of(args, kwargs)
     if run is None:
         return

@@ -80,7 +80,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -465,33 +465,51 @@ class Monitor:
 # --------------------------------------------------------------------------- workers
 
 
+@dataclass(frozen=True)
+class FleetSpec:
+    """``workers`` celery workers sharing one environment (``benchmarks/run.py`` builds its own)."""
+
+    name: str
+    env: dict[str, str]
+    workers: int
+    concurrency: int
+    #: worker number (1-based) -> its ``-Q`` argument; default: the fleet's own queue
+    queues: Callable[[int], str] | None = None
+
+
 class Fleets:
     """The worker processes: ``--workers`` per fleet, each in its own session."""
 
-    def __init__(self, args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> None:
+    def __init__(self, args: argparse.Namespace, tmp: Path, env: dict[str, str],
+                 specs: list[FleetSpec] | None = None, tag: str = "") -> None:
         self.args = args
         self.tmp = tmp
         self.env = env
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
-        self.ready_dir = tmp / "ready"
+        self.ready_dir = tmp / f"ready{tag}"
         self.ready_dir.mkdir()
+        if specs is None:  # throughput.py: the fleets its contenders use
+            specs = [FleetSpec(fleet, fleet_env, args.workers, args.concurrency)
+                     for fleet, fleet_env in FLEETS.items()
+                     if any(c.fleet == fleet for c in CONTENDERS if c.name in args.contenders)]
+        self.specs = specs
 
     @staticmethod
     def queue(fleet: str) -> str:
         return f"bench.{fleet}"
 
     def start(self) -> None:
-        for fleet, fleet_env in FLEETS.items():
-            if not any(c.fleet == fleet for c in CONTENDERS if c.name in self.args.contenders):
-                continue
-            for i in range(1, self.args.workers + 1):
+        for spec in self.specs:
+            fleet = spec.name
+            for i in range(1, spec.workers + 1):
                 name = f"bench-{fleet}-{i}"
-                env = dict(self.env, **fleet_env, BENCH_READY_DIR=str(self.ready_dir))
+                env = dict(self.env, **spec.env, BENCH_READY_DIR=str(self.ready_dir))
                 log = self.tmp / f"{name}.log"
+                queues = spec.queues(i) if spec.queues else self.queue(fleet)
                 cmd = [sys.executable, "-m", "celery", "-A", "bench_app", "worker",
-                       "-P", "prefork", "-c", str(self.args.concurrency),
-                       "-n", f"{name}@%h", "-Q", self.queue(fleet),
+                       "-P", "prefork", "-c", str(spec.concurrency),
+                       "-n", f"{name}@%h", "-Q", queues,
                        "--without-heartbeat", "--without-gossip", "--without-mingle",
                        "-l", "WARNING"]
                 with log.open("wb") as out:
@@ -575,17 +593,22 @@ class Bench:
         self.next_n = 0
         self.passes = 0
 
+    def staging(self, contender: Contender) -> str:
+        """The unconsumed list a contender's tasks are published to (its routing key)."""
+        return STAGING
+
     def stage(self, contender: Contender, count: int) -> str:
         """Publish ``count`` tasks with fresh arguments to the (unconsumed) staging list."""
-        if self.broker.exists(STAGING):
-            raise BenchmarkError(f"{STAGING} is not empty")
+        staging = self.staging(contender)
+        if self.broker.exists(staging):
+            raise BenchmarkError(f"{staging} is not empty")
         self.passes += 1
         run = f"{contender.name}-{self.passes}-{secrets.token_hex(3)}"
         task = self.app.tasks[contender.task]
         for _ in range(count):
             self.next_n += 1
-            task.apply_async((run, self.next_n), queue=STAGING)
-        staged = self.broker.llen(STAGING)
+            task.apply_async((run, self.next_n), queue=staging)
+        staged = self.broker.llen(staging)
         if staged != count:
             raise BenchmarkError(f"staged {staged} messages, expected {count}")
         return run
@@ -595,7 +618,7 @@ class Bench:
         queue = Fleets.queue(contender.fleet)
         if self.broker.exists(queue):
             raise BenchmarkError(f"queue {queue} is not empty before a pass")
-        self.broker.rename(STAGING, queue)
+        self.broker.rename(self.staging(contender), queue)
 
     def wait(self, run: str, count: int) -> tuple[float, list[int]]:
         timeout = max(60.0, count / 20)
