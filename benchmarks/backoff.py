@@ -55,20 +55,16 @@ import os
 import platform
 import random
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import redis
+from _redis_server import throwaway_redis
 
 from celery_reliable import Backoff
 
@@ -100,73 +96,6 @@ class BenchmarkError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def throwaway_redis(binary: str) -> Iterator[tuple[int, str]]:
-    """A private redis-server on a free port: no persistence, its own temp dir."""
-    with tempfile.TemporaryDirectory(prefix="bench-backoff-") as tmp:
-        for _attempt in range(3):
-            port = free_port()
-            log = Path(tmp) / "redis.log"
-            proc = subprocess.Popen(
-                [
-                    binary,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    tmp,
-                    "--logfile",
-                    str(log),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.STDOUT,
-            )
-            probe = redis.Redis(port=port, socket_connect_timeout=0.2)
-            try:
-                deadline = time.monotonic() + 10
-                while proc.poll() is None and time.monotonic() < deadline:
-                    try:
-                        version = str(probe.info("server")["redis_version"])
-                        break
-                    except redis.ConnectionError:
-                        time.sleep(0.05)
-                else:
-                    tail = log.read_text(errors="replace")[-400:] if log.exists() else ""
-                    _stop(proc)
-                    print(f"redis-server on port {port} did not start: {tail}", file=sys.stderr)
-                    continue
-            finally:
-                probe.close()
-            try:
-                yield port, version
-            finally:
-                _stop(proc)
-            return
-        raise SystemExit("error: could not start a throwaway redis-server (3 attempts)")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # --------------------------------------------------------------------------- one run
@@ -608,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = dt.datetime.now(dt.timezone.utc)
     print(f"# reproduce: {reproduce_command(args)}")
-    with throwaway_redis(binary) as (port, server_version):
+    with throwaway_redis(binary, "bench-backoff-") as (port, server_version):
         vers = versions(server_version)
         print("# " + ", ".join(f"{k} {v}" for k, v in vers.items()))
         print(

@@ -77,21 +77,18 @@ import os
 import platform
 import secrets
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import redis
+from _redis_server import throwaway_redis
 
 # This file has the name of a library it measures: with its own directory first on
 # sys.path (``python benchmarks/limits.py``), ``import limits`` would import this script.
@@ -352,59 +349,6 @@ TARGETS = (
 
 
 # --------------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def throwaway_redis(binary: str) -> Iterator[tuple[int, str]]:
-    """A private redis-server on a free port: no persistence, its own temp dir."""
-    with tempfile.TemporaryDirectory(prefix="bench-limits-") as tmp:
-        for _attempt in range(3):
-            port = free_port()
-            log = Path(tmp) / "redis.log"
-            proc = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", tmp, "--logfile", str(log)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            )
-            probe = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
-            try:
-                deadline = time.monotonic() + 10
-                while proc.poll() is None and time.monotonic() < deadline:
-                    try:
-                        version = str(probe.info("server")["redis_version"])
-                        break
-                    except redis.ConnectionError:
-                        time.sleep(0.05)
-                else:
-                    tail = log.read_text(errors="replace")[-400:] if log.exists() else ""
-                    _stop(proc)
-                    print(f"redis-server on port {port} did not start: {tail}", file=sys.stderr)
-                    continue
-            finally:
-                probe.close()
-            try:
-                yield port, version
-            finally:
-                _stop(proc)
-            return
-        raise SystemExit("error: could not start a throwaway redis-server (3 attempts)")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # --------------------------------------------------------------------------- running
@@ -758,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.timezone.utc)
     print(f"# reproduce: {reproduce_command(args)}"
           + (f" --json {args.json}" if args.json else ""))
-    with throwaway_redis(binary) as (port, server_version):
+    with throwaway_redis(binary, "bench-limits-") as (port, server_version):
         vers = versions(server_version)
         print("# " + ", ".join(f"{k} {v}" for k, v in vers.items()))
         print(f"# {os.cpu_count()} CPUs, {platform.platform()}, throwaway redis-server on "
