@@ -114,9 +114,13 @@ class Plan:
 
     def add_lock(self, keys: KeySpace, resource: str, owner: str, ttl: float) -> int:
         """Lock ``resource`` for ``ttl`` seconds, minting a fencing token; returns its index."""
+        return self.add_lock_keys(keys.lock(resource), keys.fence(resource), owner, ttl)
+
+    def add_lock_keys(self, lock_key: str, fence_key: str, owner: str, ttl: float) -> int:
+        """:meth:`add_lock` with the keys already derived (a lock object reuses them)."""
         self.kinds.append("L")
         self.offsets.append(len(self.keys))
-        self.keys += [keys.lock(resource), keys.fence(resource)]
+        self.keys += [lock_key, fence_key]
         self.admit_args += [
             owner,
             max(1, int(ttl * 1000)),

@@ -45,6 +45,7 @@ class FencedLock:
         self.ttl = float(ttl)
         self._keys = KeySpace(prefix)
         self._lock_key = self._keys.lock(resource)
+        self._fence_key = self._keys.fence(resource)  # hashed once per lock object
         self._value: str | None = None
         self.token: int | None = None
 
@@ -52,7 +53,7 @@ class FencedLock:
         """Try once; return the fencing token, or None if someone else holds the lock."""
         owner = owner or secrets.token_hex(8)
         plan = Plan()
-        plan.add_lock(self._keys, self.resource, owner, self.ttl)
+        plan.add_lock_keys(self._lock_key, self._fence_key, owner, self.ttl)
         result = plan.admit(self.client)
         if not isinstance(result, Admitted):
             return None

@@ -196,21 +196,19 @@ for g = 1, n do
     ki, ai = ki + 1, ai + 4
   elseif kind == 'L' then
     -- The token is strictly greater than every token minted before for this
-    -- resource. A new (or lost, or expired) counter starts at the server clock
-    -- in microseconds, and a counter grows by one per acquire, far slower than
-    -- the clock: so tokens only grow even when Redis loses the counter (as
-    -- long as the server clock does not step back).
-    local last = tonumber(redis.call('GET', KEYS[ki + 1]))
-    local token
-    if last then
-      token = last + 1
-    else
+    -- resource. A new counter starts at the server clock in microseconds and
+    -- grows by one per acquire, far slower than the clock; it expires
+    -- fence_ttl after its creation (never refreshed) and then restarts at the
+    -- clock. So tokens only grow, also when Redis loses the counter (as long
+    -- as the server clock does not step back).
+    local token = redis.call('INCR', KEYS[ki + 1])
+    if token == 1 then  -- a new, expired or lost counter: restart at the server clock
       clock()
       token = now_us
+      redis.call('SET', KEYS[ki + 1], string.format('%.0f', token), 'PX', ARGV[ai + 2])
     end
     local tok = string.format('%.0f', token)
     redis.call('SET', KEYS[ki], tok .. ' ' .. ARGV[ai], 'PX', ARGV[ai + 1])
-    redis.call('SET', KEYS[ki + 1], tok, 'PX', ARGV[ai + 2])
     out[#out + 1] = token
     ki, ai = ki + 2, ai + 3
   elseif kind == 'K' then
