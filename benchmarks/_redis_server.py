@@ -1,4 +1,4 @@
-"""A throwaway redis-server for the benchmarks: a free port, no persistence, its own temp dir.
+"""Redis helpers of the benchmarks: a throwaway redis-server, and round-trip counting.
 
 Shared by locks.py, limits.py and backoff.py (run as ``python benchmarks/<name>.py``,
 so this directory is first on ``sys.path``).
@@ -14,10 +14,18 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import redis
 
-__all__ = ["free_port", "stop", "throwaway_redis"]
+__all__ = [
+    "CountingConnection",
+    "counting_connection_class",
+    "free_port",
+    "server_calls",
+    "stop",
+    "throwaway_redis",
+]
 
 
 def free_port() -> int:
@@ -85,3 +93,34 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class CountingConnection(redis.Connection):
+    """A redis-py connection that counts requests written (= round trips) and connects."""
+
+    sends = 0
+    connects = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sends += 1
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+
+    def _connect(self) -> Any:  # opens the socket; connect() is called per checkout
+        type(self).connects += 1
+        return super()._connect()  # type: ignore[no-untyped-call]
+
+
+def counting_connection_class() -> type[CountingConnection]:
+    """A fresh subclass, so every contender's counters are its own."""
+    return type("CountingConnectionFor", (CountingConnection,), {"sends": 0, "connects": 0})
+
+
+def server_calls(admin: redis.Redis) -> dict[str, int]:
+    """``INFO commandstats`` as {command: calls}, without ``info`` itself."""
+    stats: dict[str, Any] = admin.info("commandstats")
+    out: dict[str, int] = {}
+    for name, value in stats.items():
+        command = name.removeprefix("cmdstat_")
+        if command != "info" and isinstance(value, dict):
+            out[command] = int(value["calls"])
+    return out

@@ -49,10 +49,13 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import redis
-from _redis_server import throwaway_redis
+from _redis_server import (
+    counting_connection_class,
+    server_calls,
+    throwaway_redis,
+)
 
 # 4000 x 5 rounds keeps the default run near 50 s on a noisy 2-core VM (pottery dominates).
 DEFAULT_ITERATIONS = 4000
@@ -72,35 +75,6 @@ class BenchmarkError(RuntimeError):
 # --------------------------------------------------------------------------- counting
 
 
-class CountingConnection(redis.Connection):
-    """A redis-py connection that counts requests written (= round trips) and connects."""
-
-    sends = 0
-    connects = 0
-
-    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        type(self).sends += 1
-        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
-
-    def _connect(self) -> Any:  # opens the socket; connect() is called per checkout
-        type(self).connects += 1
-        return super()._connect()  # type: ignore[no-untyped-call]
-
-
-def counting_connection_class() -> type[CountingConnection]:
-    """A fresh subclass, so every contender's counters are its own."""
-    return type("CountingConnectionFor", (CountingConnection,), {"sends": 0, "connects": 0})
-
-
-def server_calls(admin: redis.Redis) -> dict[str, int]:
-    """``INFO commandstats`` as {command: calls}, without ``info`` itself."""
-    stats: dict[str, Any] = admin.info("commandstats")
-    out: dict[str, int] = {}
-    for name, value in stats.items():
-        command = name.removeprefix("cmdstat_")
-        if command != "info" and isinstance(value, dict):
-            out[command] = int(value["calls"])
-    return out
 
 
 # --------------------------------------------------------------------------- contenders
