@@ -1,28 +1,138 @@
-"""Lua scripts shipped as package data, registered once per client, run by SHA."""
+"""Lua scripts shipped as package data, registered once per client, run by SHA.
+
+Every guard decision is one of these scripts, so their client-side cost is the
+library's overhead per task. A plain ``client.evalsha`` pays for redis-py's
+pool checkout, command dispatch and instrumentation on every call (about a
+third of a loopback round trip's client CPU, measured in
+``benchmarks/locks.py``). So, for a ``redis.Redis`` on a plain connection
+pool, each process keeps one dedicated connection per client (a
+:class:`_Channel`, built from the pool's own connection class and settings:
+host, TLS, auth, database, timeouts, RESP version) and writes the packed
+``EVALSHA`` on it directly. A thread that finds the channel busy, any other
+client type (cluster, sentinel, client-side caching) and any pool that is not
+a plain one take the ordinary ``client.evalsha`` path.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+import time
+import weakref
 from functools import cache
 from importlib import resources
 from typing import Any
 
 import redis
+from redis.connection import BlockingConnectionPool, ConnectionPool
 
 __all__ = ["Script", "script"]
+
+# A connection idle for longer than this is polled for a close by the server
+# (idle timeout, restart) before it is used again, as redis-py's pool does on
+# every checkout. Seconds.
+_IDLE_CHECK_S = 1.0
+
+_PLAIN_POOLS = (ConnectionPool, BlockingConnectionPool)
+
+
+def _arg(value: Any) -> bytes:
+    """One argument as redis-py's encoder would send it."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, bool):  # bool is an int; redis-py refuses it too
+        raise redis.DataError(f"invalid script argument {value!r}: convert booleans first")
+    if isinstance(value, int):
+        return b"%d" % value
+    if isinstance(value, float):
+        return repr(value).encode("ascii")
+    raise redis.DataError(f"invalid script argument of type {type(value).__name__}")
+
+
+class _Channel:
+    """One process's dedicated connection to one client's server, used by one thread at a time."""
+
+    __slots__ = ("busy", "conn", "last_used", "pid")
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.conn = pool.connection_class(**pool.connection_kwargs)
+        self.busy = threading.Lock()
+        self.pid = os.getpid()
+        self.last_used = time.monotonic()
+
+    def call(self, packed: bytes) -> Any:
+        conn = self.conn
+        now = time.monotonic()
+        if now - self.last_used > _IDLE_CHECK_S and getattr(conn, "_sock", None) is not None:
+            try:
+                stale = conn.can_read()  # readable while idle: closed by the server
+            except redis.ConnectionError:
+                stale = True
+            if stale:
+                conn.disconnect()
+        self.last_used = now
+        try:
+            conn.send_packed_command([packed], check_health=False)
+        except BaseException:
+            conn.disconnect()  # maybe half-written: never reuse it
+            raise
+        return conn.read_response()  # disconnects itself on any error
+
+
+_channels: weakref.WeakKeyDictionary[redis.Redis, _Channel] = weakref.WeakKeyDictionary()
+_channels_lock = threading.Lock()
+
+
+def _channel(client: redis.Redis) -> _Channel | None:
+    channel = _channels.get(client)
+    if channel is not None and channel.pid == os.getpid():
+        return channel
+    if not isinstance(client, redis.Redis):
+        return None
+    pool = client.connection_pool
+    if type(pool) not in _PLAIN_POOLS or getattr(pool, "cache", None) is not None:
+        return None
+    with _channels_lock:
+        channel = _channels.get(client)
+        if channel is None or channel.pid != os.getpid():  # new, or inherited over fork
+            channel = _Channel(pool)
+            _channels[client] = channel
+    return channel
 
 
 class Script:
     """One Lua script: EVALSHA, with a single SCRIPT LOAD if the server lost it."""
 
-    __slots__ = ("name", "sha", "source")
+    __slots__ = ("_head", "name", "sha", "source")
 
     def __init__(self, name: str, source: str) -> None:
         self.name = name
         self.source = source
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+        self._head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode("ascii") + b"\r\n"
+
+    def _pack(self, keys: list[str], args: list[Any]) -> bytes:
+        parts = [b"*%d\r\n" % (len(keys) + len(args) + 3), self._head]
+        for item in (str(len(keys)), *keys, *args):
+            data = _arg(item)
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        return b"".join(parts)
 
     def __call__(self, client: redis.Redis, keys: list[str], args: list[Any]) -> Any:
+        channel = _channel(client)
+        if channel is not None and channel.busy.acquire(blocking=False):
+            try:
+                packed = self._pack(keys, args)
+                try:
+                    return channel.call(packed)
+                except redis.exceptions.NoScriptError:
+                    client.script_load(self.source)
+                    return channel.call(packed)
+            finally:
+                channel.busy.release()
         try:
             return client.evalsha(self.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
