@@ -74,7 +74,7 @@ def test_a_connection_closed_by_the_server_is_replaced(
 def test_a_killed_connection_fails_once_then_reconnects(
     redis_client: redis.Redis, prefix: str
 ) -> None:
-    """Without the idle check, the dead connection raises ConnectionError once, never a stale reply."""
+    """Without the idle check a dead connection raises ConnectionError once, never a stale reply."""
     key = f"{prefix}:d"
     ECHO(redis_client, [key], ["a", 1, 2])
     channel = _channel(redis_client)
