@@ -371,6 +371,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
         cmd += f" --warmup {args.warmup}"
     if args.count_iterations is not None:
         cmd += f" --count-iterations {args.count_iterations}"
+    if args.key_pool:
+        cmd += f" --key-pool {args.key_pool}"
     return cmd
 
 
