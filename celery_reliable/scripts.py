@@ -116,9 +116,18 @@ class Script:
 
     def _pack(self, keys: list[str], args: list[Any]) -> bytes:
         parts = [b"*%d\r\n" % (len(keys) + len(args) + 3), self._head]
-        for item in (str(len(keys)), *keys, *args):
-            data = _arg(item)
-            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        append = parts.append
+        for item in (len(keys), *keys, *args):
+            kind = type(item)  # exact types first: this runs for every guard call
+            if kind is str:
+                data = item.encode("utf-8")
+            elif kind is int:
+                data = b"%d" % item
+            else:
+                data = _arg(item)
+            append(b"$%d\r\n" % len(data))
+            append(data)
+            append(b"\r\n")
         return b"".join(parts)
 
     def __call__(self, client: redis.Redis, keys: list[str], args: list[Any]) -> Any:

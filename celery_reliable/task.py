@@ -19,6 +19,7 @@ its tracer, which a signal receiver could never influence):
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -150,6 +151,20 @@ class _Execution:
         self.replay: Replay | None = None
         self.release = Release()
         self.done = False
+
+
+_NO_DEFAULT = inspect.Parameter.empty
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain_parameters(
+    signature: inspect.Signature,
+) -> tuple[tuple[str, ...], dict[str, Any]] | None:
+    """Names and defaults of a signature made only of positional-or-keyword parameters."""
+    params = signature.parameters.values()
+    if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params), {p.name: p.default for p in params}
 
 
 class ReliableTask(Task):  # type: ignore[misc]
@@ -325,6 +340,21 @@ class ReliableTask(Task):  # type: ignore[misc]
     ) -> dict[str, Any]:
         if policy.signature is None:
             return dict(kwargs)
+        simple = _plain_parameters(policy.signature)
+        if simple is not None and len(args) <= len(simple[0]):
+            # The common shape (named parameters, no *args/**kwargs/keyword-only):
+            # what bind_partial + apply_defaults would give, without their cost.
+            names, defaults = simple
+            arguments = dict(zip(names, args, strict=False))
+            for name, value in kwargs.items():
+                if name not in defaults or name in arguments:
+                    break  # unknown or given twice: let bind_partial raise its TypeError
+                arguments[name] = value
+            else:
+                for name in names:
+                    if name not in arguments and defaults[name] is not _NO_DEFAULT:
+                        arguments[name] = defaults[name]
+                return arguments
         bound = policy.signature.bind_partial(*args, **kwargs)
         bound.apply_defaults()
         arguments = dict(bound.arguments)

@@ -141,3 +141,44 @@ def test_readme_reference_matches_the_code() -> None:
     assert docs.replace_in(readme) == readme, (
         "run: python -m celery_reliable.docs --write README.md"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((), {}),
+        ((1,), {}),
+        ((1, 2), {}),
+        ((1,), {"note": "x"}),
+        ((), {"order_id": 3, "amount": 4}),
+        ((1, 2, "n"), {}),
+    ],
+)
+def test_bound_arguments_match_inspect(app: Celery, args: Any, kwargs: Any) -> None:
+    """The fast argument binding gives exactly what Signature.bind_partial + defaults give."""
+
+    def charge(self: Any, order_id: int, amount: int = 0, note: str | None = None) -> int:
+        return order_id
+
+    task = app.task(base=ReliableTask, bind=True, name="shop.args", shared=False,
+                    lock="o:{order_id}")(charge)._get_current_object()
+    policy = task._policy()
+    expected = policy.signature.bind_partial(*args, **kwargs)
+    expected.apply_defaults()
+    assert task._arguments(policy, args, kwargs) == dict(expected.arguments)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [((1,), {"order_id": 1}), ((1,), {"customer": 2}), ((1, 2, 3, 4), {})],
+)
+def test_bad_arguments_raise_like_inspect(app: Celery, args: Any, kwargs: Any) -> None:
+    """Twice-given, unknown or too many arguments raise the TypeError inspect raises."""
+
+    def charge(self: Any, order_id: int, amount: int = 0, note: str | None = None) -> int:
+        return order_id
+
+    task = app.task(base=ReliableTask, bind=True, name="shop.bad", shared=False,
+                    lock="o:{order_id}")(charge)._get_current_object()
+    with pytest.raises(TypeError):
+        task._arguments(task._policy(), args, kwargs)
