@@ -14,6 +14,7 @@ option.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import string
 from collections.abc import Callable, Mapping
@@ -630,6 +631,19 @@ class TaskPolicy:
     parameters: tuple[str, ...]
     takes_var_kwargs: bool
     signature: inspect.Signature | None
+
+    @functools.cached_property
+    def plain_parameters(self) -> tuple[tuple[str, ...], dict[str, Any]] | None:
+        """Names and defaults, if the signature has only positional-or-keyword parameters.
+
+        The task pipeline binds such signatures without ``inspect`` (a hot path).
+        """
+        if self.signature is None:
+            return None
+        params = self.signature.parameters.values()
+        if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
+            return None
+        return tuple(p.name for p in params), {p.name: p.default for p in params}
 
     @property
     def guarded(self) -> bool:

@@ -19,7 +19,6 @@ its tracer, which a signal receiver could never influence):
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import logging
@@ -154,17 +153,6 @@ class _Execution:
 
 
 _NO_DEFAULT = inspect.Parameter.empty
-
-
-@functools.lru_cache(maxsize=1024)
-def _plain_parameters(
-    signature: inspect.Signature,
-) -> tuple[tuple[str, ...], dict[str, Any]] | None:
-    """Names and defaults of a signature made only of positional-or-keyword parameters."""
-    params = signature.parameters.values()
-    if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
-        return None
-    return tuple(p.name for p in params), {p.name: p.default for p in params}
 
 
 class ReliableTask(Task):  # type: ignore[misc]
@@ -340,7 +328,7 @@ class ReliableTask(Task):  # type: ignore[misc]
     ) -> dict[str, Any]:
         if policy.signature is None:
             return dict(kwargs)
-        simple = _plain_parameters(policy.signature)
+        simple = policy.plain_parameters
         if simple is not None and len(args) <= len(simple[0]):
             # The common shape (named parameters, no *args/**kwargs/keyword-only):
             # what bind_partial + apply_defaults would give, without their cost.
