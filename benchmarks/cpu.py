@@ -3,7 +3,9 @@
 
 Throughput on a 2-core machine is bounded by the CPU that ALL processes spend per task
 (worker main and pool processes, the broker's redis-server, the reliable redis-server,
-PostgreSQL), not only by the worker's Python. This script measures that split, so a
+PostgreSQL), not only by the worker's Python.
+The worker's CPU is split into its main process (consumer: broker I/O, acks) and its
+pool processes (where the task and every guard run). This script measures that split, so a
 throughput ratio can be explained (and its ceiling computed) instead of guessed:
 
     ceiling of a contender = plain CPU per task / (plain CPU per task + what it adds
@@ -13,8 +15,9 @@ It starts two throwaway redis-servers (broker, reliable) on free ports, a throwa
 PostgreSQL database (dropped at the end), and ``--workers`` ``celery worker`` processes
 (prefork, concurrency 1) of ``benchmarks/bench_app.py``. For each contender and round it
 publishes ``--tasks`` no-op tasks, waits until all ran, and reads utime+stime from
-``/proc`` for: the worker process trees, each redis-server, and every process of the
-``postgres`` user (the local cluster; keep the machine otherwise quiet). Linux only.
+``/proc`` for: the worker main processes, their pool processes, each redis-server, and
+every process of the ``postgres`` user (the local cluster; keep the machine otherwise
+quiet). Linux only.
 
     python benchmarks/cpu.py                      # ~1 min on 2 cores
     python benchmarks/cpu.py --tasks 3000 --rounds 3 --store redis
@@ -51,7 +54,8 @@ CONTENDERS = {
     "idempotency": ("bench.idempotent", QUEUE),
     "all guards": ("bench.all", LIMITED),
 }
-GROUPS = ("workers", "broker redis", "reliable redis", "postgresql")
+GROUPS = ("worker main", "worker pool", "broker redis", "reliable redis", "postgresql")
+CLIENTS = ("worker main", "worker pool")
 
 
 def ticks(pid: int) -> int:
@@ -175,7 +179,8 @@ def measure(args: argparse.Namespace, workers: list[subprocess.Popen[bytes]], bp
     for rnd in range(args.rounds):
         for name in args.contenders:
             groups = {
-                "workers": [p for w in workers for p in tree(w.pid)],
+                "worker main": [w.pid for w in workers],
+                "worker pool": [p for w in workers for p in tree(w.pid) if p != w.pid],
                 "broker redis": [bpid],
                 "reliable redis": [rpid],
                 "postgresql": postgres_pids(),
@@ -200,7 +205,7 @@ def measure(args: argparse.Namespace, workers: list[subprocess.Popen[bytes]], bp
     for c in args.contenders:
         m = med[c]
         total = sum(m.values())
-        servers = sum(m[g] - med["plain"][g] for g in GROUPS if g != "workers")
+        servers = sum(m[g] - med["plain"][g] for g in GROUPS if g not in CLIENTS)
         rate = statistics.median(rates[c])
         ceiling = plain_total / (plain_total + max(0.0, servers))
         print(f"| {c} | {rate:,.0f} | {rate / plain_rate:.2f}x | "
