@@ -86,6 +86,17 @@ _channels: weakref.WeakKeyDictionary[redis.Redis, _Channel] = weakref.WeakKeyDic
 _channels_lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    # A fork while another thread held the lock would leave it held forever in the
+    # child. Inherited channels are replaced on first use (their pid differs).
+    global _channels_lock
+    _channels_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _channel(client: redis.Redis) -> _Channel | None:
     channel = _channels.get(client)
     if channel is not None and channel.pid == os.getpid():
