@@ -11,6 +11,12 @@ host, TLS, auth, database, timeouts, RESP version) and writes the packed
 ``EVALSHA`` on it directly. A thread that finds the channel busy, any other
 client type (cluster, sentinel, client-side caching) and any pool that is not
 a plain one take the ordinary ``client.evalsha`` path.
+
+A connection error on the channel is raised to the caller, with one exception:
+scripts that are safe to run twice (completion, renewal, fenced writes,
+throttling) are sent once more on a new connection. Admission is never resent:
+its reply may have been lost after it took a lock or a token, and the task
+pipeline defers the delivery instead (fail closed).
 """
 
 from __future__ import annotations
@@ -117,11 +123,14 @@ def _channel(client: redis.Redis) -> _Channel | None:
 class Script:
     """One Lua script: EVALSHA, with a single SCRIPT LOAD if the server lost it."""
 
-    __slots__ = ("_head", "name", "sha", "source")
+    __slots__ = ("_head", "idempotent", "name", "sha", "source")
 
-    def __init__(self, name: str, source: str) -> None:
+    def __init__(self, name: str, source: str, *, idempotent: bool = False) -> None:
         self.name = name
         self.source = source
+        #: Safe to run twice: a call whose connection failed is sent once more on a new
+        #: connection. Never for admission (a lost reply may hide a taken lock or token).
+        self.idempotent = idempotent
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         self._head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode("ascii") + b"\r\n"
 
@@ -151,6 +160,10 @@ class Script:
                 except redis.exceptions.NoScriptError:
                     client.script_load(self.source)
                     return channel.call(packed)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    if not self.idempotent:
+                        raise
+                    return channel.call(packed)  # the channel reconnects
             finally:
                 channel.busy.release()
         try:
@@ -160,8 +173,16 @@ class Script:
             return client.evalsha(self.sha, len(keys), *keys, *args)
 
 
+#: Scripts whose second run changes nothing the first did not (see each script's header).
+#: Nearly: a resent completion whose first run did execute reports its lock as "not ours"
+#: (logged as a lost lock) and counts a closed breaker's outcome twice. Both are better
+#: than what not resending costs: leases held to their TTL and, with Redis-only
+#: idempotency records, a result that is never recorded.
+_IDEMPOTENT = frozenset({"complete", "renew", "fenced_set", "throttle"})
+
+
 @cache
 def script(name: str) -> Script:
     """The packaged script ``celery_reliable/lua/<name>.lua``."""
     source = resources.files("celery_reliable").joinpath(f"lua/{name}.lua").read_text("utf-8")
-    return Script(name, source)
+    return Script(name, source, idempotent=name in _IDEMPOTENT)

@@ -156,3 +156,26 @@ def test_a_forked_child_opens_its_own_connection(redis_client: redis.Redis, pref
     assert status == b"\x00"
     assert ECHO(redis_client, [key], ["a", 1, 2])[-1] == 3  # parent's connection still in sync
     assert _client_id(redis_client, parent.conn) == parent_id
+
+
+def test_scripts_safe_to_rerun_are_resent_on_a_new_connection(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    """A completion whose connection died is resent once; admission is not (fail closed)."""
+    key = f"{prefix}:h"
+    safe = Script("safe", "return redis.call('SET', KEYS[1], ARGV[1]) and 1", idempotent=True)
+    unsafe = Script("unsafe", "return redis.call('INCR', KEYS[1])")
+    assert scripts.script("complete").idempotent and not scripts.script("admit").idempotent
+    for run, expect_error in ((safe, False), (unsafe, True)):
+        run(redis_client, [key + run.name], ["v"] if run is safe else [])
+        channel = _channel(redis_client)
+        assert channel is not None
+        channel.last_used = time.monotonic() + 3600  # suppress the idle check
+        redis_client.client_kill_filter(_id=_client_id(redis_client, channel.conn))
+        if expect_error:
+            with pytest.raises(redis.ConnectionError):
+                run(redis_client, [key + run.name], [])
+            assert redis_client.get(key + run.name) == b"1"  # not run a second time
+        else:
+            assert run(redis_client, [key + run.name], ["w"]) == 1
+            assert redis_client.get(key + run.name) == b"w"
