@@ -12,11 +12,14 @@ host, TLS, auth, database, timeouts, RESP version) and writes the packed
 client type (cluster, sentinel, client-side caching) and any pool that is not
 a plain one take the ordinary ``client.evalsha`` path.
 
-A connection error on the channel is raised to the caller, with one exception:
+Before each call the channel polls its socket (as redis-py's pool does at
+checkout), so a connection the server closed is replaced before it is used. A
+connection error during a call is raised to the caller, with one exception:
 scripts that are safe to run twice (completion, renewal, fenced writes,
-throttling) are sent once more on a new connection. Admission is never resent:
-its reply may have been lost after it took a lock or a token, and the task
-pipeline defers the delivery instead (fail closed).
+throttling) are sent once more on a new connection. On the channel, admission
+is never resent: its reply may have been lost after it took a lock or a token,
+and the task pipeline defers the delivery instead (fail closed). (The fallback
+``client.evalsha`` path follows the client's own ``retry`` setting.)
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import time
 import weakref
 from functools import cache
 from importlib import resources
@@ -34,11 +36,6 @@ import redis
 from redis.connection import BlockingConnectionPool, ConnectionPool
 
 __all__ = ["Script", "script"]
-
-# A connection idle for longer than this is polled for a close by the server
-# (idle timeout, restart) before it is used again, as redis-py's pool does on
-# every checkout. Seconds.
-_IDLE_CHECK_S = 1.0
 
 _PLAIN_POOLS = (ConnectionPool, BlockingConnectionPool)
 
@@ -61,31 +58,41 @@ def _arg(value: Any) -> bytes:
 class _Channel:
     """One process's dedicated connection to one client's server, used by one thread at a time."""
 
-    __slots__ = ("busy", "conn", "last_used", "pid")
+    __slots__ = ("busy", "conn", "pending", "pid")
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.conn = pool.connection_class(**pool.connection_kwargs)
         self.busy = threading.Lock()
         self.pid = os.getpid()
-        self.last_used = time.monotonic()
+        #: a request was written and its reply not read (an exception came in between,
+        #: e.g. Celery's SoftTimeLimitExceeded): the connection is out of step
+        self.pending = False
 
     def call(self, packed: bytes) -> Any:
         conn = self.conn
-        now = time.monotonic()
-        if now - self.last_used > _IDLE_CHECK_S and getattr(conn, "_sock", None) is not None:
+        if getattr(conn, "_sock", None) is not None:
+            # As redis-py's pool does at every checkout (about 2 us): a connection with
+            # something to read before we asked (closed by the server, or an unread
+            # reply) is replaced, never reused.
             try:
-                stale = conn.can_read()  # readable while idle: closed by the server
+                stale = self.pending or conn.can_read()
             except redis.ConnectionError:
-                stale = True
+                stale = True  # can_read() has disconnected it
             if stale:
                 conn.disconnect()
-        self.last_used = now
+        self.pending = True
         try:
             conn.send_packed_command([packed], check_health=False)
         except BaseException:
             conn.disconnect()  # maybe half-written: never reuse it
             raise
-        return conn.read_response()  # disconnects itself on any error
+        try:
+            reply = conn.read_response()  # disconnects itself on any I/O error
+        except redis.ResponseError:
+            self.pending = False  # an error reply, read in full: still in step
+            raise
+        self.pending = False
+        return reply
 
 
 _channels: weakref.WeakKeyDictionary[redis.Redis, _Channel] = weakref.WeakKeyDictionary()
@@ -155,15 +162,19 @@ class Script:
         if channel is not None and channel.busy.acquire(blocking=False):
             try:
                 packed = self._pack(keys, args)
-                try:
-                    return channel.call(packed)
-                except redis.exceptions.NoScriptError:
-                    client.script_load(self.source)
-                    return channel.call(packed)
-                except (redis.ConnectionError, redis.TimeoutError):
-                    if not self.idempotent:
-                        raise
-                    return channel.call(packed)  # the channel reconnects
+                loaded = resent = False
+                while True:
+                    try:
+                        return channel.call(packed)
+                    except redis.exceptions.NoScriptError:
+                        if loaded:
+                            raise
+                        loaded = True
+                        client.script_load(self.source)  # e.g. Redis restarted
+                    except (redis.ConnectionError, redis.TimeoutError):
+                        if resent or not self.idempotent:
+                            raise
+                        resent = True  # the channel reconnects
             finally:
                 channel.busy.release()
         try:

@@ -55,35 +55,77 @@ def test_reloads_a_flushed_script(redis_client: redis.Redis, prefix: str) -> Non
     assert ECHO(redis_client, [f"{prefix}:b"], ["a", 1, 2])[-1] == 2
 
 
+def _blind(channel: scripts._Channel) -> None:
+    """Make the channel's pre-call poll see nothing, as when a close is still in flight."""
+    channel.conn.can_read = lambda timeout=0: False  # type: ignore[method-assign]
+
+
 def test_a_connection_closed_by_the_server_is_replaced(
-    redis_client: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+    redis_client: redis.Redis, prefix: str
 ) -> None:
-    """After an idle period, a connection the server closed is detected and reopened."""
+    """The poll before each call finds a connection the server closed and reopens it."""
     key = f"{prefix}:c"
     ECHO(redis_client, [key], ["a", 1, 2])
     channel = _channel(redis_client)
     assert channel is not None
     old_id = _client_id(redis_client, channel.conn)
     assert redis_client.client_kill_filter(_id=old_id) == 1
-    monkeypatch.setattr(scripts, "_IDLE_CHECK_S", 0.0)
     time.sleep(0.05)
     assert ECHO(redis_client, [key], ["a", 1, 2])[-1] == 2
     assert _client_id(redis_client, channel.conn) != old_id
 
 
-def test_a_killed_connection_fails_once_then_reconnects(
+def test_a_close_missed_by_the_poll_fails_once_then_reconnects(
     redis_client: redis.Redis, prefix: str
 ) -> None:
-    """Without the idle check a dead connection raises ConnectionError once, never a stale reply."""
+    """A dead connection the poll missed raises ConnectionError once, never a stale reply."""
     key = f"{prefix}:d"
     ECHO(redis_client, [key], ["a", 1, 2])
     channel = _channel(redis_client)
     assert channel is not None
-    channel.last_used = time.monotonic() + 3600  # suppress the idle check
+    _blind(channel)
     redis_client.client_kill_filter(_id=_client_id(redis_client, channel.conn))
     with pytest.raises(redis.ConnectionError):
         ECHO(redis_client, [key], ["a", 1, 2])
     assert ECHO(redis_client, [key], ["a", 1, 2])[-1] == 2
+
+
+def test_an_interrupted_call_never_hands_its_reply_to_the_next(
+    redis_client: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception between the write and the read (a soft time limit) leaves the reply
+    unread; the next call must not take it for its own."""
+    key = f"{prefix}:i"
+    ECHO(redis_client, [key], ["a", 1, 2])
+    channel = _channel(redis_client)
+    assert channel is not None
+    _blind(channel)  # the poll alone would not see a reply still in flight
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupted(*_args: object, **_kwargs: object) -> object:
+        raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(channel.conn, "read_response", interrupted)
+        with pytest.raises(Interrupted):
+            ECHO(redis_client, [key], ["first", 1, 2])  # runs on the server: INCR -> 2
+    for expected in (3, 4, 5):
+        assert ECHO(redis_client, [key], ["next", 1, 2]) == [1, b"next", b"1", b"2", expected]
+
+
+def test_an_error_reply_keeps_the_connection(redis_client: redis.Redis, prefix: str) -> None:
+    """A script error is read in full: the connection stays in step and is reused."""
+    failing = Script("failing", "return redis.error_reply('no: ' .. ARGV[1])")
+    ECHO(redis_client, [f"{prefix}:j"], ["a", 1, 2])
+    channel = _channel(redis_client)
+    assert channel is not None
+    before = _client_id(redis_client, channel.conn)
+    with pytest.raises(redis.ResponseError, match="no: x"):
+        failing(redis_client, [f"{prefix}:j"], ["x"])
+    assert ECHO(redis_client, [f"{prefix}:j"], ["a", 1, 2])[-1] == 2
+    assert _client_id(redis_client, channel.conn) == before
 
 
 def test_a_busy_channel_sends_other_threads_through_the_pool(
@@ -170,7 +212,7 @@ def test_scripts_safe_to_rerun_are_resent_on_a_new_connection(
         run(redis_client, [key + run.name], ["v"] if run is safe else [])
         channel = _channel(redis_client)
         assert channel is not None
-        channel.last_used = time.monotonic() + 3600  # suppress the idle check
+        _blind(channel)
         redis_client.client_kill_filter(_id=_client_id(redis_client, channel.conn))
         if expect_error:
             with pytest.raises(redis.ConnectionError):
@@ -179,3 +221,20 @@ def test_scripts_safe_to_rerun_are_resent_on_a_new_connection(
         else:
             assert run(redis_client, [key + run.name], ["w"]) == 1
             assert redis_client.get(key + run.name) == b"w"
+
+
+def test_a_resend_after_a_restart_reloads_the_script(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    """Redis restarted (connection gone AND scripts gone): the resent completion loads the
+    script and succeeds instead of failing with NOSCRIPT."""
+    key = f"{prefix}:k"
+    safe = Script("safe2", "return redis.call('SET', KEYS[1], ARGV[1]) and 1", idempotent=True)
+    safe(redis_client, [key], ["v"])
+    channel = _channel(redis_client)
+    assert channel is not None
+    _blind(channel)
+    redis_client.script_flush()
+    redis_client.client_kill_filter(_id=_client_id(redis_client, channel.conn))
+    assert safe(redis_client, [key], ["w"]) == 1
+    assert redis_client.get(key) == b"w"
