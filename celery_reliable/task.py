@@ -333,16 +333,19 @@ class ReliableTask(Task):  # type: ignore[misc]
             # The common shape (named parameters, no *args/**kwargs/keyword-only):
             # what bind_partial + apply_defaults would give, without their cost.
             names, defaults = simple
-            arguments = dict(zip(names, args, strict=False))
+            given = dict(zip(names, args, strict=False))
             for name, value in kwargs.items():
-                if name not in defaults or name in arguments:
+                if name not in defaults or name in given:
                     break  # unknown or given twice: let bind_partial raise its TypeError
-                arguments[name] = value
+                given[name] = value
             else:
-                for name in names:
-                    if name not in arguments and defaults[name] is not _NO_DEFAULT:
-                        arguments[name] = defaults[name]
-                return arguments
+                # in signature order, as bind_partial gives them (a callable key may
+                # depend on the order, whatever order the caller spelled them in)
+                return {
+                    name: given[name] if name in given else defaults[name]
+                    for name in names
+                    if name in given or defaults[name] is not _NO_DEFAULT
+                }
         bound = policy.signature.bind_partial(*args, **kwargs)
         bound.apply_defaults()
         arguments = dict(bound.arguments)
