@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Where a task's CPU goes: per-task CPU of every process involved, plain Celery vs guards.
 
+``throughput.py`` reports CPU per task by process group too; this script adds the
+split between the worker's main and pool processes, counts every PostgreSQL process
+(WAL writer included, not only the bench database's backends) and derives the ceiling.
+
 Throughput on a 2-core machine is bounded by the CPU that ALL processes spend per task
 (worker main and pool processes, the broker's redis-server, the reliable redis-server,
 PostgreSQL), not only by the worker's Python.
@@ -40,9 +44,13 @@ import redis
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from throughput import throwaway_database, throwaway_redis  # noqa: E402
+from throughput import (  # noqa: E402
+    children,
+    process_cpu,
+    throwaway_database,
+    throwaway_redis,
+)
 
-HZ = os.sysconf("SC_CLK_TCK")
 QUEUE = "cpu"
 LIMITED = "bench.staging.limited"  # bench_app.LIMITED_STAGING: its queue bucket is 1e6/s
 #: contender -> (task name, queue)
@@ -58,26 +66,9 @@ GROUPS = ("worker main", "worker pool", "broker redis", "reliable redis", "postg
 CLIENTS = ("worker main", "worker pool")
 
 
-def ticks(pid: int) -> int:
-    """utime + stime of one process, in clock ticks (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0
-    return int(fields[11]) + int(fields[12])
-
-
-def tree(pid: int) -> list[int]:
-    out = [pid]
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                for child in f.read().split():
-                    out += tree(int(child))
-    except FileNotFoundError:
-        pass
-    return out
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes (those gone count 0)."""
+    return sum(process_cpu(pid) or 0.0 for pid in pids)
 
 
 def postgres_pids() -> list[int]:
@@ -180,15 +171,15 @@ def measure(args: argparse.Namespace, workers: list[subprocess.Popen[bytes]], bp
         for name in args.contenders:
             groups = {
                 "worker main": [w.pid for w in workers],
-                "worker pool": [p for w in workers for p in tree(w.pid) if p != w.pid],
+                "worker pool": [p for w in workers for p in children(w.pid)],
                 "broker redis": [bpid],
                 "reliable redis": [rpid],
                 "postgresql": postgres_pids(),
             }
-            before = {g: sum(map(ticks, pids)) for g, pids in groups.items()}
+            before = {g: cpu_seconds(pids) for g, pids in groups.items()}
             wall = run_pass(*CONTENDERS[name], args.tasks)
-            after = {g: sum(map(ticks, pids)) for g, pids in groups.items()}
-            cpu = {g: (after[g] - before[g]) / HZ / args.tasks * 1e6 for g in groups}
+            after = {g: cpu_seconds(pids) for g, pids in groups.items()}
+            cpu = {g: (after[g] - before[g]) / args.tasks * 1e6 for g in groups}
             per_task[name].append(cpu)
             rates[name].append(args.tasks / wall)
             print(f"# round {rnd + 1}: {name}: {args.tasks / wall:,.0f} tasks/s, "

@@ -143,6 +143,14 @@ def test_readme_reference_matches_the_code() -> None:
     )
 
 
+def _three_args(app: Celery, name: str) -> Any:
+    def charge(self: Any, order_id: int, amount: int = 0, note: str | None = None) -> int:
+        return order_id
+
+    task = app.task(base=ReliableTask, bind=True, name=name, shared=False, lock="o:{order_id}")
+    return task(charge)._get_current_object()
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs"),
     [
@@ -158,11 +166,7 @@ def test_readme_reference_matches_the_code() -> None:
 def test_bound_arguments_match_inspect(app: Celery, args: Any, kwargs: Any) -> None:
     """The fast argument binding gives exactly what Signature.bind_partial + defaults give."""
 
-    def charge(self: Any, order_id: int, amount: int = 0, note: str | None = None) -> int:
-        return order_id
-
-    task = app.task(base=ReliableTask, bind=True, name="shop.args", shared=False,
-                    lock="o:{order_id}")(charge)._get_current_object()
+    task = _three_args(app, "shop.args")
     policy = task._policy()
     expected = policy.signature.bind_partial(*args, **kwargs)
     expected.apply_defaults()
@@ -177,10 +181,6 @@ def test_bound_arguments_match_inspect(app: Celery, args: Any, kwargs: Any) -> N
 def test_bad_arguments_raise_like_inspect(app: Celery, args: Any, kwargs: Any) -> None:
     """Twice-given, unknown or too many arguments raise the TypeError inspect raises."""
 
-    def charge(self: Any, order_id: int, amount: int = 0, note: str | None = None) -> int:
-        return order_id
-
-    task = app.task(base=ReliableTask, bind=True, name="shop.bad", shared=False,
-                    lock="o:{order_id}")(charge)._get_current_object()
+    task = _three_args(app, "shop.bad")
     with pytest.raises(TypeError):
         task._arguments(task._policy(), args, kwargs)
