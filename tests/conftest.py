@@ -47,9 +47,10 @@ def _missing(what: str) -> None:
 class RedisServer:
     """A private redis-server process on a free port."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
+    def __init__(self, tmp: Path, *, save: bool = False, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.tmp = tmp
+        self.save = save  # keep an RDB snapshot in tmp (SAVE / restart from it)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,11 +66,13 @@ class RedisServer:
                 "--bind",
                 "127.0.0.1",
                 "--save",
-                "",
+                "3600 1" if self.save else "",
                 "--appendonly",
                 "no",
                 "--dir",
                 str(self.tmp),
+                "--dbfilename",
+                "dump.rdb",
                 "--logfile",
                 str(self.tmp / "redis.log"),
             ],
@@ -90,6 +93,32 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+    def kill(self) -> None:
+        """kill -9: nothing is written; a restart loads the last snapshot (if any)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def restart(self, *, empty: bool = False) -> None:
+        """kill -9, then start again on the same port from the last snapshot (or empty)."""
+        self.kill()
+        if empty:
+            (self.tmp / "dump.rdb").unlink(missing_ok=True)
+        self.start()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own that keeps RDB snapshots (kill/restart it freely)."""
+    if shutil.which("redis-server") is None:
+        _missing("redis-server is not installed")
+    server = RedisServer(tmp_path / "private-redis", save=True)
+    server.tmp.mkdir()
+    server.start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture(scope="session")
@@ -311,6 +340,9 @@ class TcpProxy:
 
     ``stop()`` closes the listener and every live connection (the server looks
     down to its clients); ``start()`` brings the same address back.
+    ``stall()`` keeps every connection open but forwards nothing (packets
+    dropped on a live link: clients block until their socket timeout);
+    ``resume()`` delivers what was held and forwards again.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -319,6 +351,14 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     @property
     def running(self) -> bool:
@@ -348,10 +388,10 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self._flowing.wait()  # stalled: hold the bytes, keep the connection
                 dst.sendall(data)
         except OSError:
             pass
@@ -361,6 +401,7 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
+        self._flowing.set()  # let stalled pipes see their sockets close
         if self._listener is not None:
             # shutdown() wakes the thread blocked in accept(); close() alone
             # would leave the socket accepting one more connection.
