@@ -1064,4 +1064,5 @@ class ReliableTask(Task):  # type: ignore[misc]
         execution = self._execution()
         assert execution.token is not None and execution.resource is not None
         lease = execution.lease
-        return Fence(execution.resource, execution.token, lambda: lease is not None and lease.lost)
+        return Fence(execution.resource, execution.token, lambda: lease is not None and lease.lost,
+                     holder=execution.owner)

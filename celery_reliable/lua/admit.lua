@@ -39,8 +39,8 @@ d = lease deadline in ms (P only), r = result or error JSON (S/F)}.
 ]]
 local plan = ARGV[1]
 local n = #plan
--- The server clock, read once and only by guards that need it (a lock whose
--- fencing counter exists does not: TIME costs a few microseconds per call).
+-- The server clock, read once and only by guards that need it (TIME costs a
+-- few microseconds per call).
 local now_us, now_ms
 local function clock()
   if not now_us then
@@ -196,18 +196,24 @@ for g = 1, n do
     ki, ai = ki + 1, ai + 4
   elseif kind == 'L' then
     -- The token is strictly greater than every token minted before for this
-    -- resource. A new counter starts at the server clock in microseconds and
-    -- grows by one per acquire, far slower than the clock; it expires
-    -- fence_ttl after its creation (never refreshed) and then restarts at the
-    -- clock. So tokens only grow, also when Redis loses the counter (as long
-    -- as the server clock does not step back).
-    local token = redis.call('INCR', KEYS[ki + 1])
-    if token == 1 then  -- a new, expired or lost counter: restart at the server clock
-      clock()
-      token = now_us
-      redis.call('SET', KEYS[ki + 1], string.format('%.0f', token), 'PX', ARGV[ai + 2])
-    end
+    -- resource: the larger of the last token + 1 and the server clock in
+    -- microseconds, written back as the counter. Redis can bring back an OLDER
+    -- counter (a restart from an RDB/AOF snapshot, a failover to a replica that
+    -- lagged) or none at all (expired, restart without persistence): the tokens
+    -- minted since then were clock readings (a resource is locked far less
+    -- often than once per microsecond), so the clock now is past all of them,
+    -- as long as it did not step back by more than the time between the loss
+    -- and this acquire. The counter expires fence_ttl after its creation (never
+    -- refreshed: KEEPTTL). Costs one TIME and one SET per acquire.
+    clock()
+    local last = tonumber(redis.call('GET', KEYS[ki + 1]) or '0')
+    local token = math.max(last + 1, now_us)
     local tok = string.format('%.0f', token)
+    if last == 0 then
+      redis.call('SET', KEYS[ki + 1], tok, 'PX', ARGV[ai + 2])
+    else
+      redis.call('SET', KEYS[ki + 1], tok, 'KEEPTTL')
+    end
     redis.call('SET', KEYS[ki], tok .. ' ' .. ARGV[ai], 'PX', ARGV[ai + 1])
     out[#out + 1] = token
     ki, ai = ki + 2, ai + 3
