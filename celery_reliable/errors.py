@@ -111,6 +111,8 @@ class StaleFenceToken(ReliableFault):
     def __str__(self) -> str:
         if self.current is None:
             detail = "the lock was lost before the write"
+        elif self.current == self.token:
+            detail = "another holder (or one unknown) has already written with that token"
         else:
             detail = f"the resource has already accepted token {self.current}"
         return f"stale fencing token {self.token} for {self.resource!r}: {detail}"

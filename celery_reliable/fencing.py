@@ -30,9 +30,10 @@ from typing import Any
 import redis
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import ProgrammingError
 
 from . import metrics
-from .errors import StaleFenceToken
+from .errors import ConfigurationError, StaleFenceToken
 from .schema import fences
 from .scripts import script
 
@@ -61,7 +62,18 @@ def check_postgres(conn: Any, resource: str, token: int, *, holder: str | None =
                   and_(fences.c.token == ins.excluded.token,
                        fences.c.holder == ins.excluded.holder)),
     ).returning(fences.c.token)
-    if conn.execute(stmt).first() is None:
+    try:
+        row = conn.execute(stmt).first()
+    except ProgrammingError as exc:
+        # undefined table / column: no table, or one from before the holder column
+        if getattr(exc.orig, "sqlstate", None) in ("42P01", "42703"):
+            raise ConfigurationError(
+                f"check_postgres: table {fences.name!r} is missing or older than this "
+                "library; run `celery -A proj reliable migrate` (or create_tables(engine)) "
+                "on this database"
+            ) from exc
+        raise
+    if row is None:
         current = conn.execute(select(fences.c.token).where(fences.c.resource == resource)).scalar()
         metrics.inc("reliable_fence_rejections_total", store="postgres")
         raise StaleFenceToken(resource, token, current)

@@ -19,7 +19,14 @@ import redis
 import sqlalchemy as sa
 from celery import Celery
 
-from celery_reliable import FencedLock, RedisFence, ReliableTask, StaleFenceToken, check_postgres
+from celery_reliable import (
+    ConfigurationError,
+    FencedLock,
+    RedisFence,
+    ReliableTask,
+    StaleFenceToken,
+    check_postgres,
+)
 from celery_reliable.runtime import runtime_for
 from celery_reliable.schema import create_tables
 
@@ -251,6 +258,9 @@ def old_schema_engine(engine: sa.Engine) -> Iterator[sa.Engine]:
 def test_create_tables_upgrades_an_old_fences_table(old_schema_engine: sa.Engine) -> None:
     """create_tables adds the holder column to an existing table, also from 4 threads at once;
     the rows survive and the new rule applies to them."""
+    with pytest.raises(ConfigurationError, match="reliable migrate"), \
+            old_schema_engine.begin() as conn:
+        check_postgres(conn, "r", 6, holder="h")  # before: a clear message, not SQL
     errors: list[BaseException] = []
 
     def migrate() -> None:
