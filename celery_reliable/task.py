@@ -288,10 +288,15 @@ class ReliableTask(Task):  # type: ignore[misc]
 
         Retries happen for classified failures when the task has a ``backoff``
         policy (Celery's ``autoretry_for`` retries on its own, through
-        :meth:`retry`). Terminal failures are dead-lettered once.
+        :meth:`retry`). Terminal failures are dead-lettered once, and a
+        delivery whose failure is dead-lettered is done: it never retries.
         """
         if isinstance(exc, (Retry, Ignore, Reject)):
             return exc  # type: ignore[no-any-return]  # Celery is untyped
+        if getattr(self.request, "_reliable_dead_lettered", False):
+            # retry() (called by autoretry_for) already made this failure
+            # terminal; retrying now would run a dead-lettered task again.
+            return exc
         if policy.backoff is not None and self._retryable(policy, exc):
             try:
                 self.retry(exc=exc)
@@ -775,9 +780,13 @@ class ReliableTask(Task):  # type: ignore[misc]
     def _dead_letter(self, policy: TaskPolicy, exc: BaseException, reason: str) -> None:
         """Record a terminal failure once (PostgreSQL, optional queue, metric); never raises."""
         request = self.request
-        if not policy.dead_letter or getattr(request, "_reliable_dead_lettered", False):
+        if getattr(request, "_reliable_dead_lettered", False):
             return
+        # The mark makes this delivery's failure terminal (see _on_failure and
+        # retry), whether or not a letter is recorded.
         request._reliable_dead_lettered = True
+        if not policy.dead_letter:
+            return
         metrics.inc("reliable_dead_letters_total", task=self.name, reason=reason)
         runtime = runtime_for(self.app)
         first = _header(request, FIRST_FAILURE_HEADER)
@@ -904,9 +913,14 @@ class ReliableTask(Task):  # type: ignore[misc]
           start elsewhere at once). With no retry left, nothing is released
           early and the failure is terminal (dead-lettered, kept with
           ``idempotency_keep_failures``).
+        * Once this delivery's failure is dead-lettered it is never retried
+          (the call raises ``exc``); only ``DeadLetters.replay`` runs it again.
         """
         request = self.request
         policy = self._policy()
+        if getattr(request, "_reliable_dead_lettered", False):
+            raise exc if isinstance(exc, BaseException) else self.MaxRetriesExceededError(
+                f"{self.name}[{request.id}]: dead-lettered, not retried")
         backoff = policy.backoff
         if max_retries is None:
             max_retries = (backoff.max_attempts - 1 if backoff is not None
