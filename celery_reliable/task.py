@@ -24,10 +24,13 @@ import json
 import logging
 import random
 import secrets
+import sys
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from types import FrameType
 from typing import Any, ClassVar, NoReturn
 
 import redis
@@ -155,6 +158,18 @@ class _Execution:
 _NO_DEFAULT = inspect.Parameter.empty
 
 
+class _Binding:
+    """A task class bound to one app: its policy there, or why it has none."""
+
+    __slots__ = ("error", "foreign", "policy")
+
+    def __init__(self, policy: TaskPolicy | None, error: str | None,
+                 foreign: bool = False) -> None:
+        self.policy = policy
+        self.error = error
+        self.foreign = foreign  # a shared copy the app did not declare
+
+
 class ReliableTask(Task):  # type: ignore[misc]
     """Celery task base with fleet-wide guards.
 
@@ -204,18 +219,80 @@ class ReliableTask(Task):  # type: ignore[misc]
     #: Cap of one deferral's countdown, seconds.
     defer_max_delay: ClassVar[Any] = TASK_OPTIONS["defer_max_delay"].default
 
-    _reliable_policy: ClassVar[TaskPolicy | None] = None
-
-    # ---------------------------------------------------------------- binding
+    # --------------------------------------------------------------- binding
+    #
+    # A task class may be bound to several apps: Celery shares tasks by
+    # default, so every app finalized in the process (a test app, a second
+    # broker) gets a copy of each shared task. The policy is therefore kept
+    # per (class, app), validated against *that* app's settings. An app that
+    # only received a shared copy does not fail at bind over settings it was
+    # never given (a tier, a breaker, a database); the error is kept and
+    # raised if that app ever runs or sends the task. Errors in the task's
+    # own options fail at bind in every app: no app could run it.
 
     @classmethod
     def bind(cls, app: Any) -> Any:
         result = super().bind(app)
-        cls._reliable_policy = cls._build_reliable_policy(app)
+        bound = cls._bound()
+        foreign = (app in bound and bound[app].foreign) or cls._shared_into(app)
+        if foreign:
+            cls._build_reliable_policy(app, declaration_only=True)  # no app could run it
+        try:
+            policy = cls._build_reliable_policy(app)
+        except ConfigurationError as error:
+            if not foreign:
+                raise
+            if app not in bound or bound[app].error != str(error):
+                log.warning("celery-reliable: shared task %s does not fit app %r: %s; the "
+                            "app raises ConfigurationError if it runs or sends the task",
+                            cls.name, getattr(app, "main", app), error)
+            bound[app] = _Binding(None, str(error), foreign=True)
+        else:
+            bound[app] = _Binding(policy, None, foreign=foreign)
+        cls._reliable_last = None  # rebound: _policy() looks the app up again
         return result
 
     @classmethod
-    def _build_reliable_policy(cls, app: Any) -> TaskPolicy:
+    def _bound(cls) -> weakref.WeakKeyDictionary[Any, _Binding]:
+        """This class's bindings, one per app (never inherited from a base class)."""
+        bound = cls.__dict__.get("_reliable_bindings")
+        if bound is None:
+            bound = weakref.WeakKeyDictionary()
+            cls._reliable_bindings = bound
+        return bound
+
+    @classmethod
+    def _shared_into(cls, app: Any) -> bool:
+        """True if ``app`` is receiving a copy of a shared task it did not declare.
+
+        Celery gives every app a copy of each shared task from its finalize
+        callbacks; the app whose decorator declared the task still holds the
+        task's pending promise then (``app.task`` is lazy), any other app does
+        not. A task declared on an app already finalized is built directly by
+        its decorator, outside those callbacks.
+        """
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            if (frame.f_code.co_name == "_announce_app_finalized"
+                    and frame.f_globals.get("__name__") == "celery._state"):
+                break
+            frame = frame.f_back
+        else:
+            return False
+        fun = inspect.getattr_static(cls, "_decorated_fun", None)
+        fun = fun.__func__ if isinstance(fun, staticmethod) else fun
+        for promise in getattr(app, "_pending", ()):
+            try:
+                args = object.__getattribute__(promise, "_Proxy__args")
+            except AttributeError:  # already evaluated
+                continue
+            if fun is not None and args and args[0] is fun:
+                return False
+        return True
+
+    @classmethod
+    def _build_reliable_policy(cls, app: Any, *, declaration_only: bool = False) -> TaskPolicy:
+        """Validate the options against ``app``'s settings (or none: the declaration only)."""
         name = cls.name or cls.__qualname__
         if cls is not ReliableTask:
             unknown_options(name, dict(vars(cls)), set(dir(ReliableTask)))
@@ -228,13 +305,33 @@ class ReliableTask(Task):  # type: ignore[misc]
         raw_run = inspect.getattr_static(cls, "run")
         bound = not isinstance(raw_run, staticmethod)
         run = raw_run.__func__ if isinstance(raw_run, staticmethod) else raw_run
+        if declaration_only:
+            return build_policy(name, values, task_signature(run, bound), None)
         settings = ReliableSettings.from_conf(app.conf)  # a bad setting fails at bind too
         return build_policy(name, values, task_signature(run, bound), settings)
 
+    @classmethod
+    def policy_for(cls, app: Any) -> TaskPolicy:
+        """This task's validated policy in ``app`` (built now if the task was never bound).
+
+        Raises ``ConfigurationError`` if the task's options do not fit that
+        app's settings (a shared copy in an app that cannot run it).
+        """
+        bound = cls._bound()
+        binding = bound.get(app)
+        if binding is None:  # registered without bind (app.register_task)
+            binding = bound[app] = _Binding(cls._build_reliable_policy(app), None)
+        if binding.policy is None:
+            raise ConfigurationError(str(binding.error))
+        return binding.policy
+
     def _policy(self) -> TaskPolicy:
-        policy = type(self)._reliable_policy
-        if policy is None:  # registered without bind (app.register_task)
-            policy = type(self)._reliable_policy = self._build_reliable_policy(self.app)
+        app = self.app
+        last = type(self).__dict__.get("_reliable_last")
+        if last is not None and last[0] is app:  # the common case: one app
+            return last[1]  # type: ignore[no-any-return]
+        policy = type(self).policy_for(app)
+        type(self)._reliable_last = (app, policy)
         return policy
 
     # --------------------------------------------------------------- pipeline
