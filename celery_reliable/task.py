@@ -707,6 +707,21 @@ class ReliableTask(Task):  # type: ignore[misc]
                 self.name,
                 self.request.id,
             )
+        if "I" in kinds and not results[kinds.index("I")]:
+            # The lease expired while this execution ran (a stalled worker, a
+            # heartbeat that could not reach Redis): a duplicate may have
+            # taken the key over and run the body too. With the Redis-only
+            # store nothing else prevents that; with PostgreSQL the duplicate
+            # waited on this execution's uncommitted record instead.
+            metrics.inc("reliable_idempotency_lease_lost_total", task=self.name)
+            log.warning(
+                "celery-reliable: %s[%s] finished after its idempotency lease was lost (expired "
+                "or taken over); its outcome was not recorded in Redis%s",
+                self.name,
+                self.request.id,
+                "" if runtime.settings.idempotency_store == "postgres"
+                else " and a duplicate may have run the task too (Redis-only store)",
+            )
         return results
 
     def _replay(self, replay: Replay) -> Any:
