@@ -279,7 +279,11 @@ class ReliableTask(Task):  # type: ignore[misc]
             frame = frame.f_back
         else:
             return False
+        # The decorated function: Celery >= 5.7 keeps it as _decorated_fun; before,
+        # __wrapped__ is it (a staticmethod for bind=False tasks).
         fun = inspect.getattr_static(cls, "_decorated_fun", None)
+        if fun is None:
+            fun = cls.__dict__.get("__wrapped__")
         fun = fun.__func__ if isinstance(fun, staticmethod) else fun
         for promise in getattr(app, "_pending", ()):
             try:
