@@ -19,7 +19,9 @@ from typing import Any
 
 import redis
 
+from .classify import is_missing_table, sqlstate
 from .config import ReliableSettings
+from .errors import ConfigurationError
 from .keys import KeySpace
 from .scripts import script
 
@@ -158,6 +160,8 @@ class Runtime:
         self.heartbeat = Heartbeat(self.redis)
         self._engine: Any = None
         self._engine_mutex = threading.Lock()
+        self._tables_ready = False
+        self.migrate_command = f"celery -A {getattr(app, 'main', None) or 'proj'} reliable migrate"
 
     @property
     def engine(self) -> Any:
@@ -174,6 +178,66 @@ class Runtime:
                         max_overflow=self.settings.database_pool_size,
                     )
         return self._engine
+
+    def task_engine(self) -> Any:
+        """:attr:`engine`, with celery-reliable's tables ready: for the task pipeline.
+
+        On first use in this process (and again after :meth:`schema_problem` found one missing),
+        ``reliable_create_tables`` (default on) creates the tables that do not
+        exist yet (:func:`~celery_reliable.schema.create_tables`: one short
+        transaction, serialised across processes by an advisory lock; threads
+        racing here are serialised by it too). Raises SQLAlchemy's error while
+        PostgreSQL is unreachable (the next use tries again), and
+        ``ConfigurationError`` when PostgreSQL refuses to create them (grants).
+        The CLI and ``DeadLetters`` use :attr:`engine`: they never create tables.
+        """
+        engine = self.engine
+        if not self._tables_ready:
+            if self.settings.create_tables:
+                from sqlalchemy.exc import SQLAlchemyError
+
+                from .schema import create_tables
+
+                try:
+                    create_tables(engine)
+                except SQLAlchemyError as exc:
+                    if (sqlstate(exc) or "").startswith("42"):  # permission, schema
+                        detail = " ".join(str(getattr(exc, "orig", exc)).split())
+                        raise ConfigurationError(
+                            f"celery-reliable could not create its PostgreSQL tables ({detail}); "
+                            "create them with "
+                            f"`{self.migrate_command}` as a user allowed to, or set "
+                            "reliable_create_tables=False and manage them yourself"
+                        ) from exc
+                    raise
+            self._tables_ready = True
+        return engine
+
+    def schema_problem(self, exc: BaseException) -> bool:
+        """Sort an error of the pipeline's own statement: False if it is no schema problem.
+
+        A missing table (dropped, or never created) returns True when
+        ``reliable_create_tables`` is on: the next :meth:`task_engine` creates
+        it again. Otherwise a missing table, or any other error of class 42
+        (permission, undefined column), raises ``ConfigurationError`` naming the
+        migrate command: a schema problem is never waited out.
+        """
+        code = sqlstate(exc) or ""
+        if is_missing_table(exc):
+            self._tables_ready = False
+            if self.settings.create_tables:
+                return True
+        elif not code.startswith("42"):
+            return False
+        detail = " ".join(str(getattr(exc, "orig", exc)).split())
+        if is_missing_table(exc):
+            message = (f"celery-reliable's PostgreSQL tables are missing ({detail}); create them "
+                       f"with `{self.migrate_command}` (reliable_create_tables is False)")
+        else:
+            message = (f"PostgreSQL refused celery-reliable's statement on its tables ({detail}); "
+                       f"create them with `{self.migrate_command}` and grant the user of "
+                       "reliable_database_url access to them")
+        raise ConfigurationError(message) from exc
 
     def close(self) -> None:
         self.heartbeat.stop()

@@ -43,7 +43,7 @@ from . import deadletter, metrics
 from .admission import Admitted, Mismatch, Plan, Poison, Refused, Rejected, Release, Replay
 from .breaker import HALF_OPEN, OPEN, STATE_NAMES
 from .canonical import NotCanonical, fingerprint
-from .classify import is_retryable, retry_after
+from .classify import is_outage, is_retryable, retry_after
 from .config import (
     TASK_OPTIONS,
     ReliableSettings,
@@ -120,6 +120,18 @@ class Deferred(Retry):  # type: ignore[misc]
     """
 
 
+def _outage_in(exc: BaseException) -> bool:
+    """``exc``, or an exception it was raised from or while handling, is a PostgreSQL outage."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, Exception) and is_outage(current):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 class _Execution:
     """What one admitted execution holds (kept on the request)."""
 
@@ -130,6 +142,7 @@ class _Execution:
         "idem_digest",
         "lease",
         "leases",
+        "outage",
         "owner",
         "pg",
         "release",
@@ -150,6 +163,8 @@ class _Execution:
         self.idem_digest: str | None = None
         self.fingerprint = ""
         self.pg: PostgresRecord | None = None
+        # PostgreSQL failed under idempotent_transaction(): nothing of this run can commit
+        self.outage: BaseException | None = None
         self.replay: Replay | None = None
         self.release = Release()
         self.done = False
@@ -368,6 +383,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         try:
             result = self.run(*args, **kwargs)
         except Exception as exc:
+            if execution.outage is not None and not isinstance(exc, (Retry, Ignore, Reject)):
+                self._defer_outage(execution, policy)
             final = self._on_failure(policy, exc)
             self._complete(execution, policy, failure=final)
             if final is exc:
@@ -655,18 +672,24 @@ class ReliableTask(Task):  # type: ignore[misc]
         back to Redis and replayed, or refused as a mismatch.
         """
         assert execution.idem_digest is not None
-        record = PostgresRecord(
-            runtime.engine,
-            self.name,
-            execution.idem_digest,
-            execution.fingerprint,
-            policy.idempotency.ttl,
-        )
         try:
+            record = PostgresRecord(
+                runtime.task_engine(),  # creates missing tables on first use
+                self.name,
+                execution.idem_digest,
+                execution.fingerprint,
+                policy.idempotency.ttl,
+            )
             existing = record.begin()
         except SQLAlchemyError as exc:
             self._settle(execution, runtime, "X", "")
-            self._defer(policy, "PostgreSQL unavailable", cause=exc)
+            # A schema problem is configuration: fixed now, or failed at once, never waited out.
+            if runtime.schema_problem(exc):
+                log.warning("celery-reliable: %s[%s] found celery-reliable's tables missing; "
+                            "they are created again before it runs", self.name, self.request.id)
+                self._defer(policy, "PostgreSQL tables missing", cause=exc)
+            else:
+                self._defer(policy, "PostgreSQL unavailable", cause=exc)
             return False
         if existing is None:
             execution.pg = record
@@ -910,7 +933,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         queue = info.get("routing_key") or info.get("queue")
         try:
             letter = deadletter.record(
-                runtime.engine, task_name=self.name, task_id=str(request.id),
+                runtime.task_engine(), task_name=self.name, task_id=str(request.id),
                 args=request.args, kwargs=request.kwargs, exc=exc,
                 attempts=int(request.retries or 0) + 1, reason=reason, queue=queue,
                 first_failure_at=(datetime.fromtimestamp(float(first), timezone.utc)
@@ -1004,8 +1027,15 @@ class ReliableTask(Task):  # type: ignore[misc]
                     # The task's own rows were in this transaction: they did not
                     # commit (or PostgreSQL will tell the redelivery they did).
                     self._settle(execution, runtime, "X", "")
-                    self._defer(policy, "PostgreSQL commit failed", cause=exc)
-                    return
+                    if is_outage(exc) or execution.outage is not None:
+                        self._defer(policy, "PostgreSQL commit failed", cause=exc)
+                        return
+                    # PostgreSQL refused the task's own rows (a deferred constraint):
+                    # the task failed, as if its body had raised this.
+                    final = self._on_failure(policy, exc)
+                    if final is exc:
+                        raise
+                    raise final from exc
                 try:  # the effect happened: make the record durable on its own
                     pg.record_success(payload)
                 except SQLAlchemyError:
@@ -1151,11 +1181,34 @@ class ReliableTask(Task):  # type: ignore[misc]
         try:
             yield session
             session.commit()  # releases the savepoint; the transaction commits at completion
-        except BaseException:
-            session.rollback()
+        except BaseException as exc:
+            if _outage_in(exc):
+                # The library's own transaction died with PostgreSQL (or the path to
+                # it): whatever the body makes of this error, the run defers like a
+                # failed commit (ReliableTask.__call__), and runs again once it is back.
+                execution.outage = exc
+            try:
+                session.rollback()
+            except SQLAlchemyError:
+                # The connection broke as well; completion drops it. The body's own
+                # exception is the one that tells what happened.
+                log.debug("celery-reliable: rollback in idempotent_transaction failed",
+                          exc_info=True)
             raise
         finally:
             session.close()
+
+    def _defer_outage(self, execution: _Execution, policy: TaskPolicy) -> NoReturn:
+        """PostgreSQL failed under ``idempotent_transaction()``: defer, like a failed commit.
+
+        Nothing of this run committed. Every guard is released (the key is
+        forgotten), no retry is consumed and nothing is dead-lettered; the
+        redelivery waits for PostgreSQL in admission and runs once it is back.
+        """
+        cause = execution.outage
+        self._complete(execution, policy, failure=Deferred())
+        self._defer(policy, "PostgreSQL failed inside idempotent_transaction", cause=cause)
+        raise StorageError(f"{self.name}: PostgreSQL failed") from cause  # pragma: no cover
 
     # ---------------------------------------------------------- inside a run
 
