@@ -106,6 +106,23 @@ def test_first_task_creates_missing_tables_and_succeeds(
     assert count(bare_database, prefix) == 4
 
 
+def test_a_table_dropped_after_first_use_is_created_again(
+    celery_app: Celery, celery_worker: TestWorkController, bare_database: str, prefix: str
+) -> None:
+    """The idempotency table dropped while workers run: the next task recreates it and runs."""
+    celery_app.conf.reliable_database_url = bare_database
+    charge = charge_task(celery_app, prefix)
+    celery_worker.reload()
+    assert charge.delay(1).get(timeout=30)["order"] == 1
+    admin = sa.create_engine(bare_database)
+    with admin.begin() as conn:
+        conn.execute(sa.text("DROP TABLE reliable_idempotency"))
+    admin.dispose()
+    assert charge.delay(2).get(timeout=30)["order"] == 2
+    assert "reliable_idempotency" in table_names(bare_database)
+    assert count(bare_database, prefix) == 2
+
+
 def test_missing_tables_without_create_fail_at_once_naming_migrate(
     celery_app: Celery,
     celery_worker: TestWorkController,
@@ -221,6 +238,30 @@ def test_the_task_own_error_inside_the_transaction_still_fails(
     with pytest.raises(Exception, match="UniqueViolation"):
         result.get(timeout=20)
     assert result.state == "FAILURE"
+
+
+def test_a_commit_refused_for_the_task_own_rows_fails_not_defers(
+    celery_app: Celery, celery_worker: TestWorkController, engine: sa.Engine, prefix: str
+) -> None:
+    """A deferred constraint refusing the commit is the task's failure, not an outage:
+    FAILURE with the UniqueViolation, not a deferral loop."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE IF NOT EXISTS pgfault_deferred (n int, CONSTRAINT "
+                             "pgfault_deferred_n UNIQUE (n) DEFERRABLE INITIALLY DEFERRED)"))
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=f"t.pgcommit.{prefix}",
+                     idempotency_key="c:{n}", defer_delay=0.1, defer_max_delay=0.5)
+    def twice(self: Any, n: int) -> None:
+        with self.idempotent_transaction() as session:
+            for _ in range(2):  # accepted now, refused at COMMIT
+                session.execute(sa.text("INSERT INTO pgfault_deferred VALUES (:n)"), {"n": n})
+
+    celery_worker.reload()
+    result = twice.delay(secrets.randbelow(10**9))
+    wait_for(lambda: result.state in ("FAILURE", "RETRY"), 20, "the commit to be refused")
+    assert result.state == "FAILURE"
+    with pytest.raises(Exception, match="UniqueViolation"):
+        result.get(timeout=5)
 
 
 # ------------------------------------------------------------------ the classifier
