@@ -43,7 +43,7 @@ from . import deadletter, metrics
 from .admission import Admitted, Mismatch, Plan, Poison, Refused, Rejected, Release, Replay
 from .breaker import HALF_OPEN, OPEN, STATE_NAMES
 from .canonical import NotCanonical, fingerprint
-from .classify import is_outage, is_retryable, retry_after
+from .classify import is_outage, is_retryable, retry_after, sqlstate
 from .config import (
     TASK_OPTIONS,
     ReliableSettings,
@@ -120,12 +120,18 @@ class Deferred(Retry):  # type: ignore[misc]
     """
 
 
-def _outage_in(exc: BaseException) -> bool:
-    """``exc``, or an exception it was raised from or while handling, is a PostgreSQL outage."""
+def _outage_in(exc: BaseException, record: PostgresRecord) -> bool:
+    """``exc``, or an exception it was raised from or while handling, is an outage of the
+    execution's own transaction: its connection was lost to one, or the server reported one.
+
+    A client-side failure (no SQLSTATE) of some other connection the body uses leaves the
+    execution's connection alive, and is the body's own failure.
+    """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, Exception) and is_outage(current):
+        if (isinstance(current, Exception) and is_outage(current)
+                and (record.lost or sqlstate(current) is not None)):
             return True
         seen.add(id(current))
         current = current.__cause__ or current.__context__
@@ -1177,12 +1183,13 @@ class ReliableTask(Task):  # type: ignore[misc]
                 "idempotency_key header) and reliable_idempotency_store='postgres', and is "
                 "available only while the task runs"
             )
-        session = execution.pg.session()
+        record = execution.pg
+        session = record.session()
         try:
             yield session
             session.commit()  # releases the savepoint; the transaction commits at completion
         except BaseException as exc:
-            if _outage_in(exc):
+            if _outage_in(exc, record):
                 # The library's own transaction died with PostgreSQL (or the path to
                 # it): whatever the body makes of this error, the run defers like a
                 # failed commit (ReliableTask.__call__), and runs again once it is back.

@@ -21,7 +21,7 @@ from celery_reliable import ConfigurationError, ReliableTask
 from celery_reliable.classify import is_missing_table, is_outage
 from celery_reliable.schema import dead_letters, metadata
 
-from .conftest import PG_ADMIN_URL, Fleet, TcpProxy, wait_for
+from .conftest import PG_ADMIN_URL, Fleet, TcpProxy, free_port, wait_for
 
 effects = sa.Table(
     "pgfault_effects",
@@ -66,8 +66,9 @@ def bare_database() -> Iterator[str]:
     admin.dispose()
 
 
-def charge_task(app: Celery, tag: str, gate: Any = None) -> Any:
-    """An idempotent task whose effect row commits with its record."""
+def charge_task(app: Celery, tag: str, gate: Any = None, wrap: bool = False) -> Any:
+    """An idempotent task whose effect row commits with its record (``wrap``: the body turns
+    a database error into an error of its own)."""
 
     @app.task(
         base=ReliableTask,
@@ -82,7 +83,12 @@ def charge_task(app: Celery, tag: str, gate: Any = None) -> Any:
         with self.idempotent_transaction() as session:
             if gate is not None:
                 gate(self)
-            session.execute(sa.insert(effects).values(tag=tag))
+            try:
+                session.execute(sa.insert(effects).values(tag=tag))
+            except sa.exc.DBAPIError as exc:
+                if wrap:
+                    raise RuntimeError("could not store the charge") from exc
+                raise
         return {"order": order_id, "retries": self.request.retries}
 
     return charge
@@ -176,6 +182,7 @@ def test_worker_processes_starting_together_create_the_tables_once(
 # ------------------------------------------------------ outage inside the transaction
 
 
+@pytest.mark.parametrize("wrap", [False, True], ids=["raised", "re-raised-as-its-own"])
 def test_outage_inside_idempotent_transaction_defers_then_runs_once(
     celery_app: Celery,
     celery_worker: TestWorkController,
@@ -183,9 +190,11 @@ def test_outage_inside_idempotent_transaction_defers_then_runs_once(
     database_url: str,
     pg_proxy: TcpProxy,
     prefix: str,
+    wrap: bool,
 ) -> None:
     """PostgreSQL cut while the body's statement runs in idempotent_transaction(): deferred
-    (not failed, not dead-lettered, no retry used); once it is back, the task runs once."""
+    (not failed, not dead-lettered, no retry used); once it is back, the task runs once.
+    Also when the body turns the error into one of its own."""
     effects.metadata.create_all(engine)
     url = sa.make_url(database_url).set(port=pg_proxy.port)
     celery_app.conf.reliable_database_url = url.render_as_string(hide_password=False)
@@ -198,7 +207,7 @@ def test_outage_inside_idempotent_transaction_defers_then_runs_once(
             inside.set()
             assert cut.wait(30)
 
-    charge = charge_task(celery_app, prefix, gate)
+    charge = charge_task(celery_app, prefix, gate, wrap)
     celery_worker.reload()
     result = charge.delay(7)
     assert inside.wait(30)
@@ -262,6 +271,26 @@ def test_a_commit_refused_for_the_task_own_rows_fails_not_defers(
     assert result.state == "FAILURE"
     with pytest.raises(Exception, match="UniqueViolation"):
         result.get(timeout=5)
+
+
+def test_another_connection_refused_inside_the_transaction_is_the_task_own_failure(
+    celery_app: Celery, celery_worker: TestWorkController, engine: sa.Engine, prefix: str
+) -> None:
+    """A connection of the body's own refused inside idempotent_transaction() (a wrong URL)
+    leaves the library's transaction alive: a FAILURE, not an endless deferral."""
+    effects.metadata.create_all(engine)
+    nowhere = sa.create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x")
+
+    def gate(task: Any) -> None:
+        with nowhere.connect():
+            pass  # pragma: no cover - refused
+
+    charge = charge_task(celery_app, prefix, gate)
+    celery_worker.reload()
+    result = charge.delay(1)
+    wait_for(lambda: result.state in ("FAILURE", "RETRY"), 20, "the refused connection")
+    assert result.state == "FAILURE"
+    assert count(str(engine.url.render_as_string(hide_password=False)), prefix) == 0
 
 
 # ------------------------------------------------------------------ the classifier
