@@ -649,6 +649,12 @@ class ReliableTask(Task):  # type: ignore[misc]
                                               policy.breaker, execution.owner)
                 if admitted.results[index] == 2:
                     self._breaker_changed(policy.circuit_breaker, OPEN, HALF_OPEN)
+                if admitted.results[index] in (1, 2):
+                    # A half-open probe: renewed like any lease, so a probe slower than
+                    # probe_lease stays the probe and its outcome still counts.
+                    execution.leases.append(Lease(
+                        "C", plan.keys[plan.offsets[index] + 1], execution.owner,
+                        policy.breaker.probe_lease, started, f"breaker probe of {describe}"))
             elif kind == "K":
                 assert policy.tier is not None
                 execution.leases.append(Lease("K", key, execution.owner, policy.tier.lease,
@@ -716,6 +722,10 @@ class ReliableTask(Task):  # type: ignore[misc]
         execution.done = True
         for lease in execution.leases:
             runtime.heartbeat.discard(lease)
+            if lease.kind in "IK" and lease.lost:
+                # Another execution may have taken it over meanwhile (and run too).
+                log.warning("celery-reliable: %s[%s] finished after the belief in its %s "
+                            "ended", self.name, self.request.id, lease.describe)
         execution.release.settle_idempotency(outcome, payload)
         try:
             results = execution.release.run(runtime.redis)
@@ -1244,14 +1254,23 @@ class ReliableTask(Task):  # type: ignore[misc]
 
     @property
     def lock_lost(self) -> bool:
-        """True once the heartbeat found this execution's lock expired or taken over."""
+        """True once this process can no longer claim the lock; stays true.
+
+        Decided from the local monotonic clock, without waiting for Redis: the
+        lock's lease cannot expire on the server before ``lock_ttl`` after the
+        send time of the last renewal Redis confirmed (or of the admission), so
+        the belief ends a safety margin earlier (see ``runtime.lease_margin``).
+        Also true as soon as a renewal finds the lock expired or taken over.
+        """
         lease = self._execution().lease
         return bool(lease is not None and lease.lost)
 
     @property
     def fence(self) -> Fence:
-        """Fenced writes with this execution's token; refused once the lock is lost."""
+        """Fenced writes with this execution's token; refused locally once ``lock_lost``."""
         execution = self._execution()
         assert execution.token is not None and execution.resource is not None
         lease = execution.lease
+        # lease.lost reads the clock at every call: a fence built before the belief
+        # ended refuses from then on too.
         return Fence(execution.resource, execution.token, lambda: lease is not None and lease.lost)
