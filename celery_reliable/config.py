@@ -197,7 +197,8 @@ TASK_OPTIONS: dict[str, Option] = {
             "seconds",
             "Lease time of the lock. A heartbeat renews it about every ``lock_ttl / 3`` while "
             "the task runs; if the worker dies, the lock frees itself at most this long after "
-            "the last renewal.",
+            "the last renewal. The holder's ``self.lock_lost`` turns true 1 % + 50 ms before "
+            "``lock_ttl`` has passed since the last renewal Redis confirmed.",
             _seconds(),
         ),
         Option(

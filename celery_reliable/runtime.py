@@ -211,7 +211,7 @@ class Heartbeat:
 
     def renew(self, leases: list[Lease]) -> None:
         """Renew ``leases`` now in one round trip, sent once; mark the ones that are gone."""
-        timeout = self.timeout
+        timeout = min(self.timeout, heartbeat_timeout(min(lease.ttl for lease in leases)))
         sent = self._clock()
         plan = "".join(lease.kind for lease in leases)
         args: list[Any] = [plan]
