@@ -253,8 +253,8 @@ class _Link:
 
     Separate from the process's script channel, so the task's own calls keep
     their fast path and a stalled renewal never holds them up (nor they it).
-    Its socket timeouts (connect and read) are set per call; a changed timeout
-    takes effect on a new connection.
+    Its socket timeouts (connect and read) follow the shortest held lease; a
+    changed timeout takes effect on a new connection.
     """
 
     def __init__(self, pool: ConnectionPool) -> None:
@@ -269,7 +269,10 @@ class _Link:
         self._timeout = -1.0
 
     def call(self, name: str, keys: list[str], args: list[Any], timeout: float) -> Any:
-        if self._conn is None or timeout != self._timeout:
+        """Run script ``name`` once, with socket timeouts of at most ``timeout`` seconds."""
+        # A shorter timeout than asked is harmless: keep the connection unless the
+        # timeout must shrink, or could grow more than twofold (leases come and go).
+        if self._conn is None or not timeout / 2 <= self._timeout <= timeout:
             self.close()
             self._conn = self._factory(**{
                 **self._kwargs, "socket_timeout": timeout, "socket_connect_timeout": timeout,

@@ -24,7 +24,7 @@ from celery.contrib.testing.worker import start_worker
 
 from celery_reliable import FencedLock, ReliableTask, StaleFenceToken
 from celery_reliable.keys import KeySpace
-from celery_reliable.runtime import Heartbeat, Lease
+from celery_reliable.runtime import Heartbeat, Lease, runtime_for
 from celery_reliable.scripts import script
 
 from .conftest import RedisServer, TcpProxy, wait_for
@@ -72,27 +72,43 @@ def proxy(redis_server: RedisServer) -> Iterator[CountingProxy]:
     p.stop()
 
 
-def make_app(redis_server: RedisServer, state_url: str, database_url: str, **conf: Any) -> Celery:
-    """An app of the test's own: broker and results direct, guard state at ``state_url``."""
-    app = Celery(f"lease-{secrets.token_hex(3)}", set_as_current=False)
-    app.conf.update(
-        broker_url=f"{redis_server.url}/7",
-        result_backend=f"{redis_server.url}/8",
-        reliable_redis_url=state_url,
-        reliable_database_url=database_url,
-        reliable_key_prefix=f"lf{secrets.token_hex(3)}",
-        broker_connection_retry_on_startup=True,
-        **conf,
-    )
-    return app
+@pytest.fixture
+def direct(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client straight to the server (the test's view, never stalled)."""
+    client = redis.Redis(port=redis_server.port)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_app(redis_server: RedisServer, database_url: str) -> Iterator[Any]:
+    """Apps of the test's own: broker and results direct, guard state at ``state_url``."""
+    apps: list[Celery] = []
+
+    def make(state_url: str, **conf: Any) -> Celery:
+        app = Celery(f"lease-{secrets.token_hex(3)}", set_as_current=False)
+        app.conf.update(
+            broker_url=f"{redis_server.url}/7",
+            result_backend=f"{redis_server.url}/8",
+            reliable_redis_url=state_url,
+            reliable_database_url=database_url,
+            reliable_key_prefix=f"lf{secrets.token_hex(3)}",
+            broker_connection_retry_on_startup=True,
+            **conf,
+        )
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        runtime_for(app).close()  # its heartbeat thread and connections
 
 
 def test_stalled_link_ends_the_belief_before_the_server_lease_can_expire(
-    redis_server: RedisServer, proxy: CountingProxy, database_url: str, engine: sa.Engine
+    make_app: Any, proxy: CountingProxy, engine: sa.Engine, direct: redis.Redis
 ) -> None:
     """A stalled link: lock_lost turns true before the lock can expire; fence refuses after."""
-    app = make_app(redis_server, f"redis://127.0.0.1:{proxy.port}/0", database_url)
-    direct = redis.Redis(port=redis_server.port)
+    app = make_app(f"redis://127.0.0.1:{proxy.port}/0")
     marks: dict[str, Any] = {}
     started, done = threading.Event(), threading.Event()
 
@@ -100,7 +116,8 @@ def test_stalled_link_ends_the_belief_before_the_server_lease_can_expire(
               lock_ttl=LOCK_TTL)
     def holder(self: Any, k: str) -> None:
         fence = self.fence  # built while the belief holds: it must still refuse later
-        marks["admitted_before"] = time.monotonic()
+        marks["fence"] = fence
+        marks["lease"] = self.request._reliable_execution.lease  # internal: its belief_ends
         started.set()
         deadline = time.monotonic() + 15  # old code: lock_lost only after ~20-40 s
         while not self.lock_lost and time.monotonic() < deadline:
@@ -123,29 +140,39 @@ def test_stalled_link_ends_the_belief_before_the_server_lease_can_expire(
         holder.delay("1")
         assert started.wait(30), "the task did not start"
         lock_key = KeySpace(app.conf.reliable_key_prefix).lock("acct:1")
-        # let the heartbeat confirm at least one renewal (due ttl/3 after admission)
-        time.sleep(LOCK_TTL / 3 + 0.5)
-        assert proxy.renewals, "no renewal before the stall"
+        fence = marks["fence"]
+        # let the heartbeat renew once (due ttl/3 after admission) and read the reply
+        wait_for(lambda: proxy.renewals, 10, "the first renewal")
+        time.sleep(0.2)
         proxy.stall()
         stalled_at = time.monotonic()
+        assert not fence.lost, "the belief ended before the stall"
         # What the server holds now cannot be extended any more: its expiry is fixed.
+        # The earliest it can be (PTTL is read between these two clock readings):
         expires_at = time.monotonic() + direct.pttl(lock_key) / 1000
+        # Observed: just before the server can expire the lock, the fence refuses.
+        time.sleep(max(0.0, expires_at - 0.04 - time.monotonic()))
+        checked_at = time.monotonic()
+        lost_then = fence.lost
+        assert checked_at < expires_at, "the test thread overslept (machine overloaded)"
+        assert lost_then, f"lock_lost false {expires_at - checked_at:.3f}s before expiry"
+        # Computed: the belief ends before that (a margin before ttl after the last
+        # confirmed send, which came before the server's own clock started the ttl).
+        lease = marks["lease"]
+        assert lease.belief_ends < expires_at, (lease.belief_ends - stalled_at,
+                                                expires_at - stalled_at)
         assert done.wait(30), "the task did not finish"
         lost_at = marks["lost_at"]
         assert marks["lost"], f"lock_lost still false {lost_at - stalled_at:.1f}s into the stall"
-        # The belief ended before the server's lease could expire, i.e. before any other
-        # worker could hold the lock; and within ttl of the stall (the last confirmed
-        # renewal was sent before it).
-        assert lost_at < expires_at, (lost_at - stalled_at, expires_at - stalled_at)
-        assert stalled_at < lost_at < stalled_at + LOCK_TTL
+        # The task saw it within ttl of its last confirmed renewal (sent before the stall).
+        assert stalled_at < lost_at < stalled_at + LOCK_TTL, lost_at - stalled_at
         assert marks["redis"] == marks["redis-new-fence"] == marks["postgres"] == "refused", marks
         # no renewal left the worker after its belief ended (the server lets the lease go)
-        assert all(t < lost_at + 0.2 for t in proxy.renewals), (
-            [round(t - lost_at, 2) for t in proxy.renewals])
+        assert all(t < lease.belief_ends + 0.05 for t in proxy.renewals), (
+            [round(t - lease.belief_ends, 2) for t in proxy.renewals])
         # another holder gets the lock once it expired, while A's link is still stalled
         other = FencedLock(direct, "acct:1", ttl=30, prefix=app.conf.reliable_key_prefix)
         wait_for(lambda: other.acquire() is not None, 10, "the lock to expire")
-        assert time.monotonic() > lost_at
         other.release()
         proxy.resume()  # let A's completion through before the worker stops
 
@@ -156,10 +183,9 @@ def _pg_write(engine: sa.Engine, fence: Any) -> None:
 
 
 def test_a_renewal_is_sent_once_and_abandoned_before_ttl_over_3(
-    redis_server: RedisServer, proxy: CountingProxy, prefix: str
+    proxy: CountingProxy, prefix: str, direct: redis.Redis
 ) -> None:
     """A renewal lost in a stalled link is given up in < ttl/3 and never resent."""
-    direct = redis.Redis(port=redis_server.port)
     lock = FencedLock(direct, "r", ttl=LOCK_TTL, prefix=prefix)
     sent = time.monotonic()
     token = lock.acquire(owner="me")
@@ -190,6 +216,7 @@ def test_a_renewal_is_sent_once_and_abandoned_before_ttl_over_3(
     finally:
         proxy.resume()
         heartbeat.stop()
+        client.close()
         lock.release()
 
 
@@ -217,14 +244,12 @@ def library_log() -> Iterator[Recorder]:
 
 
 def test_slow_half_open_probe_stays_the_probe_and_closes_the_breaker(
-    redis_server: RedisServer, database_url: str, library_log: Recorder
+    make_app: Any, redis_server: RedisServer, library_log: Recorder, direct: redis.Redis
 ) -> None:
     """A probe running 2.5x probe_lease keeps its place; its success closes the breaker."""
     breaker = {"failure_threshold": 1, "window": 1, "min_calls": 1, "open_seconds": 0.2,
                "success_threshold": 1, "half_open_max": 1, "probe_lease": 1.0}
-    app = make_app(redis_server, f"{redis_server.url}/0", database_url,
-                   reliable_circuit_breakers={"slowdep": breaker})
-    direct = redis.Redis(port=redis_server.port)
+    app = make_app(f"{redis_server.url}/0", reliable_circuit_breakers={"slowdep": breaker})
     runs: dict[str, tuple[float, float]] = {}
 
     @app.task(base=ReliableTask, bind=True, shared=False, name="lf.probe",
@@ -255,3 +280,29 @@ def test_slow_half_open_probe_stays_the_probe_and_closes_the_breaker(
     assert direct.hget(state, "s") == b"0"
     closed_by = [m for m in library_log.messages if "half-open -> closed" in m]
     assert len(closed_by) == 1 and a.id in closed_by[0], closed_by
+
+
+def test_body_outliving_its_idempotency_lease_belief_is_reported(
+    make_app: Any, proxy: CountingProxy, library_log: Recorder
+) -> None:
+    """A body that outlives its idempotency lease's belief (stalled link) logs a WARNING."""
+    app = make_app(f"redis://127.0.0.1:{proxy.port}/0", reliable_idempotency_store="redis")
+    started, go = threading.Event(), threading.Event()
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="lf.idem",
+              idempotency_key="k:{n}", idempotency_lease=1.5)
+    def idem(self: Any, n: int) -> int:
+        started.set()
+        assert go.wait(30)
+        return n
+
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+        result = idem.delay(1)
+        assert started.wait(30), "the task did not start"
+        proxy.stall()
+        time.sleep(1.5 + 0.5)  # past the lease: no renewal can have been confirmed since
+        proxy.resume()
+        go.set()
+        assert result.get(timeout=30) == 1
+    assert any("finished after the belief in its idempotency lease" in m and result.id in m
+               for m in library_log.messages), library_log.messages
