@@ -722,10 +722,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         execution.done = True
         for lease in execution.leases:
             runtime.heartbeat.discard(lease)
-            if lease.kind in "IK" and lease.lost:
-                # Another execution may have taken it over meanwhile (and run too).
-                log.warning("celery-reliable: %s[%s] finished after the belief in its %s "
-                            "ended", self.name, self.request.id, lease.describe)
+        # Ran past the belief in a lease (the local clock says it may have expired)
+        overran = [lease for lease in execution.leases if lease.kind in "IK" and lease.lost]
         execution.release.settle_idempotency(outcome, payload)
         try:
             results = execution.release.run(runtime.redis)
@@ -765,6 +763,11 @@ class ReliableTask(Task):  # type: ignore[misc]
                 "" if runtime.settings.idempotency_store == "postgres"
                 else " and a duplicate may have run the task too (Redis-only store)",
             )
+            overran = [lease for lease in overran if lease.kind != "I"]  # said just above
+        for lease in overran:
+            log.warning("celery-reliable: %s[%s] finished after the belief in its %s ended "
+                        "(it may have expired and been taken over meanwhile)", self.name,
+                        self.request.id, lease.describe)
         return results
 
     def _replay(self, replay: Replay) -> Any:
