@@ -16,15 +16,17 @@ carry one token only when minting's clock assumption failed (see the README's
 * :class:`RedisFence` keeps a value and its token in one Redis hash and
   writes both in one Lua script.
 
-Within a task, ``self.fence`` binds these to the task's lock (its token and
-its execution as the holder): it also refuses as soon as the heartbeat found the
-lock lost. With a :class:`~celery_reliable.FencedLock`, pass ``lock.token`` and
-``holder=lock.holder``.
+Within a task, ``self.fence`` binds these to the task's lock (its token, and
+its execution as the holder): it also refuses, locally and before any I/O, once
+``self.lock_lost`` (the holder's belief in its lease ended by its own clock, or a
+renewal found the lock gone). With a :class:`~celery_reliable.FencedLock`, pass
+``lock.token`` and ``holder=lock.holder``.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -113,7 +115,9 @@ class RedisFence:
 class Fence:
     """A task's lock, seen from the resources it writes to (``self.fence``)."""
 
-    def __init__(self, resource: str, token: int, lost: Any, holder: str | None = None) -> None:
+    def __init__(
+        self, resource: str, token: int, lost: Callable[[], bool], holder: str | None = None
+    ) -> None:
         self.resource = resource
         self.token = token
         #: the execution that holds the lock: its writes with an equal token are accepted
@@ -122,6 +126,7 @@ class Fence:
 
     @property
     def lost(self) -> bool:
+        """Asked at every fenced call (it reads the clock): True refuses the write."""
         return bool(self._lost())
 
     def _refuse_if_lost(self, resource: str) -> None:

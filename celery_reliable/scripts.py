@@ -15,8 +15,9 @@ a plain one take the ordinary ``client.evalsha`` path.
 Before each call the channel polls its socket (as redis-py's pool does at
 checkout), so a connection the server closed is replaced before it is used. A
 connection error during a call is raised to the caller, with one exception:
-scripts that are safe to run twice (completion, renewal, fenced writes,
-throttling) are sent once more on a new connection. On the channel, admission
+scripts that are safe to run twice (completion, fenced writes, throttling;
+never a lease renewal: see :meth:`Script.call_once`) are sent once more on a
+new connection. On the channel, admission
 is never resent: its reply may have been lost after it took a lock or a token,
 and the task pipeline defers the delivery instead (fail closed). (The fallback
 ``client.evalsha`` path follows the client's own ``retry`` setting.)
@@ -183,13 +184,45 @@ class Script:
             client.script_load(self.source)
             return client.evalsha(self.sha, len(keys), *keys, *args)
 
+    def call_once(self, conn: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run on the redis-py connection ``conn``, sent once: never resent after an error.
+
+        For callers that own a connection and must not act on a reply that
+        arrives late (the lease heartbeat): a timeout or connection error drops
+        the connection and is raised. Only a NOSCRIPT reply (the script did not
+        run) loads the script and sends the call again.
+        """
+        if getattr(conn, "_sock", None) is not None:
+            try:
+                stale = conn.can_read()  # an unread reply or a closed connection
+            except redis.ConnectionError:
+                stale = True
+            if stale:
+                conn.disconnect()
+        packed = self._pack(keys, args)
+        for attempt in range(2):
+            try:
+                conn.send_packed_command([packed], check_health=False)
+                return conn.read_response()  # disconnects itself on any I/O error
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+            except BaseException:
+                conn.disconnect()
+                raise
+            conn.send_command("SCRIPT", "LOAD", self.source, check_health=False)
+            conn.read_response()
+        raise AssertionError("unreachable")  # pragma: no cover
+
 
 #: Scripts whose second run changes nothing the first did not (see each script's header).
 #: Nearly: a resent completion whose first run did execute reports its lock as "not ours"
 #: (logged as a lost lock) and counts a closed breaker's outcome twice. Both are better
 #: than what not resending costs: leases held to their TTL and, with Redis-only
-#: idempotency records, a result that is never recorded.
-_IDEMPOTENT = frozenset({"complete", "renew", "fenced_set", "throttle"})
+#: idempotency records, a result that is never recorded. Not renewal: a renewal
+#: resent after a timeout could extend a lease its holder already stopped believing
+#: in (and blocks the heartbeat twice as long); the next one is a fresh call.
+_IDEMPOTENT = frozenset({"complete", "fenced_set", "throttle"})
 
 
 @cache
