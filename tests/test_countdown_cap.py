@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.contrib.testing.worker import TestWorkController
 from celery.exceptions import Retry
 
 from celery_reliable import ConfigurationError, ReliableTask
@@ -24,7 +25,7 @@ from celery_reliable.keys import KeySpace
 from celery_reliable.ratelimit import BucketSpec
 from celery_reliable.redelivery import countdown_cap
 from celery_reliable.runtime import runtime_for
-from celery_reliable.task import BUCKET_SLOT_HEADER, Deferred
+from celery_reliable.task import BUCKET_SLOT_HEADER, DEFER_HEADER, Deferred
 
 from .conftest import RedisServer
 
@@ -318,3 +319,33 @@ def test_capped_backlog_keeps_its_order_and_drains_at_the_rate(redis_client: red
     # The tail grew by the fresh arrivals (one step each), not by the comebacks
     # (a few steps of slack: a late task that finds its token taken moves it).
     assert float(redis_client.hget(key, "q") or 0) <= tail + (fresh - backlog + 5) * step * 1000
+
+
+def test_worker_drains_a_capped_backlog_in_order(celery_app: Celery,
+                                                 celery_worker: TestWorkController) -> None:
+    """In a real worker: a 4/s queue, a 1 s redelivery window (cap 0.5 s), 10 tasks at once.
+
+    Turns up to 2.25 s away are reached in several capped deferrals through the
+    broker (the slot rides in the message header) and the tasks run in the order
+    they were sent, one token's time apart.
+    """
+    celery_app.conf.reliable_queue_rate_limits = {"celery": {"rate": 4, "burst": 1}}
+    celery_app.conf.reliable_redelivery_window = 1.0
+    starts: list[tuple[int, int, float]] = []
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="cap.paced")
+    def paced(self: Any, n: int) -> int:
+        starts.append((n, int(self.request.get(DEFER_HEADER) or 0), time.monotonic()))
+        return n
+
+    celery_worker.reload()
+    results = []
+    for n in range(10):
+        results.append(paced.delay(n))
+        time.sleep(0.01)  # sent in a known order
+    assert [r.get(timeout=30) for r in results] == list(range(10))
+    order = [n for n, _, _ in sorted(starts, key=lambda s: s[2])]
+    assert all(abs(i - n) <= 1 for i, n in enumerate(order)), order
+    assert max(hops for _, hops, _ in starts) >= 3  # 2.25 s in hops of <= 0.5 s
+    times = sorted(t for _, _, t in starts)
+    assert times[-1] - times[0] >= 9 * 0.25 * 0.9  # one token's time apart
