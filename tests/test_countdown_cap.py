@@ -249,6 +249,66 @@ def test_breaker_wait_longer_than_the_window_is_capped(app: Celery, prefix: str)
 # ------------------------------------------------------------ fairness of the queue
 
 
+def test_queued_slot_is_kept_and_fresh_arrivals_queue_behind(redis_client: redis.Redis,
+                                                             prefix: str) -> None:
+    """The B branch's rules, one call at a time (a 1/s bucket, burst 1)."""
+    key = KeySpace(prefix).queue_bucket("rules")
+    spec = BucketSpec(rate=1, burst=1)
+
+    def take(slot: int | None = None, queue: bool = True) -> Admitted | Refused:
+        plan = Plan()
+        plan.add_bucket(key, spec, 1, slot=slot, queue=queue)
+        outcome = plan.admit(redis_client)
+        assert isinstance(outcome, (Admitted, Refused))
+        return outcome
+
+    assert isinstance(take(), Admitted)
+    first, second = take(), take()
+    assert isinstance(first, Refused) and isinstance(second, Refused)
+    assert first.slot is not None and second.slot is not None
+    assert 900 <= second.slot - first.slot <= 1100  # one token's time apart
+    tail = redis_client.hget(key, "q")
+    # Back before its turn: refused with the time left, same slot, the tail unmoved.
+    again = take(second.slot)
+    assert isinstance(again, Refused) and again.slot == second.slot
+    assert again.retry_after is not None and 1.0 < again.retry_after <= 2.0
+    assert redis_client.hget(key, "q") == tail
+    # The retry budget's plain take neither queues nor moves the tail.
+    plain = take(queue=False)
+    assert isinstance(plain, Refused) and plain.slot is None
+    assert redis_client.hget(key, "q") == tail
+    # A bucket that lost its queue (Redis lost the key) voids old slots: fresh again.
+    redis_client.delete(key)
+    assert isinstance(take(second.slot), Admitted)
+
+
+def test_fresh_arrival_takes_no_token_meant_for_the_queue(redis_client: redis.Redis,
+                                                          prefix: str) -> None:
+    """Tokens that build up while a queue exists go to the queued; the retry budget still takes."""
+    key = KeySpace(prefix).queue_bucket("held")
+    spec = BucketSpec(rate=2, burst=5)
+
+    def take(slot: int | None = None, queue: bool = True) -> Admitted | Refused:
+        plan = Plan()
+        plan.add_bucket(key, spec, 1, slot=slot, queue=queue)
+        outcome = plan.admit(redis_client)
+        assert isinstance(outcome, (Admitted, Refused))
+        return outcome
+
+    for _ in range(5):
+        assert isinstance(take(), Admitted)
+    queued = [take() for _ in range(5)]  # slots 0.5 .. 2.5 s away
+    assert all(isinstance(r, Refused) for r in queued)
+    time.sleep(1.1)  # two tokens are in the bucket now, for the first two queued
+    newcomer = take()
+    assert isinstance(newcomer, Refused)  # not ahead of the queue
+    assert newcomer.slot is not None and newcomer.slot > max(r.slot or 0 for r in queued)
+    assert isinstance(take(queued[0].slot), Admitted)  # the queued take theirs
+    assert isinstance(take(queue=False), Admitted)  # a plain take (retry budget) is no queue
+
+
+
+
 def test_capped_backlog_keeps_its_order_and_drains_at_the_rate(redis_client: redis.Redis,
                                                                prefix: str) -> None:
     """A 5/s bucket, 20 queued tasks whose turns are up to 4 s away, a cap of 0.5 s.
