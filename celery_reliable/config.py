@@ -471,7 +471,9 @@ SETTINGS: dict[str, Option] = {
             "redelivers it. ``None`` derives it from the broker settings: Redis and SQS "
             "transports ``broker_transport_options[\"visibility_timeout\"]`` (kombu's "
             "defaults 3600 s and 1800 s), AMQP (RabbitMQ) 1800 s, the default "
-            "``consumer_timeout``; other transports: unknown, no cap. No countdown "
+            "``consumer_timeout``; other transports: unknown, no cap. Set it for RabbitMQ "
+            "servers with another ``consumer_timeout`` and for other transports; with Redis "
+            "or SQS it may only shorten the window. No countdown "
             "celery-reliable sets (deferral, bucket slot, breaker wait, backoff delay) "
             "exceeds this window minus 10% (at least 5 s); an explicit ``self.retry("
             "countdown=...)`` beyond it is kept and logged as a warning.",

@@ -95,19 +95,28 @@ def _visibility_timeout(conf: Mapping[str, Any], default: float) -> float:
 def redelivery_window(conf: Mapping[str, Any], override: float | None = None) -> float | None:
     """The broker's redelivery window in seconds, from the app's settings; None if unknown.
 
-    ``override`` (``reliable_redelivery_window``, already validated) wins.
-    Raises ConfigurationError naming a malformed ``visibility_timeout``.
+    ``override`` (``reliable_redelivery_window``, already validated) wins; for
+    Redis and SQS, whose window the app's settings state, it may only shorten
+    it. Raises ConfigurationError naming a malformed or contradicted setting.
     """
-    if override is not None:
-        return override
     transport = _transport(conf)
+    known: float | None = None
     if transport in _REDIS:
-        return _visibility_timeout(conf, REDIS_VISIBILITY_TIMEOUT)
-    if transport in _SQS:
-        return _visibility_timeout(conf, SQS_VISIBILITY_TIMEOUT)
-    if transport in _AMQP:
-        return AMQP_CONSUMER_TIMEOUT
-    return None
+        known = _visibility_timeout(conf, REDIS_VISIBILITY_TIMEOUT)
+    elif transport in _SQS:
+        known = _visibility_timeout(conf, SQS_VISIBILITY_TIMEOUT)
+    if override is None:
+        if known is None and transport in _AMQP:
+            return AMQP_CONSUMER_TIMEOUT  # the server's setting: not readable from here
+        return known
+    if known is not None and override > known:
+        raise ConfigurationError(
+            f"app settings: 'reliable_redelivery_window' ({override:g} s) exceeds the "
+            f"broker's visibility_timeout ({known:g} s; broker_transport_options, or "
+            "kombu's default): the broker would redeliver held messages sooner; raise "
+            "visibility_timeout instead"
+        )
+    return override
 
 
 def countdown_cap(window: float | None) -> float | None:

@@ -59,6 +59,7 @@ def _settings(**conf: Any) -> ReliableSettings:
         ({"broker_url": "redis://h/0", "broker_read_url": "sqs://"}, 1800.0),  # consumers read
         ({"broker_url": "redis://h/0", "reliable_redelivery_window": 300}, 300.0),  # override
         ({"broker_url": "memory://", "reliable_redelivery_window": 90.5}, 90.5),
+        ({"broker_url": "amqp://h//", "reliable_redelivery_window": 7200}, 7200.0),  # server's
     ],
 )
 def test_window_is_derived_from_the_broker_settings(conf: dict[str, Any],
@@ -91,6 +92,13 @@ def test_cap_leaves_a_margin() -> None:
          r"broker_transport_options\['visibility_timeout'\]"),
         ({"broker_url": "redis://h/0", "broker_transport_options": {"visibility_timeout": True}},
          r"broker_transport_options\['visibility_timeout'\]"),
+        ({"broker_url": "redis://h/0", "broker_transport_options": 5},
+         "'broker_transport_options' must be a mapping"),
+        ({"broker_url": "redis://h/0", "reliable_redelivery_window": 7200},
+         r"'reliable_redelivery_window' \(7200 s\) exceeds the broker's visibility_timeout "
+         r"\(3600 s"),
+        ({"broker_url": "sqs://", "broker_transport_options": {"visibility_timeout": 60},
+          "reliable_redelivery_window": 61}, "exceeds the broker's visibility_timeout"),
     ],
 )
 def test_bad_window_settings_name_the_setting(conf: dict[str, Any], fragment: str) -> None:
