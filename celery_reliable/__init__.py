@@ -29,6 +29,7 @@ from .errors import (
 from .fencing import Fence, RedisFence, check_postgres
 from .idempotency import purge_expired
 from .locks import FencedLock
+from .retrybudget import RetryBudget
 from .schema import create_tables, metadata
 from .status import breaker_state, bucket_tokens, bulkhead_stats
 from .task import DROPPED, SKIPPED, Deferred, ReliableTask
@@ -55,6 +56,7 @@ __all__ = [
     "ReliableTask",
     "ReplayedFailure",
     "ResultNotSerializable",
+    "RetryBudget",
     "StaleFenceToken",
     "StorageError",
     "breaker_state",

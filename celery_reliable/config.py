@@ -28,6 +28,7 @@ from .bulkhead import TierSpec, parse_bulkheads
 from .errors import ConfigurationError
 from .ratelimit import BucketSpec, parse_bucket, parse_queue_limits
 from .redelivery import countdown_cap, redelivery_window
+from .retrybudget import RetryBudget, parse_retry_budget
 
 __all__ = [
     "SETTINGS",
@@ -151,9 +152,7 @@ def _count(owner: str, name: str, raw: Any) -> int:
 
 
 def _budget(owner: str, name: str, raw: Any) -> Any:
-    if raw is None or raw is False:
-        return raw
-    return parse_bucket(f"{owner}: option {name!r}", raw)
+    return parse_retry_budget(owner, name, raw)
 
 
 def _pool(owner: str, name: str, raw: Any) -> int:
@@ -304,10 +303,14 @@ TASK_OPTIONS: dict[str, Option] = {
         Option(
             "retry_budget",
             None,
-            "rate, False or None",
-            "Fleet-wide retries per second of this task (``\"10/s\"``): past it, a failure is "
-            "dead-lettered instead of retried (this stops retry storms). ``None`` uses "
-            "``reliable_retry_budget``; ``False`` disables the budget.",
+            "RetryBudget, rate, False or None",
+            "Fleet-wide retry budget of this task: past it, a failure is dead-lettered "
+            "instead of retried (this stops retry storms). ``RetryBudget(ratio=0.2, "
+            "min_per_second=10, ttl=10)`` or ``{\"ratio\": 0.2, \"min_per_second\": 10, "
+            "\"ttl\": 10}``: retries may be ``ratio`` of the task's first executions in the "
+            "last ``ttl`` seconds plus ``min_per_second`` (Finagle's retry budget). A rate "
+            "(``\"10/s\"`` or ``{\"rate\": 10, \"burst\": 10}``): an absolute token bucket of "
+            "retries. ``None`` uses ``reliable_retry_budget``; ``False`` disables the budget.",
             _budget,
         ),
         Option(
@@ -439,10 +442,14 @@ SETTINGS: dict[str, Option] = {
         ),
         Option(
             "reliable_retry_budget",
-            "10/s",
-            "rate or None",
+            RetryBudget(),
+            "RetryBudget, rate or None",
             "Default fleet-wide retry budget per task name (see the task option "
-            "``retry_budget``). ``None`` disables it.",
+            "``retry_budget``): 20 % of the task's first executions in the last 10 s plus "
+            "10 retries/s, so a burst of fresh failures is retried (100 at once, more with "
+            "traffic) and a sustained storm is held to about 1.2 times the traffic plus 10/s. "
+            "The absolute ``\"10/s\"`` of earlier versions is still accepted. ``None`` "
+            "disables it.",
             _budget,
         ),
         Option(
@@ -504,7 +511,7 @@ class ReliableSettings:
     create_tables: bool = True
     queue_rate_limits: Mapping[str, BucketSpec] = field(default_factory=dict)
     bulkheads: Mapping[str, TierSpec] = field(default_factory=dict)
-    retry_budget: BucketSpec | None = None
+    retry_budget: BucketSpec | RetryBudget | None = None
     dead_letter_queue: str | None = None
     circuit_breakers: Mapping[str, BreakerSpec] = field(default_factory=dict)
     #: The broker's redelivery window, seconds (set or derived); None: unknown.
@@ -629,6 +636,7 @@ class DeferPolicy:
         not_after: float | None = None,
         not_before: float | None = None,
         scheduled: float | None = None,
+        due: float | None = None,
     ) -> float:
         """Seconds until the next attempt after ``deferrals`` earlier deferrals.
 
@@ -641,9 +649,15 @@ class DeferPolicy:
         task comes back then, up to 5% (at most 1 s) later. Whatever the
         guard asked, the result never exceeds ``cap``: a task whose turn is
         further away comes back at the cap and is deferred again.
+        ``due`` (a circuit breaker's own time: when it half-opens, or when its
+        probes are worth asking again) also replaces the deferral growth: the
+        task comes back ``due`` to ``1.2 * due`` seconds later, however often
+        it was deferred before.
         """
-        if scheduled is not None:
-            wait: float = max(0.0, scheduled)
+        if due is not None:
+            wait: float = max(0.0, due) * (1 + 0.2 * rand)
+        elif scheduled is not None:
+            wait = max(0.0, scheduled)
             wait += min(0.05 * wait, 1.0) * rand
         else:
             d = min(self.max_delay, self.delay * (2.0 ** min(deferrals, 30)))
@@ -668,7 +682,7 @@ class TaskPolicy:
     tier: TierSpec | None
     backoff: Backoff | None
     retry_for: tuple[type[BaseException], ...]
-    retry_budget: BucketSpec | None
+    retry_budget: BucketSpec | RetryBudget | None
     dead_letter: bool
     max_redeliveries: int
     circuit_breaker: str | None

@@ -69,6 +69,10 @@ class KeySpace:
         """The retry-budget bucket of one task name."""
         return f"{self.tag}:bucket:r:{digest(task_name)}"
 
+    def retry_budget_window(self, task_name: str) -> str:
+        """The ratio retry budget of one task name (a hash of time slices, budget.lua)."""
+        return f"{self.tag}:budget:{digest(task_name)}"
+
     def pattern(self, kind: str) -> str:
         """SCAN pattern for every key of one kind."""
         return f"{self.tag}:{kind}:*"

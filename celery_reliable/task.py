@@ -35,6 +35,7 @@ from typing import Any, ClassVar, NoReturn
 
 import redis
 from celery import Task
+from celery.app.trace import LOG_RETRY
 from celery.exceptions import Ignore, Reject, Retry
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -67,6 +68,7 @@ from .fencing import Fence
 from .idempotency import PostgresRecord, dumps_result
 from .keys import digest, idempotency_digest
 from .ratelimit import BucketSpec
+from .retrybudget import RetryBudget, deposits_for, spend
 from .runtime import Lease, Runtime, runtime_for
 from .scripts import script
 
@@ -123,8 +125,27 @@ class Deferred(Retry):  # type: ignore[misc]
 
     Raised inside the worker only; Celery records the state RETRY, acks the
     message (the new one is already published) and does not count it
-    against ``max_retries``.
+    against ``max_retries``. Its log line is celery-reliable's "deferred" line;
+    Celery's tracer's "retry:" line is dropped (:class:`_DeferralLogFilter`).
     """
+
+
+class _DeferralLogFilter(logging.Filter):
+    """Drops the tracer's ``Task ...[id] retry: ...`` line when the "retry" is a deferral.
+
+    Celery logs every ``Retry`` it handles with ``celery.app.trace.LOG_RETRY``, from
+    inside the ``except`` clause that caught it: a deferral is the ``Deferred`` being
+    handled then. Its own line (:meth:`ReliableTask._defer`) already says "deferred",
+    why, which guard and when. A real retry keeps Celery's line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == LOG_RETRY and isinstance(sys.exc_info()[1], Deferred))
+
+
+_trace_log = logging.getLogger("celery.app.trace")
+if not any(isinstance(f, _DeferralLogFilter) for f in _trace_log.filters):
+    _trace_log.addFilter(_DeferralLogFilter())
 
 
 def _outage_in(exc: BaseException, record: PostgresRecord) -> bool:
@@ -234,7 +255,7 @@ class ReliableTask(Task):  # type: ignore[misc]
     backoff: ClassVar[Any] = TASK_OPTIONS["backoff"].default
     #: Exceptions retried besides the transient ones.
     retry_for: ClassVar[Any] = TASK_OPTIONS["retry_for"].default
-    #: Fleet-wide retries per second of this task; None: reliable_retry_budget.
+    #: Fleet-wide retry budget of this task (RetryBudget or a rate); None: reliable_retry_budget.
     retry_budget: ClassVar[Any] = TASK_OPTIONS["retry_budget"].default
     #: Record terminal failures as dead letters; None: when a database is configured.
     dead_letter: ClassVar[Any] = TASK_OPTIONS["dead_letter"].default
@@ -374,6 +395,8 @@ class ReliableTask(Task):  # type: ignore[misc]
             # A plain function call (also one made from inside a running task): no guards.
             return super().__call__(*args, **kwargs)
         policy = self._policy()
+        if type(policy.retry_budget) is RetryBudget and not request.retries:
+            self._deposit_retry_budget(policy.retry_budget)
         header_key = _header(request, IDEMPOTENCY_HEADER)
         queue_bucket = self._queue_bucket(request)
         counts_deliveries = self._counts_deliveries(policy)
@@ -837,27 +860,30 @@ class ReliableTask(Task):  # type: ignore[misc]
                 raise Ignore()
             if how == "fail":
                 raise LockNotAcquired(self.name, execution.resource)
-            self._defer(policy, "lock busy", not_after=refusal.retry_after, lock_busy=True)
+            self._defer(policy, "lock busy", not_after=refusal.retry_after, lock_busy=True,
+                        guard="lock")
             return
         if refusal.kind == "I":
             # A twin is executing this key right now: wait for its result.
-            self._defer(policy, "duplicate in progress", not_after=refusal.retry_after)
+            self._defer(policy, "duplicate in progress", not_after=refusal.retry_after,
+                        guard="idempotency_key")
             return
         if refusal.kind == "B":
             bucket = execution.buckets[plan.kinds[: refusal.index].count("B")]
             metrics.inc("reliable_rate_limited_total", bucket=bucket[2])
             if refusal.slot is not None:  # come back with it: keeps the task's place
                 self._bucket_slots()[bucket[0]] = refusal.slot
-            self._defer(policy, f"rate limited ({bucket[2]})", scheduled=refusal.retry_after or 0.0)
+            self._defer(policy, f"rate limited ({bucket[2]})", scheduled=refusal.retry_after or 0.0,
+                        guard="rate limit")
             return
         if refusal.kind == "C":
             metrics.inc("reliable_circuit_deferrals_total", breaker=str(policy.circuit_breaker))
             self._defer(policy, f"circuit {policy.circuit_breaker!r} open",
-                        not_before=refusal.retry_after)
+                        due=refusal.retry_after or 1.0, guard="circuit_breaker")
             return
         if refusal.kind == "K":
             metrics.inc("reliable_bulkhead_waits_total", tier=str(policy.bulkhead))
-            self._defer(policy, f"bulkhead {policy.bulkhead!r} full")
+            self._defer(policy, f"bulkhead {policy.bulkhead!r} full", guard="bulkhead")
             return
         raise AssertionError(f"unknown guard {refusal.kind!r}")  # pragma: no cover
 
@@ -871,6 +897,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         cause: BaseException | None = None,
         lock_busy: bool = False,
         scheduled: float | None = None,
+        due: float | None = None,
+        guard: str = "store",
     ) -> None:
         """Re-publish this task with a jittered countdown and stop this delivery.
 
@@ -884,7 +912,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         deferrals = int(_header(request, DEFER_HEADER) or 0)
         countdown = policy.defer.countdown(
             deferrals, random.random(), not_after=not_after, not_before=not_before,
-            scheduled=scheduled,
+            scheduled=scheduled, due=due,
         )
         if request.is_eager:
             if cause is not None:  # nobody else can make it come back: do not spin
@@ -913,12 +941,15 @@ class ReliableTask(Task):  # type: ignore[misc]
             raise StorageError(
                 f"{self.name}: {reason} and the broker refused the deferred message"
             ) from exc
+        # One line says it all (Celery's own "retry:" line is dropped for a deferral,
+        # see _DeferralLogFilter): the countdown, the reason and the guard.
         log.info(
-            "celery-reliable: %s[%s] deferred %.2fs (%s, deferral %d)%s",
+            "celery-reliable: %s[%s] deferred %.2fs: %s (guard %s, deferral %d)%s",
             self.name,
             request.id,
             countdown,
             reason,
+            guard,
             deferrals + 1,
             f": {cause!r}" if cause else "",
         )
@@ -1190,14 +1221,27 @@ class ReliableTask(Task):  # type: ignore[misc]
             )
 
     def _take_retry_budget(self, policy: TaskPolicy) -> bool:
-        """One token from the task's fleet-wide retry budget (fail open if Redis is down)."""
-        assert policy.retry_budget is not None
+        """One retry from the task's fleet-wide retry budget (fail open if Redis is down).
+
+        A ratio budget (:class:`RetryBudget`) also credits, in the same round trip, the
+        first executions this process counted since it last sent them.
+        """
+        budget = policy.retry_budget
+        assert budget is not None
         runtime = runtime_for(self.app)
-        plan = Plan()
-        plan.add_bucket(runtime.keys.retry_budget(self.name), policy.retry_budget, 1,
-                        queue=False)
         try:
-            granted = isinstance(plan.admit(runtime.redis), Admitted)
+            if isinstance(budget, RetryBudget):
+                key = runtime.keys.retry_budget_window(self.name)
+                deposits = deposits_for(runtime)
+                try:
+                    granted, _ = spend(runtime.redis, key, budget, deposits.take(key), True)
+                except redis.RedisError:
+                    deposits.failed(key, budget.ttl)
+                    raise
+            else:
+                plan = Plan()
+                plan.add_bucket(runtime.keys.retry_budget(self.name), budget, 1, queue=False)
+                granted = isinstance(plan.admit(runtime.redis), Admitted)
         except redis.RedisError:
             # The budget only limits retries; a retry still goes through the
             # guards, which fail closed on their own.
@@ -1207,6 +1251,25 @@ class ReliableTask(Task):  # type: ignore[misc]
         if not granted:
             metrics.inc("reliable_retry_budget_exhausted_total", task=self.name)
         return granted
+
+    def _deposit_retry_budget(self, budget: RetryBudget) -> None:
+        """Count a first execution for the ratio budget; sent at most once a second per
+        process and task name, or with this process's next retry (fail open, see
+        :mod:`celery_reliable.retrybudget`)."""
+        request = self.request
+        if request.is_eager or request.called_directly or _header(request, DEFER_HEADER):
+            return  # the budget is not used eagerly; a deferral's redelivery is no new call
+        runtime = runtime_for(self.app)
+        key = runtime.keys.retry_budget_window(self.name)
+        deposits = deposits_for(runtime)
+        count = deposits.add(key)
+        if count:
+            try:
+                spend(runtime.redis, key, budget, count, False)
+            except redis.RedisError:
+                deposits.failed(key, budget.ttl)  # stale once Redis is back: dropped
+                log.debug("celery-reliable: could not credit the retry budget of %s",
+                          self.name, exc_info=True)
 
     def throttle(self, seconds: float) -> NoReturn:
         """Empty this task's buckets fleet-wide for ``seconds``, then defer this task.
@@ -1234,7 +1297,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         script("throttle")(runtime.redis, [key for key, _, _ in execution.buckets], args)
         metrics.inc("reliable_throttles_total", task=self.name)
         self._complete(execution, policy, failure=Retry())
-        self._defer(policy, f"throttled for {seconds:g}s", not_before=float(seconds))
+        self._defer(policy, f"throttled for {seconds:g}s", not_before=float(seconds),
+                    guard="throttle")
         raise AssertionError("unreachable")  # pragma: no cover - _defer raises in a worker
 
     @contextmanager

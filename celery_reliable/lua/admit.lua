@@ -18,6 +18,8 @@ ARGV  [1] plan: one letter per guard, e.g. "ILKB"
            slot (server ms) this task was given in the bucket's queue before
         D: max_redeliveries, ttl_ms
         C: open_ms, half_open_max, probe owner, probe_lease_ms
+           (refused while open: retry_after = until it half-opens; while half-open
+           with every probe out: max(1 s, time since it half-opened))
 Returns
   {1, r1, r2, ...}          every guard admitted; r_i is guard i's result
                             (I: 1 if a record existed (lease taken over), else 0;
@@ -137,19 +139,23 @@ for g = 1, n do
     ki, ai = ki + 1, ai + 2
   elseif kind == 'C' then
     clock()
-    local st = redis.call('HMGET', KEYS[ki], 's', 'o')
+    local st = redis.call('HMGET', KEYS[ki], 's', 'o', 'h')
     local state = tonumber(st[1] or '0')
+    local since = tonumber(st[3] or '0')  -- when it half-opened (server ms)
     if state == 1 then
       local reopen = tonumber(st[2] or '0') + tonumber(ARGV[ai])
       if now_ms < reopen then
-        return {0, g, reopen - now_ms}
+        return {0, g, reopen - now_ms}  -- come back when it half-opens
       end
-      state = 2  -- open long enough: half-open (written in phase 2)
+      state, since = 2, reopen  -- open long enough: half-open (written in phase 2)
     end
     if state == 2 then
       redis.call('ZREMRANGEBYSCORE', KEYS[ki + 1], '-inf', now_ms)  -- dead probes
       if redis.call('ZCARD', KEYS[ki + 1]) >= tonumber(ARGV[ai + 1]) then
-        return {0, g, 1000}
+        -- the probes are out: ask again after as long as they have been out (at
+        -- least 1 s), so a waiting task is at most about twice the probes' time late
+        -- and a crowd of waiting tasks does not poll the probes every second
+        return {0, g, math.max(1000, now_ms - since)}
       end
     end
     ki, ai = ki + 2, ai + 4
@@ -270,7 +276,7 @@ for g = 1, n do
     local state = tonumber(st[1] or '0')
     local became = 0
     if state == 1 then  -- phase 1 found it may half-open now
-      redis.call('HSET', KEYS[ki], 's', 2, 'ok', 0)
+      redis.call('HSET', KEYS[ki], 's', 2, 'ok', 0, 'h', now_ms)
       state, became = 2, 1
     end
     if state == 2 then
