@@ -344,7 +344,9 @@ TASK_OPTIONS: dict[str, Option] = {
             "seconds",
             "Base countdown of a deferral. The n-th consecutive deferral of one task waits a "
             "random time in ``[d/2, d]`` with ``d = min(defer_max_delay, defer_delay * 2**n)``, "
-            "or the guard's own retry-after when that is sooner.",
+            "or the guard's own retry-after when that is sooner. A circuit breaker's refusal "
+            "uses the breaker's own time instead (when it half-opens, or after as long as its "
+            "probes have been out), never this growth.",
             _seconds(),
         ),
         Option(
