@@ -16,21 +16,22 @@ Two kinds, chosen by the option's value:
   ``burst`` at once, whatever the traffic (the default before 0.2; the ``B`` guard of
   ``admit.lua`` as a plain take).
 
-Deposits cost no round trip of their own on a first execution's path: each process counts
-its first executions (:class:`Deposits`) and sends the count with its next withdrawal, or
-on its own at most once a second per task name. Fail-open: with Redis unreachable a
+Deposits cost a first execution no round trip: each process counts its first executions
+(:class:`Deposits`) and sends the count with its next withdrawal, or from a background
+thread once a second. Fail-open: with Redis unreachable a
 retry is allowed (it still meets the task's guards, which fail closed), and the deposits
 counted meanwhile are dropped, so an outage never credits a burst of stale ones.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -44,6 +45,8 @@ from .scripts import script
 __all__ = ["Deposits", "RetryBudget", "WindowedBudget", "parse_retry_budget", "spend"]
 
 #: Tokens per deposit: a scale that keeps fractional ratios in integers (Finagle's 1000).
+log = logging.getLogger("celery_reliable")
+
 SCALE = 1000
 #: Slices of the window (Finagle's WindowedAdder): a token expires 0.9 ttl to ttl after.
 SLICES = 10
@@ -183,52 +186,77 @@ def spend(client: redis.Redis, key: str, spec: RetryBudget, deposits: int, withd
 class Deposits:
     """First executions this process counted and has not sent yet, per budget key.
 
-    :meth:`add` counts one and says when a send is due (the first one, then at most
-    once per ``every`` seconds per key); :meth:`take` hands over the count for a
-    withdrawal's round trip. Thread-safe; a forked child starts empty.
+    :meth:`add` only counts (a lock and a dict: no I/O on the task's path). The count goes
+    to Redis with this process's next withdrawal of that budget (:meth:`take`), or from a
+    daemon thread that sends whatever is pending once every ``every`` seconds, so a Redis
+    that stalls holds up that thread, never a task. Thread-safe; a forked child starts
+    empty and with its own thread.
     """
 
-    def __init__(self, every: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, client: redis.Redis, every: float = 1.0) -> None:
+        self.client = client
         self.every = every
-        self.clock = clock
         self._lock = threading.Lock()
-        self._pending: dict[str, int] = {}
-        self._next: dict[str, float] = {}  # key -> when the next send is due
+        self._pending: dict[str, tuple[RetryBudget, int]] = {}
+        self._paused: dict[str, float] = {}  # key -> no send before (monotonic)
         self._pid = os.getpid()
+        self._thread: threading.Thread | None = None
 
     def _fresh(self) -> None:
         if self._pid != os.getpid():  # inherited over fork: the parent's counts are not ours
             self._pending.clear()
-            self._next.clear()
+            self._paused.clear()
             self._pid = os.getpid()
+            self._thread = None
 
-    def add(self, key: str) -> int:
-        """Count one first execution; returns the count to send now (0: not due yet)."""
+    def add(self, key: str, spec: RetryBudget) -> None:
+        """Count one first execution of the budget at ``key``."""
         with self._lock:
             self._fresh()
-            count = self._pending.get(key, 0) + 1
-            now = self.clock()
-            if now < self._next.get(key, -math.inf):
-                self._pending[key] = count
-                return 0
-            self._pending[key] = 0
-            self._next[key] = now + self.every
-            return count
+            _, count = self._pending.get(key, (spec, 0))
+            self._pending[key] = (spec, count + 1)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="celery-reliable-retry-budget")
+                self._thread.start()
 
     def take(self, key: str) -> int:
         """The count to send with a withdrawal now (and reset)."""
         with self._lock:
             self._fresh()
-            count = self._pending.pop(key, 0)
-            self._next[key] = self.clock() + self.every
+            _, count = self._pending.pop(key, (None, 0))
             return count
 
     def failed(self, key: str, pause: float) -> None:
         """A send failed: what it carried and what is pending are dropped (stale by the
-        time Redis is back), and the next send waits ``pause`` seconds."""
+        time Redis is back), and nothing is sent for ``pause`` seconds."""
         with self._lock:
             self._pending.pop(key, None)
-            self._next[key] = self.clock() + pause
+            self._paused[key] = time.monotonic() + pause
+
+    def flush(self) -> int:
+        """Send every pending count, one round trip per key; returns the keys sent."""
+        with self._lock:
+            now = time.monotonic()
+            due = {key: entry for key, entry in self._pending.items()
+                   if self._paused.get(key, 0.0) <= now}
+            for key in due:
+                del self._pending[key]
+        for key, (spec, count) in due.items():
+            try:
+                spend(self.client, key, spec, count, False)
+            except redis.RedisError:
+                self.failed(key, spec.ttl)
+        return len(due)
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        while self._thread is me:
+            time.sleep(self.every)
+            try:
+                self.flush()
+            except Exception:  # never let the thread die: counting goes on
+                log.debug("celery-reliable: retry budget deposits not sent", exc_info=True)
 
 
 _per_runtime: weakref.WeakKeyDictionary[Any, Deposits] = weakref.WeakKeyDictionary()
@@ -240,5 +268,5 @@ def deposits_for(runtime: Any) -> Deposits:
     with _per_runtime_lock:
         deposits = _per_runtime.get(runtime)
         if deposits is None:
-            deposits = _per_runtime[runtime] = Deposits()
+            deposits = _per_runtime[runtime] = Deposits(runtime.redis)
         return deposits

@@ -1253,23 +1253,13 @@ class ReliableTask(Task):  # type: ignore[misc]
         return granted
 
     def _deposit_retry_budget(self, budget: RetryBudget) -> None:
-        """Count a first execution for the ratio budget; sent at most once a second per
-        process and task name, or with this process's next retry (fail open, see
-        :mod:`celery_reliable.retrybudget`)."""
+        """Count a first execution for the ratio budget (no I/O here: the count is sent
+        with this process's next retry or by a background thread once a second)."""
         request = self.request
         if request.is_eager or request.called_directly or _header(request, DEFER_HEADER):
             return  # the budget is not used eagerly; a deferral's redelivery is no new call
         runtime = runtime_for(self.app)
-        key = runtime.keys.retry_budget_window(self.name)
-        deposits = deposits_for(runtime)
-        count = deposits.add(key)
-        if count:
-            try:
-                spend(runtime.redis, key, budget, count, False)
-            except redis.RedisError:
-                deposits.failed(key, budget.ttl)  # stale once Redis is back: dropped
-                log.debug("celery-reliable: could not credit the retry budget of %s",
-                          self.name, exc_info=True)
+        deposits_for(runtime).add(runtime.keys.retry_budget_window(self.name), budget)
 
     def throttle(self, seconds: float) -> NoReturn:
         """Empty this task's buckets fleet-wide for ``seconds``, then defer this task.

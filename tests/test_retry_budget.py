@@ -53,22 +53,25 @@ def test_a_burst_is_retried_and_a_storm_is_cut(redis_client: redis.Redis, prefix
     assert spend(redis_client, key, spec, 0, False, now_ms=now + 10_000) == (False, 100)
 
 
-def test_deposits_are_sent_at_most_once_a_second() -> None:
-    """A process sends its first count at once, then batches until a second has passed."""
-    clock = [100.0]
-    deposits = Deposits(every=1.0, clock=lambda: clock[0])
-    assert deposits.add("k") == 1
-    assert [deposits.add("k") for _ in range(5)] == [0] * 5
-    clock[0] += 1.0
-    assert deposits.add("k") == 6
-    assert deposits.add("k") == 0
-    assert deposits.take("k") == 1  # a withdrawal carries what is pending
-    assert deposits.add("k") == 0  # ... and counts as a send
-    deposits.failed("k", 10.0)  # what is pending is dropped
-    clock[0] += 5.0
-    assert deposits.add("k") == 0  # no send for 10 s after a failure
-    clock[0] += 5.0
-    assert deposits.add("k") == 2
+def test_deposits_ride_with_a_withdrawal_or_the_background_flush(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    """Counting a first execution does no I/O; the counts reach Redis with a retry or a flush."""
+    spec = RetryBudget(ratio=1.0, min_per_second=0.1, ttl=10)  # reserve: 1 retry
+    key = f"{prefix}:budget:deposits"
+    deposits = Deposits(redis_client, every=3600)  # the thread stays asleep: flush by hand
+    for _ in range(3):
+        deposits.add(key, spec)
+    assert not redis_client.exists(key)  # counted, not sent
+    assert spend(redis_client, key, spec, deposits.take(key), True) == (True, 3)
+    deposits.add(key, spec)
+    deposits.add(key, spec)
+    assert deposits.flush() == 1
+    assert spend(redis_client, key, spec, 0, False) == (False, 5)
+    deposits.add(key, spec)
+    deposits.failed(key, 3600)  # Redis was down: the pending count is dropped, sends pause
+    deposits.add(key, spec)
+    assert deposits.flush() == 0 and deposits.take(key) == 1
 
 
 def test_budget_forms_and_errors() -> None:
