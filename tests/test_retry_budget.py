@@ -16,7 +16,16 @@ from celery.contrib.testing.worker import TestWorkController
 
 from celery_reliable import Backoff, ConfigurationError, DeadLetters, ReliableTask, RetryBudget
 from celery_reliable.ratelimit import BucketSpec
-from celery_reliable.retrybudget import Deposits, WindowedBudget, parse_retry_budget, spend
+from celery_reliable.retrybudget import (
+    Deposits,
+    WindowedBudget,
+    deposits_for,
+    parse_retry_budget,
+    spend,
+)
+from celery_reliable.runtime import runtime_for
+
+from .conftest import RedisServer
 
 
 def test_lua_and_python_model_agree(redis_client: redis.Redis, prefix: str) -> None:
@@ -154,3 +163,25 @@ def test_a_storm_is_held_to_the_ratio(celery_app: Celery,
     letters = DeadLetters(celery_app).list(task_name="rb.storm")
     assert len(letters) == 8
     assert sum(letter.reason == "retry budget exhausted" for letter in letters) >= 4
+
+
+def test_the_budget_fails_open_when_redis_is_down(private_redis: RedisServer) -> None:
+    """Redis unreachable: the retry is allowed, and the counted first executions are dropped."""
+    app = Celery("rb-down", broker="memory://", backend="cache+memory://")
+    app.conf.update(reliable_redis_url=f"{private_redis.url}/0", reliable_key_prefix="rbdown")
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="rb.down")
+    def task(self: Any) -> None:
+        return None
+
+    task = task._get_current_object()
+    runtime = runtime_for(app)
+    key = runtime.keys.retry_budget_window("rb.down")
+    deposits = deposits_for(runtime)
+    deposits.add(key, RetryBudget())
+    private_redis.kill()
+    assert task._take_retry_budget(task._policy()) is True
+    private_redis.start()
+    assert deposits.take(key) == 0  # dropped, not credited late
+    assert task._take_retry_budget(task._policy()) is True  # and back to normal
+    assert redis.Redis.from_url(private_redis.url).exists(key)
