@@ -7,10 +7,14 @@ import threading
 import time
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.contrib.testing.worker import TestWorkController
 
 from celery_reliable import Backoff, ReliableTask, breaker_state
+from celery_reliable.admission import Admitted, Plan, Refused, Release
+from celery_reliable.breaker import BreakerSpec
+from celery_reliable.keys import KeySpace
 
 from .conftest import wait_for
 
@@ -57,3 +61,36 @@ def test_queued_calls_run_within_the_bound_after_a_long_outage(
     waits = sorted(t - recovered for t in finished.values())
     # calls are instant here (call = 0): the bound is 1.2 * open + 1.2 s; 2 s for a busy machine
     assert waits[-1] <= bound(OPEN, 0.0) + 2.0, waits
+
+
+def test_a_busy_half_open_breaker_asks_back_after_as_long_as_its_probes_are_out(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    """While its probes are out, a refusal's retry-after is max(1 s, time since half-open)."""
+    keys = KeySpace(prefix).breaker("busy")
+    spec = BreakerSpec(failure_threshold=1, window=1, min_calls=1, open_seconds=0.2,
+                       success_threshold=1, half_open_max=1)
+
+    def admit(owner: str) -> Admitted | Refused:
+        plan = Plan()
+        plan.add_breaker(keys, spec, owner)
+        outcome = plan.admit(redis_client)
+        assert isinstance(outcome, (Admitted, Refused))
+        return outcome
+
+    admit("a")
+    release = Release()
+    release.add_breaker(keys, spec, "a")
+    release.settle_breaker("f")
+    release.run(redis_client)  # open for 0.2 s
+    refused = admit("b")
+    assert isinstance(refused, Refused) and refused.retry_after is not None
+    assert refused.retry_after <= 0.2  # open: until it half-opens
+    time.sleep(0.25)
+    assert isinstance(admit("probe"), Admitted)  # half-open: the probe runs (and hangs)
+    refused = admit("c")
+    assert isinstance(refused, Refused) and refused.retry_after == 1.0
+    time.sleep(1.6)
+    refused = admit("c")
+    assert isinstance(refused, Refused) and refused.retry_after is not None
+    assert 1.5 <= refused.retry_after <= 1.6 + 5.0  # as long as the probe has been out

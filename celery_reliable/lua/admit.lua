@@ -155,7 +155,8 @@ for g = 1, n do
         -- the probes are out: ask again after as long as they have been out (at
         -- least 1 s), so a waiting task is at most about twice the probes' time late
         -- and a crowd of waiting tasks does not poll the probes every second
-        return {0, g, math.max(1000, now_ms - since)}
+        -- (no 'h': half-opened by an older version of this script; ask again in 1 s)
+        return {0, g, math.max(1000, since > 0 and now_ms - since or 0)}
       end
     end
     ki, ai = ki + 2, ai + 4
