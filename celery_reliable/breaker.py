@@ -10,6 +10,12 @@ failed, no retry consumed). Then half-open: at most ``half_open_max`` trial
 executions run at once, fleet-wide (each a lease renewed by the heartbeat, so a
 slow probe keeps its place and a dead one frees it after ``probe_lease``);
 ``success_threshold`` successes close it, one failure re-opens it.
+
+``open_seconds`` is constant: every re-open waits the same time again, it
+never grows. A refused task comes back at the breaker's own time (when it
+half-opens; while every probe is out, after as long as they have been out, at
+least 1 s), spread by up to 20%, never after the deferral count's growth; the
+README gives the worst-case wait this implies.
 """
 
 from __future__ import annotations
