@@ -8,7 +8,8 @@ An equal token from another or an unknown holder is refused: two acquisitions
 carry one token only when minting's clock assumption failed (see the README's
 "What fencing guarantees"), and then only the first to write may keep it.
 
-* :func:`check_postgres` runs inside your SQLAlchemy transaction. It upserts
+* :func:`check_postgres` runs inside your transaction (SQLAlchemy, psycopg 3 or
+  Django, see its docstring). It upserts
   the resource's row in ``reliable_fences`` and keeps that row locked until
   you commit, so a concurrent writer waits, and a stale one is refused
   (``StaleFenceToken``) before your own statements run. Roll back on error, as
@@ -26,15 +27,21 @@ renewal found the lock gone). With a :class:`~celery_reliable.FencedLock`, pass
 from __future__ import annotations
 
 import secrets
+import sys
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import redis
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import ClauseElement
 
 from . import metrics
+from .classify import sqlstate
 from .errors import ConfigurationError, StaleFenceToken
 from .schema import fences
 from .scripts import script
@@ -42,33 +49,115 @@ from .scripts import script
 __all__ = ["Fence", "RedisFence", "check_postgres"]
 
 
+#: The fence check, built once: accept a higher token, or an equal one from the same holder.
+_ins = insert(fences).values(
+    resource=bindparam("p_resource"), token=bindparam("p_token"), holder=bindparam("p_holder")
+)
+_CHECK = _ins.on_conflict_do_update(
+    index_elements=[fences.c.resource],
+    set_={"token": _ins.excluded.token, "holder": _ins.excluded.holder,
+          "updated_at": func.now()},
+    # NULL = NULL is not true: an unknown holder never matches
+    where=or_(fences.c.token < _ins.excluded.token,
+              and_(fences.c.token == _ins.excluded.token,
+                   fences.c.holder == _ins.excluded.holder)),
+).returning(fences.c.token)
+_CURRENT = select(fences.c.token).where(fences.c.resource == bindparam("p_resource"))
+
+ACCEPTED = (
+    "a SQLAlchemy Connection or Session, a psycopg 3 connection, or a Django "
+    "connection (django.db.connections[alias]) on PostgreSQL"
+)
+
+
+@cache
+def driver_statement(statement: ClauseElement) -> tuple[str, dict[str, Any]]:
+    """SQL text of a statement with psycopg's ``%(name)s`` placeholders, and the values of
+    its constant parameters (compiled once).
+
+    Runs on a psycopg 3 or psycopg2 cursor, and on Django's PostgreSQL cursor, with
+    ``{**constants, **params}``.
+    """
+    compiled = statement.compile(dialect=psycopg_dialect())  # type: ignore[no-untyped-call]
+    return compiled.string, dict(compiled.params)
+
+
+def _is_django_connection(conn: Any) -> bool:
+    # By module, so that nothing here imports Django.
+    return type(conn).__module__.startswith("django.") and hasattr(conn, "in_atomic_block")
+
+
+def _is_psycopg_connection(conn: Any) -> bool:
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(conn, psycopg.Connection)
+
+
+def _runner(conn: Any) -> Callable[[Any, dict[str, Any]], Any]:
+    """How to run one statement in the caller's open transaction on ``conn``, or raise.
+
+    A psycopg connection in autocommit mode outside ``conn.transaction()``, or a Django
+    connection outside ``transaction.atomic()``, has no transaction to join: the
+    check would commit on its own, apart from the caller's write. Refused.
+    """
+    if isinstance(conn, (Connection, Session)):
+        return lambda statement, params: conn.execute(statement, params).first()
+    if _is_psycopg_connection(conn):
+        from psycopg.pq import TransactionStatus
+
+        if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+            raise ConfigurationError(
+                "check_postgres: this psycopg connection is in autocommit mode outside a "
+                "transaction, so the check could not commit with your write; call it inside "
+                "`with conn.transaction():` (or with autocommit off)"
+            )
+        return lambda statement, params: _on_cursor(conn.cursor(), statement, params)
+    if _is_django_connection(conn):
+        if conn.vendor != "postgresql":
+            raise ConfigurationError(
+                f"check_postgres: Django database {conn.alias!r} is {conn.vendor}, not PostgreSQL"
+            )
+        if conn.get_autocommit():
+            raise ConfigurationError(
+                f"check_postgres: Django database {conn.alias!r} is in autocommit mode, so the "
+                "check could not commit with your write; call it inside "
+                f"`transaction.atomic(using={conn.alias!r})` (or idempotent_transaction())"
+            )
+        return lambda statement, params: _on_cursor(conn.cursor(), statement, params)
+    raise TypeError(f"check_postgres: expected {ACCEPTED}, got {type(conn).__qualname__}")
+
+
+def _on_cursor(cursor: Any, statement: ClauseElement, params: dict[str, Any]) -> Any:
+    sql, constants = driver_statement(statement)
+    with cursor:
+        cursor.execute(sql, {**constants, **params})
+        return cursor.fetchone()
+
+
 def check_postgres(conn: Any, resource: str, token: int, *, holder: str | None = None) -> None:
     """Accept ``token`` for ``resource`` inside the caller's transaction, or raise.
 
-    ``conn`` is a SQLAlchemy ``Connection`` or ``Session`` in an open
-    transaction. On success the resource's fence row stays locked until that
-    transaction ends, so the caller's writes commit together with the new
-    highest token and its ``holder``. Raises :class:`StaleFenceToken` if a
-    higher token was already accepted, or the same token with another holder
+    ``conn`` is where the caller writes, in an open transaction: a SQLAlchemy
+    ``Connection`` or ``Session``; a psycopg 3 connection (autocommit off, or
+    inside ``conn.transaction()``); or a Django connection
+    (``django.db.connections[alias]``, PostgreSQL) inside ``transaction.atomic``.
+    Anything else raises ``TypeError``; a connection with no transaction to join
+    raises ``ConfigurationError``. On success the resource's fence row stays
+    locked until that transaction ends, so the caller's writes commit together
+    with the new highest token and its ``holder``. Raises :class:`StaleFenceToken`
+    if a higher token was already accepted, or the same token with another holder
     or without one (``holder=None``: a second check with an equal token is
     refused). ``holder`` identifies the acquisition (``self.fence`` passes the
     task execution's; a :class:`~celery_reliable.FencedLock` has ``.holder``).
     """
-    ins = insert(fences).values(resource=resource, token=token, holder=holder)
-    stmt = ins.on_conflict_do_update(
-        index_elements=[fences.c.resource],
-        set_={"token": ins.excluded.token, "holder": ins.excluded.holder,
-              "updated_at": func.now()},
-        # NULL = NULL is not true: an unknown holder never matches
-        where=or_(fences.c.token < ins.excluded.token,
-                  and_(fences.c.token == ins.excluded.token,
-                       fences.c.holder == ins.excluded.holder)),
-    ).returning(fences.c.token)
+    run = _runner(conn)
+    params = {"p_resource": resource, "p_token": token, "p_holder": holder}
     try:
-        row = conn.execute(stmt).first()
-    except ProgrammingError as exc:
+        row = run(_CHECK, params)
+    except Exception as exc:
         # undefined table / column: no table, or one from before the holder column
-        if getattr(exc.orig, "sqlstate", None) in ("42P01", "42703"):
+        # (Django wraps the driver's error: its SQLSTATE is on the cause)
+        codes = {sqlstate(exc), sqlstate(exc.__cause__) if exc.__cause__ else None}
+        if codes & {"42P01", "42703"}:
             raise ConfigurationError(
                 f"check_postgres: table {fences.name!r} is missing or older than this "
                 "library; run `celery -A proj reliable migrate` (or create_tables(engine)) "
@@ -76,9 +165,9 @@ def check_postgres(conn: Any, resource: str, token: int, *, holder: str | None =
             ) from exc
         raise
     if row is None:
-        current = conn.execute(select(fences.c.token).where(fences.c.resource == resource)).scalar()
+        current = run(_CURRENT, {"p_resource": resource})
         metrics.inc("reliable_fence_rejections_total", store="postgres")
-        raise StaleFenceToken(resource, token, current)
+        raise StaleFenceToken(resource, token, current[0] if current is not None else None)
 
 
 class RedisFence:
@@ -139,6 +228,13 @@ class Fence:
         resource = resource or self.resource
         self._refuse_if_lost(resource)
         check_postgres(conn, resource, self.token, holder=self.holder)
+
+    def check_django(self, using: str = "default", resource: str | None = None) -> None:
+        """:meth:`check_postgres` on Django's connection ``using``, inside ``transaction.atomic``
+        (or ``idempotent_transaction()``): fences the ORM writes of that transaction."""
+        from django.db import connections
+
+        self.check_postgres(connections[using], resource)
 
     def redis_set(self, client: redis.Redis, key: str, value: str | bytes) -> None:
         """:meth:`RedisFence.set` with this task's token."""

@@ -1,0 +1,1 @@
+"""Integrations with other frameworks; each is imported only when you import it."""
