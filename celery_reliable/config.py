@@ -387,6 +387,18 @@ SETTINGS: dict[str, Option] = {
             _choice(("postgres", "redis")),
         ),
         Option(
+            "reliable_django_database",
+            None,
+            "Django database alias",
+            "Keep each first execution's idempotency record on Django's connection for this "
+            "alias (``\"default\"``) instead of celery-reliable's own pool: the record, the "
+            "task body's ORM writes on that alias (``idempotent_transaction()`` is a "
+            "``transaction.atomic`` block) and the result commit in one transaction. Needs "
+            "``celery_reliable.contrib.django``, and ``reliable_database_url`` on the same "
+            "database (``database_url_from_django(alias)``); a task refuses to run otherwise.",
+            _string(optional=True),
+        ),
+        Option(
             "reliable_database_pool_size",
             10,
             "connections",
@@ -499,6 +511,8 @@ class ReliableSettings:
     database_url: str | None
     key_prefix: str
     idempotency_store: str = "postgres"
+    #: Django database alias holding idempotency records (contrib.django); None: our pool.
+    django_database: str | None = None
     database_lock_timeout: float = 5.0
     database_pool_size: int = 10
     create_tables: bool = True
@@ -526,6 +540,7 @@ class ReliableSettings:
             database_url=values["reliable_database_url"],
             key_prefix=values["reliable_key_prefix"],
             idempotency_store=values["reliable_idempotency_store"],
+            django_database=values["reliable_django_database"],
             database_lock_timeout=values["reliable_database_lock_timeout"],
             database_pool_size=values["reliable_database_pool_size"],
             create_tables=values["reliable_create_tables"],

@@ -37,7 +37,6 @@ import redis
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from . import deadletter, metrics
 from .admission import Admitted, Mismatch, Plan, Poison, Refused, Rejected, Release, Replay
@@ -64,7 +63,7 @@ from .errors import (
     StorageError,
 )
 from .fencing import Fence
-from .idempotency import PostgresRecord, dumps_result
+from .idempotency import PostgresRecord, dumps_result, open_record
 from .keys import digest, idempotency_digest
 from .ratelimit import BucketSpec
 from .runtime import Lease, Runtime, runtime_for
@@ -707,12 +706,13 @@ class ReliableTask(Task):  # type: ignore[misc]
         """
         assert execution.idem_digest is not None
         try:
-            record = PostgresRecord(
+            record = open_record(
                 runtime.task_engine(),  # creates missing tables on first use
                 self.name,
                 execution.idem_digest,
                 execution.fingerprint,
                 policy.idempotency.ttl,
+                runtime.settings,
             )
             existing = record.begin()
         except SQLAlchemyError as exc:
@@ -1238,13 +1238,15 @@ class ReliableTask(Task):  # type: ignore[misc]
         raise AssertionError("unreachable")  # pragma: no cover - _defer raises in a worker
 
     @contextmanager
-    def idempotent_transaction(self) -> Iterator[Session]:
+    def idempotent_transaction(self) -> Iterator[Any]:
         """A SQLAlchemy session whose rows commit with this task's idempotency record.
 
         Everything done in the session commits in ONE PostgreSQL transaction
         with the record and the task's result, when the task returns. If the
         task raises, or its worker dies, none of it commits, and a redelivery
         runs cleanly. Leaving the ``with`` block flushes; it does not commit.
+        With ``reliable_django_database`` it is ``transaction.atomic(using=alias)``
+        inside the record's transaction instead, and yields Django's connection.
         """
         execution = getattr(self.request, "_reliable_execution", None)
         if execution is None or execution.pg is None:
@@ -1254,26 +1256,16 @@ class ReliableTask(Task):  # type: ignore[misc]
                 "available only while the task runs"
             )
         record = execution.pg
-        session = record.session()
         try:
-            yield session
-            session.commit()  # releases the savepoint; the transaction commits at completion
+            with record.transaction() as handle:
+                yield handle
         except BaseException as exc:
             if _outage_in(exc, record):
                 # The library's own transaction died with PostgreSQL (or the path to
                 # it): whatever the body makes of this error, the run defers like a
                 # failed commit (ReliableTask.__call__), and runs again once it is back.
                 execution.outage = exc
-            try:
-                session.rollback()
-            except SQLAlchemyError:
-                # The connection broke as well; completion drops it. The body's own
-                # exception is the one that tells what happened.
-                log.debug("celery-reliable: rollback in idempotent_transaction failed",
-                          exc_info=True)
             raise
-        finally:
-            session.close()
 
     def _defer_outage(self, execution: _Execution, policy: TaskPolicy) -> NoReturn:
         """PostgreSQL failed under ``idempotent_transaction()``: defer, like a failed commit.
