@@ -535,6 +535,12 @@ class ReliableSettings:
         values = {
             name: opt.value(owner, conf.get(name, opt.default)) for name, opt in SETTINGS.items()
         }
+        if (values["reliable_django_database"] is not None
+                and values["reliable_idempotency_store"] != "postgres"):
+            raise ConfigurationError(
+                f"{owner}: reliable_django_database needs reliable_idempotency_store='postgres' "
+                "(records kept in Redis only have no transaction to share with the ORM)"
+            )
         return cls(
             redis_url=values["reliable_redis_url"],
             database_url=values["reliable_database_url"],

@@ -13,6 +13,7 @@ from typing import Any
 
 import celery.contrib.testing.tasks  # noqa: F401 - registers celery.ping for start_worker
 import pytest
+import redis
 import sqlalchemy as sa
 from celery import Celery
 from celery.contrib.testing import worker
@@ -29,12 +30,11 @@ def django_db(database_url: str) -> Iterator[None]:
         yield
 
 
-@pytest.fixture
-def app(django_db: None, celery_config: dict[str, Any]) -> Celery:
+def make_app(celery_config: dict[str, Any], **kwargs: Any) -> Celery:
     """An app whose idempotency records live on Django's 'default' connection."""
     from celery_reliable.contrib.django import database_url_from_django
 
-    app = Celery(f"dj{secrets.token_hex(3)}", set_as_current=False)
+    app = Celery(f"dj{secrets.token_hex(3)}", set_as_current=False, **kwargs)
     app.conf.update({
         **celery_config,
         "reliable_database_url": database_url_from_django("default"),
@@ -44,10 +44,19 @@ def app(django_db: None, celery_config: dict[str, Any]) -> Celery:
     return app
 
 
+@pytest.fixture
+def app(django_db: None, celery_config: dict[str, Any]) -> Iterator[Celery]:
+    """With Celery's Django fix-up (DJANGO_SETTINGS_MODULE is set while the app is made)."""
+    app = make_app(celery_config)
+    yield app
+    app.close()
+
+
 @contextmanager
-def running(app: Celery) -> Iterator[None]:
-    """An embedded worker (4 threads) for the tasks declared on ``app`` so far."""
-    with worker.start_worker(app, pool="threads", concurrency=4, perform_ping_check=False):
+def running(app: Celery, concurrency: int = 4) -> Iterator[None]:
+    """An embedded worker (threads) for the tasks declared on ``app`` so far."""
+    with worker.start_worker(app, pool="threads", concurrency=concurrency,
+                             perform_ping_check=False):
         yield
 
 
@@ -104,6 +113,158 @@ def test_orm_writes_commit_with_the_idempotency_record(app: Celery, engine: sa.E
     assert len(rows) == 1 and rows[0][0] == "S"  # the failed run left no record
     # The record's row version was written by the transaction the body's ORM write was in.
     assert int(rows[0][1]) == values[0]["txid"] % 2**32
+
+
+def records(engine: sa.Engine, task: str) -> list[str]:
+    with engine.connect() as conn:
+        return [row[0] for row in conn.execute(sa.text(
+            "SELECT state FROM reliable_idempotency WHERE task = :t"), {"t": task})]
+
+
+def test_a_kept_failure_is_recorded_apart_from_the_rolled_back_rows(
+    app: Celery, engine: sa.Engine
+) -> None:
+    """idempotency_keep_failures on Django's connection: the body's row rolls back, the
+    failure is recorded on its own, and a duplicate replays it without running."""
+    from celery_reliable import ReplayedFailure
+    from tests.django_project.shop.models import Order
+
+    ran: list[str] = []
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="dj.kept",
+              idempotency_key="kept:{ref}", idempotency_keep_failures=True)
+    def kept(self: Any, ref: str) -> None:
+        ran.append(ref)
+        with self.idempotent_transaction():
+            Order.objects.create(ref=ref, amount=1)
+        raise KeyError("no such account")
+
+    ref = f"k-{secrets.token_hex(3)}"
+    with running(app):
+        with pytest.raises(KeyError):
+            kept.delay(ref).get(timeout=60)
+        with pytest.raises(ReplayedFailure, match="no such account"):
+            kept.delay(ref).get(timeout=60)
+    assert ran == [ref] and orders(ref) == 0 and records(engine, "dj.kept") == ["F"]
+
+
+def test_a_lost_django_connection_defers_and_the_redelivery_commits_once(
+    django_db: None, celery_config: dict[str, Any], engine: sa.Engine
+) -> None:
+    """PostgreSQL ends the body's Django connection mid-run (pg_terminate_backend): the run
+    defers like a failed commit, nothing of it commits, and the redelivery (on a fresh
+    connection, without Celery's Django fix-up) writes the row once."""
+    from tests.django_project.shop.models import Order
+
+    app = make_app(celery_config, fixups=[])  # the record must heal the connection itself
+    attempts: list[int] = []
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="dj.cut",
+              idempotency_key="cut:{ref}", defer_delay=0.2, defer_max_delay=0.5, max_retries=0)
+    def cut(self: Any, ref: str) -> str:
+        attempts.append(1)
+        with self.idempotent_transaction() as conn:
+            Order.objects.create(ref=ref, amount=1)
+            if len(attempts) == 1:
+                with conn.cursor() as cursor:
+                    cursor.execute("SELECT pg_backend_pid()")
+                    pid = cursor.fetchone()[0]
+                with engine.connect() as admin:
+                    admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            Order.objects.create(ref=ref, amount=2)
+        return "done"
+
+    ref = f"c-{secrets.token_hex(3)}"
+    try:
+        with running(app):
+            assert cut.delay(ref).get(timeout=60) == "done"
+    finally:
+        app.close()
+    assert len(attempts) == 2
+    assert sorted(Order.objects.filter(ref=ref).values_list("amount", flat=True)) == [1, 2]
+    assert records(engine, "dj.cut") == ["S"]
+
+
+def test_a_connection_broken_between_tasks_is_replaced(
+    django_db: None, celery_config: dict[str, Any], engine: sa.Engine
+) -> None:
+    """A worker thread's idle Django connection ended by the server (restart, idle timeout):
+    the next task's claim fails on it, defers, and Django's failed rollback drops it, so the
+    redelivery runs on a fresh connection, even without Celery's Django fix-up."""
+    from tests.django_project.shop.models import Order
+
+    app = make_app(celery_config, fixups=[])
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="dj.idle",
+              idempotency_key="idle:{ref}", defer_delay=0.2, defer_max_delay=0.5)
+    def idle(self: Any, ref: str) -> int:
+        with self.idempotent_transaction() as conn:
+            Order.objects.create(ref=ref, amount=1)
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                return int(cursor.fetchone()[0])
+
+    first, second = f"i-{secrets.token_hex(3)}", f"j-{secrets.token_hex(3)}"
+    try:
+        with running(app, concurrency=1):  # one thread: one Django connection
+            pid = idle.delay(first).get(timeout=60)
+            with engine.connect() as admin:
+                admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            assert idle.delay(second).get(timeout=30) != pid
+    finally:
+        app.close()
+    assert orders(first) == 1 and orders(second) == 1
+
+
+def test_a_record_redis_lost_is_replayed_from_the_django_transaction(
+    app: Celery, engine: sa.Engine
+) -> None:
+    """Redis forgets a finished key (flush, failover): the duplicate's claim on Django's
+    connection finds the committed record and replays it; the body does not run again."""
+    ran: list[str] = []
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="dj.lost",
+              idempotency_key="lost:{ref}")
+    def lost(self: Any, ref: str) -> str:
+        ran.append(ref)
+        return f"paid {ref}"
+
+    ref = f"l-{secrets.token_hex(3)}"
+    client = redis.Redis.from_url(app.conf.reliable_redis_url)
+    with running(app):
+        assert lost.delay(ref).get(timeout=60) == f"paid {ref}"
+        keys = list(client.scan_iter("{" + app.conf.reliable_key_prefix + "}:*"))
+        assert keys
+        client.delete(*keys)
+        assert lost.delay(ref).get(timeout=60) == f"paid {ref}"
+    client.close()
+    assert ran == [ref] and records(engine, "dj.lost") == ["S"]
+
+
+def test_eager_apply_runs_on_the_callers_connection(app: Celery, engine: sa.Engine) -> None:
+    """.apply() (eager) claims the record on this thread's Django connection too: the row
+    and the record commit together, and a second apply replays."""
+    from tests.django_project.shop.models import Order
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="dj.eager",
+              idempotency_key="eager:{ref}")
+    def eager(self: Any, ref: str) -> int:
+        with self.idempotent_transaction():
+            return int(Order.objects.create(ref=ref, amount=3).pk)
+
+    ref = f"e-{secrets.token_hex(3)}"
+    first = eager.apply(args=(ref,)).get()
+    assert eager.apply(args=(ref,)).get() == first
+    assert orders(ref) == 1 and records(engine, "dj.eager") == ["S"]
+
+
+def test_django_records_need_the_postgres_store(celery_config: dict[str, Any]) -> None:
+    """reliable_django_database with records in Redis only is refused, not ignored."""
+    from celery_reliable.config import ReliableSettings
+
+    with pytest.raises(ConfigurationError, match="reliable_idempotency_store='postgres'"):
+        ReliableSettings.from_conf({"reliable_django_database": "default",
+                                    "reliable_idempotency_store": "redis"})
 
 
 def test_a_stale_token_refuses_the_fenced_orm_write(app: Celery, engine: sa.Engine) -> None:

@@ -138,10 +138,10 @@ class DjangoRecord(PostgresRecord):
 
     def begin(self) -> Existing | None:
         conn = self._connection()
-        self._check_same_database(conn)
         atomic = transaction.atomic(using=self.alias)
         _translated("BEGIN", atomic.__enter__)
         try:
+            self._check_same_database(conn)
             if self.lock_timeout is not None:
                 # As on celery-reliable's own connections: a duplicate blocked by a stalled
                 # twin's uncommitted record gives up and defers. Local to this transaction.
@@ -154,16 +154,20 @@ class DjangoRecord(PostgresRecord):
 
                 _translated(sql, set_timeout)
             claimed = self._run(conn, _CLAIM, self._params())
-            if claimed is None:
-                state, fingerprint, payload = self._run(conn, _LOOKUP, self._params())
-                self._leave(atomic, _Done())
-                return Existing(state, fingerprint, payload or "null")
+            found = None if claimed is not None else self._run(conn, _LOOKUP, self._params())
         except BaseException as exc:
+            # Leaving the block rolls back; when the connection broke, Django's rollback
+            # fails and Django closes it, so the next run connects afresh.
             try:
                 self._leave(atomic, exc)
             except Exception:
                 conn.close()
             raise
+        if found is not None:  # a committed record: nothing of this run goes on
+            self.atomic = atomic
+            self.abandon()
+            state, fingerprint, payload = found
+            return Existing(state, fingerprint, payload or "null")
         self.atomic = atomic
         return None
 
@@ -192,11 +196,10 @@ class DjangoRecord(PostgresRecord):
         assert atomic is not None
         conn = connections[self.alias]
         try:
+            # On a transaction Django marked for rollback (an error caught without its own
+            # atomic block) this raises TransactionManagementError: the run fails, loudly,
+            # instead of Django rolling back silently on leaving the block.
             self._run(conn, _SUCCEED, {**self._params(), "p_result": result_json})
-            if conn.needs_rollback:
-                # Django would roll back silently on leaving: say so instead.
-                raise DBAPIError.instance(
-                    "COMMIT", None, _MarkedForRollback(self.alias), Exception)
         except BaseException as exc:
             try:
                 self._leave(atomic, exc)
@@ -229,13 +232,4 @@ class DjangoRecord(PostgresRecord):
 
 class _Done(Exception):
     """Passed to ``Atomic.__exit__`` to roll back (nothing was raised)."""
-
-
-class _MarkedForRollback(Exception):
-    """Django marked the transaction for rollback (an error caught inside it)."""
-
-    def __init__(self, alias: str) -> None:
-        super().__init__(
-            f"Django marked the transaction on {alias!r} for rollback (a database error was "
-            "caught inside it without its own atomic block): nothing of this run commits")
 
