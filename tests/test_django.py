@@ -31,16 +31,16 @@ def django_db(database_url: str) -> Iterator[None]:
 
 
 def make_app(celery_config: dict[str, Any], **kwargs: Any) -> Celery:
-    """An app whose idempotency records live on Django's 'default' connection."""
-    from celery_reliable.contrib.django import database_url_from_django
-
+    """An app configured from the Django settings, as Celery's Django guide does: its
+    idempotency records live on Django's 'default' connection."""
     app = Celery(f"dj{secrets.token_hex(3)}", set_as_current=False, **kwargs)
+    app.config_from_object("django.conf:settings", namespace="CELERY")
     app.conf.update({
-        **celery_config,
-        "reliable_database_url": database_url_from_django("default"),
-        "reliable_django_database": "default",
+        **{k: v for k, v in celery_config.items() if k != "reliable_database_url"},
         "reliable_key_prefix": f"dj{secrets.token_hex(3)}",
     })
+    assert app.conf.get("reliable_django_database") == "default"
+    assert app.conf.get("reliable_database_url").startswith("postgresql+psycopg://")
     return app
 
 

@@ -6,6 +6,8 @@ import os
 
 from sqlalchemy.engine import make_url
 
+from celery_reliable.contrib.django import database_url
+
 _url = make_url(os.environ["RELIABLE_DJANGO_DATABASE_URL"])
 
 SECRET_KEY = "tests-only"
@@ -22,3 +24,7 @@ DATABASES = {
         "PORT": str(_url.port or ""),
     }
 }
+
+# Read by the Celery app with config_from_object("django.conf:settings", namespace="CELERY").
+CELERY_RELIABLE_DATABASE_URL = database_url(DATABASES["default"])
+CELERY_RELIABLE_DJANGO_DATABASE = "default"
