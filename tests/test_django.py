@@ -295,6 +295,54 @@ def test_a_stale_token_refuses_the_fenced_orm_write(app: Celery, engine: sa.Engi
     assert orders(first) == 1 and orders(second) == 0
 
 
+def test_a_stale_token_inside_the_record_transaction_leaves_no_row_and_no_record(
+    app: Celery, engine: sa.Engine
+) -> None:
+    """A locked, idempotent task fencing inside idempotent_transaction(): the refused write
+    takes the whole run with it (no row, no record), so the key stays free to run again."""
+    from tests.django_project.shop.models import Order
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="dj.both", lock="both:{n}",
+              idempotency_key="both:{ref}")
+    def both(self: Any, n: int, ref: str) -> str:
+        with self.idempotent_transaction() as conn:
+            Order.objects.create(ref=ref, amount=n)
+            self.fence.check_postgres(conn)  # Django's connection, in the record's transaction
+        return str(self.fence.resource)
+
+    first, second = f"p-{secrets.token_hex(3)}", f"q-{secrets.token_hex(3)}"
+    with running(app):
+        resource = both.delay(7, first).get(timeout=60)
+        with engine.begin() as conn:
+            check_postgres(conn, resource, 2**62, holder="newer")
+        with pytest.raises(Exception) as info:
+            both.delay(7, second).get(timeout=60)
+    assert type(info.value).__name__ == "StaleFenceToken", info.value
+    assert orders(first) == 1 and orders(second) == 0
+    assert records(engine, "dj.both") == ["S"]  # first's only
+
+
+def test_django_not_set_up_is_a_configuration_error(database_url: str) -> None:
+    """A worker that never ran django.setup() is told so by name, not with Django's
+    ImproperlyConfigured from deep inside a claim."""
+    code = (
+        "import sqlalchemy as sa\n"
+        "from celery_reliable.contrib.django.record import DjangoRecord\n"
+        f"record = DjangoRecord(sa.create_engine({database_url!r}), 't', 'k', 'f', 60.0,\n"
+        "                      alias='default', lock_timeout=None)\n"
+        "try:\n"
+        "    record.begin()\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.stdout.startswith("ConfigurationError"), done.stdout + done.stderr
+    assert "django.setup()" in done.stdout
+
+
 def test_the_record_alias_must_be_the_engines_database(django_db: None) -> None:
     """reliable_django_database on another database than reliable_database_url is refused:
     records would live apart from the tables, the CLI and the dead letters."""

@@ -68,6 +68,7 @@ class DjangoRecord(PostgresRecord):
         self.alias = alias
         self.lock_timeout = lock_timeout
         self.atomic: Any = None  # the outermost transaction.atomic, while open
+        self.django_conn: Any = None  # Django's connection (this thread's) it is open on
         # Every ORM write of the body on this alias is in the record's transaction.
         self.session_used = True
 
@@ -163,6 +164,7 @@ class DjangoRecord(PostgresRecord):
             except Exception:
                 conn.close()
             raise
+        self.django_conn = conn
         if found is not None:  # a committed record: nothing of this run goes on
             self.atomic = atomic
             self.abandon()
@@ -175,7 +177,7 @@ class DjangoRecord(PostgresRecord):
     def lost(self) -> bool:
         if self.atomic is None:
             return True
-        raw = connections[self.alias].connection
+        raw = self.django_conn.connection
         return raw is None or bool(getattr(raw, "closed", False)) or bool(
             getattr(raw, "broken", False))
 
@@ -189,12 +191,12 @@ class DjangoRecord(PostgresRecord):
     def transaction(self) -> Iterator[Any]:
         """A nested ``transaction.atomic(using=alias)`` (a savepoint); yields the connection."""
         with transaction.atomic(using=self.alias):
-            yield connections[self.alias]
+            yield self.django_conn
 
     def succeed(self, result_json: str) -> None:
         atomic, self.atomic = self.atomic, None
         assert atomic is not None
-        conn = connections[self.alias]
+        conn = self.django_conn
         try:
             # On a transaction Django marked for rollback (an error caught without its own
             # atomic block) this raises TransactionManagementError: the run fails, loudly,
@@ -216,7 +218,7 @@ class DjangoRecord(PostgresRecord):
             self._leave(atomic, _Done())
         except Exception:
             # The server already ended the session: its transaction is gone.
-            connections[self.alias].close()
+            self.django_conn.close()
 
     def _upsert(self, state: str, payload: str) -> None:
         conn = self._connection()
