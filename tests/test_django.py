@@ -124,8 +124,9 @@ def records(engine: sa.Engine, task: str) -> list[str]:
 def test_a_kept_failure_is_recorded_apart_from_the_rolled_back_rows(
     app: Celery, engine: sa.Engine
 ) -> None:
-    """idempotency_keep_failures on Django's connection: the body's row rolls back, the
-    failure is recorded on its own, and a duplicate replays it without running."""
+    """idempotency_keep_failures on Django's connection: the body's rows (inside and outside
+    idempotent_transaction()) roll back, the failure is recorded on its own, and a duplicate
+    replays it without running."""
     from celery_reliable import ReplayedFailure
     from tests.django_project.shop.models import Order
 
@@ -135,6 +136,7 @@ def test_a_kept_failure_is_recorded_apart_from_the_rolled_back_rows(
               idempotency_key="kept:{ref}", idempotency_keep_failures=True)
     def kept(self: Any, ref: str) -> None:
         ran.append(ref)
+        Order.objects.create(ref=f"{ref}-outside", amount=0)  # in the record's transaction too
         with self.idempotent_transaction():
             Order.objects.create(ref=ref, amount=1)
         raise KeyError("no such account")
@@ -145,7 +147,8 @@ def test_a_kept_failure_is_recorded_apart_from_the_rolled_back_rows(
             kept.delay(ref).get(timeout=60)
         with pytest.raises(ReplayedFailure, match="no such account"):
             kept.delay(ref).get(timeout=60)
-    assert ran == [ref] and orders(ref) == 0 and records(engine, "dj.kept") == ["F"]
+    assert ran == [ref] and orders(ref) == 0 and orders(f"{ref}-outside") == 0
+    assert records(engine, "dj.kept") == ["F"]
 
 
 def test_a_lost_django_connection_defers_and_the_redelivery_commits_once(
@@ -243,19 +246,27 @@ def test_a_record_redis_lost_is_replayed_from_the_django_transaction(
 
 def test_eager_apply_runs_on_the_callers_connection(app: Celery, engine: sa.Engine) -> None:
     """.apply() (eager) claims the record on this thread's Django connection too: the row
-    and the record commit together, and a second apply replays."""
+    and the record commit together, on_commit callbacks run after both, a second apply
+    replays."""
+    from django.db import transaction
+
     from tests.django_project.shop.models import Order
+
+    seen: list[list[str]] = []
 
     @app.task(base=ReliableTask, bind=True, shared=False, name="dj.eager",
               idempotency_key="eager:{ref}")
     def eager(self: Any, ref: str) -> int:
         with self.idempotent_transaction():
+            # runs once the record has committed: it sees the record from elsewhere
+            transaction.on_commit(lambda: seen.append(records(engine, "dj.eager")))
             return int(Order.objects.create(ref=ref, amount=3).pk)
 
     ref = f"e-{secrets.token_hex(3)}"
     first = eager.apply(args=(ref,)).get()
     assert eager.apply(args=(ref,)).get() == first
     assert orders(ref) == 1 and records(engine, "dj.eager") == ["S"]
+    assert seen == [["S"]]
 
 
 def test_django_records_need_the_postgres_store(celery_config: dict[str, Any]) -> None:
