@@ -95,11 +95,20 @@ def _is_psycopg_connection(conn: Any) -> bool:
 def _runner(conn: Any) -> Callable[[Any, dict[str, Any]], Any]:
     """How to run one statement in the caller's open transaction on ``conn``, or raise.
 
-    A psycopg connection in autocommit mode outside ``conn.transaction()``, or a Django
-    connection outside ``transaction.atomic()``, has no transaction to join: the
-    check would commit on its own, apart from the caller's write. Refused.
+    A SQLAlchemy connection in AUTOCOMMIT mode, a psycopg connection in autocommit mode
+    outside ``conn.transaction()``, or a Django connection outside ``transaction.atomic()``
+    has no transaction to join: the check would commit on its own, apart from the
+    caller's write. Refused.
     """
     if isinstance(conn, (Connection, Session)):
+        connection = conn.connection() if isinstance(conn, Session) else conn
+        # isolation_level="AUTOCOMMIT": SQLAlchemy's begin() is a no-op, nothing to join
+        if getattr(connection.connection.driver_connection, "autocommit", False):
+            raise ConfigurationError(
+                "check_postgres: this SQLAlchemy connection is in AUTOCOMMIT mode, so the "
+                "check could not commit with your write; use a connection in a transaction "
+                "(engine.begin(), or without isolation_level='AUTOCOMMIT')"
+            )
         return lambda statement, params: conn.execute(statement, params).first()
     if _is_psycopg_connection(conn):
         from psycopg.pq import TransactionStatus

@@ -126,10 +126,16 @@ def test_other_objects_are_refused_naming_what_is_accepted(
 
 
 def test_a_connection_without_a_transaction_to_join_is_refused(
-    database_url: str, django_db: None
+    database_url: str, django_db: None, engine: sa.Engine
 ) -> None:
-    """psycopg in autocommit and Django outside atomic() would commit the check on its own,
-    apart from the write: refused, saying how to open the transaction."""
+    """SQLAlchemy in AUTOCOMMIT, psycopg in autocommit and Django outside atomic() would
+    commit the check on its own, apart from the write: refused, saying how to open one."""
+    with engine.connect() as conn:
+        auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+        with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+            check_postgres(auto, "r", 1)
+        with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+            check_postgres(Session(bind=auto), "r", 1)
     with psycopg.connect(psycopg_url(database_url), autocommit=True) as raw:
         with pytest.raises(ConfigurationError, match=r"conn\.transaction\(\)"):
             check_postgres(raw, "r", 1)
