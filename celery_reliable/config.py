@@ -365,6 +365,17 @@ SETTINGS: dict[str, Option] = {
             _string(),
         ),
         Option(
+            "reliable_redis_socket_timeout",
+            10.0,
+            "seconds",
+            "Socket timeout of celery-reliable's Redis connections: a call whose reply has not "
+            "come back by then fails. An admission that fails so (its reply may be lost after "
+            "it ran) is never resent: what it may have taken is undone, owner-checked, and the "
+            "task is deferred. Keep it well above Redis' slowest expected reply; it also bounds "
+            "how long a worker waits on a stalled link.",
+            _seconds(),
+        ),
+        Option(
             "reliable_database_url",
             None,
             "URL",
@@ -468,6 +479,7 @@ class ReliableSettings:
     redis_url: str
     database_url: str | None
     key_prefix: str
+    redis_socket_timeout: float = 10.0
     idempotency_store: str = "postgres"
     database_lock_timeout: float = 5.0
     database_pool_size: int = 10
@@ -485,6 +497,7 @@ class ReliableSettings:
         }
         return cls(
             redis_url=values["reliable_redis_url"],
+            redis_socket_timeout=values["reliable_redis_socket_timeout"],
             database_url=values["reliable_database_url"],
             key_prefix=values["reliable_key_prefix"],
             idempotency_store=values["reliable_idempotency_store"],

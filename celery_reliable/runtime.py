@@ -152,7 +152,7 @@ class Runtime:
         self.redis: redis.Redis = redis.Redis.from_url(
             self.settings.redis_url,
             socket_connect_timeout=5,
-            socket_timeout=10,
+            socket_timeout=self.settings.redis_socket_timeout,
             health_check_interval=30,
         )
         self.heartbeat = Heartbeat(self.redis)

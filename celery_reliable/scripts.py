@@ -16,10 +16,14 @@ Before each call the channel polls its socket (as redis-py's pool does at
 checkout), so a connection the server closed is replaced before it is used. A
 connection error during a call is raised to the caller, with one exception:
 scripts that are safe to run twice (completion, renewal, fenced writes,
-throttling) are sent once more on a new connection. On the channel, admission
-is never resent: its reply may have been lost after it took a lock or a token,
-and the task pipeline defers the delivery instead (fail closed). (The fallback
-``client.evalsha`` path follows the client's own ``retry`` setting.)
+throttling) are sent once more on a new connection. Every other script
+(admission, rollback) is sent exactly once per call, on either path: its reply
+may have been lost after it took a lock or a token, and only its caller knows
+how to undo that (``Plan.rollback``). So those never take ``client.evalsha``,
+whose redis-py ``retry`` (by default 10 resends on a connection error or a
+timeout) would run admission again behind its own back; they are written on a
+pool connection directly, and the client's ``retry`` setting stays as the user
+set it for every other command.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import hashlib
 import os
 import threading
 import weakref
-from functools import cache
+from functools import cache, partial
 from importlib import resources
 from typing import Any
 
@@ -136,7 +140,8 @@ class Script:
         self.name = name
         self.source = source
         #: Safe to run twice: a call whose connection failed is sent once more on a new
-        #: connection. Never for admission (a lost reply may hide a taken lock or token).
+        #: connection. Never for admission (a lost reply may hide a taken lock or token):
+        #: other scripts are sent exactly once per call, on every path.
         self.idempotent = idempotent
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         self._head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode("ascii") + b"\r\n"
@@ -177,18 +182,57 @@ class Script:
                         resent = True  # the channel reconnects
             finally:
                 channel.busy.release()
+        call = client.evalsha if self.idempotent else partial(_evalsha_once, client)
         try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
+            return call(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:  # it did not run: not a resend
             client.script_load(self.source)
-            return client.evalsha(self.sha, len(keys), *keys, *args)
+            return call(self.sha, len(keys), *keys, *args)
+
+
+def _evalsha_once(client: Any, *command: Any) -> Any:
+    """``EVALSHA *command`` sent exactly once, whatever ``client``'s ``retry`` says.
+
+    redis-py's ``execute_command`` resends a command after a connection error or
+    a timeout (``Retry``, 10 times by default): harmless for a read, wrong for a
+    script whose first run may have taken a lock. This is its checkout, send and
+    read without that loop. A connection that failed mid-call is discarded.
+    """
+    if isinstance(client, redis.Redis):
+        if client.connection is not None:  # single_connection_client=True
+            with client.single_connection_lock:
+                return _send_once(client.connection, command)
+        pool = client.connection_pool
+        conn = pool.get_connection()
+        try:
+            return _send_once(conn, command)
+        finally:
+            pool.release(conn)
+    node_of = getattr(client, "get_node_from_key", None)
+    if node_of is not None:  # RedisCluster: every key of a plan shares one hash tag
+        node = node_of(command[2] if int(command[1]) else "")
+        return _evalsha_once(client.get_redis_connection(node), *command)
+    # Another client type: nothing to bypass that we know of.
+    return client.evalsha(*command)
+
+
+def _send_once(conn: Any, command: tuple[Any, ...]) -> Any:
+    try:
+        conn.send_command("EVALSHA", *command)
+        return conn.read_response()  # EVALSHA has no response callback: as execute_command
+    except redis.ResponseError:
+        raise  # an error reply, read in full: the connection is still in step
+    except BaseException:
+        conn.disconnect()  # maybe half-written or with an unread reply: never reuse it
+        raise
 
 
 #: Scripts whose second run changes nothing the first did not (see each script's header).
 #: Nearly: a resent completion whose first run did execute reports its lock as "not ours"
 #: (logged as a lost lock) and counts a closed breaker's outcome twice. Both are better
 #: than what not resending costs: leases held to their TTL and, with Redis-only
-#: idempotency records, a result that is never recorded.
+#: idempotency records, a result that is never recorded. (``rollback`` is safe to run
+#: twice too; ``Plan.rollback`` resends it itself, with a pause between sends.)
 _IDEMPOTENT = frozenset({"complete", "renew", "fenced_set", "throttle"})
 
 

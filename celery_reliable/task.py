@@ -394,7 +394,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         plan = Plan()
         if counts_deliveries:
             plan.add_deliveries(runtime.keys.deliveries(str(self.request.id)),
-                                policy.max_redeliveries, 24 * 3600.0)
+                                policy.max_redeliveries, 24 * 3600.0, execution.owner)
         arguments = self._arguments(policy, args, kwargs)
         idem = policy.idempotency
         if idem.spec is not None or header_key is not None:
@@ -455,7 +455,12 @@ class ReliableTask(Task):  # type: ignore[misc]
             try:
                 outcome = plan.admit(runtime.redis)
             except redis.RedisError as exc:
-                # Fail closed: an unguarded run could break the guarantee.
+                # The script may have run and only its reply been lost: undo what it
+                # may have taken (its lock, record, slot, probe and delivery count)
+                # before deferring, so the deferral is not behind its own lock and is
+                # not counted as a lost delivery. Then fail closed: an unguarded run
+                # could break the guarantee.
+                self._roll_back(plan, runtime)
                 self._defer(policy, "Redis unavailable", cause=exc)
                 continue
             if isinstance(outcome, Replay):
@@ -485,6 +490,19 @@ class ReliableTask(Task):  # type: ignore[misc]
                 # Whatever went wrong, nothing admitted may outlive this delivery.
                 self._settle(execution, runtime, "X", "")
                 raise
+
+    def _roll_back(self, plan: Plan, runtime: Runtime) -> None:
+        """Undo a failed admission (:meth:`Plan.rollback`); on failure, leases expire by TTL."""
+        try:
+            plan.rollback(runtime.redis)
+        except redis.RedisError:
+            log.warning(
+                "celery-reliable: %s[%s] could not undo an admission whose reply was lost; "
+                "what it may have taken expires by its TTL",
+                self.name,
+                self.request.id,
+                exc_info=True,
+            )
 
     def _hold(
         self,
