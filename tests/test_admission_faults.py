@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +16,7 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from celery_reliable import ConfigurationError, FencedLock, ReliableTask
@@ -24,7 +28,7 @@ from celery_reliable.ratelimit import BucketSpec
 from celery_reliable.runtime import Runtime
 from celery_reliable.scripts import _channel, script
 
-from .conftest import RedisServer, TcpProxy, wait_for
+from .conftest import RedisServer, TcpProxy, free_port, wait_for
 
 
 def evalsha_calls(client: redis.Redis) -> int:
@@ -81,6 +85,55 @@ def test_admission_is_sent_once_on_every_path(
     assert direct.exists(keys.lock("fl")) == 0
     assert lock.acquire() is not None
     client.close()
+
+
+def test_admission_is_sent_once_on_redis_cluster(tmp_path: Path) -> None:
+    """RedisCluster (its own retry loop): a lost admission reply is not resent either."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    proxy = TcpProxy(port)  # the node announces the proxy: every client path goes through it
+    proxy.start()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+         "--cluster-config-file", str(tmp_path / "nodes.conf"), "--cluster-announce-ip",
+         "127.0.0.1", "--cluster-announce-port", str(proxy.port), "--dir", str(tmp_path),
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    direct = redis.Redis(port=port)
+    cluster: RedisCluster | None = None
+    try:
+        wait_for(lambda: _pings(direct), 10, "the cluster node")
+        direct.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        wait_for(lambda: direct.cluster("info")["cluster_state"] == "ok", 10, "cluster ok")
+        direct.script_load(script("admit").source)
+        cluster = RedisCluster(host="127.0.0.1", port=proxy.port, socket_timeout=0.5)
+        plan = Plan()
+        plan.add_lock(KeySpace("cl"), "res", "owner", 30)
+        direct.config_resetstat()
+        proxy.lose_replies(script("admit").sha.encode())
+        try:
+            with pytest.raises(redis.RedisError):
+                plan.admit(cluster)
+        finally:
+            proxy.resume()
+        assert evalsha_calls(direct) == 1
+        assert plan.rollback(cluster) == [1]  # it ran: its lock is undone
+    finally:
+        if cluster is not None:
+            cluster.close()
+        direct.close()
+        server.kill()
+        server.wait(10)
+        proxy.stop()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 def test_rollback_is_resent_a_few_times_then_gives_up(
