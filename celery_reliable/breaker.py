@@ -7,8 +7,9 @@ failures count (``celery_reliable.classify``; a 404 does not), and a call
 slower than ``slow_call_seconds`` counts as a failure.
 Open: tasks are deferred until ``open_seconds`` have passed (not run, not
 failed, no retry consumed). Then half-open: at most ``half_open_max`` trial
-executions run at once, fleet-wide (each a lease, so a dead probe frees its
-place); ``success_threshold`` successes close it, one failure re-opens it.
+executions run at once, fleet-wide (each a lease renewed by the heartbeat, so a
+slow probe keeps its place and a dead one frees it after ``probe_lease``);
+``success_threshold`` successes close it, one failure re-opens it.
 """
 
 from __future__ import annotations

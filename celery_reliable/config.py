@@ -197,7 +197,8 @@ TASK_OPTIONS: dict[str, Option] = {
             "seconds",
             "Lease time of the lock. A heartbeat renews it about every ``lock_ttl / 3`` while "
             "the task runs; if the worker dies, the lock frees itself at most this long after "
-            "the last renewal.",
+            "the last renewal. The holder's ``self.lock_lost`` turns true 1 % + 50 ms before "
+            "``lock_ttl`` has passed since the last renewal Redis confirmed.",
             _seconds(),
         ),
         Option(
@@ -414,6 +415,18 @@ SETTINGS: dict[str, Option] = {
             _seconds(),
         ),
         Option(
+            "reliable_create_tables",
+            True,
+            "bool",
+            "Create celery-reliable's PostgreSQL tables that do not exist yet when a worker "
+            "process first needs them (one short transaction under an advisory lock: safe when "
+            "many workers start at once; tables that exist are left alone). ``False``: you "
+            "create them (``celery -A proj reliable migrate``, or your own migrations with "
+            "``celery_reliable.metadata``), and a task that finds one missing fails at once "
+            "with a ``ConfigurationError`` naming that command.",
+            _flag,
+        ),
+        Option(
             "reliable_queue_rate_limits",
             None,
             "queue → rate",
@@ -483,6 +496,7 @@ class ReliableSettings:
     idempotency_store: str = "postgres"
     database_lock_timeout: float = 5.0
     database_pool_size: int = 10
+    create_tables: bool = True
     queue_rate_limits: Mapping[str, BucketSpec] = field(default_factory=dict)
     bulkheads: Mapping[str, TierSpec] = field(default_factory=dict)
     retry_budget: BucketSpec | None = None
@@ -503,6 +517,7 @@ class ReliableSettings:
             idempotency_store=values["reliable_idempotency_store"],
             database_lock_timeout=values["reliable_database_lock_timeout"],
             database_pool_size=values["reliable_database_pool_size"],
+            create_tables=values["reliable_create_tables"],
             queue_rate_limits=values["reliable_queue_rate_limits"],
             bulkheads=values["reliable_bulkheads"],
             retry_budget=values["reliable_retry_budget"],

@@ -12,12 +12,14 @@ only if its token is not lower, **atomically with the write**:
 * :class:`RedisFence` keeps a value and its token in one Redis hash and
   writes both in one Lua script.
 
-Within a task, ``self.fence`` binds these to the task's lock: it also refuses
-as soon as the heartbeat found the lock lost.
+Within a task, ``self.fence`` binds these to the task's lock: it also refuses,
+locally and before any I/O, once ``self.lock_lost`` (the holder's belief in its
+lease ended by its own clock, or a renewal found the lock gone).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -81,13 +83,14 @@ class RedisFence:
 class Fence:
     """A task's lock, seen from the resources it writes to (``self.fence``)."""
 
-    def __init__(self, resource: str, token: int, lost: Any) -> None:
+    def __init__(self, resource: str, token: int, lost: Callable[[], bool]) -> None:
         self.resource = resource
         self.token = token
         self._lost = lost
 
     @property
     def lost(self) -> bool:
+        """Asked at every fenced call (it reads the clock): True refuses the write."""
         return bool(self._lost())
 
     def _refuse_if_lost(self, resource: str) -> None:

@@ -181,6 +181,13 @@ class PostgresRecord:
             "p_ttl": timedelta(seconds=self.ttl),
         }
 
+    @property
+    def lost(self) -> bool:
+        """True once this execution's connection is gone (SQLAlchemy invalidated it after a
+        disconnect, or it was closed): its transaction can no longer commit."""
+        conn = self.conn
+        return conn is None or conn.invalidated or conn.closed
+
     def session(self) -> Session:
         """A session in this execution's transaction (commits happen at completion)."""
         assert self.conn is not None

@@ -24,6 +24,9 @@ reliable_bulkhead_active               gauge      tier            Redis, on scra
 reliable_bulkhead_rejected_total       counter    tier            drop, fail, timeout, queue
 reliable_retries_total                 counter    task, reason    retries published
 reliable_dead_letters_total            counter    (none)          tasks dead-lettered
+reliable_idempotency_lease_lost_total  counter    task            completions that found the
+                                                                  idempotency record no
+                                                                  longer theirs
 reliable_circuit_state                 gauge      breaker         Redis, on scrape: 0 closed,
                                                                   1 open, 2 half-open
 =====================================  =========  ==============  ==========================
@@ -169,6 +172,10 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("reliable_throttles_total", "counter", "self.throttle() calls.", ("task",)),
     _Spec("reliable_retry_budget_exhausted_total", "counter",
           "Failures dead-lettered because the task's retry budget was spent.", ("task",)),
+    _Spec("reliable_idempotency_lease_lost_total", "counter",
+          "Executions that finished after their idempotency lease was lost (expired or taken "
+          "over): a duplicate may have run too (always, with the Redis-only store).",
+          ("task",)),
 )
 
 

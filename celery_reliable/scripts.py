@@ -15,15 +15,16 @@ a plain one take the ordinary ``client.evalsha`` path.
 Before each call the channel polls its socket (as redis-py's pool does at
 checkout), so a connection the server closed is replaced before it is used. A
 connection error during a call is raised to the caller, with one exception:
-scripts that are safe to run twice (completion, renewal, fenced writes,
-throttling) are sent once more on a new connection. Every other script
-(admission, rollback) is sent exactly once per call, on either path: its reply
-may have been lost after it took a lock or a token, and only its caller knows
-how to undo that (``Plan.rollback``). So those never take ``client.evalsha``,
-whose redis-py ``retry`` (by default 10 resends on a connection error or a
-timeout) would run admission again behind its own back; they are written on a
-pool connection directly, and the client's ``retry`` setting stays as the user
-set it for every other command.
+scripts that are safe to run twice (completion, fenced writes, throttling;
+never a lease renewal: see :meth:`Script.call_once`) are sent once more on a
+new connection. Every other script (admission, rollback, renewal) is sent
+exactly once per call, on every path: an admission's reply may have been lost
+after it took a lock or a token, and only its caller knows how to undo that
+(``Plan.rollback``). So those never take ``client.evalsha``, whose redis-py
+``retry`` (by default 10 resends on a connection error or a timeout) would
+run admission again behind its caller's back; they go through
+:meth:`Script.call_once` on a pool connection, and the client's ``retry``
+setting stays as the user set it for every other command.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import hashlib
 import os
 import threading
 import weakref
-from functools import cache, partial
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -182,58 +183,84 @@ class Script:
                         resent = True  # the channel reconnects
             finally:
                 channel.busy.release()
-        call = client.evalsha if self.idempotent else partial(_evalsha_once, client)
+        if not self.idempotent:
+            return self._call_pooled_once(client, keys, args)
         try:
-            return call(self.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:  # it did not run: not a resend
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
             client.script_load(self.source)
-            return call(self.sha, len(keys), *keys, *args)
+            return client.evalsha(self.sha, len(keys), *keys, *args)
 
+    def _call_pooled_once(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        """:meth:`call_once` on a connection of ``client``'s pool, whatever its ``retry`` says.
 
-def _evalsha_once(client: Any, *command: Any) -> Any:
-    """``EVALSHA *command`` sent exactly once, whatever ``client``'s ``retry`` says.
-
-    redis-py's ``execute_command`` resends a command after a connection error or
-    a timeout (``Retry``, 10 times by default): harmless for a read, wrong for a
-    script whose first run may have taken a lock. This is its checkout, send and
-    read without that loop. A connection that failed mid-call is discarded.
-    """
-    if isinstance(client, redis.Redis):
-        if client.connection is not None:  # single_connection_client=True
-            with client.single_connection_lock:
-                return _send_once(client.connection, command)
-        pool = client.connection_pool
-        conn = pool.get_connection()
+        redis-py's ``execute_command`` resends a command after a connection error or
+        a timeout (``Retry``, 10 times by default): harmless for a read, wrong for a
+        script whose first run may have taken a lock. This is its checkout, send and
+        read without that loop.
+        """
+        if isinstance(client, redis.Redis):
+            if client.connection is not None:  # single_connection_client=True
+                with client.single_connection_lock:
+                    return self.call_once(client.connection, keys, args)
+            pool = client.connection_pool
+            conn = pool.get_connection()
+            try:
+                return self.call_once(conn, keys, args)
+            finally:
+                pool.release(conn)
+        node_of = getattr(client, "get_node_from_key", None)
+        if node_of is not None:  # RedisCluster: every key of a plan shares one hash tag
+            node = node_of(keys[0] if keys else "")
+            return self._call_pooled_once(client.get_redis_connection(node), keys, args)
+        # Another client type: nothing to bypass that we know of.
         try:
-            return _send_once(conn, command)
-        finally:
-            pool.release(conn)
-    node_of = getattr(client, "get_node_from_key", None)
-    if node_of is not None:  # RedisCluster: every key of a plan shares one hash tag
-        node = node_of(command[2] if int(command[1]) else "")
-        return _evalsha_once(client.get_redis_connection(node), *command)
-    # Another client type: nothing to bypass that we know of.
-    return client.evalsha(*command)
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            client.script_load(self.source)
+            return client.evalsha(self.sha, len(keys), *keys, *args)
 
+    def call_once(self, conn: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run on the redis-py connection ``conn``, sent once: never resent after an error.
 
-def _send_once(conn: Any, command: tuple[Any, ...]) -> Any:
-    try:
-        conn.send_command("EVALSHA", *command)
-        return conn.read_response()  # EVALSHA has no response callback: as execute_command
-    except redis.ResponseError:
-        raise  # an error reply, read in full: the connection is still in step
-    except BaseException:
-        conn.disconnect()  # maybe half-written or with an unread reply: never reuse it
-        raise
+        For callers that own a connection and must not act on a reply that
+        arrives late (the lease heartbeat): a timeout or connection error drops
+        the connection and is raised. Only a NOSCRIPT reply (the script did not
+        run) loads the script and sends the call again.
+        """
+        if getattr(conn, "_sock", None) is not None:
+            try:
+                stale = conn.can_read()  # an unread reply or a closed connection
+            except redis.ConnectionError:
+                stale = True
+            if stale:
+                conn.disconnect()
+        packed = self._pack(keys, args)
+        for attempt in range(2):
+            try:
+                conn.send_packed_command([packed], check_health=False)
+                return conn.read_response()  # disconnects itself on any I/O error
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+            except BaseException:
+                conn.disconnect()
+                raise
+            conn.send_command("SCRIPT", "LOAD", self.source, check_health=False)
+            conn.read_response()
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 #: Scripts whose second run changes nothing the first did not (see each script's header).
 #: Nearly: a resent completion whose first run did execute reports its lock as "not ours"
 #: (logged as a lost lock) and counts a closed breaker's outcome twice. Both are better
 #: than what not resending costs: leases held to their TTL and, with Redis-only
-#: idempotency records, a result that is never recorded. (``rollback`` is safe to run
-#: twice too; ``Plan.rollback`` resends it itself, with a pause between sends.)
-_IDEMPOTENT = frozenset({"complete", "renew", "fenced_set", "throttle"})
+#: idempotency records, a result that is never recorded. Not renewal: a renewal
+#: resent after a timeout could extend a lease its holder already stopped believing
+#: in (and blocks the heartbeat twice as long); the next one is a fresh call.
+#: (``rollback`` is safe to run twice too; ``Plan.rollback`` resends it itself, with a
+#: pause between sends.)
+_IDEMPOTENT = frozenset({"complete", "fenced_set", "throttle"})
 
 
 @cache

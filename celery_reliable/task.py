@@ -24,10 +24,13 @@ import json
 import logging
 import random
 import secrets
+import sys
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from types import FrameType
 from typing import Any, ClassVar, NoReturn
 
 import redis
@@ -40,7 +43,7 @@ from . import deadletter, metrics
 from .admission import Admitted, Mismatch, Plan, Poison, Refused, Rejected, Release, Replay
 from .breaker import HALF_OPEN, OPEN, STATE_NAMES
 from .canonical import NotCanonical, fingerprint
-from .classify import is_retryable, retry_after
+from .classify import is_outage, is_retryable, retry_after, sqlstate
 from .config import (
     TASK_OPTIONS,
     ReliableSettings,
@@ -117,6 +120,24 @@ class Deferred(Retry):  # type: ignore[misc]
     """
 
 
+def _outage_in(exc: BaseException, record: PostgresRecord) -> bool:
+    """``exc``, or an exception it was raised from or while handling, is an outage of the
+    execution's own transaction: its connection was lost to one, or the server reported one.
+
+    A client-side failure (no SQLSTATE) of some other connection the body uses leaves the
+    execution's connection alive, and is the body's own failure.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if (isinstance(current, Exception) and is_outage(current)
+                and (record.lost or sqlstate(current) is not None)):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 class _Execution:
     """What one admitted execution holds (kept on the request)."""
 
@@ -127,6 +148,7 @@ class _Execution:
         "idem_digest",
         "lease",
         "leases",
+        "outage",
         "owner",
         "pg",
         "release",
@@ -147,12 +169,26 @@ class _Execution:
         self.idem_digest: str | None = None
         self.fingerprint = ""
         self.pg: PostgresRecord | None = None
+        # PostgreSQL failed under idempotent_transaction(): nothing of this run can commit
+        self.outage: BaseException | None = None
         self.replay: Replay | None = None
         self.release = Release()
         self.done = False
 
 
 _NO_DEFAULT = inspect.Parameter.empty
+
+
+class _Binding:
+    """A task class bound to one app: its policy there, or why it has none."""
+
+    __slots__ = ("error", "foreign", "policy")
+
+    def __init__(self, policy: TaskPolicy | None, error: str | None,
+                 foreign: bool = False) -> None:
+        self.policy = policy
+        self.error = error
+        self.foreign = foreign  # a shared copy the app did not declare
 
 
 class ReliableTask(Task):  # type: ignore[misc]
@@ -204,18 +240,84 @@ class ReliableTask(Task):  # type: ignore[misc]
     #: Cap of one deferral's countdown, seconds.
     defer_max_delay: ClassVar[Any] = TASK_OPTIONS["defer_max_delay"].default
 
-    _reliable_policy: ClassVar[TaskPolicy | None] = None
-
-    # ---------------------------------------------------------------- binding
+    # --------------------------------------------------------------- binding
+    #
+    # A task class may be bound to several apps: Celery shares tasks by
+    # default, so every app finalized in the process (a test app, a second
+    # broker) gets a copy of each shared task. The policy is therefore kept
+    # per (class, app), validated against *that* app's settings. An app that
+    # only received a shared copy does not fail at bind over settings it was
+    # never given (a tier, a breaker, a database); the error is kept and
+    # raised if that app ever runs or sends the task. Errors in the task's
+    # own options fail at bind in every app: no app could run it.
 
     @classmethod
     def bind(cls, app: Any) -> Any:
         result = super().bind(app)
-        cls._reliable_policy = cls._build_reliable_policy(app)
+        bound = cls._bound()
+        foreign = (app in bound and bound[app].foreign) or cls._shared_into(app)
+        if foreign:
+            cls._build_reliable_policy(app, declaration_only=True)  # no app could run it
+        try:
+            policy = cls._build_reliable_policy(app)
+        except ConfigurationError as error:
+            if not foreign:
+                raise
+            if app not in bound or bound[app].error != str(error):
+                log.warning("celery-reliable: shared task %s does not fit app %r: %s; the "
+                            "app raises ConfigurationError if it runs or sends the task",
+                            cls.name, getattr(app, "main", app), error)
+            bound[app] = _Binding(None, str(error), foreign=True)
+        else:
+            bound[app] = _Binding(policy, None, foreign=foreign)
+        cls._reliable_last = None  # rebound: _policy() looks the app up again
         return result
 
     @classmethod
-    def _build_reliable_policy(cls, app: Any) -> TaskPolicy:
+    def _bound(cls) -> weakref.WeakKeyDictionary[Any, _Binding]:
+        """This class's bindings, one per app (never inherited from a base class)."""
+        bound = cls.__dict__.get("_reliable_bindings")
+        if bound is None:
+            bound = weakref.WeakKeyDictionary()
+            cls._reliable_bindings = bound
+        return bound
+
+    @classmethod
+    def _shared_into(cls, app: Any) -> bool:
+        """True if ``app`` is receiving a copy of a shared task it did not declare.
+
+        Celery gives every app a copy of each shared task from its finalize
+        callbacks; the app whose decorator declared the task still holds the
+        task's pending promise then (``app.task`` is lazy), any other app does
+        not. A task declared on an app already finalized is built directly by
+        its decorator, outside those callbacks.
+        """
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            if (frame.f_code.co_name == "_announce_app_finalized"
+                    and frame.f_globals.get("__name__") == "celery._state"):
+                break
+            frame = frame.f_back
+        else:
+            return False
+        # The decorated function: Celery >= 5.7 keeps it as _decorated_fun; before,
+        # __wrapped__ is it (a staticmethod for bind=False tasks).
+        fun = inspect.getattr_static(cls, "_decorated_fun", None)
+        if fun is None:
+            fun = cls.__dict__.get("__wrapped__")
+        fun = fun.__func__ if isinstance(fun, staticmethod) else fun
+        for promise in getattr(app, "_pending", ()):
+            try:
+                args = object.__getattribute__(promise, "_Proxy__args")
+            except AttributeError:  # already evaluated
+                continue
+            if fun is not None and args and args[0] is fun:
+                return False
+        return True
+
+    @classmethod
+    def _build_reliable_policy(cls, app: Any, *, declaration_only: bool = False) -> TaskPolicy:
+        """Validate the options against ``app``'s settings (or none: the declaration only)."""
         name = cls.name or cls.__qualname__
         if cls is not ReliableTask:
             unknown_options(name, dict(vars(cls)), set(dir(ReliableTask)))
@@ -228,13 +330,33 @@ class ReliableTask(Task):  # type: ignore[misc]
         raw_run = inspect.getattr_static(cls, "run")
         bound = not isinstance(raw_run, staticmethod)
         run = raw_run.__func__ if isinstance(raw_run, staticmethod) else raw_run
+        if declaration_only:
+            return build_policy(name, values, task_signature(run, bound), None)
         settings = ReliableSettings.from_conf(app.conf)  # a bad setting fails at bind too
         return build_policy(name, values, task_signature(run, bound), settings)
 
+    @classmethod
+    def policy_for(cls, app: Any) -> TaskPolicy:
+        """This task's validated policy in ``app`` (built now if the task was never bound).
+
+        Raises ``ConfigurationError`` if the task's options do not fit that
+        app's settings (a shared copy in an app that cannot run it).
+        """
+        bound = cls._bound()
+        binding = bound.get(app)
+        if binding is None:  # registered without bind (app.register_task)
+            binding = bound[app] = _Binding(cls._build_reliable_policy(app), None)
+        if binding.policy is None:
+            raise ConfigurationError(str(binding.error))
+        return binding.policy
+
     def _policy(self) -> TaskPolicy:
-        policy = type(self)._reliable_policy
-        if policy is None:  # registered without bind (app.register_task)
-            policy = type(self)._reliable_policy = self._build_reliable_policy(self.app)
+        app = self.app
+        last = type(self).__dict__.get("_reliable_last")
+        if last is not None and last[0] is app:  # the common case: one app
+            return last[1]  # type: ignore[no-any-return]
+        policy = type(self).policy_for(app)
+        type(self)._reliable_last = (app, policy)
         return policy
 
     # --------------------------------------------------------------- pipeline
@@ -267,6 +389,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         try:
             result = self.run(*args, **kwargs)
         except Exception as exc:
+            if execution.outage is not None and not isinstance(exc, (Retry, Ignore, Reject)):
+                self._defer_outage(execution, policy)
             final = self._on_failure(policy, exc)
             self._complete(execution, policy, failure=final)
             if final is exc:
@@ -288,10 +412,15 @@ class ReliableTask(Task):  # type: ignore[misc]
 
         Retries happen for classified failures when the task has a ``backoff``
         policy (Celery's ``autoretry_for`` retries on its own, through
-        :meth:`retry`). Terminal failures are dead-lettered once.
+        :meth:`retry`). Terminal failures are dead-lettered once, and a
+        delivery whose failure is dead-lettered is done: it never retries.
         """
         if isinstance(exc, (Retry, Ignore, Reject)):
             return exc  # type: ignore[no-any-return]  # Celery is untyped
+        if getattr(self.request, "_reliable_dead_lettered", False):
+            # retry() (called by autoretry_for) already made this failure
+            # terminal; retrying now would run a dead-lettered task again.
+            return exc
         if policy.backoff is not None and self._retryable(policy, exc):
             try:
                 self.retry(exc=exc)
@@ -538,6 +667,12 @@ class ReliableTask(Task):  # type: ignore[misc]
                                               policy.breaker, execution.owner)
                 if admitted.results[index] == 2:
                     self._breaker_changed(policy.circuit_breaker, OPEN, HALF_OPEN)
+                if admitted.results[index] in (1, 2):
+                    # A half-open probe: renewed like any lease, so a probe slower than
+                    # probe_lease stays the probe and its outcome still counts.
+                    execution.leases.append(Lease(
+                        "C", plan.keys[plan.offsets[index] + 1], execution.owner,
+                        policy.breaker.probe_lease, started, f"breaker probe of {describe}"))
             elif kind == "K":
                 assert policy.tier is not None
                 execution.leases.append(Lease("K", key, execution.owner, policy.tier.lease,
@@ -567,18 +702,24 @@ class ReliableTask(Task):  # type: ignore[misc]
         back to Redis and replayed, or refused as a mismatch.
         """
         assert execution.idem_digest is not None
-        record = PostgresRecord(
-            runtime.engine,
-            self.name,
-            execution.idem_digest,
-            execution.fingerprint,
-            policy.idempotency.ttl,
-        )
         try:
+            record = PostgresRecord(
+                runtime.task_engine(),  # creates missing tables on first use
+                self.name,
+                execution.idem_digest,
+                execution.fingerprint,
+                policy.idempotency.ttl,
+            )
             existing = record.begin()
         except SQLAlchemyError as exc:
             self._settle(execution, runtime, "X", "")
-            self._defer(policy, "PostgreSQL unavailable", cause=exc)
+            # A schema problem is configuration: fixed now, or failed at once, never waited out.
+            if runtime.schema_problem(exc):
+                log.warning("celery-reliable: %s[%s] found celery-reliable's tables missing; "
+                            "they are created again before it runs", self.name, self.request.id)
+                self._defer(policy, "PostgreSQL tables missing", cause=exc)
+            else:
+                self._defer(policy, "PostgreSQL unavailable", cause=exc)
             return False
         if existing is None:
             execution.pg = record
@@ -599,6 +740,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         execution.done = True
         for lease in execution.leases:
             runtime.heartbeat.discard(lease)
+        # Ran past the belief in a lease (the local clock says it may have expired)
+        overran = [lease for lease in execution.leases if lease.kind in "IK" and lease.lost]
         execution.release.settle_idempotency(outcome, payload)
         try:
             results = execution.release.run(runtime.redis)
@@ -623,6 +766,26 @@ class ReliableTask(Task):  # type: ignore[misc]
                 self.name,
                 self.request.id,
             )
+        if "I" in kinds and not results[kinds.index("I")]:
+            # The lease expired while this execution ran (a stalled worker, a
+            # heartbeat that could not reach Redis): a duplicate may have
+            # taken the key over and run the body too. With the Redis-only
+            # store nothing else prevents that; with PostgreSQL the duplicate
+            # waited on this execution's uncommitted record instead.
+            metrics.inc("reliable_idempotency_lease_lost_total", task=self.name)
+            log.warning(
+                "celery-reliable: %s[%s] finished after its idempotency lease was lost (expired "
+                "or taken over); its outcome was not recorded in Redis%s",
+                self.name,
+                self.request.id,
+                "" if runtime.settings.idempotency_store == "postgres"
+                else " and a duplicate may have run the task too (Redis-only store)",
+            )
+            overran = [lease for lease in overran if lease.kind != "I"]  # said just above
+        for lease in overran:
+            log.warning("celery-reliable: %s[%s] finished after the belief in its %s ended "
+                        "(it may have expired and been taken over meanwhile)", self.name,
+                        self.request.id, lease.describe)
         return results
 
     def _replay(self, replay: Replay) -> Any:
@@ -793,9 +956,13 @@ class ReliableTask(Task):  # type: ignore[misc]
     def _dead_letter(self, policy: TaskPolicy, exc: BaseException, reason: str) -> None:
         """Record a terminal failure once (PostgreSQL, optional queue, metric); never raises."""
         request = self.request
-        if not policy.dead_letter or getattr(request, "_reliable_dead_lettered", False):
+        if getattr(request, "_reliable_dead_lettered", False):
             return
+        # The mark makes this delivery's failure terminal (see _on_failure and
+        # retry), whether or not a letter is recorded.
         request._reliable_dead_lettered = True
+        if not policy.dead_letter:
+            return
         metrics.inc("reliable_dead_letters_total", task=self.name, reason=reason)
         runtime = runtime_for(self.app)
         first = _header(request, FIRST_FAILURE_HEADER)
@@ -803,7 +970,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         queue = info.get("routing_key") or info.get("queue")
         try:
             letter = deadletter.record(
-                runtime.engine, task_name=self.name, task_id=str(request.id),
+                runtime.task_engine(), task_name=self.name, task_id=str(request.id),
                 args=request.args, kwargs=request.kwargs, exc=exc,
                 attempts=int(request.retries or 0) + 1, reason=reason, queue=queue,
                 first_failure_at=(datetime.fromtimestamp(float(first), timezone.utc)
@@ -897,8 +1064,15 @@ class ReliableTask(Task):  # type: ignore[misc]
                     # The task's own rows were in this transaction: they did not
                     # commit (or PostgreSQL will tell the redelivery they did).
                     self._settle(execution, runtime, "X", "")
-                    self._defer(policy, "PostgreSQL commit failed", cause=exc)
-                    return
+                    if is_outage(exc) or execution.outage is not None:
+                        self._defer(policy, "PostgreSQL commit failed", cause=exc)
+                        return
+                    # PostgreSQL refused the task's own rows (a deferred constraint):
+                    # the task failed, as if its body had raised this.
+                    final = self._on_failure(policy, exc)
+                    if final is exc:
+                        raise
+                    raise final from exc
                 try:  # the effect happened: make the record durable on its own
                     pg.record_success(payload)
                 except SQLAlchemyError:
@@ -922,9 +1096,14 @@ class ReliableTask(Task):  # type: ignore[misc]
           start elsewhere at once). With no retry left, nothing is released
           early and the failure is terminal (dead-lettered, kept with
           ``idempotency_keep_failures``).
+        * Once this delivery's failure is dead-lettered it is never retried
+          (the call raises ``exc``); only ``DeadLetters.replay`` runs it again.
         """
         request = self.request
         policy = self._policy()
+        if getattr(request, "_reliable_dead_lettered", False):
+            raise exc if isinstance(exc, BaseException) else self.MaxRetriesExceededError(
+                f"{self.name}[{request.id}]: dead-lettered, not retried")
         backoff = policy.backoff
         if max_retries is None:
             max_retries = (backoff.max_attempts - 1 if backoff is not None
@@ -1035,15 +1214,39 @@ class ReliableTask(Task):  # type: ignore[misc]
                 "idempotency_key header) and reliable_idempotency_store='postgres', and is "
                 "available only while the task runs"
             )
-        session = execution.pg.session()
+        record = execution.pg
+        session = record.session()
         try:
             yield session
             session.commit()  # releases the savepoint; the transaction commits at completion
-        except BaseException:
-            session.rollback()
+        except BaseException as exc:
+            if _outage_in(exc, record):
+                # The library's own transaction died with PostgreSQL (or the path to
+                # it): whatever the body makes of this error, the run defers like a
+                # failed commit (ReliableTask.__call__), and runs again once it is back.
+                execution.outage = exc
+            try:
+                session.rollback()
+            except SQLAlchemyError:
+                # The connection broke as well; completion drops it. The body's own
+                # exception is the one that tells what happened.
+                log.debug("celery-reliable: rollback in idempotent_transaction failed",
+                          exc_info=True)
             raise
         finally:
             session.close()
+
+    def _defer_outage(self, execution: _Execution, policy: TaskPolicy) -> NoReturn:
+        """PostgreSQL failed under ``idempotent_transaction()``: defer, like a failed commit.
+
+        Nothing of this run committed. Every guard is released (the key is
+        forgotten), no retry is consumed and nothing is dead-lettered; the
+        redelivery waits for PostgreSQL in admission and runs once it is back.
+        """
+        cause = execution.outage
+        self._complete(execution, policy, failure=Deferred())
+        self._defer(policy, "PostgreSQL failed inside idempotent_transaction", cause=cause)
+        raise StorageError(f"{self.name}: PostgreSQL failed") from cause  # pragma: no cover
 
     # ---------------------------------------------------------- inside a run
 
@@ -1072,14 +1275,23 @@ class ReliableTask(Task):  # type: ignore[misc]
 
     @property
     def lock_lost(self) -> bool:
-        """True once the heartbeat found this execution's lock expired or taken over."""
+        """True once this process can no longer claim the lock; stays true.
+
+        Decided from the local monotonic clock, without waiting for Redis: the
+        lock's lease cannot expire on the server before ``lock_ttl`` after the
+        send time of the last renewal Redis confirmed (or of the admission), so
+        the belief ends a safety margin earlier (see ``runtime.lease_margin``).
+        Also true as soon as a renewal finds the lock expired or taken over.
+        """
         lease = self._execution().lease
         return bool(lease is not None and lease.lost)
 
     @property
     def fence(self) -> Fence:
-        """Fenced writes with this execution's token; refused once the lock is lost."""
+        """Fenced writes with this execution's token; refused locally once ``lock_lost``."""
         execution = self._execution()
         assert execution.token is not None and execution.resource is not None
         lease = execution.lease
+        # lease.lost reads the clock at every call: a fence built before the belief
+        # ended refuses from then on too.
         return Fence(execution.resource, execution.token, lambda: lease is not None and lease.lost)

@@ -358,7 +358,8 @@ class TcpProxy:
         self._flowing = threading.Event()
         self._flowing.set()
         self._marker: bytes | None = None
-        self._replies: list[threading.Event] = []  # one per connection: server -> client
+        # per connection (both its sockets): may the server's replies pass?
+        self._replies: dict[socket.socket, threading.Event] = {}
 
     def stall(self) -> None:
         self._flowing.clear()
@@ -370,7 +371,7 @@ class TcpProxy:
         self._marker = None
         self._flowing.set()
         with self._lock:
-            for replies in self._replies:
+            for replies in self._replies.values():
                 replies.set()
 
     @property
@@ -400,14 +401,13 @@ class TcpProxy:
             replies.set()
             with self._lock:
                 self._conns += [client, upstream]
-                self._replies.append(replies)
-            for a, b, request in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(target=self._pipe, args=(a, b, replies, request),
-                                 daemon=True).start()
+                self._replies[client] = self._replies[upstream] = replies
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    def _pipe(
-        self, src: socket.socket, dst: socket.socket, replies: threading.Event, request: bool
-    ) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        replies = self._replies[src]
+        request = src.getsockname()[1] == self.port  # the client's side of the proxy
         try:
             while data := src.recv(65536):
                 self._flowing.wait()  # stalled: hold the bytes, keep the connection

@@ -125,6 +125,21 @@ def register(app: Celery) -> None:
         base=ReliableTask,
         bind=True,
         shared=False,
+        name="fleet.long_holder",
+        lock="long:{key}",
+        lock_ttl=60,
+        idempotency_key="long:{key}",
+        idempotency_lease=60,
+    )
+    def long_holder(self: ReliableTask, key: str, hold: float) -> None:
+        # Holds its lock for ``hold`` seconds (revoke tests).
+        client().set(rkey("pid", key), os.getpid())
+        time.sleep(hold)
+
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
         name="fleet.fenced_writer",
         lock="acct:{account}",
         lock_ttl=2,

@@ -104,9 +104,9 @@ def test_admission_is_sent_once_on_redis_cluster(tmp_path: Path) -> None:
     direct = redis.Redis(port=port)
     cluster: RedisCluster | None = None
     try:
-        wait_for(lambda: _pings(direct), 10, "the cluster node")
+        wait_for(lambda: _pings(direct), 30, "the cluster node")
         direct.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-        wait_for(lambda: direct.cluster("info")["cluster_state"] == "ok", 10, "cluster ok")
+        wait_for(lambda: direct.cluster("info")["cluster_state"] == "ok", 30, "cluster ok")
         direct.script_load(script("admit").source)
         cluster = RedisCluster(host="127.0.0.1", port=proxy.port, socket_timeout=0.5)
         plan = Plan()

@@ -55,7 +55,7 @@ def test_bad_option_fails_at_bind_naming_task_and_option(
 def test_good_options_are_normalised(app: Celery) -> None:
     """timedelta and ints become float seconds; a template over a defaulted arg is fine."""
     task = bind(app, lock="order:{order_id}:{amount}", lock_ttl=timedelta(minutes=2))
-    policy = type(task)._reliable_policy
+    policy = task._policy()
     assert policy.lock is not None and policy.lock.ttl == 120.0
     assert policy.lock.contention == "defer"
     assert policy.lock.resource("shop.charge", {"order_id": 7, "amount": 3}) == "order:7:3"
@@ -64,14 +64,14 @@ def test_good_options_are_normalised(app: Celery) -> None:
 def test_callable_lock_receives_bound_arguments(app: Celery) -> None:
     """A callable lock gets the bound arguments as one mapping."""
     task = bind(app, lock=lambda a: f"order:{a['order_id']}")
-    policy = type(task)._reliable_policy
+    policy = task._policy()
     assert policy.lock.resource("shop.charge", {"order_id": 9, "amount": 0}) == "order:9"
 
 
 def test_callable_lock_returning_non_string_is_named(app: Celery) -> None:
     task = bind(app, lock=lambda a: None)
     with pytest.raises(ConfigurationError, match=r"shop.charge: option 'lock' callable returned"):
-        type(task)._reliable_policy.lock.resource("shop.charge", {"order_id": 1})
+        task._policy().lock.resource("shop.charge", {"order_id": 1})
 
 
 def test_bad_setting_fails_at_bind(app: Celery) -> None:

@@ -99,3 +99,38 @@ def test_killed_holder_frees_its_lock_and_the_task_is_redelivered(
     assert last["retries"] == 0  # redelivery and deferrals consumed no retry
     assert freed_after <= 3.5
     assert not redis_client.exists(lock_key)
+
+
+def test_revoke_terminate_releases_the_lock(fleet: Fleet, redis_client: redis.Redis) -> None:
+    """revoke(terminate=True) of a running locked task frees its lock at once, not at its TTL.
+
+    The prefork child's SIGTERM handler (billiard's) raises SystemExit inside
+    the body; ReliableTask's completion runs on the way out, like any failure.
+    """
+    module, app = fleet_app()
+    fleet.start(n=1, concurrency=1)
+    keys = KeySpace(os.environ["FLEET_PREFIX"])
+    lock_key = keys.lock("long:r1")
+    record_key = keys.idempotency("fleet.long_holder", "long:r1")
+    result = app.send_task("fleet.long_holder", args=("r1", 300.0))
+    pid = int(wait_for(lambda: redis_client.get(module.rkey("pid", "r1")), 30, "task to start"))
+    assert redis_client.exists(lock_key) and redis_client.exists(record_key)
+    revoked_at = time.monotonic()
+    app.control.revoke(result.id, terminate=True)
+    # Lock and idempotency lease last 60 s; the terminated child releases them at once
+    # (the record is forgotten: the revoked task did not finish).
+    wait_for(lambda: not redis_client.exists(lock_key), 20, "the lock to be released")
+    assert not redis_client.exists(record_key)
+    assert time.monotonic() - revoked_at < 20
+    wait_for(lambda: not _alive(pid), 20, "the terminated child to exit")
+    # The worker replaced its child and still runs locked tasks on that resource.
+    again = app.send_task("fleet.exclusive", args=("r1-after", 0.01))
+    assert isinstance(again.get(timeout=60), int)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

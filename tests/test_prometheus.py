@@ -50,6 +50,7 @@ LABELS = {
     "reliable_bulkhead_waits_total": {"tier"},
     "reliable_throttles_total": {"task"},
     "reliable_retry_budget_exhausted_total": {"task"},
+    "reliable_idempotency_lease_lost_total": {"task"},
 }
 
 
@@ -77,6 +78,7 @@ def test_library_counters_reach_prometheus_with_stable_labels(
     metrics.inc("reliable_bulkhead_rejected_total", tier="optional", reason="timeout")
     metrics.inc("reliable_dead_letters_total", task="t.sync", reason="retries exhausted")
     metrics.inc("reliable_idempotent_replays_total", task="t.charge")
+    metrics.inc("reliable_idempotency_lease_lost_total", task="t.charge")
     metrics.inc("reliable_lock_acquire_total", result="acquired")
     metrics.inc("reliable_lock_acquire_total", result="busy-defer")
     metrics.inc("reliable_circuit_transitions_total", breaker="partner", state="open")
@@ -94,6 +96,7 @@ def test_library_counters_reach_prometheus_with_stable_labels(
     assert sample(registry, "reliable_bulkhead_rejected_total", tier="optional") == 2
     assert sample(registry, "reliable_dead_letters_total") == 1
     assert sample(registry, "reliable_idempotent_replays_total") == 1
+    assert sample(registry, "reliable_idempotency_lease_lost_total", task="t.charge") == 1
     assert sample(registry, "reliable_lock_acquire_total", result="acquired") == 1
     assert sample(registry, "reliable_lock_acquire_total", result="busy-defer") == 1
     assert sample(registry, "reliable_fence_rejections_total") == 1

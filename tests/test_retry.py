@@ -323,3 +323,57 @@ def test_purge_older_than(celery_app: Celery, celery_worker: TestWorkController)
     assert [letter.id for letter in dead.list(task_name="r.purge")] == [fresh]
     with pytest.raises(KeyError, match=f"no dead letter with id {old}"):
         dead.get(old)
+
+
+def test_dead_lettered_delivery_is_never_retried(
+    celery_app: Celery, celery_worker: TestWorkController
+) -> None:
+    """Once a failure is dead-lettered, that delivery does not retry, even if budget comes back.
+
+    ``autoretry_for`` calls ``retry()``, which finds the budget spent and
+    dead-letters; the budget refills at that very moment (a metric sink does
+    it, deterministically), and the failure then passes through the task's
+    own retry path: it must stay dead. Only ``DeadLetters.replay`` runs it again.
+    """
+    from celery_reliable.runtime import runtime_for
+
+    calls: list[int] = []
+
+    @celery_app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="r.dead_is_done",
+        autoretry_for=(ConnectionError,),
+        backoff=Backoff.exponential(0.02, 0.05, max_attempts=5),
+        retry_budget={"rate": 0.001, "burst": 1},
+    )
+    def once(self: Any, n: int) -> int:
+        calls.append(n)
+        if len(calls) == 1:
+            raise ConnectionError("partner reset the connection")
+        return n * 2
+
+    celery_worker.reload()
+    runtime = runtime_for(celery_app)
+    budget_key = runtime.keys.retry_budget("r.dead_is_done")
+    assert once._take_retry_budget(once._policy())  # spend the only token
+
+    def refill(name: str, amount: float, labels: Any) -> None:
+        if name == "reliable_dead_letters_total" and labels.get("task") == "r.dead_is_done":
+            runtime.redis.delete(budget_key)  # a fresh, full bucket
+        if previous is not None:
+            previous(name, amount, labels)
+
+    previous = metrics.set_sink(refill)
+    try:
+        with pytest.raises(ConnectionError):
+            once.delay(21).get(timeout=10)
+    finally:
+        metrics.set_sink(previous)
+    assert calls == [21], "the dead-lettered delivery ran again"
+    [letter] = letters(celery_app, "r.dead_is_done")
+    assert letter.reason == "retry budget exhausted"
+    new_id = DeadLetters(celery_app).replay(letter.id)
+    assert celery_app.AsyncResult(new_id).get(timeout=10) == 42
+    assert calls == [21, 21]

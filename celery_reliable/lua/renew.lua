@@ -6,7 +6,11 @@ ARGV  [1] plan: one letter per key, e.g. "LI"
         L: lock key; value "<token> <owner>"; PEXPIRE if still ours
         I: idempotency record; value = owner; deadline = now + lease_ms if still ours
         K: bulkhead slots zset; value = owner; score = now + lease_ms if still a member
+        C: half-open probes zset of a breaker; value = probe owner; score = now + lease_ms
+           if still a member (a probe slower than its lease stays the probe)
+        K and C also keep the zset itself alive at least 2 * lease_ms + 60 s longer.
 Returns {r1, r2, ...}: 1 extended, 0 lost (expired or taken over; untouched)
+Sent once per heartbeat tick, never resent: the next tick is a new call.
 ]]
 local plan = ARGV[1]
 local out = {}
@@ -36,13 +40,17 @@ for g = 1, #plan do
     else
       out[g] = 0
     end
-  elseif kind == 'K' then
+  elseif kind == 'K' or kind == 'C' then
     if redis.call('ZSCORE', KEYS[g], ARGV[ai]) then
       if not now_ms then
         local t = redis.call('TIME')
         now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
       end
-      redis.call('ZADD', KEYS[g], now_ms + tonumber(ARGV[ai + 1]), ARGV[ai])
+      local lease_ms = tonumber(ARGV[ai + 1])
+      redis.call('ZADD', KEYS[g], 'XX', now_ms + lease_ms, ARGV[ai])
+      if redis.call('PTTL', KEYS[g]) < 2 * lease_ms + 60000 then
+        redis.call('PEXPIRE', KEYS[g], 2 * lease_ms + 60000)
+      end
       out[g] = 1
     else
       out[g] = 0

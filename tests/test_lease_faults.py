@@ -1,0 +1,308 @@
+"""Leases under a stalled link to Redis: the holder's belief ends by its own clock, in time.
+
+Issue 11, item 2 and the half-open probe bullet of item 6. Redis is real; the
+worker's state connection goes through a :class:`TcpProxy` that the test
+stalls (connections stay open, nothing is forwarded), as a dropped-packet link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from celery_reliable import FencedLock, ReliableTask, StaleFenceToken
+from celery_reliable.keys import KeySpace
+from celery_reliable.runtime import Heartbeat, Lease, runtime_for
+from celery_reliable.scripts import script
+
+from .conftest import RedisServer, TcpProxy, wait_for
+
+LOCK_TTL = 3.0
+RENEW_SHA = script("renew").sha.encode("ascii")
+
+
+class CountingProxy(TcpProxy):
+    """A :class:`TcpProxy` that notes when each renewal (EVALSHA of renew.lua) left a client.
+
+    Counted as the bytes come in from the client, before a stall holds them:
+    what the client sent, whether or not the server ever got it.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.renewals: list[float] = []  # monotonic times
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        from_client = src.getsockname()[1] == self.port
+        seen = b""
+        try:
+            while data := src.recv(65536):
+                if from_client:
+                    # a command may arrive in pieces: count on the stream, not per chunk
+                    before = seen.count(RENEW_SHA)
+                    seen = (seen + data)[-4096:]
+                    self.renewals += [time.monotonic()] * (seen.count(RENEW_SHA) - before)
+                self._flowing.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer) -> Iterator[CountingProxy]:
+    p = CountingProxy(redis_server.port)
+    p.start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def direct(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client straight to the server (the test's view, never stalled)."""
+    client = redis.Redis(port=redis_server.port)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_app(redis_server: RedisServer, database_url: str) -> Iterator[Any]:
+    """Apps of the test's own: broker and results direct, guard state at ``state_url``."""
+    apps: list[Celery] = []
+
+    def make(state_url: str, **conf: Any) -> Celery:
+        app = Celery(f"lease-{secrets.token_hex(3)}", set_as_current=False)
+        app.conf.update(
+            broker_url=f"{redis_server.url}/7",
+            result_backend=f"{redis_server.url}/8",
+            reliable_redis_url=state_url,
+            reliable_database_url=database_url,
+            reliable_key_prefix=f"lf{secrets.token_hex(3)}",
+            broker_connection_retry_on_startup=True,
+            **conf,
+        )
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        runtime_for(app).close()  # its heartbeat thread and connections
+
+
+def test_stalled_link_ends_the_belief_before_the_server_lease_can_expire(
+    make_app: Any, proxy: CountingProxy, engine: sa.Engine, direct: redis.Redis
+) -> None:
+    """A stalled link: lock_lost turns true before the lock can expire; fence refuses after."""
+    app = make_app(f"redis://127.0.0.1:{proxy.port}/0")
+    marks: dict[str, Any] = {}
+    started, done = threading.Event(), threading.Event()
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="lf.holder", lock="acct:{k}",
+              lock_ttl=LOCK_TTL)
+    def holder(self: Any, k: str) -> None:
+        fence = self.fence  # built while the belief holds: it must still refuse later
+        marks["fence"] = fence
+        marks["lease"] = self.request._reliable_execution.lease  # internal: its belief_ends
+        started.set()
+        deadline = time.monotonic() + 15  # old code: lock_lost only after ~20-40 s
+        while not self.lock_lost and time.monotonic() < deadline:
+            time.sleep(0.005)
+        marks["lost_at"] = time.monotonic()
+        marks["lost"] = self.lock_lost
+        for name, write in (
+            ("redis", lambda: fence.redis_set(direct, "lf:value", "A")),
+            ("redis-new-fence", lambda: self.fence.redis_set(direct, "lf:value", "A")),
+            ("postgres", lambda: _pg_write(engine, fence)),
+        ):
+            try:
+                write()
+                marks[name] = "written"
+            except StaleFenceToken:
+                marks[name] = "refused"
+        done.set()
+
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+        holder.delay("1")
+        assert started.wait(30), "the task did not start"
+        lock_key = KeySpace(app.conf.reliable_key_prefix).lock("acct:1")
+        fence = marks["fence"]
+        # let the heartbeat renew once (due ttl/3 after admission) and read the reply
+        wait_for(lambda: proxy.renewals, 10, "the first renewal")
+        time.sleep(0.2)
+        proxy.stall()
+        stalled_at = time.monotonic()
+        assert not fence.lost, "the belief ended before the stall"
+        # What the server holds now cannot be extended any more: its expiry is fixed.
+        # The earliest it can be (PTTL is read between these two clock readings):
+        expires_at = time.monotonic() + direct.pttl(lock_key) / 1000
+        # Observed: just before the server can expire the lock, the fence refuses.
+        time.sleep(max(0.0, expires_at - 0.04 - time.monotonic()))
+        checked_at = time.monotonic()
+        lost_then = fence.lost
+        assert checked_at < expires_at, "the test thread overslept (machine overloaded)"
+        assert lost_then, f"lock_lost false {expires_at - checked_at:.3f}s before expiry"
+        # Computed: the belief ends before that (a margin before ttl after the last
+        # confirmed send, which came before the server's own clock started the ttl).
+        lease = marks["lease"]
+        assert lease.belief_ends < expires_at, (lease.belief_ends - stalled_at,
+                                                expires_at - stalled_at)
+        assert done.wait(30), "the task did not finish"
+        lost_at = marks["lost_at"]
+        assert marks["lost"], f"lock_lost still false {lost_at - stalled_at:.1f}s into the stall"
+        # The task saw it within ttl of its last confirmed renewal (sent before the stall).
+        assert stalled_at < lost_at < stalled_at + LOCK_TTL, lost_at - stalled_at
+        assert marks["redis"] == marks["redis-new-fence"] == marks["postgres"] == "refused", marks
+        # no renewal left the worker after its belief ended (the server lets the lease go)
+        assert all(t < lease.belief_ends + 0.05 for t in proxy.renewals), (
+            [round(t - lease.belief_ends, 2) for t in proxy.renewals])
+        # another holder gets the lock once it expired, while A's link is still stalled
+        other = FencedLock(direct, "acct:1", ttl=30, prefix=app.conf.reliable_key_prefix)
+        wait_for(lambda: other.acquire() is not None, 10, "the lock to expire")
+        other.release()
+        proxy.resume()  # let A's completion through before the worker stops
+
+
+def _pg_write(engine: sa.Engine, fence: Any) -> None:
+    with engine.begin() as conn:
+        fence.check_postgres(conn)
+
+
+def test_a_renewal_is_sent_once_and_abandoned_before_ttl_over_3(
+    proxy: CountingProxy, prefix: str, direct: redis.Redis
+) -> None:
+    """A renewal lost in a stalled link is given up in < ttl/3 and never resent."""
+    lock = FencedLock(direct, "r", ttl=LOCK_TTL, prefix=prefix)
+    sent = time.monotonic()
+    token = lock.acquire(owner="me")
+    assert token is not None
+    lease = Lease("L", KeySpace(prefix).lock("r"), f"{token} me", LOCK_TTL, sent, "test lock")
+    # the process's client, as the Runtime builds it (10 s socket timeout), through the proxy
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=10)
+    heartbeat = Heartbeat(client)
+    heartbeat._leases.add(lease)  # held, but no thread: this test makes each call itself
+    heartbeat.renew([lease])  # connected and working
+    assert len(proxy.renewals) == 1 and not lease.lost
+    proxy.stall()
+    began = time.monotonic()
+    call = threading.Thread(target=heartbeat.renew, args=([lease],), daemon=True)
+    call.start()
+    call.join(5)
+    took = time.monotonic() - began
+    try:
+        assert not call.is_alive(), "the renewal is still blocked 5 s into the stall"
+        assert took < LOCK_TTL / 3, took
+        time.sleep(0.5)  # a resend would show up now
+        assert len(proxy.renewals) == 2, f"{len(proxy.renewals) - 1} renewals sent for one call"
+        # the next attempt is a fresh call on a new connection, and it goes through
+        proxy.resume()
+        heartbeat.renew([lease])
+        assert len(proxy.renewals) == 3 and not lease.lost
+        assert lease.confirmed > began
+    finally:
+        proxy.resume()
+        heartbeat.stop()
+        client.close()
+        lock.release()
+
+
+class Recorder(logging.Handler):
+    """Messages of the library's logger (the embedded worker reconfigures the root logger)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def library_log() -> Iterator[Recorder]:
+    recorder = Recorder()
+    logger = logging.getLogger("celery_reliable")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # the embedded worker sets the root logger to ERROR
+    logger.addHandler(recorder)
+    yield recorder
+    logger.removeHandler(recorder)
+    logger.setLevel(level)
+
+
+def test_slow_half_open_probe_stays_the_probe_and_closes_the_breaker(
+    make_app: Any, redis_server: RedisServer, library_log: Recorder, direct: redis.Redis
+) -> None:
+    """A probe running 2.5x probe_lease keeps its place; its success closes the breaker."""
+    breaker = {"failure_threshold": 1, "window": 1, "min_calls": 1, "open_seconds": 0.2,
+               "success_threshold": 1, "half_open_max": 1, "probe_lease": 1.0}
+    app = make_app(f"{redis_server.url}/0", reliable_circuit_breakers={"slowdep": breaker})
+    runs: dict[str, tuple[float, float]] = {}
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="lf.probe",
+              circuit_breaker="slowdep", defer_delay=0.1, defer_max_delay=0.3)
+    def call(self: Any, label: str, seconds: float) -> str:
+        began = time.monotonic()
+        runs[label] = (began, 0.0)
+        time.sleep(seconds)
+        runs[label] = (began, time.monotonic())
+        return label
+
+    state, probes = KeySpace(app.conf.reliable_key_prefix).breaker("slowdep")
+    now_ms = int(direct.time()[0]) * 1000
+    direct.hset(state, mapping={"s": 1, "o": now_ms - 10_000})  # open long enough: half-opens
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+        a = call.delay("A", 2.5)
+        wait_for(lambda: "A" in runs, 30, "the probe to start")
+        time.sleep(1.6)  # past probe_lease: unrenewed, the probe would be swept now
+        server_ms = int(direct.time()[0]) * 1000 + int(direct.time()[1]) // 1000
+        members = [m.decode() for m in direct.zrange(probes, 0, -1)]
+        assert any(m.startswith(f"{a.id}/") for m in members), members
+        score = max(direct.zscore(probes, m) or 0 for m in members)
+        assert score > server_ms, "the probe's lease was not renewed"
+        b = call.delay("B", 0.0)  # must wait: the one probe place is taken
+        assert a.get(timeout=30) == "A"
+        assert b.get(timeout=30) == "B"
+    assert runs["B"][0] >= runs["A"][1], "a second probe ran while the slow one was running"
+    assert direct.hget(state, "s") == b"0"
+    closed_by = [m for m in library_log.messages if "half-open -> closed" in m]
+    assert len(closed_by) == 1 and a.id in closed_by[0], closed_by
+
+
+def test_body_outliving_its_idempotency_lease_belief_is_reported(
+    make_app: Any, proxy: CountingProxy, library_log: Recorder
+) -> None:
+    """A body that outlives its idempotency lease's belief (stalled link) logs a WARNING."""
+    app = make_app(f"redis://127.0.0.1:{proxy.port}/0", reliable_idempotency_store="redis")
+    started, go = threading.Event(), threading.Event()
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="lf.idem",
+              idempotency_key="k:{n}", idempotency_lease=1.5)
+    def idem(self: Any, n: int) -> int:
+        started.set()
+        assert go.wait(30)
+        return n
+
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+        result = idem.delay(1)
+        assert started.wait(30), "the task did not start"
+        proxy.stall()
+        time.sleep(1.5 + 0.5)  # past the lease: no renewal can have been confirmed since
+        proxy.resume()
+        go.set()
+        assert result.get(timeout=30) == 1
+    assert any("finished after the belief in its idempotency lease" in m and result.id in m
+               for m in library_log.messages), library_log.messages

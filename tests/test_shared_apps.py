@@ -1,0 +1,118 @@
+"""Shared tasks and several apps in one process: each app validates and uses its own policy."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery, _state
+
+from celery_reliable import ConfigurationError, ReliableTask
+
+TIER = {"concurrent": 2, "queue": 4, "timeout": 30}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_shared_tasks() -> Iterator[None]:
+    # A shared task registers a finalize callback for every future app of the
+    # process; drop this module's ones so later tests' apps do not get them.
+    before = set(_state._on_app_finalizers)
+    yield
+    _state._on_app_finalizers.intersection_update(before)
+
+
+def make_app(main: str, redis_url: str = "redis://127.0.0.1:1/0", **conf: Any) -> Celery:
+    app = Celery(main, broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.update(reliable_redis_url=redis_url, reliable_idempotency_store="redis",
+                    reliable_key_prefix=f"sh{secrets.token_hex(3)}", **conf)
+    return app
+
+
+def declare(app: Celery, name: str, **options: Any) -> Any:
+    """A shared task (Celery's default) declared on ``app``."""
+
+    def job(self: Any, n: int) -> int:
+        return n * 2
+
+    return app.task(base=ReliableTask, bind=True, name=name, **options)(job)
+
+
+def test_other_app_finalizes_and_declaring_app_still_runs(redis_url: str) -> None:
+    """An app that never declared a shared task finalizes fine; the declaring app runs it."""
+    name = f"shared.job.{secrets.token_hex(3)}"
+    mine = make_app("mine", redis_url, reliable_bulkheads={"gold": TIER})
+    declare(mine, name, bulkhead="gold", lock="job:{n}")
+    other = make_app("other")  # no tier "gold": the task does not fit this app
+    other.finalize()  # used to raise ConfigurationError about a task it never declared
+    copy = other.tasks[name]
+    with pytest.raises(ConfigurationError, match="option 'bulkhead' names tier 'gold'"):
+        copy.apply_async(args=(1,))  # the app cannot run it: it says so when used
+    mine.finalize()
+    task = mine.tasks[name]
+    assert task._policy().tier is not None
+    assert task.apply(args=(21,)).get(timeout=10) == 42  # admitted through Redis, ran
+
+
+def test_app_finalized_after_the_declaring_app_also_gets_a_usable_copy() -> None:
+    """The same when the declaring app finalized first and the other one comes later."""
+    name = f"shared.late.{secrets.token_hex(3)}"
+    mine = make_app("mine", reliable_circuit_breakers={"partner": {}})
+    declare(mine, name, circuit_breaker="partner")
+    mine.finalize()
+    other = make_app("other")
+    other.finalize()
+    assert mine.tasks[name]._policy().breaker is not None
+    with pytest.raises(ConfigurationError, match="option 'circuit_breaker' names 'partner'"):
+        other.tasks[name]._policy()
+
+
+def test_declaring_app_with_a_bad_option_still_fails_at_bind() -> None:
+    """Settings the declaring app lacks fail at its bind, shared task or not."""
+    lazy = make_app("lazy")
+    declare(lazy, f"shared.bad.{secrets.token_hex(3)}", bulkhead="gold")
+    with pytest.raises(ConfigurationError, match="option 'bulkhead' names tier 'gold'"):
+        lazy.finalize()
+    ready = make_app("ready")
+    ready.finalize()
+    with pytest.raises(ConfigurationError, match="option 'bulkhead' names tier 'gold'"):
+        declare(ready, f"shared.bad.{secrets.token_hex(3)}", bulkhead="gold")
+    proxy = make_app("proxy")
+    task = declare(proxy, f"shared.bad.{secrets.token_hex(3)}", bulkhead="gold")
+    with pytest.raises(ConfigurationError, match="option 'bulkhead' names tier 'gold'"):
+        task._get_current_object()
+
+
+def test_bad_declaration_fails_in_every_app() -> None:
+    """An option no app could accept (not a matter of settings) fails at bind everywhere."""
+    name = f"shared.typo.{secrets.token_hex(3)}"
+    mine = make_app("mine")
+    declare(mine, name, lock="job:{missing}")
+    other = make_app("other")
+    with pytest.raises(ConfigurationError, match="names argument 'missing'"):
+        other.finalize()
+
+
+def test_two_apps_with_different_settings_get_their_own_policy() -> None:
+    """One task in two apps: each app's tier, not whichever app bound last."""
+    name = f"shared.tiers.{secrets.token_hex(3)}"
+    small = make_app("small", reliable_bulkheads={"t": dict(TIER, concurrent=2)})
+    large = make_app("large", reliable_bulkheads={"t": dict(TIER, concurrent=5)})
+    declare(small, name, bulkhead="t")
+    small.finalize()
+    large.finalize()
+    assert small.tasks[name]._policy().tier.concurrent == 2
+    assert large.tasks[name]._policy().tier.concurrent == 5
+
+    class Job(ReliableTask):  # one class registered with both apps
+        name = f"shared.class.{secrets.token_hex(3)}"
+        bulkhead = "t"
+
+        def run(self, n: int) -> int:
+            return n
+
+    small.register_task(Job)
+    large.register_task(Job)
+    assert Job.policy_for(small).tier.concurrent == 2
+    assert Job.policy_for(large).tier.concurrent == 5
