@@ -10,7 +10,8 @@ pool, each process keeps one dedicated connection per client (a
 host, TLS, auth, database, timeouts, RESP version) and writes the packed
 ``EVALSHA`` on it directly. A thread that finds the channel busy, any other
 client type (cluster, sentinel, client-side caching) and any pool that is not
-a plain one take the ordinary ``client.evalsha`` path.
+a plain one take the pool path (see below for which scripts may be resent
+there).
 
 Before each call the channel polls its socket (as redis-py's pool does at
 checkout), so a connection the server closed is replaced before it is used. A
