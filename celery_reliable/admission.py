@@ -46,11 +46,16 @@ FENCE_TTL_MIN = 7 * 24 * 3600.0
 
 @dataclass(frozen=True)
 class Refused:
-    """Guard ``index`` (0-based, plan order) refused; ``retry_after`` seconds or None."""
+    """Guard ``index`` (0-based, plan order) refused; ``retry_after`` seconds or None.
+
+    A bucket's refusal also gives ``slot``: the task's place in the bucket's
+    queue (server clock, epoch ms), to pass back to :meth:`Plan.add_bucket`.
+    """
 
     index: int
     kind: str
     retry_after: float | None
+    slot: int | None = None
 
 
 @dataclass(frozen=True)
@@ -164,12 +169,23 @@ class Plan:
         self._undo("K", self.keys[-3], owner)
         return len(self.kinds) - 1
 
-    def add_bucket(self, key: str, spec: BucketSpec, cost: float) -> int:
-        """Take ``cost`` tokens from the bucket at ``key``."""
+    def add_bucket(
+        self, key: str, spec: BucketSpec, cost: float, *, slot: int | None = None,
+        queue: bool = True,
+    ) -> int:
+        """Take ``cost`` tokens from the bucket at ``key``.
+
+        A refused task is given a slot in the bucket's queue (``Refused.slot``);
+        passing it back as ``slot`` keeps its place however often it comes back
+        before its turn, and a fresh arrival (no slot) queues behind the queue
+        instead of taking the tokens meant for it. ``queue=False``: a plain take
+        that neither queues nor waits behind a queue (the retry budget).
+        """
         self.kinds.append("B")
         self.offsets.append(len(self.keys))
         self.keys.append(key)
-        self.admit_args += [repr(spec.rate), repr(spec.burst), repr(float(cost))]
+        mode = max(1, int(slot)) if slot is not None and queue else (0 if queue else -1)
+        self.admit_args += [repr(spec.rate), repr(spec.burst), repr(float(cost)), mode]
         return len(self.kinds) - 1
 
     def add_deliveries(self, key: str, max_redeliveries: int, ttl: float, owner: str) -> int:
@@ -213,7 +229,8 @@ class Plan:
         if code == 5:
             return Poison(index, int(reply[2]))
         ms = int(reply[2])
-        return Refused(index, self.kinds[index], ms / 1000 if ms > 0 else None)
+        slot = int(reply[3]) if len(reply) > 3 else None
+        return Refused(index, self.kinds[index], ms / 1000 if ms > 0 else None, slot)
 
 
     def rollback(self, client: redis.Redis, *, attempts: int = 3, pause: float = 0.05) -> list[int]:

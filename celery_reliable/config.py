@@ -27,6 +27,7 @@ from .breaker import BreakerSpec, parse_breakers
 from .bulkhead import TierSpec, parse_bulkheads
 from .errors import ConfigurationError
 from .ratelimit import BucketSpec, parse_bucket, parse_queue_limits
+from .redelivery import countdown_cap, redelivery_window
 
 __all__ = [
     "SETTINGS",
@@ -474,6 +475,22 @@ SETTINGS: dict[str, Option] = {
             parse_breakers,
         ),
         Option(
+            "reliable_redelivery_window",
+            None,
+            "seconds",
+            "How long the broker lets a worker hold an unacknowledged message before it "
+            "redelivers it. ``None`` derives it from the broker settings: Redis and SQS "
+            "transports ``broker_transport_options[\"visibility_timeout\"]`` (kombu's "
+            "defaults 3600 s and 1800 s), AMQP (RabbitMQ) 1800 s, the default "
+            "``consumer_timeout``; other transports: unknown, no cap. Set it for RabbitMQ "
+            "servers with another ``consumer_timeout`` and for other transports; with Redis "
+            "or SQS it may only shorten the window. No countdown "
+            "celery-reliable sets (deferral, bucket slot, breaker wait, backoff delay) "
+            "exceeds this window minus 10% (at least 5 s); an explicit ``self.retry("
+            "countdown=...)`` beyond it is kept and logged as a warning.",
+            _seconds(optional=True),
+        ),
+        Option(
             "reliable_key_prefix",
             "reliable",
             "string",
@@ -502,6 +519,13 @@ class ReliableSettings:
     retry_budget: BucketSpec | None = None
     dead_letter_queue: str | None = None
     circuit_breakers: Mapping[str, BreakerSpec] = field(default_factory=dict)
+    #: The broker's redelivery window, seconds (set or derived); None: unknown.
+    redelivery_window: float | None = None
+
+    @property
+    def countdown_cap(self) -> float | None:
+        """The longest countdown celery-reliable sets, seconds; None: no cap."""
+        return countdown_cap(self.redelivery_window)
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> ReliableSettings:
@@ -523,6 +547,7 @@ class ReliableSettings:
             retry_budget=values["reliable_retry_budget"],
             dead_letter_queue=values["reliable_dead_letter_queue"],
             circuit_breakers=values["reliable_circuit_breakers"],
+            redelivery_window=redelivery_window(conf, values["reliable_redelivery_window"]),
         )
 
 
@@ -606,6 +631,8 @@ class DeferPolicy:
 
     delay: float
     max_delay: float
+    #: No countdown exceeds this (the broker's redelivery window less a margin), seconds.
+    cap: float | None = None
 
     def countdown(
         self,
@@ -624,17 +651,21 @@ class DeferPolicy:
         ``not_before`` (e.g. a bucket's retry-after) floors it, jittered by up to
         20% so deferred tasks do not return in lockstep. ``scheduled`` (a token
         bucket's place in its queue of refused tasks) replaces all of that: the
-        task comes back then, give or take 5%.
+        task comes back then, up to 5% (at most 1 s) later. Whatever the
+        guard asked, the result never exceeds ``cap``: a task whose turn is
+        further away comes back at the cap and is deferred again.
         """
         if scheduled is not None:
-            return max(0.0, scheduled) * (1 + 0.05 * rand)
-        d = min(self.max_delay, self.delay * (2.0 ** min(deferrals, 30)))
-        wait: float = d / 2 + rand * d / 2
-        if not_after is not None and not_after >= 0:
-            wait = min(wait, not_after + 0.05 * rand)
-        if not_before is not None and not_before > 0:
-            wait = max(wait, not_before * (1 + 0.2 * rand))
-        return wait
+            wait: float = max(0.0, scheduled)
+            wait += min(0.05 * wait, 1.0) * rand
+        else:
+            d = min(self.max_delay, self.delay * (2.0 ** min(deferrals, 30)))
+            wait = d / 2 + rand * d / 2
+            if not_after is not None and not_after >= 0:
+                wait = min(wait, not_after + 0.05 * rand)
+            if not_before is not None and not_before > 0:
+                wait = max(wait, not_before * (1 + 0.2 * rand))
+        return wait if self.cap is None else min(wait, self.cap)
 
 
 @dataclass(frozen=True)
@@ -849,7 +880,8 @@ def build_policy(
             lease=opts["idempotency_lease"],
             keep_failures=opts["idempotency_keep_failures"],
         ),
-        defer=DeferPolicy(delay=opts["defer_delay"], max_delay=opts["defer_max_delay"]),
+        defer=DeferPolicy(delay=opts["defer_delay"], max_delay=opts["defer_max_delay"],
+                          cap=settings.countdown_cap if settings is not None else None),
         parameters=params,
         takes_var_kwargs=var_kw,
         signature=signature,

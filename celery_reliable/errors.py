@@ -10,7 +10,7 @@
         ├── ConfigurationError      a bad task option or ``reliable_*`` setting
         │   └── ArgumentsNotCanonical   an idempotent call's arguments have no canonical form
         ├── StorageError            Redis or PostgreSQL could not be reached or answered oddly
-        ├── StaleFenceToken         a fenced write carried a token lower than one already accepted
+        ├── StaleFenceToken         a fenced write's token was lower, or equal but another holder's
         ├── IdempotencyKeyMismatch  an idempotency key reused with other arguments
         ├── ResultNotSerializable   an idempotent task returned a value JSON cannot store
         ├── ReplayedFailure         a kept terminal failure, replayed to a duplicate
@@ -95,7 +95,8 @@ class StorageError(ReliableFault):
 
 
 class StaleFenceToken(ReliableFault):
-    """A write carried a fencing token lower than one the resource already accepted.
+    """A write carried a fencing token lower than one the resource already accepted,
+    or equal to it but from another (or an unknown) holder.
 
     The writer lost its lock (paused, partitioned, expired) and a newer holder
     has written since; the write was refused and nothing was changed.
@@ -110,6 +111,8 @@ class StaleFenceToken(ReliableFault):
     def __str__(self) -> str:
         if self.current is None:
             detail = "the lock was lost before the write"
+        elif self.current == self.token:
+            detail = "another holder (or one unknown) has already written with that token"
         else:
             detail = f"the resource has already accepted token {self.current}"
         return f"stale fencing token {self.token} for {self.resource!r}: {detail}"

@@ -2,7 +2,7 @@
 
 >>> lock = FencedLock(redis.Redis(), "order:42", ttl=30)
 >>> token = lock.acquire()      # int fencing token, or None if held elsewhere
->>> ...                         # pass `token` to every write on the resource
+>>> ...                         # pass `token` (and `holder=lock.holder`) to every write
 >>> lock.release()              # True if it was still ours
 
 Acquire is one round trip (``admit.lua``), release is one (``complete.lua``).
@@ -49,6 +49,9 @@ class FencedLock:
         self._fence_key = self._keys.fence(resource)  # hashed once per lock object
         self._value: str | None = None
         self.token: int | None = None
+        #: this acquisition's identity (its owner): pass it to the fences as ``holder=``,
+        #: so that they accept an equal token from this acquisition only
+        self.holder: str | None = None
 
     def acquire(self, owner: str | None = None) -> int | None:
         """Try once; return the fencing token, or None if someone else holds the lock.
@@ -69,6 +72,7 @@ class FencedLock:
         if not isinstance(result, Admitted):
             return None
         self.token = result.results[0]
+        self.holder = owner
         self._value = f"{self.token} {owner}"
         return self.token
 

@@ -37,14 +37,20 @@ __all__ = ["create_tables", "dead_letters", "fences", "idempotency", "make_engin
 
 metadata = MetaData()
 
-#: Highest fencing token each resource has accepted (``celery_reliable.fencing``).
+#: Highest fencing token each resource has accepted (``celery_reliable.fencing``), and
+#: the holder (lock acquisition) that sent it: an equal token is accepted only from it.
 fences = Table(
     "reliable_fences",
     metadata,
     Column("resource", Text, primary_key=True),
     Column("token", BigInteger, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("holder", Text),  # added later (ADDED_COLUMNS); NULL: unknown
 )
+
+#: Columns added to a table after its first release: ``create_tables`` adds each
+#: one an existing table lacks (all nullable, so adding one rewrites nothing).
+ADDED_COLUMNS = ((fences, "holder"),)
 
 
 #: Durable idempotency records (``celery_reliable.idempotency``). ``state`` is
@@ -164,9 +170,33 @@ def _ping_when_suspect(engine: Engine, idle: float) -> None:
 def create_tables(engine: Engine) -> None:
     """Create every celery-reliable table that does not exist yet (idempotent).
 
-    Safe to run from many processes at once: a transaction-level advisory lock
-    serialises the creators.
+    Also adds the columns of :data:`ADDED_COLUMNS` to tables created by an
+    older release. Safe to run from many processes at once: a
+    transaction-level advisory lock serialises the creators.
     """
     with engine.begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(7310420561)"))
         metadata.create_all(conn, checkfirst=True)
+        _add_missing_columns(conn)
+
+
+def _add_missing_columns(conn: Any) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for each added column a table lacks.
+
+    Looked up first, because ``ADD COLUMN IF NOT EXISTS`` takes the table's
+    ACCESS EXCLUSIVE lock even when the column exists: it would wait for, and
+    then block, every open transaction that holds a fence row.
+    """
+    preparer = conn.dialect.identifier_preparer
+    for table, name in ADDED_COLUMNS:
+        present = conn.execute(
+            text("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(CAST(:t AS text))"
+                 " AND attname = :c AND NOT attisdropped"),
+            {"t": preparer.format_table(table), "c": name},
+        ).first()
+        if present is None:
+            column = table.c[name]
+            conn.execute(text(
+                f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN IF NOT EXISTS "
+                f"{preparer.format_column(column)} {column.type.compile(dialect=conn.dialect)}"
+            ))

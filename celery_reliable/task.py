@@ -71,6 +71,7 @@ from .runtime import Lease, Runtime, runtime_for
 from .scripts import script
 
 __all__ = [
+    "BUCKET_SLOT_HEADER",
     "DEFER_HEADER",
     "DROPPED",
     "IDEMPOTENCY_HEADER",
@@ -102,6 +103,12 @@ LOCK_WAIT_HEADER = "reliable_lock_wait_since"
 
 #: Message header carrying a producer's own idempotency key.
 IDEMPOTENCY_HEADER = "idempotency_key"
+
+#: Message header: this task's places in the queues of the token buckets that
+#: refused it, ``{bucket key: slot}`` (Redis server clock, epoch ms). A task
+#: deferred before its turn (countdowns are capped by the broker's redelivery
+#: window) keeps its place with it.
+BUCKET_SLOT_HEADER = "reliable_bucket_slots"
 
 
 def _header(request: Any, name: str) -> Any:
@@ -498,6 +505,19 @@ class ReliableTask(Task):  # type: ignore[misc]
             return None
         return queue, limits[queue]
 
+    def _bucket_slots(self) -> dict[str, int]:
+        """This delivery's places in bucket queues, by bucket key (:data:`BUCKET_SLOT_HEADER`)."""
+        request = self.request
+        slots: dict[str, int] | None = getattr(request, "_reliable_slots", None)
+        if slots is None:
+            raw = _header(request, BUCKET_SLOT_HEADER)
+            slots = {}
+            if isinstance(raw, dict):  # anything else is not ours: start a fresh arrival
+                slots = {key: int(slot) for key, slot in raw.items() if isinstance(key, str)
+                         and isinstance(slot, (int, float)) and not isinstance(slot, bool)}
+            request._reliable_slots = slots
+        return slots
+
     def _fingerprint(self, arguments: dict[str, Any]) -> str:
         try:
             return fingerprint(arguments)
@@ -552,12 +572,13 @@ class ReliableTask(Task):  # type: ignore[misc]
                 )
             key = runtime.keys.queue_bucket(queue)
             execution.buckets.append((key, spec, f"queue {queue!r}"))
-            plan.add_bucket(key, spec, policy.rate_cost)
+            plan.add_bucket(key, spec, policy.rate_cost, slot=self._bucket_slots().get(key))
         if policy.key_bucket is not None:
             name = policy.key_bucket.key(self.name, arguments)
             key = runtime.keys.key_bucket(name)
             execution.buckets.append((key, policy.key_bucket.bucket, "rate_limit_key"))
-            plan.add_bucket(key, policy.key_bucket.bucket, policy.rate_cost)
+            plan.add_bucket(key, policy.key_bucket.bucket, policy.rate_cost,
+                            slot=self._bucket_slots().get(key))
         return plan
 
     def _admit(
@@ -608,6 +629,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                 error = PoisonMessage(self.name, outcome.deliveries)
                 self._dead_letter(policy, error, "worker lost")
                 raise error
+            self._bucket_slots().clear()  # admitted: the places were used
             self._hold(policy, plan, outcome, execution, runtime, started)
             try:
                 if (execution.idem_digest is None
@@ -842,6 +864,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         if refusal.kind == "B":
             bucket = execution.buckets[plan.kinds[: refusal.index].count("B")]
             metrics.inc("reliable_rate_limited_total", bucket=bucket[2])
+            if refusal.slot is not None:  # come back with it: keeps the task's place
+                self._bucket_slots()[bucket[0]] = refusal.slot
             self._defer(policy, f"rate limited ({bucket[2]})", scheduled=refusal.retry_after or 0.0)
             return
         if refusal.kind == "C":
@@ -887,6 +911,11 @@ class ReliableTask(Task):  # type: ignore[misc]
             return
         headers = dict(request.headers or {})
         headers[DEFER_HEADER] = deferrals + 1
+        slots = self._bucket_slots()
+        if slots:
+            headers[BUCKET_SLOT_HEADER] = dict(slots)
+        else:
+            headers.pop(BUCKET_SLOT_HEADER, None)
         if lock_busy:  # for reliable_lock_wait_seconds: when it first found the lock busy
             headers.setdefault(LOCK_WAIT_HEADER, time.time())
         try:
@@ -1089,7 +1118,10 @@ class ReliableTask(Task):  # type: ignore[misc]
         * Without an explicit ``countdown``/``eta``, a task with ``backoff``
           waits the policy's delay, floored by the error's ``Retry-After``.
           ``backoff.max_attempts`` sets ``max_retries``; ``backoff.deadline``
-          ends retrying that long after the first failure.
+          ends retrying that long after the first failure. That delay never
+          exceeds the broker's redelivery window less its margin
+          (``reliable_redelivery_window``); an explicit countdown/eta beyond
+          it is kept and logged as a warning.
         * Each retry takes a token from the task's fleet-wide retry budget;
           with the budget spent the failure is dead-lettered, not retried.
         * Guards are released before the retried message is published (it may
@@ -1111,6 +1143,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         headers = dict(options.pop("headers", None) or request.headers or {})
         headers.pop(DEFER_HEADER, None)
         headers.pop(LOCK_WAIT_HEADER, None)
+        headers.pop(BUCKET_SLOT_HEADER, None)
         now = time.time()
         first = float(headers.get(FIRST_FAILURE_HEADER) or now)
         headers[FIRST_FAILURE_HEADER] = first
@@ -1136,6 +1169,10 @@ class ReliableTask(Task):  # type: ignore[misc]
             floor = retry_after(exc) if isinstance(exc, BaseException) else None
             if floor is not None:
                 countdown = max(countdown, floor)
+            if policy.defer.cap is not None:  # never past the broker's redelivery window
+                countdown = min(countdown, policy.defer.cap)
+        elif policy.defer.cap is not None:
+            self._warn_beyond_window(policy.defer.cap, countdown, eta)
         if countdown is not None:
             headers[PREV_DELAY_HEADER] = countdown
         metrics.inc("reliable_retries_total", task=self.name,
@@ -1151,12 +1188,32 @@ class ReliableTask(Task):  # type: ignore[misc]
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
                              headers=headers, **options)
 
+    def _warn_beyond_window(self, cap: float, countdown: float | None, eta: Any) -> None:
+        """The caller's own countdown is kept; say when the broker may redeliver it meanwhile."""
+        if countdown is not None:
+            wait: float | None = float(countdown)
+        elif isinstance(eta, datetime):
+            wait = eta.timestamp() - time.time()
+        elif eta is None:
+            wait = float(self.default_retry_delay or 0)  # Celery's own default
+        else:
+            wait = None
+        if wait is not None and wait > cap:
+            log.warning(
+                "celery-reliable: %s[%s] retries in %.0fs, beyond the broker's redelivery "
+                "window (countdowns are capped at %.0fs): the broker may deliver it again "
+                "meanwhile; raise the window (visibility_timeout / consumer_timeout, and "
+                "reliable_redelivery_window) or retry sooner",
+                self.name, self.request.id, wait, cap,
+            )
+
     def _take_retry_budget(self, policy: TaskPolicy) -> bool:
         """One token from the task's fleet-wide retry budget (fail open if Redis is down)."""
         assert policy.retry_budget is not None
         runtime = runtime_for(self.app)
         plan = Plan()
-        plan.add_bucket(runtime.keys.retry_budget(self.name), policy.retry_budget, 1)
+        plan.add_bucket(runtime.keys.retry_budget(self.name), policy.retry_budget, 1,
+                        queue=False)
         try:
             granted = isinstance(plan.admit(runtime.redis), Admitted)
         except redis.RedisError:
@@ -1191,7 +1248,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         runtime = runtime_for(self.app)
         args: list[Any] = [max(1, int(seconds * 1000))]
         for _, spec, _ in execution.buckets:
-            args += [repr(spec.rate), repr(spec.burst)]
+            args += [repr(spec.burst), repr(spec.rate)]  # throttle.lua's order
         script("throttle")(runtime.redis, [key for key, _, _ in execution.buckets], args)
         metrics.inc("reliable_throttles_total", task=self.name)
         self._complete(execution, policy, failure=Retry())
@@ -1294,4 +1351,5 @@ class ReliableTask(Task):  # type: ignore[misc]
         lease = execution.lease
         # lease.lost reads the clock at every call: a fence built before the belief
         # ended refuses from then on too.
-        return Fence(execution.resource, execution.token, lambda: lease is not None and lease.lost)
+        return Fence(execution.resource, execution.token, lambda: lease is not None and lease.lost,
+                     holder=execution.owner)

@@ -1,4 +1,5 @@
-"""The resource side: PostgreSQL and Redis accept a token only if not lower than the last."""
+"""The resource side: PostgreSQL and Redis accept a token only if higher than the last, or
+equal and from the same holder (more in test_fencing_faults.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from celery_reliable.fencing import Fence
 def test_postgres_accepts_equal_or_higher_and_refuses_lower(engine: sa.Engine, prefix: str) -> None:
     resource = f"{prefix}:acct"
     with engine.begin() as conn:
-        check_postgres(conn, resource, 10)
+        check_postgres(conn, resource, 10, holder="h")
     with engine.begin() as conn:
-        check_postgres(conn, resource, 10)  # same holder writes again
+        check_postgres(conn, resource, 10, holder="h")  # same holder writes again
     with engine.begin() as conn:
         check_postgres(conn, resource, 12)
     with pytest.raises(StaleFenceToken) as info, engine.begin() as conn:
@@ -66,8 +67,8 @@ def test_postgres_check_is_atomic_with_the_write(engine: sa.Engine, prefix: str)
 def test_redis_fence(redis_client: redis.Redis, prefix: str) -> None:
     fence = RedisFence(redis_client)
     key = f"{prefix}:value"
-    fence.set(key, "a", 3)
-    fence.set(key, "b", 3)
+    fence.set(key, "a", 3, holder="h")
+    fence.set(key, "b", 3, holder="h")
     fence.set(key, "c", 9)
     with pytest.raises(StaleFenceToken) as info:
         fence.set(key, "stale", 4)

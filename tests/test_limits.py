@@ -136,7 +136,7 @@ def test_bucket_take_and_retry_after(redis_client: redis.Redis, prefix: str) -> 
     assert refused.retry_after is not None and 0.05 < refused.retry_after <= 0.1
     time.sleep(0.12)
     plan = Plan()
-    plan.add_bucket(key, spec, 1)
+    plan.add_bucket(key, spec, 1, slot=refused.slot)  # the refused task, back at its slot
     assert isinstance(plan.admit(redis_client), Admitted)
     assert 0 < redis_client.pttl(key) <= 1000 + 300  # idle buckets expire once full again
 

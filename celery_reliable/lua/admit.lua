@@ -14,7 +14,9 @@ ARGV  [1] plan: one letter per guard, e.g. "ILKB"
         L: owner, lease_ms, fence_ttl_ms
         K: owner, concurrent, lease_ms, waiter id, queue size, timeout_ms,
            policy (wait|drop|fail)
-        B: rate (tokens/s), burst (tokens), cost (tokens)
+        B: rate (tokens/s), burst (tokens), cost (tokens), slot: -1 a plain
+           take that never queues (retry budget), 0 a fresh arrival, > 0 the
+           slot (server ms) this task was given in the bucket's queue before
         D: max_redeliveries, ttl_ms, owner
         C: open_ms, half_open_max, probe owner, probe_lease_ms
 Returns
@@ -25,6 +27,8 @@ Returns
                              C: 0 closed, 1 a half-open probe, 2 a probe
                              that just half-opened the breaker)
   {0, i, retry_after_ms}    guard i (1-based) refused for now (-1: unknown)
+  {0, i, retry_after_ms, slot}  a bucket refused: the task's slot in its queue
+                            (server ms), to pass back as its slot next time
   {2, i, state, payload}    guard i is a finished idempotency record: replay it
   {3, i, fingerprint}       guard i's key was used with other arguments
   {4, i, reason}            guard i rejects for good: a full bulkhead's
@@ -33,15 +37,16 @@ Returns
                             than max_redeliveries times (its workers died): poison
 Unless every guard admits, no token, slot, lock or record is taken. The only
 writes on a refusal are a full bulkhead's own bookkeeping (its waiting set
-and counters) and sweeping expired slots. Time is the server's (TIME).
+and counters), sweeping expired slots and a bucket's queue tail (q). Time is
+the server's (TIME).
 
 Idempotency record: a hash {s = P|S|F, f = fingerprint, o = owner,
 d = lease deadline in ms (P only), r = result or error JSON (S/F)}.
 ]]
 local plan = ARGV[1]
 local n = #plan
--- The server clock, read once and only by guards that need it (a lock whose
--- fencing counter exists does not: TIME costs a few microseconds per call).
+-- The server clock, read once and only by guards that need it (TIME costs a
+-- few microseconds per call).
 local now_us, now_ms
 local function clock()
   if not now_us then
@@ -160,6 +165,7 @@ for g = 1, n do
     clock()
     local b = redis.call('HMGET', KEYS[ki], 't', 'ts', 'q')
     local rate, burst, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
+    local slot = tonumber(ARGV[ai + 3])
     local tokens, ts = tonumber(b[1]), tonumber(b[2])
     if not tokens then
       tokens, ts = burst, now_ms
@@ -168,22 +174,52 @@ for g = 1, n do
     if now_ms > ts then
       avail = math.min(burst, tokens + (now_ms - ts) * rate / 1000)
     end
-    seen[g] = {tokens, ts}
+    local q = tonumber(b[3] or '0')
+    seen[g] = {tokens, ts, q}
+    -- A virtual queue of the refused, q its tail: each refused task gets the
+    -- next free slot, one token's time apart, and keeps it (its message carries
+    -- it back, as slot) however often it is deferred before its turn, since a
+    -- deferral is capped by the broker's redelivery window. Bookkeeping only:
+    -- no token is reserved, so a slot lost with its task costs nothing but
+    -- that token's time (unused tokens pile up to burst as usual).
+    local step = cost * 1000 / rate
+    if slot > 0 and q <= slot then
+      slot = 0  -- q only grows past every slot it gave: this bucket lost its queue
+    end
+    if slot > 0 and slot > now_ms then
+      -- its turn has not come: come back then, in the same place (q unchanged)
+      return {0, g, math.ceil(slot - now_ms), slot}
+    end
+    if slot == 0 and q > now_ms then
+      -- a queue exists: a fresh arrival takes no token ahead of it (the tokens
+      -- that build up while it drains are for the queued, in slot order)
+      redis.call('HSET', KEYS[ki], 'q', q + step)
+      redis.call('PEXPIRE', KEYS[ki], math.ceil(q - now_ms + burst * 1000 / rate) + 1000)
+      return {0, g, math.ceil(q - now_ms), q}
+    end
     if avail < cost then
       local wait = (cost - avail) * 1000 / rate
       if ts > now_ms then
         wait = wait + (ts - now_ms)  -- throttled until ts
       end
-      -- A virtual queue of the refused: each gets the next free slot after
-      -- those refused before it (q), one token's time apart, so deferred tasks
-      -- come back about when a token is there for them instead of all polling
-      -- at once. Bookkeeping only: no token is taken.
-      local at = math.max(tonumber(b[3] or '0'), now_ms + wait)
-      redis.call('HSET', KEYS[ki], 'q', at + cost * 1000 / rate)
+      if slot < 0 then
+        return {0, g, math.ceil(wait)}  -- a plain take: no queue
+      end
+      if slot > 0 then
+        -- its turn came but an earlier one took the token: retry when the next
+        -- is there, still ahead of fresh arrivals (q moves behind it)
+        if q < now_ms + wait + step then
+          redis.call('HSET', KEYS[ki], 'q', now_ms + wait + step)
+          redis.call('PEXPIRE', KEYS[ki], math.ceil(wait + burst * 1000 / rate) + 1000)
+        end
+        return {0, g, math.ceil(wait), slot}
+      end
+      local at = now_ms + wait  -- q <= now_ms here: the queue is empty
+      redis.call('HSET', KEYS[ki], 'q', at + step)
       redis.call('PEXPIRE', KEYS[ki], math.ceil(at - now_ms + burst * 1000 / rate) + 1000)
-      return {0, g, math.ceil(at - now_ms)}
+      return {0, g, math.ceil(at - now_ms), at}
     end
-    ki, ai = ki + 1, ai + 3
+    ki, ai = ki + 1, ai + 4
   else
     return redis.error_reply('admit.lua: unknown guard ' .. kind)
   end
@@ -204,18 +240,24 @@ for g = 1, n do
     ki, ai = ki + 1, ai + 4
   elseif kind == 'L' then
     -- The token is strictly greater than every token minted before for this
-    -- resource. A new counter starts at the server clock in microseconds and
-    -- grows by one per acquire, far slower than the clock; it expires
-    -- fence_ttl after its creation (never refreshed) and then restarts at the
-    -- clock. So tokens only grow, also when Redis loses the counter (as long
-    -- as the server clock does not step back).
-    local token = redis.call('INCR', KEYS[ki + 1])
-    if token == 1 then  -- a new, expired or lost counter: restart at the server clock
-      clock()
-      token = now_us
-      redis.call('SET', KEYS[ki + 1], string.format('%.0f', token), 'PX', ARGV[ai + 2])
-    end
+    -- resource: the larger of the last token + 1 and the server clock in
+    -- microseconds, written back as the counter. Redis can bring back an OLDER
+    -- counter (a restart from an RDB/AOF snapshot, a failover to a replica that
+    -- lagged) or none at all (expired, restart without persistence): the tokens
+    -- minted since then were clock readings (a resource is locked far less
+    -- often than once per microsecond), so the clock now is past all of them,
+    -- as long as it did not step back by more than the time between the loss
+    -- and this acquire. The counter expires fence_ttl after its creation (never
+    -- refreshed: KEEPTTL). Costs one TIME and one SET per acquire.
+    clock()
+    local last = tonumber(redis.call('GET', KEYS[ki + 1]) or '0')
+    local token = math.max(last + 1, now_us)
     local tok = string.format('%.0f', token)
+    if last == 0 then
+      redis.call('SET', KEYS[ki + 1], tok, 'PX', ARGV[ai + 2])
+    else
+      redis.call('SET', KEYS[ki + 1], tok, 'KEEPTTL')
+    end
     redis.call('SET', KEYS[ki], tok .. ' ' .. ARGV[ai], 'PX', ARGV[ai + 1])
     out[#out + 1] = token
     ki, ai = ki + 2, ai + 3
@@ -258,15 +300,18 @@ for g = 1, n do
     clock()
     -- refill, take, store, expire when full again (from the state phase 1 read)
     local rate, burst, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
-    local tokens, ts = seen[g][1], seen[g][2]
+    local tokens, ts, q = seen[g][1], seen[g][2], seen[g][3]
     if now_ms > ts then
       tokens = math.min(burst, tokens + (now_ms - ts) * rate / 1000)
     end
     tokens = tokens - cost
     redis.call('HSET', KEYS[ki], 't', tostring(tokens), 'ts', math.max(ts, now_ms))
-    redis.call('PEXPIRE', KEYS[ki], math.ceil((burst - tokens) * 1000 / rate) + 1000)
+    -- expire when full again, also after the last queued slot (q - one step) took its token
+    local ttl = math.max((burst - tokens) * 1000 / rate,
+                         q - cost * 1000 / rate - now_ms + burst * 1000 / rate)
+    redis.call('PEXPIRE', KEYS[ki], math.ceil(ttl) + 1000)
     out[#out + 1] = math.floor(tokens)
-    ki, ai = ki + 1, ai + 3
+    ki, ai = ki + 1, ai + 4
   end
 end
 return out

@@ -12,6 +12,10 @@ for i = 1, #KEYS do
   local ts = tonumber(redis.call('HGET', KEYS[i], 'ts') or '0')
   redis.call('HSET', KEYS[i], 't', '0', 'ts', math.max(ts, until_ms))
   local burst, rate = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1]) + math.ceil(burst * 1000 / rate) + 1000)
+  -- never shorten the expiry: the bucket's queue of deferred tasks (q) may reach further
+  local ttl = tonumber(ARGV[1]) + math.ceil(burst * 1000 / rate) + 1000
+  if redis.call('PTTL', KEYS[i]) < ttl then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
 end
 return #KEYS

@@ -1,0 +1,289 @@
+"""Fencing under the faults it exists for: Redis state loss, failover, two holders, old tables.
+
+Each Redis test runs its own ``redis-server`` processes (RDB snapshots, a replica) and
+kills them by PID. Tokens are minted both by ``FencedLock`` and by a task's admission
+(``ReliableTask`` with ``lock=``, run through ``.apply()``), on the same resource.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from celery import Celery
+
+from celery_reliable import (
+    ConfigurationError,
+    FencedLock,
+    RedisFence,
+    ReliableTask,
+    StaleFenceToken,
+    check_postgres,
+)
+from celery_reliable.runtime import runtime_for
+from celery_reliable.schema import create_tables
+
+from .conftest import RedisServer, wait_for
+
+RESOURCE = "order:7"
+
+
+class Minter:
+    """Mints tokens for RESOURCE on one Redis server, alternating a FencedLock and a task."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.prefix = prefix
+        self.app = Celery("fence-faults", broker="memory://", set_as_current=False)
+        self.app.conf.reliable_redis_url = url
+        self.app.conf.reliable_key_prefix = prefix
+
+        @self.app.task(base=ReliableTask, bind=True, shared=False, name="ff.locked",
+                       lock="order:{n}")
+        def locked(self: Any, n: int) -> int:
+            return int(self.fence_token)
+
+        self.task = locked
+
+    def lock(self) -> int:
+        lock = FencedLock(self.client, RESOURCE, ttl=30, prefix=self.prefix)
+        token = lock.acquire()
+        assert token is not None and lock.release()
+        return token
+
+    def run_task(self) -> int:
+        return int(self.task.apply(args=(7,)).get())
+
+    def mint(self, n: int) -> list[int]:
+        return [self.lock() if i % 2 else self.run_task() for i in range(n)]
+
+    def close(self) -> None:
+        runtime_for(self.app).close()
+        self.client.close()
+
+
+@pytest.fixture
+def minters() -> Iterator[Callable[[str, str], Minter]]:
+    made: list[Minter] = []
+
+    def make(url: str, prefix: str) -> Minter:
+        made.append(Minter(url, prefix))
+        return made[-1]
+
+    yield make
+    for m in made:
+        m.close()
+
+
+def assert_increasing(tokens: list[int]) -> None:
+    assert all(a < b for a, b in pairwise(tokens)), tokens
+
+
+def test_tokens_never_repeat_after_a_restart_from_a_snapshot(
+    private_redis: RedisServer, minters: Callable[[str, str], Minter], prefix: str
+) -> None:
+    """3 tokens, SAVE, 3 tokens, kill -9 + reload the snapshot: the next exceed all 6."""
+    minter = minters(private_redis.url, prefix)
+    before = minter.mint(3)
+    minter.client.save()
+    before += minter.mint(3)
+    assert_increasing(before)
+    private_redis.restart()  # the counter comes back as it was at SAVE: 3 tokens old
+    after = minter.mint(4)
+    assert min(after) > max(before), (before, after)
+    assert_increasing(after)
+    private_redis.restart(empty=True)  # no snapshot at all: the counter is gone
+    again = minter.mint(4)
+    assert min(again) > max(after), (after, again)
+    assert_increasing(again)
+
+
+def test_tokens_never_repeat_after_failover_to_a_lagging_replica(
+    private_redis: RedisServer, minters: Callable[[str, str], Minter], prefix: str,
+    tmp_path: Path,
+) -> None:
+    """Promote a replica that missed the last tokens: it mints above every earlier one."""
+    (tmp_path / "replica").mkdir()
+    replica = RedisServer(tmp_path / "replica")
+    replica.start()
+    try:
+        primary_m = minters(private_redis.url, prefix)
+        replica_m = minters(replica.url, prefix)
+        replica_m.client.replicaof("127.0.0.1", private_redis.port)
+        before = primary_m.mint(3)
+        fence_key = f"{{{prefix}}}:fence:"
+        counter = next(k for k in primary_m.client.scan_iter(match=fence_key + "*"))
+
+        def synced() -> bool:
+            info = replica_m.client.info("replication")
+            return bool(info.get("master_link_status") == "up"
+                        and replica_m.client.get(counter) == primary_m.client.get(counter))
+
+        wait_for(synced, 30, "the replica to sync")
+        replica_m.client.replicaof("NO", "ONE")  # cut and promote: it lags from now on
+        before += primary_m.mint(3)  # never reach the replica
+        assert replica_m.client.get(counter) != primary_m.client.get(counter)
+        assert_increasing(before)
+        after = replica_m.mint(4)  # the clients fail over to the promoted replica
+        assert min(after) > max(before), (before, after)
+        assert_increasing(after)
+    finally:
+        replica.kill()
+
+
+def test_equal_token_is_accepted_only_from_the_same_holder_in_postgres(
+    engine: sa.Engine, prefix: str
+) -> None:
+    """check_postgres: same token + same holder twice = accepted; other/unknown holder = stale."""
+    resource = f"{prefix}:acct"
+    with engine.begin() as conn:
+        check_postgres(conn, resource, 10, holder="a")
+    with engine.begin() as conn:
+        check_postgres(conn, resource, 10, holder="a")  # the same holder writes again
+    for other in ("b", None):
+        with pytest.raises(StaleFenceToken) as info, engine.begin() as conn:
+            check_postgres(conn, resource, 10, holder=other)
+        assert info.value.current == 10
+    with pytest.raises(StaleFenceToken), engine.begin() as conn:
+        check_postgres(conn, resource, 9, holder="a")
+    with engine.begin() as conn:
+        check_postgres(conn, resource, 11)  # higher: accepted without a holder
+    with pytest.raises(StaleFenceToken), engine.begin() as conn:
+        check_postgres(conn, resource, 11)  # ... but an unknown holder never matches
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("select token, holder from reliable_fences where resource = :r"),
+                           {"r": resource}).one()
+    assert tuple(row) == (11, None)
+
+
+def test_equal_token_is_accepted_only_from_the_same_holder_in_redis(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    """RedisFence: same token + same holder twice = written; other/unknown holder = stale."""
+    fence = RedisFence(redis_client)
+    key = f"{prefix}:value"
+    fence.set(key, "a1", 10, holder="a")
+    fence.set(key, "a2", 10, holder="a")
+    for other in ("b", None):
+        with pytest.raises(StaleFenceToken) as info:
+            fence.set(key, "other", 10, holder=other)
+        assert info.value.current == 10
+    with pytest.raises(StaleFenceToken):
+        fence.set(key, "lower", 9, holder="a")
+    assert fence.get(key) == (b"a2", 10)
+    fence.set(key, "anon", 11)
+    with pytest.raises(StaleFenceToken):
+        fence.set(key, "anon again", 11)
+    assert fence.get(key) == (b"anon", 11)
+
+
+def test_task_and_fenced_lock_holders_write_twice_and_an_equal_token_of_another_fails(
+    redis_url: str, engine: sa.Engine, minters: Callable[[str, str], Minter], prefix: str
+) -> None:
+    """self.fence and a FencedLock pass their holder: each may write twice; a second
+    acquisition carrying the same token (what a state loss made before minting used
+    the clock) is refused by both fences."""
+    minter = minters(redis_url, prefix)
+    resource = f"{prefix}:{RESOURCE}"
+    rkey = f"{prefix}:value"
+    outcomes: list[str] = []
+
+    @minter.app.task(base=ReliableTask, bind=True, shared=False, name="ff.writer",
+                     lock="order:{n}")
+    def writer(self: Any, n: int) -> int:
+        for attempt in range(2):  # a task may write twice under one acquisition
+            with engine.begin() as conn:
+                self.fence.check_postgres(conn, resource)
+            self.fence.redis_set(minter.client, rkey, f"task{attempt}")
+            outcomes.append("written")
+        return int(self.fence_token)
+
+    token = writer.apply(args=(7,)).get()
+    assert outcomes == ["written", "written"]
+    for other in ("another acquisition", None):
+        with pytest.raises(StaleFenceToken), engine.begin() as conn:
+            check_postgres(conn, resource, token, holder=other)
+        with pytest.raises(StaleFenceToken):
+            RedisFence(minter.client).set(rkey, "other", token, holder=other)
+    assert RedisFence(minter.client).get(rkey) == (b"task1", token)
+
+    lock = FencedLock(minter.client, RESOURCE, prefix=prefix)
+    lock_token = lock.acquire()
+    assert lock_token is not None and lock_token > token and lock.holder is not None
+    for attempt in range(2):
+        with engine.begin() as conn:
+            check_postgres(conn, resource, lock_token, holder=lock.holder)
+        RedisFence(minter.client).set(rkey, f"lock{attempt}", lock_token, holder=lock.holder)
+    with pytest.raises(StaleFenceToken), engine.begin() as conn:
+        check_postgres(conn, resource, lock_token, holder="another acquisition")
+    with pytest.raises(StaleFenceToken):
+        RedisFence(minter.client).set(rkey, "other", lock_token)
+    assert lock.release()
+    assert RedisFence(minter.client).get(rkey) == (b"lock1", lock_token)
+
+
+OLD_FENCES = """
+CREATE TABLE reliable_fences (
+    resource text PRIMARY KEY,
+    token bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+@pytest.fixture
+def old_schema_engine(engine: sa.Engine) -> Iterator[sa.Engine]:
+    """An engine whose search_path is a schema of this test's own holding an OLD-shape
+    reliable_fences (as created by celery-reliable before the holder column), with a row."""
+    schema = f"old_{secrets.token_hex(4)}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    old = sa.create_engine(engine.url, connect_args={"options": f"-csearch_path={schema}"})
+    with old.begin() as conn:
+        conn.execute(sa.text(OLD_FENCES))
+        conn.execute(sa.text("INSERT INTO reliable_fences (resource, token) VALUES ('r', 5)"))
+    yield old
+    old.dispose()
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+
+
+def test_create_tables_upgrades_an_old_fences_table(old_schema_engine: sa.Engine) -> None:
+    """create_tables adds the holder column to an existing table, also from 4 threads at once;
+    the rows survive and the new rule applies to them."""
+    with pytest.raises(ConfigurationError, match="reliable migrate"), \
+            old_schema_engine.begin() as conn:
+        check_postgres(conn, "r", 6, holder="h")  # before: a clear message, not SQL
+    errors: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            create_tables(old_schema_engine)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    create_tables(old_schema_engine)  # and again: idempotent
+    with old_schema_engine.connect() as conn:
+        columns = [c["name"] for c in sa.inspect(conn).get_columns("reliable_fences")]
+    assert columns.count("holder") == 1
+    with pytest.raises(StaleFenceToken), old_schema_engine.begin() as conn:
+        check_postgres(conn, "r", 5, holder="h")  # the old row's holder is unknown
+    for _ in range(2):
+        with old_schema_engine.begin() as conn:
+            check_postgres(conn, "r", 6, holder="h")
+    with old_schema_engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT token, holder FROM reliable_fences")).one()
+    assert tuple(row) == (6, "h")
