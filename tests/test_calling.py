@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
+import sqlalchemy as sa
 from celery import Celery
 
 from celery_reliable import ConfigurationError, FencedLock, ReliableTask, StorageError
@@ -119,3 +121,34 @@ def test_eager_mode_raises_when_redis_is_unreachable(celery_app: Celery) -> None
     result = job.apply()
     assert isinstance(result.result, StorageError), result.result
     assert "Redis unavailable" in str(result.result)
+
+
+def test_the_test_schema_comes_first_and_your_tables_stay_visible(
+    reliable_app: Celery, reliable_guards: ReliableGuards, engine: sa.Engine
+) -> None:
+    """idempotent_transaction() in a test: rows in your table (public), its record in the schema."""
+    table = f"orders_{secrets.token_hex(4)}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE public.{table} (id int PRIMARY KEY)"))
+
+    @reliable_app.task(base=ReliableTask, bind=True, shared=False, name="c.order",
+                       idempotency_key="order:{n}")
+    def order(self: Any, n: int) -> int:
+        with self.idempotent_transaction() as session:
+            session.execute(sa.text(f"INSERT INTO {table} VALUES (:n)"), {"n": n})
+        return n
+
+    try:
+        assert order.apply(args=(5,)).get() == 5
+        with engine.connect() as conn:
+            assert conn.execute(sa.text(f"SELECT id FROM public.{table}")).scalars().all() == [5]
+            mine = conn.execute(sa.text(
+                f'SELECT count(*) FROM "{reliable_guards.schema}".reliable_idempotency '
+                "WHERE task = 'c.order'")).scalar_one()
+            public = conn.execute(sa.text(
+                "SELECT count(*) FROM public.reliable_idempotency WHERE task = 'c.order'"
+            )).scalar_one()
+        assert (mine, public) == (1, 0)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE public.{table}"))

@@ -206,3 +206,61 @@ def test_celery_fixtures_are_there(celery_app):
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     result = pytester.runpytest_subprocess("-p", PLUGIN, "-p", "no:cacheprovider", timeout=120)
     result.assert_outcomes(passed=2)
+
+
+#: A project's own app, with tasks declared on it (@app.task) and a prefix of its own.
+USER_APP = '''
+from celery import Celery
+from celery_reliable import ReliableTask
+
+app = Celery("proj", broker="memory://", backend="cache+memory://")
+app.conf.update(reliable_redis_url={redis_url!r}, reliable_database_url={database_url!r},
+                reliable_key_prefix="proj")
+
+
+@app.task(base=ReliableTask, bind=True, name="proj.once", idempotency_key="once:{{n}}")
+def once(self, n):
+    return n * 2
+'''
+
+USER_APP_TESTS = '''
+import pytest
+from proj import app, once
+
+
+@pytest.fixture
+def celery_app():
+    return app
+
+
+def test_own_app_isolated(reliable_worker, reliable_guards):
+    assert reliable_guards.prefix.startswith("proj-t")
+    assert app.conf.reliable_key_prefix == reliable_guards.prefix
+    assert once.delay(1).get(timeout=30) == 2
+    second = once.delay(1)
+    reliable_guards.assert_replayed(second)
+
+
+def test_own_app_settings_restored_afterwards():
+    assert app.conf.reliable_key_prefix == "proj"
+    assert app.conf.reliable_database_url == {database_url!r}
+'''
+
+
+def test_users_own_app_is_isolated_then_restored(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    database_url: str,
+) -> None:
+    """Overriding celery_app with the project's app: isolated during a test, restored after."""
+    redis_url = f"{redis_server.url}/6"
+    pytester.makepyfile(proj=USER_APP.format(redis_url=redis_url, database_url=database_url),
+                        test_proj=USER_APP_TESTS.format(database_url=database_url))
+    pytester.makeconftest(f"pytest_plugins = [{PLUGIN!r}]\n")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=240)
+    result.assert_outcomes(passed=2)
+    client = redis.Redis.from_url(redis_url)
+    assert list(client.scan_iter(match="{proj-t*")) == []
+    client.close()

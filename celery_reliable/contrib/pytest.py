@@ -173,29 +173,42 @@ def _with_search_path(url: str, schema: str, search_path: str) -> str:
     return parsed.update_query_dict({"options": options}).render_as_string(hide_password=False)
 
 
-def _create_schema(database_url: str) -> tuple[str, str]:
-    """A new schema holding celery-reliable's tables; returns (schema, url selecting it)."""
+def _create_schema(database_url: str, schema: str) -> str:
+    """Create ``schema``; returns the database's ``search_path``."""
     from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
 
-    from celery_reliable.schema import create_tables, make_engine
+    from celery_reliable.schema import make_engine
 
-    schema = f"reliable_test_{secrets.token_hex(4)}"
     admin = make_engine(database_url)
     try:
         with admin.begin() as conn:
             search_path = str(conn.execute(text("SHOW search_path")).scalar_one())
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except SQLAlchemyError as exc:
+        shown = make_url(database_url).render_as_string(hide_password=True)
+        detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        raise RuntimeError(
+            f"celery-reliable's test fixtures could not create a schema in "
+            f"reliable_database_url {shown} ({detail}); the database must be reachable and "
+            "its user allowed to CREATE schemas in it"
+        ) from exc
     finally:
         admin.dispose()
-    # Tables are created with the schema alone on the path, so that tables of the same
-    # names elsewhere on it (a development database that was migrated) are not taken
-    # for them; afterwards the usual path follows, so your own tables stay visible.
+    return search_path
+
+
+def _create_tables(database_url: str, schema: str) -> None:
+    from celery_reliable.schema import create_tables, make_engine
+
+    # With the schema alone on the path, so that tables of the same names elsewhere
+    # on it (a development database that was migrated) are not taken for them.
     engine = make_engine(_with_search_path(database_url, schema, ""))
     try:
         create_tables(engine)
     finally:
         engine.dispose()
-    return schema, _with_search_path(database_url, schema, search_path)
 
 
 def _drop_schema(database_url: str, schema: str) -> None:
@@ -261,8 +274,12 @@ def isolated(app: Any) -> Iterator[ReliableGuards]:
         cleanup.callback(_restore, conf, saved)
         schema = database_url = None
         if settings.database_url:
-            schema, database_url = _create_schema(settings.database_url)
+            schema = f"reliable_test_{secrets.token_hex(4)}"
+            search_path = _create_schema(settings.database_url, schema)
             cleanup.callback(_drop_schema, settings.database_url, schema)
+            _create_tables(settings.database_url, schema)
+            # the schema first, then the usual path: your own tables stay visible
+            database_url = _with_search_path(settings.database_url, schema, search_path)
         cleanup.callback(_delete_keys, settings.redis_url, prefix)
         cleanup.callback(_forget_runtime, app)
         conf["reliable_key_prefix"] = prefix
