@@ -12,7 +12,7 @@ import redis
 import sqlalchemy as sa
 from celery import Celery
 
-from celery_reliable import ConfigurationError, FencedLock, ReliableTask, StorageError
+from celery_reliable import Backoff, ConfigurationError, FencedLock, ReliableTask, StorageError
 
 from .conftest import free_port
 
@@ -152,3 +152,25 @@ def test_the_test_schema_comes_first_and_your_tables_stay_visible(
     finally:
         with engine.begin() as conn:
             conn.execute(sa.text(f"DROP TABLE public.{table}"))
+
+
+def test_eager_retries_run_at_once_in_the_caller(
+    reliable_app: Celery, reliable_guards: ReliableGuards
+) -> None:
+    """.apply(): each retry runs at once in the caller, through the guards again."""
+    calls: list[int] = []
+
+    @reliable_app.task(base=ReliableTask, bind=True, shared=False, name="c.retry", lock="r",
+                       retry_for=(ValueError,),
+                       backoff=Backoff.exponential(base=0.01, cap=0.02, max_attempts=3))
+    def job(self: Any) -> int:
+        calls.append(self.request.retries)
+        if len(calls) < 3:
+            raise ValueError("again")
+        return int(self.fence_token)
+
+    result = job.apply()
+    assert result.state == "SUCCESS" and result.get() >= 1
+    assert calls == [0, 1, 2]
+    assert reliable_guards.dead_letters() == []
+    assert reliable_guards.held_locks() == []
