@@ -22,17 +22,16 @@ if TYPE_CHECKING:  # imported by pytest as a plugin, with its asserts rewritten
 pytest_plugins = ["celery_reliable.contrib.pytest"]
 
 
-def hold(app: Celery, guards: ReliableGuards, resource: str) -> tuple[FencedLock, int]:
+def hold(client: redis.Redis, guards: ReliableGuards, resource: str) -> tuple[FencedLock, int]:
     """The lock on ``resource`` taken by someone else, under this test's prefix; its token."""
-    lock = FencedLock(redis.Redis.from_url(app.conf.reliable_redis_url), resource, ttl=30,
-                      prefix=guards.prefix)
+    lock = FencedLock(client, resource, ttl=30, prefix=guards.prefix)
     token = lock.acquire(owner="someone-else")
     assert token is not None
     return lock, token
 
 
 def test_direct_call_runs_the_body_without_guards(
-    reliable_app: Celery, reliable_guards: ReliableGuards
+    reliable_app: Celery, reliable_guards: ReliableGuards, redis_client: redis.Redis
 ) -> None:
     """A direct call is a plain call: no lock, no record; lock and transaction helpers say so."""
     ran: list[int] = []
@@ -54,7 +53,7 @@ def test_direct_call_runs_the_body_without_guards(
         with self.idempotent_transaction():
             return n
 
-    other, _ = hold(reliable_app, reliable_guards, "acct:1")
+    other, _ = hold(redis_client, reliable_guards, "acct:1")
     assert both(1) == 2 and both(1) == 2  # the lock is busy, the key was seen: runs anyway
     assert ran == [1, 1]
     assert [lock.owner for lock in reliable_guards.held_locks()] == ["someone-else"]
@@ -88,7 +87,7 @@ def test_apply_runs_every_guard_in_this_process(
 
 
 def test_eager_mode_waits_out_a_busy_lock_in_the_caller(
-    reliable_app: Celery, reliable_guards: ReliableGuards
+    reliable_app: Celery, reliable_guards: ReliableGuards, redis_client: redis.Redis
 ) -> None:
     """task_always_eager: .delay() sleeps out deferrals until the lock is free, then runs."""
     reliable_app.conf.task_always_eager = True
@@ -98,7 +97,7 @@ def test_eager_mode_waits_out_a_busy_lock_in_the_caller(
     def job(self: Any, n: int) -> int:
         return int(self.fence_token)
 
-    other, theirs = hold(reliable_app, reliable_guards, "acct:2")
+    other, theirs = hold(redis_client, reliable_guards, "acct:2")
     releaser = threading.Timer(0.5, other.release)
     started = time.monotonic()
     releaser.start()
