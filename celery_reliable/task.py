@@ -297,13 +297,18 @@ class ReliableTask(Task):  # type: ignore[misc]
         callbacks; the app whose decorator declared the task still holds the
         task's pending promise then (``app.task`` is lazy), any other app does
         not. A task declared on an app already finalized is built directly by
-        its decorator, outside those callbacks.
+        its decorator, outside those callbacks; ``@shared_task`` declares for no
+        app in particular, so each app it reaches receives a copy.
         """
         frame: FrameType | None = sys._getframe(1)
         while frame is not None:
-            if (frame.f_code.co_name == "_announce_app_finalized"
-                    and frame.f_globals.get("__name__") == "celery._state"):
+            code, module = frame.f_code.co_name, frame.f_globals.get("__name__")
+            if code == "_announce_app_finalized" and module == "celery._state":
                 break
+            if code == "__inner" and module == "celery.app":
+                # @shared_task giving its task to every app already finalized (e.g.
+                # pytest-celery's module-level app): it belongs to none of them.
+                return True
             frame = frame.f_back
         else:
             return False
@@ -812,14 +817,19 @@ class ReliableTask(Task):  # type: ignore[misc]
 
     def _replay(self, replay: Replay) -> Any:
         metrics.inc("reliable_idempotent_replays_total", task=self.name)
+        # Structured fields for log processors, and the signal the pytest plugin's
+        # assert_replayed() reads: this task id's outcome came from a stored record.
+        extra = {"reliable_event": "replayed", "reliable_task_id": str(self.request.id)}
         if replay.state == "F":
             error = json.loads(replay.payload or "{}")
-            log.info("celery-reliable: %s[%s] replayed a kept failure", self.name, self.request.id)
+            log.info("celery-reliable: %s[%s] replayed a kept failure", self.name,
+                     self.request.id, extra=extra)
             raise ReplayedFailure(self.name, str(error.get("type")), str(error.get("message")))
         log.info(
             "celery-reliable: %s[%s] replayed the stored result (duplicate not run)",
             self.name,
             self.request.id,
+            extra=extra,
         )
         return json.loads(replay.payload)
 
@@ -1242,7 +1252,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         policy = self._policy()
         if execution is None or not execution.buckets:
             raise ConfigurationError(
-                f"{self.name}: throttle() needs a token bucket (a rate-limited queue in "
+                self._direct_call("throttle()")
+                or f"{self.name}: throttle() needs a token bucket (a rate-limited queue in "
                 "reliable_queue_rate_limits, or option 'rate_limit_key') and a running task"
             )
         runtime = runtime_for(self.app)
@@ -1267,7 +1278,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         execution = getattr(self.request, "_reliable_execution", None)
         if execution is None or execution.pg is None:
             raise ConfigurationError(
-                f"{self.name}: idempotent_transaction() needs option 'idempotency_key' (or the "
+                self._direct_call("idempotent_transaction()")
+                or f"{self.name}: idempotent_transaction() needs option 'idempotency_key' (or the "
                 "idempotency_key header) and reliable_idempotency_store='postgres', and is "
                 "available only while the task runs"
             )
@@ -1307,11 +1319,25 @@ class ReliableTask(Task):  # type: ignore[misc]
 
     # ---------------------------------------------------------- inside a run
 
+    def _direct_call(self, what: str) -> str | None:
+        """Why ``what`` is unavailable, if this is a direct call (``my_task(...)``); else None.
+
+        A direct call runs the body as a plain function, like any Celery task
+        called directly: no message, no guards, so no lock, token or record.
+        """
+        if not self.request.called_directly:
+            return None
+        short = self.name.rsplit(".")[-1]
+        return (f"{self.name}: {what} is not available in a direct call ({short}(...) runs "
+                "the body as a plain function, without guards); run the task through "
+                "its guards with .apply() (in this process), .delay(), or task_always_eager")
+
     def _execution(self) -> _Execution:
         execution = getattr(self.request, "_reliable_execution", None)
         if execution is None or execution.token is None or execution.resource is None:
             raise RuntimeError(
-                f"{self.name}: no lock is held (set the 'lock' option, and "
+                self._direct_call("the lock (self.fence, fence_token, lock_resource, lock_lost)")
+                or f"{self.name}: no lock is held (set the 'lock' option, and "
                 "read this only while the task runs)"
             )
         return execution  # type: ignore[no-any-return]

@@ -1,0 +1,1 @@
+"""Optional integrations (``celery_reliable.contrib.pytest``: fixtures for your tests)."""
