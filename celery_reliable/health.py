@@ -323,10 +323,19 @@ def check_stores(app: Any, *, timeout: float = CHECK_TIMEOUT) -> list[Finding]:
 
 
 def uses_reliable_tasks(app: Any) -> bool:
-    """True if ``app`` has at least one ReliableTask registered."""
+    """True if ``app`` declares at least one ReliableTask.
+
+    A copy of a shared task that another app declared (Celery gives every app
+    one) does not count: this app never said it needs the stores.
+    """
     from .task import ReliableTask
 
-    return any(isinstance(task, ReliableTask) for task in app.tasks.values())
+    for task in app.tasks.values():
+        if isinstance(task, ReliableTask):
+            binding = type(task)._bound().get(app)
+            if binding is None or not binding.foreign:
+                return True
+    return False
 
 
 def report_startup(app: Any, *, timeout: float = CHECK_TIMEOUT) -> list[Finding]:

@@ -122,6 +122,12 @@ def test_startup_check_missing_tables_is_an_error_only_when_they_are_not_created
 def test_a_worker_without_reliable_tasks_checks_nothing(
         caplog: pytest.LogCaptureFixture) -> None:
     """No ReliableTask in the app: no check, no log line, even with a dead Redis URL."""
+    other = Celery("declares-a-shared-one", broker="memory://")
+
+    @other.task(base=ReliableTask, bind=True, name=f"loud.shared{secrets.token_hex(3)}")
+    def shared(self: ReliableTask) -> None: ...  # Celery copies it into every app
+
+    other.finalize()
     app = Celery("plain", broker="memory://")
     app.conf.update(reliable_redis_url=closed_redis_url())
 
