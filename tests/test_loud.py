@@ -24,7 +24,15 @@ from celery import Celery
 
 from celery_reliable import ConfigurationError, ReliableTask, StorageError, metrics
 from celery_reliable.health import REDIS, StoreReporter, check_stores, mask_url, report_startup
-from tests.conftest import PG_ADMIN_URL, ROOT, Fleet, free_port, wait_for
+from tests.conftest import (
+    PG_ADMIN_URL,
+    ROOT,
+    Fleet,
+    RedisServer,
+    TcpProxy,
+    free_port,
+    wait_for,
+)
 
 SECRET = "s3cr3t-pw"
 
@@ -89,6 +97,26 @@ def test_startup_check_says_the_stores_answer(
     assert "answers" in findings[0].message and "tables present" in findings[1].message
     assert gauge("redis") == 1 and gauge("postgres") == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_startup_check_of_stalled_stores_is_bounded(
+        redis_server: RedisServer, database_url: str, pg_proxy: TcpProxy) -> None:
+    """Redis and PostgreSQL accept connections but never answer: the check still returns."""
+    redis_proxy = TcpProxy(redis_server.port)
+    redis_proxy.start()
+    try:
+        redis_proxy.stall()
+        pg_proxy.stall()
+        pg_url = sa.make_url(database_url).set(host="127.0.0.1", port=pg_proxy.port)
+        app = make_app(reliable_redis_url=f"redis://127.0.0.1:{redis_proxy.port}/0",
+                       reliable_database_url=pg_url.render_as_string(hide_password=False))
+        started = time.monotonic()
+        findings = check_stores(app, timeout=1.0)
+        assert time.monotonic() - started < 2 * (2 * 1.0 + 1) + 2  # each store's deadline
+    finally:
+        redis_proxy.stop()
+    assert [(f.store, f.level, f.up) for f in findings] == [
+        ("redis", logging.ERROR, False), ("postgres", logging.ERROR, False)], findings
 
 
 @pytest.fixture
@@ -214,6 +242,32 @@ def test_admission_without_redis_reports_and_sets_the_gauge(
     up = make_app(reliable_redis_url=redis_url)
     assert up.tasks["loud.locked"].apply(args=[2], throw=True).get() == 2
     assert gauge("redis") == 1
+
+
+def test_durable_claim_without_postgres_reports_and_sets_the_gauge(
+        redis_url: str, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An idempotent task finding PostgreSQL down: WARNING with the masked URL, gauge 0; then 1."""
+    def idempotent_app(pg_url: str) -> Celery:
+        app = make_app(reliable_redis_url=redis_url, reliable_database_url=pg_url)
+
+        @app.task(base=ReliableTask, bind=True, shared=False, name="loud.once",
+                  idempotency_key="once:{n}")
+        def once(self: ReliableTask, n: int) -> int:
+            return n
+
+        return app
+
+    caplog.set_level(logging.WARNING, logger="celery_reliable")
+    down = idempotent_app(closed_pg_url())
+    with pytest.raises(StorageError):  # eager: nothing can re-publish it
+        down.tasks["loud.once"].apply(args=[1], throw=True)
+    assert gauge("postgres") == 0
+    assert "PostgreSQL at postgresql://postgres:***@127.0.0.1:" in caplog.text
+    assert "(reliable_database_url) is unreachable" in caplog.text and SECRET not in caplog.text
+
+    up = idempotent_app(database_url)
+    assert up.tasks["loud.once"].apply(args=[secrets.randbelow(10**9) + 1], throw=True).get()
+    assert gauge("postgres") == 1
 
 
 # ------------------------------------------------------------------ unknown settings
