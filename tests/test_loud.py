@@ -177,10 +177,7 @@ def test_a_real_worker_says_redis_is_unreachable_at_start_and_while_it_defers(
     wanted = f"Redis at {mask_url(url)} (reliable_redis_url) is unreachable"
     wait_for(lambda: wanted in fleet.logs(), 30, "the start-up ERROR in the worker's log")
 
-    from tests.fleet_app import build_app
-
-    os.environ["FLEET_REDIS_URL"] = url  # the sender's app has the same settings
-    sender = build_app()
+    sender = Celery("sender", broker=fleet.env["FLEET_BROKER_URL"])
     sender.send_task("fleet.exclusive", args=["k", 0.0], queue=fleet.env["FLEET_QUEUE"])
     wait_for(lambda: "task(s) deferred by this process so far" in fleet.logs(), 60,
              "the deferral WARNING in the worker's log")
