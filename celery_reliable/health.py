@@ -278,48 +278,56 @@ def _check_postgres(url: str, create_tables: bool, migrate: str, timeout: float)
                    f"`{migrate}`", up=True)
 
 
-def _bounded(check: Callable[[], Finding], store: str, deadline: float) -> Finding:
-    """Run ``check`` in a daemon thread; a finding saying so if it takes over ``deadline`` s."""
-    found: list[Finding] = []
+def _concurrently(checks: dict[str, Callable[[], Finding]], deadline: float) -> list[Finding]:
+    """Run each check in a daemon thread, all at once; wait at most ``deadline`` s in all.
 
-    def run() -> None:
+    A check still running then gives a finding saying so (its thread is left to
+    finish on its own and is ignored).
+    """
+    found: dict[str, Finding] = {}
+
+    def run(store: str, check: Callable[[], Finding]) -> None:
         try:
-            found.append(check())
-        except Exception as exc:  # a bug in the check must not stop the worker
-            found.append(Finding(logging.WARNING, store,
-                                 f"could not check {store}: {_one_line(exc)}"))
+            found[store] = check()
+        except Exception as exc:  # a bug in a check must not stop the worker
+            found[store] = Finding(logging.WARNING, store,
+                                   f"could not check {store}: {_one_line(exc)}")
 
-    thread = threading.Thread(target=run, name=f"celery-reliable-check-{store}", daemon=True)
-    thread.start()
-    thread.join(deadline)
-    if found:
-        return found[0]
-    return Finding(logging.ERROR, store,
-                   f"{'Redis' if store == 'redis' else 'PostgreSQL'} did not answer the start-up "
-                   f"check within {deadline:g}s (a stalled network or server); tasks that need "
-                   "it are deferred until it answers", up=False)
+    threads = [threading.Thread(target=run, args=(store, check), daemon=True,
+                                name=f"celery-reliable-check-{store}")
+               for store, check in checks.items()]
+    for thread in threads:
+        thread.start()
+    end = time.monotonic() + deadline
+    for thread in threads:
+        thread.join(max(0.0, end - time.monotonic()))
+    return [found.get(store) or Finding(
+        logging.ERROR, store,
+        f"{'Redis' if store == 'redis' else 'PostgreSQL'} did not answer the start-up check "
+        f"within {deadline:g}s (a stalled network or server); tasks that need it are "
+        "deferred until it answers", up=False) for store in checks]
 
 
 def check_stores(app: Any, *, timeout: float = CHECK_TIMEOUT) -> list[Finding]:
     """Check every store ``app`` configures, once: Redis (PING), PostgreSQL and its tables.
 
-    Each check is bounded by about ``2 * timeout`` seconds, whatever the
-    network does. Nothing is kept open. Returns one finding per store (or
-    one for settings that cannot be read).
+    The stores are checked at the same time, each with socket timeouts of
+    ``timeout`` seconds; the whole check returns within ``2 * timeout + 1``
+    seconds whatever the network does. Nothing is kept open. Returns one
+    finding per store (or one for settings that cannot be read).
     """
     try:
         settings = ReliableSettings.from_conf(app.conf)
     except ConfigurationError as exc:
         return [Finding(logging.ERROR, "settings", _one_line(exc))]
-    findings = [_bounded(lambda: _check_redis(settings.redis_url, timeout), "redis",
-                         2 * timeout + 1)]
+    checks: dict[str, Callable[[], Finding]] = {
+        "redis": lambda: _check_redis(settings.redis_url, timeout)}
     if settings.database_url:
         migrate = f"celery -A {getattr(app, 'main', None) or 'proj'} reliable migrate"
         database_url = settings.database_url
-        findings.append(_bounded(
-            lambda: _check_postgres(database_url, settings.create_tables, migrate, timeout),
-            "postgres", 2 * timeout + 1))
-    return findings
+        checks["postgres"] = lambda: _check_postgres(database_url, settings.create_tables,
+                                                     migrate, timeout)
+    return _concurrently(checks, 2 * timeout + 1)
 
 
 def uses_reliable_tasks(app: Any) -> bool:

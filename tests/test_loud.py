@@ -112,7 +112,7 @@ def test_startup_check_of_stalled_stores_is_bounded(
                        reliable_database_url=pg_url.render_as_string(hide_password=False))
         started = time.monotonic()
         findings = check_stores(app, timeout=1.0)
-        assert time.monotonic() - started < 2 * (2 * 1.0 + 1) + 2  # each store's deadline
+        assert time.monotonic() - started < (2 * 1.0 + 1) + 2  # the checks run at once
     finally:
         redis_proxy.stop()
     assert [(f.store, f.level, f.up) for f in findings] == [
