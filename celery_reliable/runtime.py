@@ -25,6 +25,7 @@ from redis.retry import Retry
 from .classify import is_missing_table, sqlstate
 from .config import ReliableSettings
 from .errors import ConfigurationError
+from .health import StoreHealth
 from .keys import KeySpace
 from .scripts import script
 
@@ -309,6 +310,7 @@ class Runtime:
             health_check_interval=30,
         )
         self.heartbeat = Heartbeat(self.redis)
+        self.health = StoreHealth(self.settings)  # loud, rate-limited store outages
         self._engine: Any = None
         self._engine_mutex = threading.Lock()
         self._tables_ready = False

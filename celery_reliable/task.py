@@ -49,6 +49,7 @@ from .config import (
     ReliableSettings,
     TaskPolicy,
     build_policy,
+    check_bound,
     task_signature,
     unknown_options,
 )
@@ -342,6 +343,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         raw_run = inspect.getattr_static(cls, "run")
         bound = not isinstance(raw_run, staticmethod)
         run = raw_run.__func__ if isinstance(raw_run, staticmethod) else raw_run
+        check_bound(name, run, bound)  # `def f(self, ...)` without bind=True
         if declaration_only:
             return build_policy(name, values, task_signature(run, bound), None)
         settings = ReliableSettings.from_conf(app.conf)  # a bad setting fails at bind too
@@ -616,8 +618,10 @@ class ReliableTask(Task):  # type: ignore[misc]
                 # not counted as a lost delivery. Then fail closed: an unguarded run
                 # could break the guarantee.
                 self._roll_back(plan, runtime)
+                runtime.health.redis.failed(exc)  # a WARNING per interval, and the gauge
                 self._defer(policy, "Redis unavailable", cause=exc)
                 continue
+            runtime.health.redis.ok()
             if isinstance(outcome, Replay):
                 execution.replay = outcome
                 return execution
@@ -738,6 +742,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                 policy.idempotency.ttl,
             )
             existing = record.begin()
+            runtime.health.postgres.ok()
         except SQLAlchemyError as exc:
             self._settle(execution, runtime, "X", "")
             # A schema problem is configuration: fixed now, or failed at once, never waited out.
@@ -746,6 +751,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                             "they are created again before it runs", self.name, self.request.id)
                 self._defer(policy, "PostgreSQL tables missing", cause=exc)
             else:
+                runtime.health.postgres.failed(exc)  # a WARNING per interval, and the gauge
                 self._defer(policy, "PostgreSQL unavailable", cause=exc)
             return False
         if existing is None:
