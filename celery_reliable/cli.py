@@ -39,6 +39,7 @@ from sqlalchemy.exc import DBAPIError, ProgrammingError, SQLAlchemyError
 
 from .breaker import STATE_NAMES, BreakerSpec
 from .bulkhead import TierSpec, TierStats
+from .classify import is_missing_table
 from .deadletter import DeadLetter, DeadLetters
 from .errors import ConfigurationError
 from .ratelimit import BucketSpec
@@ -266,7 +267,8 @@ def collect(app: Any, runtime: Runtime, *, tolerant: bool = False) -> Snapshot:
             read()
         except Exception as exc:
             message = _describe(exc, app)
-            if message is None or not tolerant:
+            # Tables not created yet (status before migrate) is a state to show, not a failure.
+            if message is None or not (tolerant or is_missing_table(exc)):
                 raise
             snap.errors[section] = message
             if isinstance(exc, redis.RedisError):

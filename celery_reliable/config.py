@@ -367,6 +367,17 @@ SETTINGS: dict[str, Option] = {
             _string(),
         ),
         Option(
+            "reliable_redis_socket_timeout",
+            10.0,
+            "seconds",
+            "Socket timeout of celery-reliable's Redis connections: a call whose reply has not "
+            "come back by then fails. An admission that fails so (its reply may be lost after "
+            "it ran) is never resent: what it may have taken is undone, owner-checked, and the "
+            "task is deferred. Keep it well above Redis' slowest expected reply; it also bounds "
+            "how long a worker waits on a stalled link.",
+            _seconds(),
+        ),
+        Option(
             "reliable_database_url",
             None,
             "URL",
@@ -510,6 +521,7 @@ class ReliableSettings:
     redis_url: str
     database_url: str | None
     key_prefix: str
+    redis_socket_timeout: float = 10.0
     idempotency_store: str = "postgres"
     #: Django database alias holding idempotency records (contrib.django); None: our pool.
     django_database: str | None = None
@@ -531,7 +543,13 @@ class ReliableSettings:
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> ReliableSettings:
+        """The settings of ``conf`` (``app.conf`` or a mapping), validated.
+
+        Raises ``ConfigurationError`` for a bad value, and for a ``reliable_*``
+        key that is not a setting (a typo would silently keep the default).
+        """
         owner = "app settings"
+        unknown_settings(conf)
         values = {
             name: opt.value(owner, conf.get(name, opt.default)) for name, opt in SETTINGS.items()
         }
@@ -543,6 +561,7 @@ class ReliableSettings:
             )
         return cls(
             redis_url=values["reliable_redis_url"],
+            redis_socket_timeout=values["reliable_redis_socket_timeout"],
             database_url=values["reliable_database_url"],
             key_prefix=values["reliable_key_prefix"],
             idempotency_store=values["reliable_idempotency_store"],
@@ -746,6 +765,46 @@ _CELERY_OPTIONS = frozenset({
 })
 
 
+def unknown_settings(conf: Mapping[str, Any]) -> None:
+    """Refuse a ``reliable_*`` key of ``conf`` that is not in :data:`SETTINGS`.
+
+    ``conf`` may be Celery's ``app.conf``. With a namespace
+    (``config_from_object(..., namespace="CELERY")``) Celery reads a setting as
+    ``CELERY_RELIABLE_REDIS_URL`` (in the namespace's case) as well as
+    ``reliable_redis_url``, so both spellings are accepted. Keys that do not
+    start with ``reliable_`` (or the namespace and ``reliable_``) are not ours
+    and are not looked at.
+    """
+    try:
+        # Listing the keys first also loads a configuration still pending (app.conf
+        # before first use), and with it the namespace.
+        keys = [key for key in conf if isinstance(key, str)]
+    except Exception:  # a config source that cannot list its keys: nothing to check
+        return
+    prefix = getattr(conf, "prefix", None) or ""
+    spellings = list(SETTINGS)
+    if prefix:  # celery.utils.text.match_case: the whole key takes the namespace's case
+        spellings += [(prefix + name).upper() if prefix.isupper() else (prefix + name).lower()
+                      for name in SETTINGS]
+    for key in keys:
+        plain = key.lower().startswith("reliable_")
+        # With a namespace, other keys (Django's settings) are UPPER_CASE: a plain key is
+        # ours only in the lower case Celery reads. Without one, RELIABLE_REDIS_URL is a
+        # setting Celery would never read: refused too.
+        mine = (key.startswith("reliable_") or key.lower().startswith(f"{prefix}reliable_".lower())
+                if prefix else plain)
+        if key in spellings or not mine:
+            continue
+        form = [s for s in spellings if s.lower().startswith("reliable_") == plain]
+        lowered = {s.lower(): s for s in form}
+        close = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.8)
+        hint = f"; did you mean {lowered[close[0]]!r}?" if close else ""
+        raise ConfigurationError(
+            f"app settings: unknown setting {key!r}{hint} (celery-reliable's settings: "
+            f"{', '.join(SETTINGS)})"
+        )
+
+
 def unknown_options(task_name: str, attributes: Mapping[str, Any], known: set[str]) -> None:
     """Refuse attributes that look like our options but are not (``lock_tll=30``)."""
     for name, value in attributes.items():
@@ -762,6 +821,29 @@ def unknown_options(task_name: str, attributes: Mapping[str, Any], known: set[st
                 f"{task_name}: unknown reliability option {name!r}{hint} "
                 f"(known options: {', '.join(sorted(TASK_OPTIONS))})"
             )
+
+
+def check_bound(task_name: str, run: Callable[..., Any], bound: bool) -> None:
+    """Refuse an unbound task whose function's first parameter is ``self``.
+
+    Without ``bind=True`` Celery passes the call's first argument as ``self``, so
+    the task would fail when it runs with a bare ``TypeError`` (a missing argument,
+    or ``'int' object has no attribute 'fence'``). A first parameter with another
+    name is not refused: it cannot be told from an ordinary argument.
+    """
+    if bound:
+        return
+    try:
+        params = list(inspect.signature(run).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if params and params[0].name == "self" and params[0].kind in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        raise ConfigurationError(
+            f"{task_name}: the task function takes 'self' but the task is not bound, so "
+            "'self' would receive the call's first argument; add bind=True to the decorator "
+            "(@app.task(base=ReliableTask, bind=True, ...))"
+        )
 
 
 def task_signature(run: Callable[..., Any], bound: bool) -> inspect.Signature | None:

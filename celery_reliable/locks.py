@@ -10,6 +10,7 @@ Acquire is one round trip (``admit.lua``), release is one (``complete.lua``).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from types import TracebackType
@@ -53,11 +54,21 @@ class FencedLock:
         self.holder: str | None = None
 
     def acquire(self, owner: str | None = None) -> int | None:
-        """Try once; return the fencing token, or None if someone else holds the lock."""
+        """Try once; return the fencing token, or None if someone else holds the lock.
+
+        A Redis error is raised, after undoing what the attempt may have taken
+        (the request is never resent: its reply may be lost after it ran).
+        """
         owner = owner or secrets.token_hex(8)
         plan = Plan()
         plan.add_lock_keys(self._lock_key, self._fence_key, owner, self.ttl)
-        result = plan.admit(self.client)
+        try:
+            result = plan.admit(self.client)
+        except redis.RedisError:
+            # Its reply may be lost after it took the lock: release it (if it is ours).
+            with contextlib.suppress(redis.RedisError):
+                plan.rollback(self.client)
+            raise
         if not isinstance(result, Admitted):
             return None
         self.token = result.results[0]

@@ -25,6 +25,7 @@ from redis.retry import Retry
 from .classify import is_missing_table, sqlstate
 from .config import ReliableSettings
 from .errors import ConfigurationError
+from .health import StoreHealth
 from .keys import KeySpace
 from .scripts import script
 
@@ -305,10 +306,11 @@ class Runtime:
         self.redis: redis.Redis = redis.Redis.from_url(
             self.settings.redis_url,
             socket_connect_timeout=5,
-            socket_timeout=10,
+            socket_timeout=self.settings.redis_socket_timeout,
             health_check_interval=30,
         )
         self.heartbeat = Heartbeat(self.redis)
+        self.health = StoreHealth(self.settings)  # loud, rate-limited store outages
         self._engine: Any = None
         self._engine_mutex = threading.Lock()
         self._tables_ready = False

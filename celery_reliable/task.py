@@ -48,6 +48,7 @@ from .config import (
     ReliableSettings,
     TaskPolicy,
     build_policy,
+    check_bound,
     task_signature,
     unknown_options,
 )
@@ -296,13 +297,18 @@ class ReliableTask(Task):  # type: ignore[misc]
         callbacks; the app whose decorator declared the task still holds the
         task's pending promise then (``app.task`` is lazy), any other app does
         not. A task declared on an app already finalized is built directly by
-        its decorator, outside those callbacks.
+        its decorator, outside those callbacks; ``@shared_task`` declares for no
+        app in particular, so each app it reaches receives a copy.
         """
         frame: FrameType | None = sys._getframe(1)
         while frame is not None:
-            if (frame.f_code.co_name == "_announce_app_finalized"
-                    and frame.f_globals.get("__name__") == "celery._state"):
+            code, module = frame.f_code.co_name, frame.f_globals.get("__name__")
+            if code == "_announce_app_finalized" and module == "celery._state":
                 break
+            if code == "__inner" and module == "celery.app":
+                # @shared_task giving its task to every app already finalized (e.g.
+                # pytest-celery's module-level app): it belongs to none of them.
+                return True
             frame = frame.f_back
         else:
             return False
@@ -336,6 +342,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         raw_run = inspect.getattr_static(cls, "run")
         bound = not isinstance(raw_run, staticmethod)
         run = raw_run.__func__ if isinstance(raw_run, staticmethod) else raw_run
+        check_bound(name, run, bound)  # `def f(self, ...)` without bind=True
         if declaration_only:
             return build_policy(name, values, task_signature(run, bound), None)
         settings = ReliableSettings.from_conf(app.conf)  # a bad setting fails at bind too
@@ -542,7 +549,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         plan = Plan()
         if counts_deliveries:
             plan.add_deliveries(runtime.keys.deliveries(str(self.request.id)),
-                                policy.max_redeliveries, 24 * 3600.0)
+                                policy.max_redeliveries, 24 * 3600.0, execution.owner)
         arguments = self._arguments(policy, args, kwargs)
         idem = policy.idempotency
         if idem.spec is not None or header_key is not None:
@@ -604,9 +611,16 @@ class ReliableTask(Task):  # type: ignore[misc]
             try:
                 outcome = plan.admit(runtime.redis)
             except redis.RedisError as exc:
-                # Fail closed: an unguarded run could break the guarantee.
+                # The script may have run and only its reply been lost: undo what it
+                # may have taken (its lock, record, slot, probe and delivery count)
+                # before deferring, so the deferral is not behind its own lock and is
+                # not counted as a lost delivery. Then fail closed: an unguarded run
+                # could break the guarantee.
+                self._roll_back(plan, runtime)
+                runtime.health.redis.failed(exc)  # a WARNING per interval, and the gauge
                 self._defer(policy, "Redis unavailable", cause=exc)
                 continue
+            runtime.health.redis.ok()
             if isinstance(outcome, Replay):
                 execution.replay = outcome
                 return execution
@@ -635,6 +649,19 @@ class ReliableTask(Task):  # type: ignore[misc]
                 # Whatever went wrong, nothing admitted may outlive this delivery.
                 self._settle(execution, runtime, "X", "")
                 raise
+
+    def _roll_back(self, plan: Plan, runtime: Runtime) -> None:
+        """Undo a failed admission (:meth:`Plan.rollback`); on failure, leases expire by TTL."""
+        try:
+            plan.rollback(runtime.redis)
+        except redis.RedisError:
+            log.warning(
+                "celery-reliable: %s[%s] could not undo an admission whose reply was lost; "
+                "what it may have taken expires by its TTL",
+                self.name,
+                self.request.id,
+                exc_info=True,
+            )
 
     def _hold(
         self,
@@ -715,6 +742,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                 runtime.settings,
             )
             existing = record.begin()
+            runtime.health.postgres.ok()
         except SQLAlchemyError as exc:
             self._settle(execution, runtime, "X", "")
             # A schema problem is configuration: fixed now, or failed at once, never waited out.
@@ -723,6 +751,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                             "they are created again before it runs", self.name, self.request.id)
                 self._defer(policy, "PostgreSQL tables missing", cause=exc)
             else:
+                runtime.health.postgres.failed(exc)  # a WARNING per interval, and the gauge
                 self._defer(policy, "PostgreSQL unavailable", cause=exc)
             return False
         if existing is None:
@@ -794,14 +823,19 @@ class ReliableTask(Task):  # type: ignore[misc]
 
     def _replay(self, replay: Replay) -> Any:
         metrics.inc("reliable_idempotent_replays_total", task=self.name)
+        # Structured fields for log processors, and the signal the pytest plugin's
+        # assert_replayed() reads: this task id's outcome came from a stored record.
+        extra = {"reliable_event": "replayed", "reliable_task_id": str(self.request.id)}
         if replay.state == "F":
             error = json.loads(replay.payload or "{}")
-            log.info("celery-reliable: %s[%s] replayed a kept failure", self.name, self.request.id)
+            log.info("celery-reliable: %s[%s] replayed a kept failure", self.name,
+                     self.request.id, extra=extra)
             raise ReplayedFailure(self.name, str(error.get("type")), str(error.get("message")))
         log.info(
             "celery-reliable: %s[%s] replayed the stored result (duplicate not run)",
             self.name,
             self.request.id,
+            extra=extra,
         )
         return json.loads(replay.payload)
 
@@ -1224,7 +1258,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         policy = self._policy()
         if execution is None or not execution.buckets:
             raise ConfigurationError(
-                f"{self.name}: throttle() needs a token bucket (a rate-limited queue in "
+                self._direct_call("throttle()")
+                or f"{self.name}: throttle() needs a token bucket (a rate-limited queue in "
                 "reliable_queue_rate_limits, or option 'rate_limit_key') and a running task"
             )
         runtime = runtime_for(self.app)
@@ -1251,7 +1286,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         execution = getattr(self.request, "_reliable_execution", None)
         if execution is None or execution.pg is None:
             raise ConfigurationError(
-                f"{self.name}: idempotent_transaction() needs option 'idempotency_key' (or the "
+                self._direct_call("idempotent_transaction()")
+                or f"{self.name}: idempotent_transaction() needs option 'idempotency_key' (or the "
                 "idempotency_key header) and reliable_idempotency_store='postgres', and is "
                 "available only while the task runs"
             )
@@ -1281,11 +1317,25 @@ class ReliableTask(Task):  # type: ignore[misc]
 
     # ---------------------------------------------------------- inside a run
 
+    def _direct_call(self, what: str) -> str | None:
+        """Why ``what`` is unavailable, if this is a direct call (``my_task(...)``); else None.
+
+        A direct call runs the body as a plain function, like any Celery task
+        called directly: no message, no guards, so no lock, token or record.
+        """
+        if not self.request.called_directly:
+            return None
+        short = self.name.rsplit(".")[-1]
+        return (f"{self.name}: {what} is not available in a direct call ({short}(...) runs "
+                "the body as a plain function, without guards); run the task through "
+                "its guards with .apply() (in this process), .delay(), or task_always_eager")
+
     def _execution(self) -> _Execution:
         execution = getattr(self.request, "_reliable_execution", None)
         if execution is None or execution.token is None or execution.resource is None:
             raise RuntimeError(
-                f"{self.name}: no lock is held (set the 'lock' option, and "
+                self._direct_call("the lock (self.fence, fence_token, lock_resource, lock_lost)")
+                or f"{self.name}: no lock is held (set the 'lock' option, and "
                 "read this only while the task runs)"
             )
         return execution  # type: ignore[no-any-return]

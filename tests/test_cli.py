@@ -334,6 +334,21 @@ def test_migrate_creates_the_tables_and_is_idempotent(cli_env: dict[str, str],
     assert "no dead letters" in ok(env, "dlq", "list")
 
 
+def test_status_before_migrate_shows_the_redis_panels_and_what_is_missing(
+        cli_env: dict[str, str], empty_database: str) -> None:
+    """`status` on a database without tables, at 80 columns: Redis panels, then the fix."""
+    env = {**cli_env, "CLI_DATABASE_URL": empty_database, "COLUMNS": "80"}
+    out = ok(env, "status")
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, out
+    for panel in ("Locks held (0)", "Token buckets", "Bulkhead tiers", "Circuit breakers"):
+        assert panel in out
+    assert "emails" in out and "partner" in out  # read from Redis
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out).split())
+    assert "tables are missing" in text, out
+    assert "`celery -A cli_app reliable migrate`" in text, out
+
+
 # ------------------------------------------------------------------ servers down, bad URLs
 
 

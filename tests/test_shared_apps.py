@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from celery import Celery, _state
+from celery import Celery, _state, shared_task
 
 from celery_reliable import ConfigurationError, ReliableTask
 
@@ -116,3 +116,23 @@ def test_two_apps_with_different_settings_get_their_own_policy() -> None:
     large.register_task(Job)
     assert Job.policy_for(small).tier.concurrent == 2
     assert Job.policy_for(large).tier.concurrent == 5
+
+
+def test_shared_task_decorator_fits_an_app_already_finalized(redis_url: str) -> None:
+    """@shared_task reaching a finalized app that cannot run it: no error at import, only on use."""
+    plain = make_app("plain")
+    plain.finalize()  # like pytest-celery's module-level app, finalized before tasks import
+    name = f"shared.deco.{secrets.token_hex(3)}"
+
+    def job(self: Any, n: int) -> int:
+        return n * 2
+
+    # used to raise ConfigurationError here, when the user's tasks module was imported
+    shared_task(base=ReliableTask, bind=True, name=name, bulkhead="gold")(job)
+    with pytest.raises(ConfigurationError, match="option 'bulkhead' names tier 'gold'"):
+        plain.tasks[name].apply_async(args=(1,))
+    mine = make_app("mine", redis_url, reliable_bulkheads={"gold": TIER})
+    mine.finalize()
+    assert mine.tasks[name].apply(args=(21,)).get(timeout=10) == 42
+    with pytest.raises(ConfigurationError, match="lock_ttl"):  # its own options: no app could
+        shared_task(base=ReliableTask, bind=True, name=f"{name}.bad", lock="x", lock_ttl=-1)(job)

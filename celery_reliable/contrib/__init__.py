@@ -1,1 +1,3 @@
-"""Integrations with other frameworks; each is imported only when you import it."""
+"""Optional integrations, each imported only when you import it:
+``celery_reliable.contrib.pytest`` (fixtures for your tests) and
+``celery_reliable.contrib.django`` (Django's connection, settings and ``manage.py``)."""
