@@ -356,14 +356,40 @@ def test_django_not_set_up_is_a_configuration_error(database_url: str) -> None:
 
 def test_the_record_alias_must_be_the_engines_database(django_db: None) -> None:
     """reliable_django_database on another database than reliable_database_url is refused:
-    records would live apart from the tables, the CLI and the dead letters."""
+    records would live apart from the tables the CLI and the dead letters use."""
     from celery_reliable.contrib.django.record import DjangoRecord
 
     admin = sa.create_engine(PG_ADMIN_URL)  # the server's 'postgres' database
     record = DjangoRecord(admin, "t", "k", "f", 60.0, alias="default", lock_timeout=5.0)
-    with pytest.raises(ConfigurationError, match="database_url_from_django"):
+    with pytest.raises(ConfigurationError, match=r"in another database: .*database_url_from"):
         record.begin()
     admin.dispose()
+
+
+def test_the_record_alias_must_reach_the_engines_tables(database_url: str,
+                                                        django_db: None) -> None:
+    """The same database, but the engine's search_path finds celery-reliable's tables in
+    another schema (as the pytest plugin's per-test schema does): refused too."""
+    from celery_reliable import create_tables
+    from celery_reliable.contrib.django.record import DjangoRecord
+
+    schema = f"s{secrets.token_hex(4)}"
+    plain = sa.create_engine(database_url)
+    with plain.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    elsewhere = sa.create_engine(database_url, connect_args={
+        "options": f"-csearch_path={schema}"})
+    try:
+        create_tables(elsewhere)
+        record = DjangoRecord(elsewhere, "t", "k", "f", 60.0, alias="default",
+                              lock_timeout=5.0)
+        with pytest.raises(ConfigurationError, match=r"another schema \(search_path\)"):
+            record.begin()
+    finally:
+        elsewhere.dispose()
+        with plain.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        plain.dispose()
 
 
 def test_reliable_migrate_management_command_creates_the_tables() -> None:

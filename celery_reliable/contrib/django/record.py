@@ -16,13 +16,14 @@ subclasses around the driver's exception (SQLSTATE and all), so the task
 pipeline defers, replays and fails exactly as on its own pool.
 
 Refused configurations (``ConfigurationError``): Django not set up, an alias
-that is not PostgreSQL, or one on another database than ``reliable_database_url``
-(the CLI, dead letters and table creation use that one).
+that is not PostgreSQL, or one whose ``reliable_idempotency`` is another table
+(database, or schema on its search_path) than ``reliable_database_url``'s (the
+CLI, purge, dead letters and table creation use that one).
 """
 
 from __future__ import annotations
 
-import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -37,15 +38,19 @@ from sqlalchemy.sql.expression import ClauseElement
 from ...errors import ConfigurationError
 from ...fencing import driver_statement
 from ...idempotency import _CLAIM, _LOOKUP, _SUCCEED, _UPSERT, Existing, PostgresRecord
+from ...schema import idempotency
 
 __all__ = ["DjangoRecord"]
 
 T = TypeVar("T")
 
-#: (pid, engine URL, alias) found on one database: checked once per process.
-_same_database: set[tuple[int, str, str]] = set()
+#: Aliases found to reach each engine's tables: checked once per engine and alias.
+_same_tables: weakref.WeakKeyDictionary[Engine, set[str]] = weakref.WeakKeyDictionary()
 
-_IDENTITY = "SELECT current_database(), pg_postmaster_start_time()"
+#: Where a connection's statements on celery-reliable's records land: the server, the
+#: database, and the table the name resolves to through its search_path.
+_IDENTITY = ("SELECT current_database(), pg_postmaster_start_time(), "
+             f"to_regclass('{idempotency.name}')::oid")
 
 
 def _translated(sql: str, call: Callable[[], T]) -> T:
@@ -105,9 +110,9 @@ class DjangoRecord(PostgresRecord):
         return _translated(sql, execute)
 
     def _check_same_database(self, conn: Any) -> None:
-        """Refuse an alias on another database than the engine's (once per process)."""
-        key = (os.getpid(), self.engine.url.render_as_string(hide_password=True), self.alias)
-        if key in _same_database:
+        """Refuse an alias reaching another table than the engine's (once per process)."""
+        checked = _same_tables.setdefault(self.engine, set())
+        if self.alias in checked:
             return
 
         def django_identity() -> Any:
@@ -120,13 +125,15 @@ class DjangoRecord(PostgresRecord):
             ours = tuple(ours_conn.execute(text(_IDENTITY)).one())
         if theirs != ours:
             shown = self.engine.url.render_as_string(hide_password=True)
+            where = "database" if theirs[:2] != ours[:2] else "schema (search_path)"
             raise ConfigurationError(
-                f"reliable_django_database={self.alias!r} is database {theirs[0]!r}, but "
-                f"reliable_database_url ({shown}) is another database: records would live "
-                "apart from the tables, the CLI and the dead letters; set reliable_database_url "
-                f"= database_url_from_django({self.alias!r})"
+                f"reliable_django_database={self.alias!r} (database {theirs[0]!r}) and "
+                f"reliable_database_url ({shown}) reach celery-reliable's tables in another "
+                f"{where}: records would live apart from the tables the CLI, purge and "
+                "dead letters use; set reliable_database_url = "
+                f"database_url_from_django({self.alias!r})"
             )
-        _same_database.add(key)
+        checked.add(self.alias)
 
     def _leave(self, atomic: Any, exc: BaseException | None) -> None:
         """Leave the outermost atomic block: commit when ``exc`` is None, else roll back."""
