@@ -6,13 +6,17 @@ key prefix::
 
     celery -A proj reliable status              # one screen: locks, buckets, tiers, breakers, DLQ
     celery -A proj reliable top                 # the same, refreshed every second (Ctrl-C quits)
-    celery -A proj reliable locks               # every lock held now
+    celery -A proj reliable locks               # every lock held now: task, label, token, time left
     celery -A proj reliable dlq list|show ID|replay ID|purge [--older-than-days N|--id ID] [--yes]
     celery -A proj reliable purge-idempotency [--batch-size N]
     celery -A proj reliable migrate             # create the PostgreSQL tables (idempotent)
 
 Mistakes a user can make (a bad URL, a server that is down, no database
 configured, an unknown dead-letter id) print one line on stderr and exit 1.
+
+Every table fits the terminal (80 columns too): its key columns (a lock's
+token and time left, a dead letter's id) never wrap, and the other columns
+wrap or end in "…" as rich's column settings say; no string is cut by hand.
 """
 
 from __future__ import annotations
@@ -171,12 +175,18 @@ class LockInfo:
     owner: str
     task_id: str
     ttl_ms: int
+    task: str = ""  # the task that holds it ("" for a FencedLock or an older version's lease)
+    label: str = ""  # the lock template, a lock_label, or FencedLock(label=...)
 
     @classmethod
     def parse(cls, key: str, value: str, ttl_ms: int) -> LockInfo:
-        token, _, owner = value.partition(" ")
+        """From the lease value ``"<token> <owner>[\\n<task>\\n<label>]"`` (lock_holder)."""
+        token, _, holder = value.partition(" ")
+        owner, _, described = holder.partition("\n")
+        task, _, label = described.partition("\n")
         task_id = owner.rpartition("/")[0] if "/" in owner else ""
-        return cls(key=key, token=token, owner=owner, task_id=task_id, ttl_ms=ttl_ms)
+        return cls(key=key, token=token, owner=owner, task_id=task_id, ttl_ms=ttl_ms,
+                   task=task, label=label)
 
     @property
     def digest(self) -> str:
@@ -294,34 +304,44 @@ def _panel(title: str, body: RenderableType, error: str | None = None) -> Panel:
 
 
 def _locks_table(locks: list[LockInfo], total: int, *, caption: bool = True) -> RenderableType:
+    """Per lock: task name over its owner, resource label over its digest, token, time left.
+
+    Token and time left never wrap (a token is only useful whole). The other
+    two columns share what is left: the task name and the label fold onto more
+    lines, whole; the owner and the digest below them stay on one line and
+    end in "…" when narrow (at 80 columns their first ~20 characters show).
+    """
     if not locks:
         return Text("no locks held")
     table = Table(box=None, pad_edge=False, caption=TTL_NOTE if caption else None,
                   caption_justify="left")
-    table.add_column("lock (resource digest)", no_wrap=True)
+    table.add_column("task / owner", min_width=10)
+    table.add_column("resource / digest", min_width=10)
     table.add_column("token", justify="right", no_wrap=True)
-    table.add_column("task id", no_wrap=True)
-    table.add_column("owner", no_wrap=True)
     table.add_column("expires in", justify="right", no_wrap=True)
     for lock in locks:
-        table.add_row(lock.digest, lock.token, lock.task_id or "-", lock.owner,
-                      _seconds(lock.ttl_ms))
-    if total > len(locks):
-        table.add_row(f"... and {total - len(locks)} more (`reliable locks` lists all)",
-                      "", "", "", "")
-    return table
+        table.add_row(
+            Group(Text(lock.task or "-", overflow="fold"),
+                  Text(lock.owner, style="dim", no_wrap=True, overflow="ellipsis")),
+            Group(Text(lock.label or "-", overflow="fold"),
+                  Text(lock.digest, style="dim", no_wrap=True, overflow="ellipsis")),
+            lock.token, _seconds(lock.ttl_ms),
+        )
+    if total <= len(locks):
+        return table
+    return Group(table, Text(f"... and {total - len(locks)} more (`reliable locks` lists all)"))
 
 
 def _buckets_table(buckets: list[tuple[str, BucketSpec, float | None]]) -> RenderableType:
     if not buckets:
         return Text("no queue is rate limited (reliable_queue_rate_limits)")
     table = Table(box=None, pad_edge=False)
-    for name, justify in (("queue", "left"), ("tokens left", "right"), ("burst", "right"),
-                          ("rate", "right")):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    table.add_column("queue", overflow="fold")  # a long name folds, whole
+    for name in ("tokens left", "burst", "rate"):
+        table.add_column(name, justify="right", no_wrap=True)
     for queue, spec, tokens in buckets:
         left = "-" if tokens is None else f"{tokens:.2f}"
-        table.add_row(queue, left, _number(spec.burst), f"{_number(spec.rate)}/s")
+        table.add_row(Text(queue), left, _number(spec.burst), f"{_number(spec.rate)}/s")
     return table
 
 
@@ -329,11 +349,12 @@ def _tiers_table(tiers: list[tuple[str, TierSpec, TierStats]]) -> RenderableType
     if not tiers:
         return Text("no bulkhead tiers")
     table = Table(box=None, pad_edge=False)
-    for name in ("tier", "active", "waiting", "rejected", "timed out", "dropped", "policy"):
-        table.add_column(name, justify="left" if name in ("tier", "policy") else "right",
-                         no_wrap=True)
+    table.add_column("tier", overflow="fold")
+    for name in ("active", "waiting", "rejected", "timed out", "dropped", "policy"):
+        table.add_column(name, justify="left" if name == "policy" else "right", no_wrap=True)
     for tier, spec, stats in tiers:
-        table.add_row(tier, f"{stats.active}/{spec.concurrent}", f"{stats.waiting}/{spec.queue}",
+        table.add_row(Text(tier), f"{stats.active}/{spec.concurrent}",
+                      f"{stats.waiting}/{spec.queue}",
                       str(stats.rejected), str(stats.timed_out), str(stats.dropped), spec.policy)
     return table
 
@@ -345,10 +366,12 @@ def _breakers_table(breakers: list[tuple[str, BreakerSpec, int]]) -> RenderableT
     if not breakers:
         return Text("no circuit breakers (reliable_circuit_breakers)")
     table = Table(box=None, pad_edge=False)
-    for name in ("breaker", "state", "opens after", "open for"):
-        table.add_column(name, no_wrap=True)
+    table.add_column("breaker", overflow="fold")
+    table.add_column("state", no_wrap=True)
+    table.add_column("opens after")  # "N failures in W": wraps at its spaces
+    table.add_column("open for", no_wrap=True)
     for name, spec, state in breakers:
-        table.add_row(name, Text(STATE_NAMES.get(state, str(state)),
+        table.add_row(Text(name), Text(STATE_NAMES.get(state, str(state)),
                                  style=_STATE_STYLE.get(state, "")),
                       f"{spec.failure_threshold} failures in {spec.window}",
                       f"{_number(spec.open_seconds)} s")
@@ -431,7 +454,12 @@ def top(iterations: int | None, interval: float) -> None:
 @reliable.command()
 @_guarded
 def locks() -> None:
-    """Every lock held now: resource digest, fencing token, owner task, lease time left."""
+    """Every lock held now: task, resource label, fencing token, lease time left, owner, digest.
+
+    The label is the task's ``lock`` template (argument names, not their values;
+    a callable's name), its ``lock_label``, or a FencedLock's ``label``: what
+    the resource was formatted to never leaves the worker except as a digest.
+    """
     runtime = _runtime()
     found, total = held_locks(runtime)
     console = _console()
@@ -478,14 +506,22 @@ def dlq_list(task_name: str | None, reason: str | None, limit: int) -> None:
         return
     table = Table(box=None, pad_edge=False, title=f"{len(found)} of {total} dead letter(s)",
                   title_justify="left")
-    for name in ("id", "task", "reason", "error", "attempts", "last failure", "replayed as"):
-        table.add_column(name, justify="right" if name in ("id", "attempts") else "left",
-                         no_wrap=name != "error")
+    # The id (what show/replay/purge take) and the attempts never wrap; the
+    # rest wrap when narrow. The error is one line, ending in "…" where the
+    # column ends (`dlq show ID` has all of it); a replayed task id is cut last.
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("task", overflow="fold", min_width=6)
+    table.add_column("reason", min_width=6)
+    table.add_column("error", min_width=8)
+    table.add_column("attempts", justify="right", no_wrap=True)
+    table.add_column("last failure", min_width=10)
+    table.add_column("replayed as", overflow="ellipsis", min_width=6)
     for letter in found:
         error = f"{letter.exc_type}: {letter.exc_message}" if letter.exc_type else "-"
-        table.add_row(str(letter.id), letter.task_name, letter.reason,
-                      error if len(error) <= 80 else error[:77] + "...", str(letter.attempts),
-                      _when(letter.last_failure_at), letter.replayed_as or "-")
+        table.add_row(str(letter.id), Text(letter.task_name), Text(letter.reason),
+                      Text(_one_line(error), no_wrap=True, overflow="ellipsis"),
+                      str(letter.attempts), _when(letter.last_failure_at),
+                      letter.replayed_as or "-")
     console.print(table)
 
 
@@ -499,7 +535,7 @@ def dlq_show(letter_id: int) -> None:
     letter = _letter(_letters(), letter_id)
     table = Table(box=None, pad_edge=False, show_header=False)
     table.add_column(style="bold", no_wrap=True)
-    table.add_column()
+    table.add_column(overflow="fold")  # all of every value, folded when narrow
     rows = [
         ("id", str(letter.id)), ("task", letter.task_name), ("task id", letter.task_id),
         ("queue", letter.queue or "-"), ("reason", letter.reason),
