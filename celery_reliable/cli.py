@@ -313,8 +313,7 @@ def _locks_table(locks: list[LockInfo], total: int, *, caption: bool = True) -> 
     """
     if not locks:
         return Text("no locks held")
-    table = Table(box=None, pad_edge=False, caption=TTL_NOTE if caption else None,
-                  caption_justify="left")
+    table = Table(box=None, pad_edge=False)
     table.add_column("task / owner", min_width=10)
     table.add_column("resource / digest", min_width=10)
     table.add_column("token", justify="right", no_wrap=True)
@@ -327,9 +326,11 @@ def _locks_table(locks: list[LockInfo], total: int, *, caption: bool = True) -> 
                   Text(lock.digest, style="dim", no_wrap=True, overflow="ellipsis")),
             lock.token, _seconds(lock.ttl_ms),
         )
-    if total <= len(locks):
-        return table
-    return Group(table, Text(f"... and {total - len(locks)} more (`reliable locks` lists all)"))
+    # Below the table, not its caption: a caption wraps at the table's width.
+    notes = [Text(TTL_NOTE)] if caption else []
+    if total > len(locks):
+        notes.append(Text(f"... and {total - len(locks)} more (`reliable locks` lists all)"))
+    return Group(table, *notes)
 
 
 def _buckets_table(buckets: list[tuple[str, BucketSpec, float | None]]) -> RenderableType:
@@ -489,6 +490,33 @@ def _when(value: datetime | None) -> str:
     return value.isoformat(sep=" ", timespec="seconds") if value is not None else "-"
 
 
+def _dead_letters_table(found: list[DeadLetter], title: str) -> Table:
+    """Newest first: id; task, error (and replayed as); reason; attempts; last failure.
+
+    The id (what show/replay/purge take) and the attempts never wrap. The task
+    name folds, whole; below it the error and the replayed task id each stay
+    on one line, ending in "…" where the column ends (``dlq show ID`` has all
+    of them). The last failure's date and time are two lines, so the task
+    column gets the width (at 80 columns about 30 characters).
+    """
+    table = Table(box=None, pad_edge=False, title=title, title_justify="left")
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("task / error", min_width=12)
+    table.add_column("reason", min_width=9)
+    table.add_column("attempts", justify="right", no_wrap=True)
+    table.add_column("last failure", max_width=14)
+    for letter in found:
+        error = f"{letter.exc_type}: {letter.exc_message}" if letter.exc_type else "-"
+        lines = [Text(letter.task_name, overflow="fold"),
+                 Text(_one_line(error), style="dim", no_wrap=True, overflow="ellipsis")]
+        if letter.replayed_as:
+            lines.append(Text(f"replayed as {letter.replayed_as}", style="dim", no_wrap=True,
+                              overflow="ellipsis"))
+        table.add_row(str(letter.id), Group(*lines), Text(letter.reason), str(letter.attempts),
+                      _when(letter.last_failure_at))
+    return table
+
+
 @dlq.command("list")
 @click.option("--task", "task_name", default=None, help="Only letters of this task name.")
 @click.option("--reason", default=None, help='Only this reason (e.g. "retries exhausted").')
@@ -504,25 +532,7 @@ def dlq_list(task_name: str | None, reason: str | None, limit: int) -> None:
         console.print(f"no dead letters (of {total})" if task_name or reason else
                       "no dead letters")
         return
-    table = Table(box=None, pad_edge=False, title=f"{len(found)} of {total} dead letter(s)",
-                  title_justify="left")
-    # The id (what show/replay/purge take) and the attempts never wrap; the
-    # rest wrap when narrow. The error is one line, ending in "…" where the
-    # column ends (`dlq show ID` has all of it); a replayed task id is cut last.
-    table.add_column("id", justify="right", no_wrap=True)
-    table.add_column("task", overflow="fold", min_width=6)
-    table.add_column("reason", min_width=6)
-    table.add_column("error", min_width=8)
-    table.add_column("attempts", justify="right", no_wrap=True)
-    table.add_column("last failure", min_width=10)
-    table.add_column("replayed as", overflow="ellipsis", min_width=6)
-    for letter in found:
-        error = f"{letter.exc_type}: {letter.exc_message}" if letter.exc_type else "-"
-        table.add_row(str(letter.id), Text(letter.task_name), Text(letter.reason),
-                      Text(_one_line(error), no_wrap=True, overflow="ellipsis"),
-                      str(letter.attempts), _when(letter.last_failure_at),
-                      letter.replayed_as or "-")
-    console.print(table)
+    console.print(_dead_letters_table(found, f"{len(found)} of {total} dead letter(s)"))
 
 
 @dlq.command("show")
