@@ -613,7 +613,8 @@ class LockPolicy:
         (an e-mail address, a token) and would sit readable in Redis and on screen.
         """
         if callable(self.spec):
-            return f"{getattr(self.spec, '__qualname__', type(self.spec).__name__)}(...)"
+            name = getattr(self.spec, "__qualname__", type(self.spec).__name__)
+            return f"{name.rsplit('<locals>.', 1)[-1]}(...)"  # "f.<locals>.g": "g"
         return self.spec
 
 

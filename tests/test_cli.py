@@ -522,3 +522,44 @@ def test_a_lost_admission_reply_rolls_back_a_labelled_lock(
     assert other.rollback(redis_client) == [0]
     assert plan.rollback(redis_client) == [1]
     assert redis_client.get(keys.lock("order:7")) is None
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"lock": "o:{order_id}", "lock_label": "o {customer}"},
+         "'lock_label' template 'o {customer}' names argument 'customer'"),
+        ({"lock": "o:{order_id}", "lock_label": ""}, "'lock_label' must be a non-empty template"),
+        ({"lock_label": "o {order_id}"}, "'lock_label' is set but 'lock' is not"),
+        ({"lock": "o:{order_id}", "lock_lable": "x"}, "did you mean 'lock_label'?"),
+    ],
+)
+def test_bad_lock_label_fails_at_bind(options: dict[str, Any], fragment: str) -> None:
+    """lock_label is validated when the task binds, like lock, naming task and option."""
+    from celery import Celery
+
+    from celery_reliable import ConfigurationError
+    from tests.test_config import bind
+
+    with pytest.raises(ConfigurationError, match=re.escape(fragment)) as info:
+        bind(Celery("cfg", broker="memory://", set_as_current=False), **options)
+    assert str(info.value).startswith("shop.charge: ")
+
+
+def test_lock_label_defaults_to_the_template_never_its_values() -> None:
+    """Default label: the lock template (or a callable's name); lock_label formats values."""
+    from celery import Celery
+
+    from tests.test_config import bind
+
+    arguments = {"order_id": SECRET_EMAIL, "amount": 3}
+
+    def lock_for(args: Any) -> str:
+        return f"order:{args['order_id']}"
+
+    cases = [({"lock": "order:{order_id}"}, "order:{order_id}"),
+             ({"lock": lock_for}, "lock_for(...)"),
+             ({"lock": "order:{order_id}", "lock_label": "amount {amount}"}, "amount 3")]
+    for options, label in cases:
+        policy = bind(Celery("cfg", broker="memory://", set_as_current=False), **options)._policy()
+        assert policy.lock.label("shop.charge", arguments) == label
