@@ -399,3 +399,43 @@ def test_plain_retry_without_countdown_stays_inside_the_window(broker_app: Celer
     retry = deliver(job)
     assert isinstance(retry, Retry)
     assert float(retry.when) <= 54, f"retry countdown {retry.when}s > the 54 s cap (window 60 s)"
+
+
+# ------------------------------------------------------------ dead letters
+
+
+@pytest.mark.xfail(strict=True, reason="DeadLetters.replay() of a task with "
+                   "idempotency_keep_failures replays the kept failure, never runs the task")
+def test_replay_of_a_dead_letter_runs_the_task_even_with_kept_failures(
+    celery_app: Celery, celery_worker: Any
+) -> None:
+    """``DeadLetters.replay(id)`` with ``idempotency_keep_failures=True``: ReplayedFailure, no run.
+
+    The README: "only ``.replay(id)`` runs the task again". Replay re-publishes
+    the same arguments, so the same idempotency key finds the kept failure and
+    raises ``ReplayedFailure`` without running; the letter is still marked
+    ``replayed_as`` the new id, so the operator believes it ran.
+    """
+    from celery_reliable import DeadLetters
+
+    calls: list[int] = []
+    name = f"adv.kept.{secrets.token_hex(3)}"
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=name,
+                     idempotency_key=True, idempotency_keep_failures=True)
+    def charge(self: Any, n: int) -> int:
+        calls.append(n)
+        if len(calls) == 1:
+            raise ValueError("card declined")  # not retryable: dead-lettered
+        return n * 2
+
+    celery_worker.reload()
+    with pytest.raises(ValueError):
+        charge.delay(21).get(timeout=10)
+    dead = DeadLetters(celery_app)
+    [letter] = dead.list(task_name=name)
+    new_id = dead.replay(letter.id)
+    assert dead.get(letter.id).replayed_as == new_id
+    assert celery_app.AsyncResult(new_id).get(timeout=10, propagate=False) == 42, (
+        "the replay raised the kept failure instead of running")
+    assert calls == [21, 21]
