@@ -439,3 +439,38 @@ def test_replay_of_a_dead_letter_runs_the_task_even_with_kept_failures(
     assert celery_app.AsyncResult(new_id).get(timeout=10, propagate=False) == 42, (
         "the replay raised the kept failure instead of running")
     assert calls == [21, 21]
+
+
+@pytest.mark.xfail(strict=True, reason="DeadLetters.replay() drops the producer's idempotency_key "
+                   "header: the replayed run records nothing, the producer's resend runs again")
+def test_replay_keeps_the_producer_idempotency_key(
+    celery_app: Celery, celery_worker: Any
+) -> None:
+    """A task keyed by the producer's ``idempotency_key`` header, dead-lettered then replayed.
+
+    The letter keeps the arguments but not the headers, so the replay runs
+    without the key: its success is recorded under no key, and the producer's
+    own resend of key K (at-least-once publishing) runs the effect a second time.
+    """
+    from celery_reliable import DeadLetters
+
+    calls: list[int] = []
+    name = f"adv.header.{secrets.token_hex(3)}"
+    key = f"payment-{secrets.token_hex(4)}"
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=name)
+    def pay(self: Any, n: int) -> int:
+        calls.append(n)
+        if len(calls) == 1:
+            raise ValueError("issuer unavailable, not retryable")
+        return n
+
+    celery_worker.reload()
+    with pytest.raises(ValueError):
+        pay.apply_async(args=(5,), headers={"idempotency_key": key}).get(timeout=10)
+    dead = DeadLetters(celery_app)
+    [letter] = dead.list(task_name=name)
+    assert celery_app.AsyncResult(dead.replay(letter.id)).get(timeout=10) == 5
+    # The producer, unsure its first publish went through, sends key K again.
+    assert pay.apply_async(args=(5,), headers={"idempotency_key": key}).get(timeout=10) == 5
+    assert calls == [5, 5], f"the effect ran {len(calls) - 1} times after the failure"
