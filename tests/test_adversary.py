@@ -33,29 +33,44 @@ from celery_reliable.scripts import script
 
 from .conftest import RedisServer, TcpProxy
 
+
+def defect(reason: str) -> pytest.MarkDecorator:
+    """A reproduced defect: the test must fail on an assertion (any other error is not it)."""
+    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
+
+
 # ------------------------------------------------------------ a late request
 
 
 class LateProxy(TcpProxy):
     """A TcpProxy that delivers one request late, on its own connection only.
 
-    ``hold(marker, delay)``: the next request containing ``marker`` reaches the
-    server ``delay`` seconds after it was sent, even if its client has given up
-    and closed the connection meanwhile; every other connection flows. This is
-    a lost TCP segment in retransmission backoff (RTO doubles: 0.2, 0.4, ...,
-    3.2 s): the data already written to the socket is still delivered after the
+    ``hold(marker)``: the next request containing ``marker`` is kept until
+    ``release()``, then reaches the server even if its client has given up and
+    closed the connection meanwhile; every other connection flows. This is a
+    lost TCP segment in retransmission backoff (RTO doubles: 0.2, 0.4, ...,
+    3.2 s): data already written to the socket is still delivered after the
     client's ``close()``, followed by the FIN, while a new connection made after
     the network healed gets through at once.
     """
 
     def __init__(self, target_port: int) -> None:
         super().__init__(target_port)
-        self._late: tuple[bytes, float] | None = None
+        self._late: bytes | None = None
+        self._release = threading.Event()
         self.delivered = threading.Event()
 
-    def hold(self, marker: bytes, delay: float) -> None:
+    def hold(self, marker: bytes) -> None:
+        self._release.clear()
         self.delivered.clear()
-        self._late = (marker, delay)
+        self._late = marker
+
+    def release(self) -> None:
+        self._release.set()
+
+    def stop(self) -> None:
+        self._release.set()
+        super().stop()
 
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         if src.getsockname()[1] != self.port:  # the server's replies: as usual
@@ -64,9 +79,9 @@ class LateProxy(TcpProxy):
         try:
             while data := src.recv(65536):
                 late = self._late
-                if late is not None and late[0] in data:
+                if late is not None and late in data:
                     self._late = None
-                    time.sleep(late[1])
+                    self._release.wait(30)
                     dst.sendall(data)
                     time.sleep(0.2)  # let the server read it before the FIN follows
                     self.delivered.set()
@@ -88,8 +103,8 @@ def late_proxy(private_redis: RedisServer) -> Iterator[LateProxy]:
     tcp.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="a late-delivered admission runs after its rollback: "
-                   "phantom lock and delivery count")
+@defect("a late-delivered admission runs after its rollback: "
+        "phantom lock and delivery count")
 def test_admission_arriving_after_its_rollback_leaves_nothing_behind(
     private_redis: RedisServer, late_proxy: LateProxy
 ) -> None:
@@ -115,11 +130,12 @@ def test_admission_arriving_after_its_rollback_leaves_nothing_behind(
     plan.add_deliveries(keys.deliveries(task_id), 3, 24 * 3600.0, owner)
     plan.add_lock(keys, "order:1", owner, 30)
 
-    late_proxy.hold(script("admit").sha.encode(), delay=1.5)
+    late_proxy.hold(script("admit").sha.encode())
     with pytest.raises(redis.TimeoutError):
         plan.admit(client)
     # What ReliableTask._admit does next: undo by owner (nothing there yet), then defer.
     assert plan.rollback(client) == [0, 0]
+    late_proxy.release()  # the network heals: the admission's segment gets through
     assert late_proxy.delivered.wait(10), "the delayed admission never reached the server"
 
     lock_key = keys.lock("order:1")
@@ -132,8 +148,8 @@ def test_admission_arriving_after_its_rollback_leaves_nothing_behind(
     direct.close()
 
 
-@pytest.mark.xfail(strict=True, reason="FencedLock: a late-delivered acquire runs after its "
-                   "rollback and holds the lock for its whole ttl")
+@defect("FencedLock: a late-delivered acquire runs after its "
+        "rollback and holds the lock for its whole ttl")
 def test_fenced_lock_acquire_arriving_after_its_rollback_does_not_hold_the_lock(
     private_redis: RedisServer, late_proxy: LateProxy
 ) -> None:
@@ -148,9 +164,10 @@ def test_fenced_lock_acquire_arriving_after_its_rollback_does_not_hold_the_lock(
     client = redis.Redis(port=late_proxy.port, socket_timeout=0.5)
     client.ping()
     prefix = f"late{secrets.token_hex(3)}"
-    late_proxy.hold(script("admit").sha.encode(), delay=1.5)
+    late_proxy.hold(script("admit").sha.encode())
     with pytest.raises(redis.TimeoutError):
-        FencedLock(client, "invoice:7", ttl=60, prefix=prefix).acquire()
+        FencedLock(client, "invoice:7", ttl=60, prefix=prefix).acquire()  # rolls back, raises
+    late_proxy.release()
     assert late_proxy.delivered.wait(10)
     other = FencedLock(direct, "invoice:7", ttl=60, prefix=prefix)
     assert other.acquire() is not None, "locked by an acquire that already failed and rolled back"
@@ -181,8 +198,8 @@ _PROJ = """
 """
 
 
-@pytest.mark.xfail(strict=True, reason="@shared_task: a bad option no longer fails at bind in the "
-                   "app that runs it, only when the task is sent or run")
+@defect("@shared_task: a bad option no longer fails at bind in the "
+        "app that runs it, only when the task is sent or run")
 def test_shared_task_with_a_bad_option_fails_when_its_app_finalizes() -> None:
     """``@shared_task(base=ReliableTask, bulkhead="nope")``: its app finalizes without an error.
 
@@ -209,8 +226,8 @@ def test_shared_task_with_a_bad_option_fails_when_its_app_finalizes() -> None:
     assert "raised at bind" in done.stdout, done.stdout + done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="@shared_task declared while another app is finalized "
-                   "raises ConfigurationError about that other app's settings")
+@defect("@shared_task declared while another app is finalized "
+        "raises ConfigurationError about that other app's settings")
 def test_shared_task_declaration_is_not_broken_by_another_finalized_app() -> None:
     """A finalized app without tier "gold" makes ``@shared_task(bulkhead="gold")`` raise at import.
 
@@ -266,8 +283,8 @@ def deliver(task: Any, task_id: str | None = None) -> Any:
         task.pop_request()
 
 
-@pytest.mark.xfail(strict=True, reason="after retry(throw=False) released the lock, lock_lost is "
-                   "False and self.fence still writes")
+@defect("after retry(throw=False) released the lock, lock_lost is "
+        "False and self.fence still writes")
 def test_released_lock_ends_the_belief(broker_app: Celery) -> None:
     """``self.retry(throw=False)`` releases the lock, yet the body still believes it holds it.
 
@@ -317,8 +334,8 @@ def bucket_take(client: redis.Redis, key: str, spec: BucketSpec,
     return outcome
 
 
-@pytest.mark.xfail(strict=True, reason="slots lost with their tasks (purge, revoke, expires) stall "
-                   "the bucket: an idle full bucket admits nobody until the ghost tail passes")
+@defect("slots lost with their tasks (purge, revoke, expires) stall "
+        "the bucket: an idle full bucket admits nobody until the ghost tail passes")
 def test_idle_bucket_with_tokens_admits_after_its_queue_was_purged(
     private_redis: RedisServer,
 ) -> None:
@@ -349,8 +366,8 @@ def test_idle_bucket_with_tokens_admits_after_its_queue_was_purged(
     client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a raised rate does not reach a queued backlog: slots keep "
-                   "the old rate's schedule, fresh arrivals queue behind it")
+@defect("a raised rate does not reach a queued backlog: slots keep "
+        "the old rate's schedule, fresh arrivals queue behind it")
 def test_raising_the_rate_speeds_up_the_queued_backlog(private_redis: RedisServer) -> None:
     """1/s with 20 queued, then the rate is raised to 100/s: the backlog still waits up to 20 s.
 
@@ -378,8 +395,8 @@ def test_raising_the_rate_speeds_up_the_queued_backlog(private_redis: RedisServe
 # ------------------------------------------------------------ countdowns and the window
 
 
-@pytest.mark.xfail(strict=True, reason="retry() with no countdown and no backoff uses Celery's "
-                   "default_retry_delay (180 s) past the redelivery window, uncapped")
+@defect("retry() with no countdown and no backoff uses Celery's "
+        "default_retry_delay (180 s) past the redelivery window, uncapped")
 def test_plain_retry_without_countdown_stays_inside_the_window(broker_app: Celery) -> None:
     """``self.retry(exc=...)`` on a Redis broker with visibility_timeout=60: it retries in 180 s.
 
@@ -404,8 +421,8 @@ def test_plain_retry_without_countdown_stays_inside_the_window(broker_app: Celer
 # ------------------------------------------------------------ dead letters
 
 
-@pytest.mark.xfail(strict=True, reason="DeadLetters.replay() of a task with "
-                   "idempotency_keep_failures replays the kept failure, never runs the task")
+@defect("DeadLetters.replay() of a task with "
+        "idempotency_keep_failures replays the kept failure, never runs the task")
 def test_replay_of_a_dead_letter_runs_the_task_even_with_kept_failures(
     celery_app: Celery, celery_worker: Any
 ) -> None:
@@ -441,8 +458,8 @@ def test_replay_of_a_dead_letter_runs_the_task_even_with_kept_failures(
     assert calls == [21, 21]
 
 
-@pytest.mark.xfail(strict=True, reason="DeadLetters.replay() drops the producer's idempotency_key "
-                   "header: the replayed run records nothing, the producer's resend runs again")
+@defect("DeadLetters.replay() drops the producer's idempotency_key "
+        "header: the replayed run records nothing, the producer's resend runs again")
 def test_replay_keeps_the_producer_idempotency_key(
     celery_app: Celery, celery_worker: Any
 ) -> None:
