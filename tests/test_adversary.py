@@ -25,7 +25,7 @@ import redis
 from celery import Celery
 from celery.exceptions import Retry
 
-from celery_reliable import FencedLock, ReliableTask
+from celery_reliable import FencedLock, RedisFence, ReliableTask
 from celery_reliable.admission import Admitted, Plan, Refused
 from celery_reliable.keys import KeySpace
 from celery_reliable.ratelimit import BucketSpec
@@ -491,3 +491,37 @@ def test_replay_keeps_the_producer_idempotency_key(
     # The producer, unsure its first publish went through, sends key K again.
     assert pay.apply_async(args=(5,), headers={"idempotency_key": key}).get(timeout=10) == 5
     assert calls == [5, 5], f"the effect ran {len(calls) - 1} times after the failure"
+
+
+# ------------------------------------------------------------ a late fenced write
+
+
+@defect("a fenced write delivered late is accepted again (equal token, same holder) and "
+        "overwrites the holder's later write")
+def test_late_duplicate_of_a_fenced_write_does_not_undo_a_later_write(
+    private_redis: RedisServer, late_proxy: LateProxy
+) -> None:
+    """One holder writes "v1" then "v2"; a late copy of the "v1" request lands last: value "v1".
+
+    ``fenced_set`` is resent after a timeout (it is in ``_IDEMPOTENT``: "writes
+    once and accepts twice"), and the first copy, delayed in the network, still
+    arrives. The fence accepts an equal token from the same holder whatever its
+    order, so the stale copy of the holder's first write overwrites its second:
+    a lost update inside one acquisition, with no StaleFenceToken anywhere. The
+    fence orders holders, not one holder's writes.
+    """
+    direct = redis.Redis(port=private_redis.port)
+    direct.script_load(script("fenced_set").source)
+    client = redis.Redis(port=late_proxy.port, socket_timeout=0.5)
+    client.ping()
+    key, token, holder = f"late:{secrets.token_hex(3)}", 1_000_000, "task-1/abcd"
+    fence = RedisFence(client)
+    late_proxy.hold(b"status-v1")
+    fence.set(key, "status-v1", token, holder=holder)  # timed out, resent on a new connection
+    fence.set(key, "status-v2", token, holder=holder)  # the holder moves on
+    assert direct.hget(key, "v") == b"status-v2"
+    late_proxy.release()  # the first copy of "v1" gets through at last
+    assert late_proxy.delivered.wait(10)
+    assert direct.hget(key, "v") == b"status-v2", "a stale copy of an earlier write won"
+    client.close()
+    direct.close()
