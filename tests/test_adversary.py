@@ -525,3 +525,63 @@ def test_late_duplicate_of_a_fenced_write_does_not_undo_a_later_write(
     assert direct.hget(key, "v") == b"status-v2", "a stale copy of an earlier write won"
     client.close()
     direct.close()
+
+
+# ------------------------------------------------------------ a soft time limit in admission
+
+
+@pytest.fixture
+def proxy(private_redis: RedisServer) -> Iterator[TcpProxy]:
+    tcp = TcpProxy(private_redis.port)
+    tcp.start()
+    yield tcp
+    tcp.stop()
+
+
+@defect("a soft time limit (or SystemExit) raised while admission waits for its reply skips "
+        "the rollback: the lock stays with a ghost owner until lock_ttl")
+def test_soft_time_limit_during_admission_still_rolls_back(
+    private_redis: RedisServer, proxy: TcpProxy
+) -> None:
+    """Admission ran, its reply is late, and Celery's soft time limit fires meanwhile: ghost lock.
+
+    ``_admit`` undoes a failed admission only on ``redis.RedisError``. Billiard
+    raises ``SoftTimeLimitExceeded`` from a signal handler (``SystemExit`` on
+    revoke's SIGTERM) in the middle of the blocked read, so the admission, which
+    did take the lock, is never rolled back: with ``soft_time_limit`` below
+    ``reliable_redis_socket_timeout`` (10 s), a Redis stall leaves the lock, the
+    idempotency lease and the delivery-count entry of a task that never ran.
+    """
+    import signal
+
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    direct = redis.Redis(port=private_redis.port)
+    direct.script_load(script("admit").source)
+    prefix = f"soft{secrets.token_hex(3)}"
+    app = Celery("soft", broker="memory://", set_as_current=False)
+    app.conf.update(reliable_redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                    reliable_key_prefix=prefix, reliable_idempotency_store="redis")
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="adv.soft", lock="report:1",
+              lock_ttl=60, soft_time_limit=1)
+    def report(self: Any) -> str:
+        return "ran"
+
+    def soft_limit(signum: int, frame: Any) -> None:  # as billiard's soft_timeout_sighandler
+        raise SoftTimeLimitExceeded()
+
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    proxy.lose_replies(script("admit").sha.encode())  # Redis stalls after running it
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            deliver(report)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        proxy.resume()
+    lock_key = KeySpace(prefix).lock("report:1")
+    assert direct.get(lock_key) is None, (
+        f"ghost lock held {direct.pttl(lock_key)} ms more by an admission nobody rolled back")
+    direct.close()
