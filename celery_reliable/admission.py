@@ -27,6 +27,7 @@ from .scripts import script
 
 __all__ = [
     "FENCE_TTL_MIN",
+    "LOCK_LABEL_MAX",
     "Admitted",
     "Mismatch",
     "Plan",
@@ -35,6 +36,7 @@ __all__ = [
     "Rejected",
     "Release",
     "Replay",
+    "lock_holder",
 ]
 
 log = logging.getLogger("celery_reliable")
@@ -42,6 +44,34 @@ log = logging.getLogger("celery_reliable")
 #: Fencing counters outlive every lease by far; tokens are floored at the
 #: server clock, so even an expired counter never lets tokens go backwards.
 FENCE_TTL_MIN = 7 * 24 * 3600.0
+
+#: Longest resource label kept with a lock's lease (characters); a longer one ends in "…".
+LOCK_LABEL_MAX = 60
+#: Longest task name kept with a lock's lease (characters).
+LOCK_TASK_MAX = 200
+
+
+def _printable(text: str, limit: int) -> str:
+    """``text`` on one line (whitespace runs, newlines included, become one space), cut."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def lock_holder(owner: str, task: str = "", label: str = "") -> str:
+    """What follows the fencing token in a lock's lease value.
+
+    ``"<owner>\\n<task name>\\n<label>"``, or just ``"<owner>"`` (the format of
+    older versions) when there is neither. The task name and the label are for
+    ``celery reliable locks``: kept in the lease itself, they are written by the
+    same SET, renewed and released with it, and need no key of their own (their
+    cost: their bytes, in the lease and in every admit, renew, release and
+    rollback call of it). The label must never carry a secret: the task
+    pipeline passes the ``lock`` template (argument names, not values).
+    """
+    task, label = _printable(task, LOCK_TASK_MAX), _printable(label, LOCK_LABEL_MAX)
+    if not task and not label:
+        return owner
+    return f"{owner}\n{task}\n{label}"
 
 
 @dataclass(frozen=True)
@@ -112,6 +142,7 @@ class Plan:
     undo_kinds: list[str] = field(default_factory=list)
     undo_keys: list[str] = field(default_factory=list)
     undo_owners: list[str] = field(default_factory=list)
+    lock_holders: dict[int, str] = field(default_factory=dict)  # lock guard index: holder
 
     def _undo(self, kind: str, key: str, owner: str) -> None:
         self.undo_kinds.append(kind)
@@ -133,22 +164,39 @@ class Plan:
         self._undo("I", key, owner)
         return len(self.kinds) - 1
 
-    def add_lock(self, keys: KeySpace, resource: str, owner: str, ttl: float) -> int:
-        """Lock ``resource`` for ``ttl`` seconds, minting a fencing token; returns its index."""
-        return self.add_lock_keys(keys.lock(resource), keys.fence(resource), owner, ttl)
+    def add_lock(
+        self, keys: KeySpace, resource: str, owner: str, ttl: float, *, task: str = "",
+        label: str = "",
+    ) -> int:
+        """Lock ``resource`` for ``ttl`` seconds, minting a fencing token; returns its index.
 
-    def add_lock_keys(self, lock_key: str, fence_key: str, owner: str, ttl: float) -> int:
+        ``task`` and ``label`` are kept with the lease for ``reliable locks``
+        (:func:`lock_holder`); :meth:`lock_value` gives the lease value once admitted.
+        """
+        return self.add_lock_keys(keys.lock(resource), keys.fence(resource), owner, ttl,
+                                  task=task, label=label)
+
+    def add_lock_keys(
+        self, lock_key: str, fence_key: str, owner: str, ttl: float, *, task: str = "",
+        label: str = "",
+    ) -> int:
         """:meth:`add_lock` with the keys already derived (a lock object reuses them)."""
+        holder = lock_holder(owner, task, label)
         self.kinds.append("L")
         self.offsets.append(len(self.keys))
         self.keys += [lock_key, fence_key]
         self.admit_args += [
-            owner,
+            holder,
             max(1, int(ttl * 1000)),
             int(max(FENCE_TTL_MIN, 10 * ttl) * 1000),
         ]
-        self._undo("L", lock_key, owner)
+        self._undo("L", lock_key, holder)
+        self.lock_holders[len(self.kinds) - 1] = holder
         return len(self.kinds) - 1
+
+    def lock_value(self, index: int, token: int) -> str:
+        """The lease value lock guard ``index`` wrote with ``token`` (renew and release it)."""
+        return f"{token} {self.lock_holders[index]}"
 
     def add_bulkhead(
         self, keys: KeySpace, tier: str, spec: TierSpec, owner: str, waiter: str

@@ -212,6 +212,18 @@ TASK_OPTIONS: dict[str, Option] = {
             _choice(_CONTENTION),
         ),
         Option(
+            "lock_label",
+            None,
+            "template or callable",
+            "What ``celery reliable locks`` shows for this task's lock (at most 60 characters "
+            "are kept, with the lease). ``None`` shows the ``lock`` template itself, argument "
+            "names and not their values (a callable ``lock``: its name), since a formatted "
+            "resource may carry a secret. A template over the bound arguments "
+            '(``"order {order_id}"``) or a callable receiving them shows those values, '
+            "readable in Redis: name only arguments that are not secret.",
+            _lock_spec,
+        ),
+        Option(
             "idempotency_key",
             None,
             "template, callable or True",
@@ -608,10 +620,29 @@ class LockPolicy:
     spec: str | Callable[[Mapping[str, Any]], str]
     ttl: float
     contention: Contention
+    label_spec: str | Callable[[Mapping[str, Any]], str] | None = None  # option lock_label
 
     def resource(self, task_name: str, arguments: Mapping[str, Any]) -> str:
         """The resource name for one call; raises ConfigurationError if it cannot be built."""
         return render(self.spec, task_name, "lock", arguments)
+
+    def label(self, task_name: str, arguments: Mapping[str, Any]) -> str:
+        """What ``reliable locks`` shows for one call (kept with the lease)."""
+        if self.label_spec is None:
+            return self.default_label
+        return render(self.label_spec, task_name, "lock_label", arguments)
+
+    @functools.cached_property
+    def default_label(self) -> str:
+        """Without ``lock_label``: the ``lock`` template, or a callable's name.
+
+        Argument names, never their values: a formatted resource is user data
+        (an e-mail address, a token) and would sit readable in Redis and on screen.
+        """
+        if callable(self.spec):
+            name = getattr(self.spec, "__qualname__", type(self.spec).__name__)
+            return f"{name.rsplit('<locals>.', 1)[-1]}(...)"  # "f.<locals>.g": "g"
+        return self.spec
 
 
 @dataclass(frozen=True)
@@ -877,7 +908,7 @@ def build_policy(
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         )
         var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    for option in ("lock", "idempotency_key", "rate_limit_key"):
+    for option in ("lock", "lock_label", "idempotency_key", "rate_limit_key"):
         spec = opts[option]
         if isinstance(spec, str) and not var_kw:
             for field_name in template_fields(task_name, spec, option):
@@ -890,7 +921,10 @@ def build_policy(
     lock = None
     if opts["lock"] is not None:
         spec = opts["lock"]
-        lock = LockPolicy(spec=spec, ttl=opts["lock_ttl"], contention=opts["lock_contention"])
+        lock = LockPolicy(spec=spec, ttl=opts["lock_ttl"], contention=opts["lock_contention"],
+                          label_spec=opts["lock_label"])
+    elif opts["lock_label"] is not None:
+        raise ConfigurationError(f"{task_name}: option 'lock_label' is set but 'lock' is not")
     if opts["defer_max_delay"] < opts["defer_delay"]:
         raise ConfigurationError(
             f"{task_name}: option 'defer_max_delay' ({opts['defer_max_delay']}) must be >= "

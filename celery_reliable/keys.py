@@ -33,7 +33,11 @@ class KeySpace:
         self.tag = "{" + prefix + "}"
 
     def lock(self, resource: str) -> str:
-        """The lease of the lock on ``resource`` (a string ``"<token> <owner>"``)."""
+        """The lease of the lock on ``resource`` (a string ``"<token> <holder>"``).
+
+        ``holder``: the owner, then the task name and a label on lines of their
+        own (:func:`celery_reliable.admission.lock_holder`).
+        """
         return f"{self.tag}:lock:{digest(resource)}"
 
     def fence(self, resource: str) -> str:

@@ -214,6 +214,8 @@ class ReliableTask(Task):  # type: ignore[misc]
     lock_ttl: ClassVar[Any] = TASK_OPTIONS["lock_ttl"].default
     #: ``"defer"`` | ``"skip"`` | ``"fail"`` when the lock is busy.
     lock_contention: ClassVar[Any] = TASK_OPTIONS["lock_contention"].default
+    #: What ``celery reliable locks`` shows (default: the ``lock`` template, no values).
+    lock_label: ClassVar[Any] = TASK_OPTIONS["lock_label"].default
     #: Idempotency key: template, callable, or True (task name + canonical arguments).
     idempotency_key: ClassVar[Any] = TASK_OPTIONS["idempotency_key"].default
     #: How long finished records are kept and replayed, seconds.
@@ -562,7 +564,8 @@ class ReliableTask(Task):  # type: ignore[misc]
             )
         if policy.lock is not None:
             execution.resource = policy.lock.resource(self.name, arguments)
-            plan.add_lock(runtime.keys, execution.resource, execution.owner, policy.lock.ttl)
+            plan.add_lock(runtime.keys, execution.resource, execution.owner, policy.lock.ttl,
+                          task=self.name, label=policy.lock.label(self.name, arguments))
         if policy.bulkhead is not None and policy.tier is not None:
             plan.add_bulkhead(runtime.keys, policy.bulkhead, policy.tier, execution.owner,
                               str(self.request.id))
@@ -715,7 +718,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                 metrics.observe("reliable_lock_wait_seconds",
                                 max(0.0, time.time() - float(since)) if since else 0.0)
                 execution.token = admitted.results[index]
-                value = f"{execution.token} {execution.owner}"
+                value = plan.lock_value(index, execution.token)
                 execution.lease = Lease(
                     "L", key, value, policy.lock.ttl, started, f"lock of {describe}"
                 )

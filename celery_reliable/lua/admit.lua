@@ -11,7 +11,10 @@ KEYS  the keys of each guard, in plan order
 ARGV  [1] plan: one letter per guard, e.g. "ILKB"
       then each guard's arguments, in plan order
         I: fingerprint, owner, lease_ms, ttl_ms
-        L: owner, lease_ms, fence_ttl_ms
+        L: holder, lease_ms, fence_ttl_ms; the lock's value becomes
+           "<token> <holder>", holder = "<owner>" or "<owner>\n<task name>\n<label>"
+           (admission.lock_holder: what `reliable locks` shows, kept in the
+           lease so it lives, renews and goes with it)
         K: owner, concurrent, lease_ms, waiter id, queue size, timeout_ms,
            policy (wait|drop|fail)
         B: rate (tokens/s), burst (tokens), cost (tokens), slot: -1 a plain

@@ -12,7 +12,7 @@ ARGV  [1] plan: one letter per guard, e.g. "IL"
            outcome S = succeeded (payload: result JSON), F = failed and kept
            (payload: error JSON), X = forget (nothing happened; a later
            delivery may run)
-        L: lease value ("<token> <owner>") returned by admission
+        L: lease value ("<token> <holder>") as admit.lua wrote it
         K: owner
         D: (none) the delivery finished: forget the unfinished ones
         C: probe owner, outcome (s success | f failure | n neutral), window,

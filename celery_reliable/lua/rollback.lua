@@ -8,14 +8,15 @@ KEYS  one per entry, in ARGV[1] order
         I: idempotency record      L: lock key           K: bulkhead slots zset
         C: breaker probes zset     D: delivery set of the task id
 ARGV  [1] one letter per entry, e.g. "DILK"
-      then one owner per entry: the execution's owner given to admit.lua
+      then one owner per entry: the execution's owner given to admit.lua (for L,
+      the holder given to admit.lua: the owner, or owner, task name and label)
 Returns {r1, r2, ...}: 1 removed, 0 nothing of ours there (admission did not
         run, or it was already undone, released or taken over)
 Safe to run twice, and safe when admission never ran: an entry goes only if it
 carries this owner.
   I: only an in-progress record (s = P) of ours; a finished one is a result
-  L: the lease value is "<token> <owner>"; the token is not known here, so the
-     owner after the token is compared
+  L: the lease value is "<token> <holder>"; the token is not known here, so the
+     holder after the token is compared
   K, C: the owner's member of the zset
   D: the owner's member of the set (an older version's counter is a string:
      left alone)
