@@ -187,6 +187,9 @@ def _ping_redis(what: str, url: str) -> None:
 def check_services() -> sa.Engine:
     """Reach the broker, every Redis and PostgreSQL the demo uses, or raise Unavailable."""
     kind = broker_kind()
+    if scheme(demo.RESULT_URL) not in RESULT_BACKENDS:
+        raise Unsupported(f"DEMO_RESULT_URL {safe_url(demo.RESULT_URL)}: the demo keeps task "
+                          "results in Redis only (redis://, rediss://), whatever the broker")
     if kind == "Redis":
         _ping_redis("Redis (broker)", demo.BROKER_URL)
     else:
@@ -196,9 +199,6 @@ def check_services() -> sa.Engine:
         except Exception as exc:  # socket errors, amqp's AccessRefused, a bad vhost
             raise Unavailable(f"cannot reach {kind} (broker) at {safe_url(demo.BROKER_URL)} "
                               f"({type(exc).__name__}: {first_line(exc)})") from exc
-    if scheme(demo.RESULT_URL) not in RESULT_BACKENDS:
-        raise Unsupported(f"DEMO_RESULT_URL {safe_url(demo.RESULT_URL)}: the demo keeps task "
-                          "results in Redis only (redis://, rediss://), whatever the broker")
     _ping_redis("Redis (results)", demo.RESULT_URL)
     _ping_redis("Redis (celery-reliable)", demo.RELIABLE_REDIS_URL)
     try:

@@ -304,6 +304,10 @@ def test_unsupported_broker_is_refused_by_name() -> None:
     assert len(lines) == 1 and "Traceback" not in proc.stdout + proc.stderr
     assert "Redis (redis://, rediss://) or RabbitMQ (amqp://" in lines[0]
     assert "secret" not in lines[0] and "docker compose" not in lines[0]
+    proc = run_demo({"DEMO_RESULT_URL": "rpc://"}, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == ("demo: DEMO_RESULT_URL rpc://: the demo keeps task results "
+                                   "in Redis only (redis://, rediss://), whatever the broker")
 
 
 def test_rabbitmq_unreachable_is_one_line() -> None:
