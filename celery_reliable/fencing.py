@@ -121,7 +121,8 @@ def check_postgres(conn: Any, resource: str, token: int, *, holder: str | None =
 
 
 class RedisFence:
-    """Fenced values in Redis: each key is a hash of the value and its highest token.
+    """Fenced values in Redis: each key is a hash of the value, its highest token, that
+    token's holder and the number of that holder's last write.
 
     Keys are used as given; in Redis Cluster each is one key, so any key works.
     """
