@@ -8,6 +8,16 @@ An equal token from another or an unknown holder is refused: two acquisitions
 carry one token only when minting's clock assumption failed (see the README's
 "What fencing guarantees"), and then only the first to write may keep it.
 
+One holder's writes are ordered too, where a write can reach the resource out
+of order. :class:`RedisFence` writes are resent once after a connection error
+(the script channel, or redis-py's ``retry``), so the first copy of a write may
+still arrive after the holder's next write. Each Redis write therefore carries
+a write number (``seq``, from a process-wide counter: strictly increasing over
+the writes of every holder in this process, and a holder, one acquisition,
+lives in one process); the fence accepts an equal token from the same holder
+only with a higher number, treats the same number as the same write again
+(accepted, nothing changed) and refuses a lower one (:class:`SupersededWrite`).
+
 * :func:`check_postgres` runs inside your transaction (SQLAlchemy, psycopg 3 or
   Django, see its docstring). It upserts
   the resource's row in ``reliable_fences`` and keeps that row locked until
@@ -19,15 +29,18 @@ carry one token only when minting's clock assumption failed (see the README's
 
 Within a task, ``self.fence`` binds these to the task's lock (its token, and
 its execution as the holder): it also refuses, locally and before any I/O, once
-``self.lock_lost`` (the holder's belief in its lease ended by its own clock, or a
-renewal found the lock gone). With a :class:`~celery_reliable.FencedLock`, pass
-``lock.token`` and ``holder=lock.holder``.
+``self.lock_lost`` (the holder's belief in its lease ended by its own clock, a
+renewal found the lock gone, or the execution released it: ``self.retry()`` with
+``throw=False`` lets the body go on). With a :class:`~celery_reliable.FencedLock`,
+pass ``lock.token`` and ``holder=lock.holder``.
 """
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import sys
+import threading
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -42,11 +55,28 @@ from sqlalchemy.sql.expression import ClauseElement
 
 from . import metrics
 from .classify import sqlstate
-from .errors import ConfigurationError, StaleFenceToken
+from .errors import ConfigurationError, StaleFenceToken, SupersededWrite
 from .schema import fences
 from .scripts import script
 
-__all__ = ["Fence", "RedisFence", "check_postgres"]
+__all__ = ["Fence", "RedisFence", "check_postgres", "next_write_seq"]
+
+_writes = itertools.count(1)
+_writes_mutex = threading.Lock()  # next() on a count is atomic under the GIL only
+
+
+def next_write_seq() -> int:
+    """A write number for a fenced write: strictly greater than every one this process drew.
+
+    Process-wide rather than per holder: a holder (one lock acquisition) writes
+    from one process, so its writes are numbered in the order it issued them,
+    whichever ``Fence`` object, ``self.fence`` call or direct :meth:`RedisFence.set`
+    they went through. Not shared over ``fork`` in any useful way: a child
+    continues from the parent's count, which is harmless because its holders
+    are its own.
+    """
+    with _writes_mutex:
+        return next(_writes)
 
 
 #: The fence check, built once: accept a higher token, or an equal one from the same holder.
@@ -157,6 +187,15 @@ def check_postgres(conn: Any, resource: str, token: int, *, holder: str | None =
     or without one (``holder=None``: a second check with an equal token is
     refused). ``holder`` identifies the acquisition (``self.fence`` passes the
     task execution's; a :class:`~celery_reliable.FencedLock` has ``.holder``).
+
+    Unlike :meth:`RedisFence.set`, no write number is needed: the check runs in
+    the caller's transaction and this library never resends a statement (nor
+    do SQLAlchemy and psycopg). A copy delivered late on a connection its
+    client gave up on runs in a transaction that can only roll back (no COMMIT
+    follows it), and a holder's transactions on one resource commit in the
+    order they checked, since the row stays locked until commit. So one
+    holder's checks cannot land out of order; a caller that retries a
+    transaction itself retries before moving on, in its own program order.
     """
     run = _runner(conn)
     params = {"p_resource": resource, "p_token": token, "p_holder": holder}
@@ -180,7 +219,8 @@ def check_postgres(conn: Any, resource: str, token: int, *, holder: str | None =
 
 
 class RedisFence:
-    """Fenced values in Redis: each key is a hash of the value and its highest token.
+    """Fenced values in Redis: each key is a hash of the value, its highest token, that
+    token's holder and the number of that holder's last write.
 
     Keys are used as given; in Redis Cluster each is one key, so any key works.
     """
@@ -188,18 +228,38 @@ class RedisFence:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
 
-    def set(self, key: str, value: str | bytes, token: int, *, holder: str | None = None) -> None:
-        """Write ``value`` if ``token`` is higher than the last accepted, or equal and from
-        the same ``holder``; else raise :class:`StaleFenceToken`.
+    def set(
+        self, key: str, value: str | bytes, token: int, *, holder: str | None = None,
+        seq: int | None = None,
+    ) -> None:
+        """Write ``value`` if ``token`` is higher than the last accepted, or equal, from the
+        same ``holder`` and with a higher write number ``seq``; else raise.
 
-        Without a holder each call is its own holder: an equal token is refused
-        (a resend of this very call after a lost reply is still accepted).
+        Raises :class:`StaleFenceToken` for a lower token, or an equal one from
+        another or an unknown holder; :class:`SupersededWrite` (a subclass) when
+        the same holder's later write (higher ``seq``) was accepted first. The
+        same token, holder and ``seq`` again (this call resent after a lost
+        reply, or its first copy arriving late) is accepted and changes nothing.
+
+        ``seq`` defaults to :func:`next_write_seq` (the order in which this
+        process issues writes); pass your own, strictly increasing per holder,
+        for all of a holder's writes or for none. Without a holder each call is
+        its own holder: an equal token is refused.
         """
         holder = holder or f"call:{secrets.token_hex(8)}"
-        ok, current = script("fenced_set")(self.client, [key], [token, value, holder])
-        if int(ok) != 1:
-            metrics.inc("reliable_fence_rejections_total", store="redis")
-            raise StaleFenceToken(key, token, int(current))
+        if seq is None:
+            seq = next_write_seq()
+        elif isinstance(seq, bool) or not isinstance(seq, int) or not 0 < seq < 2**53:
+            # Lua compares numbers as doubles: exact up to 2**53
+            raise ValueError(f"RedisFence.set: seq must be an int in [1, 2**53), got {seq!r}")
+        status, current, current_seq = script("fenced_set")(
+            self.client, [key], [token, value, holder, seq])
+        if int(status) == 1:
+            return
+        metrics.inc("reliable_fence_rejections_total", store="redis")
+        if int(status) == -1:
+            raise SupersededWrite(key, token, seq, int(current_seq))
+        raise StaleFenceToken(key, token, int(current))
 
     def get(self, key: str) -> tuple[bytes | str | None, int | None]:
         """``(value, token)`` last written, or ``(None, None)``.
@@ -246,6 +306,6 @@ class Fence:
         self.check_postgres(connections[using], resource)
 
     def redis_set(self, client: redis.Redis, key: str, value: str | bytes) -> None:
-        """:meth:`RedisFence.set` with this task's token."""
+        """:meth:`RedisFence.set` with this task's token and holder (and the next write number)."""
         self._refuse_if_lost(key)
         RedisFence(client).set(key, value, self.token, holder=self.holder)

@@ -778,6 +778,11 @@ class ReliableTask(Task):  # type: ignore[misc]
             runtime.heartbeat.discard(lease)
         # Ran past the belief in a lease (the local clock says it may have expired)
         overran = [lease for lease in execution.leases if lease.kind in "IK" and lease.lost]
+        # Letting go ends every belief, before the release is sent: once it runs another
+        # holder may take the lock (higher token) while a body that goes on after
+        # retry(throw=False) still runs, so lock_lost turns true and self.fence refuses.
+        for lease in execution.leases:
+            lease.end()
         execution.release.settle_idempotency(outcome, payload)
         try:
             results = execution.release.run(runtime.redis)
@@ -1365,7 +1370,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         lock's lease cannot expire on the server before ``lock_ttl`` after the
         send time of the last renewal Redis confirmed (or of the admission), so
         the belief ends a safety margin earlier (see ``runtime.lease_margin``).
-        Also true as soon as a renewal finds the lock expired or taken over.
+        Also true as soon as a renewal finds the lock expired or taken over, and
+        once this execution released it (``self.retry(throw=False)``).
         """
         lease = self._execution().lease
         return bool(lease is not None and lease.lost)

@@ -25,7 +25,7 @@ import redis
 from celery import Celery
 from celery.exceptions import Retry
 
-from celery_reliable import FencedLock, RedisFence, ReliableTask
+from celery_reliable import FencedLock, ReliableTask
 from celery_reliable.admission import Admitted, Plan, Refused
 from celery_reliable.keys import KeySpace
 from celery_reliable.ratelimit import BucketSpec
@@ -283,44 +283,6 @@ def deliver(task: Any, task_id: str | None = None) -> Any:
         task.pop_request()
 
 
-@defect("after retry(throw=False) released the lock, lock_lost is "
-        "False and self.fence still writes")
-def test_released_lock_ends_the_belief(broker_app: Celery) -> None:
-    """``self.retry(throw=False)`` releases the lock, yet the body still believes it holds it.
-
-    Celery documents ``throw=False`` (the body goes on after scheduling its
-    retry). ``retry()`` releases every guard first, so the retried message (or
-    any other worker) takes the lock at once, with a higher token; but the
-    release does not end the holder's Lease, so ``self.lock_lost`` stays False
-    and ``self.fence`` keeps writing until the clock-based belief would have
-    ended (``lock_ttl`` later). A holder that let go of a lock must not believe
-    it holds it.
-    """
-    seen: dict[str, Any] = {}
-    store = redis.Redis.from_url(broker_app.conf.reliable_redis_url)
-
-    @broker_app.task(base=ReliableTask, bind=True, shared=False, name="adv.release",
-                     lock="account:1", lock_ttl=60)
-    def job(self: Any) -> str:
-        self.retry(countdown=30, throw=False)  # guards released, retry published
-        other = FencedLock(store, "account:1", ttl=60,
-                           prefix=broker_app.conf.reliable_key_prefix)
-        seen["other_token"] = other.acquire()  # the lock is free: someone else takes it
-        seen["lost"] = self.lock_lost
-        try:
-            self.fence.redis_set(store, "balance", "written after letting go")
-            seen["written"] = True
-        except Exception as exc:  # StaleFenceToken expected
-            seen["written"] = exc
-        return "done"
-
-    deliver(job)
-    assert seen["other_token"] is not None  # another holder has the lock now
-    assert seen["lost"] is True, "lock_lost is False after this execution released the lock"
-    assert seen["written"] is not True, "self.fence wrote after the lock was released"
-    store.close()
-
-
 # ------------------------------------------------------------ a bucket's virtual queue
 
 
@@ -491,40 +453,6 @@ def test_replay_keeps_the_producer_idempotency_key(
     # The producer, unsure its first publish went through, sends key K again.
     assert pay.apply_async(args=(5,), headers={"idempotency_key": key}).get(timeout=10) == 5
     assert calls == [5, 5], f"the effect ran {len(calls) - 1} times after the failure"
-
-
-# ------------------------------------------------------------ a late fenced write
-
-
-@defect("a fenced write delivered late is accepted again (equal token, same holder) and "
-        "overwrites the holder's later write")
-def test_late_duplicate_of_a_fenced_write_does_not_undo_a_later_write(
-    private_redis: RedisServer, late_proxy: LateProxy
-) -> None:
-    """One holder writes "v1" then "v2"; a late copy of the "v1" request lands last: value "v1".
-
-    ``fenced_set`` is resent after a timeout (it is in ``_IDEMPOTENT``: "writes
-    once and accepts twice"), and the first copy, delayed in the network, still
-    arrives. The fence accepts an equal token from the same holder whatever its
-    order, so the stale copy of the holder's first write overwrites its second:
-    a lost update inside one acquisition, with no StaleFenceToken anywhere. The
-    fence orders holders, not one holder's writes.
-    """
-    direct = redis.Redis(port=private_redis.port)
-    direct.script_load(script("fenced_set").source)
-    client = redis.Redis(port=late_proxy.port, socket_timeout=0.5)
-    client.ping()
-    key, token, holder = f"late:{secrets.token_hex(3)}", 1_000_000, "task-1/abcd"
-    fence = RedisFence(client)
-    late_proxy.hold(b"status-v1")
-    fence.set(key, "status-v1", token, holder=holder)  # timed out, resent on a new connection
-    fence.set(key, "status-v2", token, holder=holder)  # the holder moves on
-    assert direct.hget(key, "v") == b"status-v2"
-    late_proxy.release()  # the first copy of "v1" gets through at last
-    assert late_proxy.delivered.wait(10)
-    assert direct.hget(key, "v") == b"status-v2", "a stale copy of an earlier write won"
-    client.close()
-    direct.close()
 
 
 # ------------------------------------------------------------ a soft time limit in admission
