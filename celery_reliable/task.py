@@ -28,13 +28,14 @@ import sys
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, ClassVar, NoReturn
 
+import celery.app
 import redis
-from celery import Task
+from celery import Task, _state
 from celery.exceptions import Ignore, Reject, Retry
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -198,6 +199,86 @@ class _Binding:
         self.foreign = foreign  # a shared copy the app did not declare
 
 
+# Which app declared a task: Celery records it nowhere, so ReliableTask.bind
+# tells it from the Celery function that is binding the task (one walk up the
+# stack): an app's finalize giving it the process's shared tasks, or
+# ``@shared_task`` pushing its task into the apps already finalized.
+_FINALIZE_CALLBACKS = ("celery._state", "_announce_app_finalized")
+_SHARED_TASK_DECORATOR = ("celery.app", "__inner")
+
+
+def _code_names(code: CodeType) -> set[str]:
+    names = {code.co_name}
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            names |= _code_names(const)
+    return names
+
+
+#: Both functions are where this Celery has them. If not, a binding is taken for
+#: the declaration only when the app holds the task's pending promise: a bad
+#: setting elsewhere then surfaces when the task is used, and never breaks an app
+#: that did not declare the task.
+_CELERY_KNOWN = (
+    callable(getattr(_state, _FINALIZE_CALLBACKS[1], None))
+    and getattr(celery.app.shared_task, "__module__", None) == _SHARED_TASK_DECORATOR[0]
+    and _SHARED_TASK_DECORATOR[1] in _code_names(celery.app.shared_task.__code__)
+)
+
+
+def _celery_caller(app: Any) -> tuple[str, bool]:
+    """The Celery code binding a task into ``app``, and whether it came from ``@shared_task``.
+
+    ``("finalize", shared)``: ``app.finalize()`` runs the process's finalize
+    callbacks (``shared``: the callback is ``@shared_task``'s, not ``app.task``'s);
+    ``("decorator", True)``: ``@shared_task`` is giving its new task to ``app``,
+    finalized before the task existed; ``("direct", False)``: anything else (a
+    decorator on an app already finalized or ``lazy=False``, a promise evaluated
+    early, ``register_task`` then finalize).
+    """
+    frame: FrameType | None = sys._getframe(2)
+    child: FrameType | None = None
+    while frame is not None:
+        where = (frame.f_globals.get("__name__"), frame.f_code.co_name)
+        if where == _FINALIZE_CALLBACKS and frame.f_locals.get("app") is app:
+            shared = child is not None and child.f_globals.get("__name__") == "celery.app"
+            return "finalize", shared
+        if where == _SHARED_TASK_DECORATOR and frame.f_locals.get("app") is app:
+            return "decorator", True
+        child, frame = frame, frame.f_back
+    return "direct", False
+
+
+#: The app each ``@shared_task`` (by decorated function) was declared for.
+_shared_task_apps: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _shared_task_app(fun: Any) -> Any:
+    """The app a ``@shared_task`` belongs to: the current app when it was first bound.
+
+    That is the app current at its declaration when ``@shared_task`` gives the
+    task to apps already finalized (it does so from the decorator), else the app
+    current when the first app is finalized with it: the one ``set_as_current``
+    (Celery's default for a new app) made current, which ``task.delay()`` also
+    resolves to.
+    """
+    try:
+        ref = _shared_task_apps.get(fun)
+    except TypeError:  # a callable that takes no weak reference: not recorded
+        ref = None
+    if ref is None:
+        # not get_current_app(): it would create Celery's default app when none is current
+        current = getattr(_state._tls, "current_app", None) or _state.default_app
+        ref = weakref.ref(current) if current is not None else _no_app
+        with suppress(TypeError):
+            _shared_task_apps[fun] = ref
+    return ref()
+
+
+def _no_app() -> None:
+    return None
+
+
 class ReliableTask(Task):  # type: ignore[misc]
     """Celery task base with fleet-wide guards.
 
@@ -254,17 +335,18 @@ class ReliableTask(Task):  # type: ignore[misc]
     # A task class may be bound to several apps: Celery shares tasks by
     # default, so every app finalized in the process (a test app, a second
     # broker) gets a copy of each shared task. The policy is therefore kept
-    # per (class, app), validated against *that* app's settings. An app that
-    # only received a shared copy does not fail at bind over settings it was
-    # never given (a tier, a breaker, a database); the error is kept and
-    # raised if that app ever runs or sends the task. Errors in the task's
-    # own options fail at bind in every app: no app could run it.
+    # per (class, app), validated against *that* app's settings. The app that
+    # declared the task fails at bind over a setting it lacks (a tier, a
+    # breaker, a database); an app that only received a copy does not: the
+    # error is kept, logged once, and raised if that app runs or sends the
+    # task. Errors in the task's own options fail at bind in every app: no
+    # app could run it.
 
     @classmethod
     def bind(cls, app: Any) -> Any:
         result = super().bind(app)
         bound = cls._bound()
-        foreign = (app in bound and bound[app].foreign) or cls._shared_into(app)
+        foreign = bound[app].foreign if app in bound else not cls._declared_in(app)
         if foreign:
             cls._build_reliable_policy(app, declaration_only=True)  # no app could run it
         try:
@@ -292,42 +374,51 @@ class ReliableTask(Task):  # type: ignore[misc]
         return bound
 
     @classmethod
-    def _shared_into(cls, app: Any) -> bool:
-        """True if ``app`` is receiving a copy of a shared task it did not declare.
+    def _declared_in(cls, app: Any) -> bool:
+        """True if this binding declares the task in ``app``, False for a copy it receives.
 
-        Celery gives every app a copy of each shared task from its finalize
-        callbacks; the app whose decorator declared the task still holds the
-        task's pending promise then (``app.task`` is lazy), any other app does
-        not. A task declared on an app already finalized is built directly by
-        its decorator, outside those callbacks; ``@shared_task`` declares for no
-        app in particular, so each app it reaches receives a copy.
+        * ``@app.task``: declared in ``app``, whether its decorator builds the
+          task at once (``app`` already finalized, ``lazy=False``) or ``app``
+          holds its pending promise when it finalizes.
+        * ``@shared_task``: declared in the app current when it was declared
+          (see :func:`_shared_task_app`), unless that app was finalized
+          before the task existed (pytest-celery's module-level app, a test
+          app): Celery pushes the task into such apps from the decorator, as a
+          copy. Then no app declares it.
+        * Any other app gets a copy from its finalize callbacks.
         """
-        frame: FrameType | None = sys._getframe(1)
-        while frame is not None:
-            code, module = frame.f_code.co_name, frame.f_globals.get("__name__")
-            if code == "_announce_app_finalized" and module == "celery._state":
-                break
-            if code == "__inner" and module == "celery.app":
-                # @shared_task giving its task to every app already finalized (e.g.
-                # pytest-celery's module-level app): it belongs to none of them.
-                return True
-            frame = frame.f_back
-        else:
+        fun = cls._decorated_function()
+        path, shared = _celery_caller(app) if _CELERY_KNOWN else ("finalize", False)
+        if path == "decorator":
+            _shared_task_app(fun)  # its declaration is now: note the current app
             return False
-        # The decorated function: Celery >= 5.7 keeps it as _decorated_fun; before,
-        # __wrapped__ is it (a staticmethod for bind=False tasks).
+        if path == "direct":
+            return True
+        if fun is not None and cls._pending_in(app, fun):
+            return True  # @app.task on this app, finalizing now
+        return shared and fun is not None and _shared_task_app(fun) is app
+
+    @classmethod
+    def _decorated_function(cls) -> Any:
+        """The function the task was made from (None for a Task subclass)."""
+        # Celery >= 5.7 keeps it as _decorated_fun; before, __wrapped__ is it (a
+        # staticmethod for bind=False tasks).
         fun = inspect.getattr_static(cls, "_decorated_fun", None)
         if fun is None:
             fun = cls.__dict__.get("__wrapped__")
-        fun = fun.__func__ if isinstance(fun, staticmethod) else fun
+        return fun.__func__ if isinstance(fun, staticmethod) else fun
+
+    @staticmethod
+    def _pending_in(app: Any, fun: Any) -> bool:
+        """``app`` holds the lazy promise of an ``@app.task`` over ``fun``, not yet evaluated."""
         for promise in getattr(app, "_pending", ()):
             try:
                 args = object.__getattribute__(promise, "_Proxy__args")
             except AttributeError:  # already evaluated
                 continue
-            if fun is not None and args and args[0] is fun:
-                return False
-        return True
+            if args and args[0] is fun:
+                return True
+        return False
 
     @classmethod
     def _build_reliable_policy(cls, app: Any, *, declaration_only: bool = False) -> TaskPolicy:

@@ -8,16 +8,11 @@ the mark.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import socket
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -173,86 +168,6 @@ def test_fenced_lock_acquire_arriving_after_its_rollback_does_not_hold_the_lock(
     assert other.acquire() is not None, "locked by an acquire that already failed and rolled back"
     client.close()
     direct.close()
-
-
-# ------------------------------------------------------------ @shared_task
-
-_ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_clean(code: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter (no app of the test session is finalized there)."""
-    env = {**os.environ, "PYTHONPATH": str(_ROOT)}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
-
-
-_PROJ = """
-    from celery import Celery, shared_task
-    from celery_reliable import ConfigurationError, ReliableTask
-    def make(main, **conf):
-        app = Celery(main, broker="memory://", backend="cache+memory://")
-        app.conf.update(reliable_redis_url="redis://127.0.0.1:1/0",
-                        reliable_idempotency_store="redis", **conf)
-        return app
-"""
-
-
-@defect("@shared_task: a bad option no longer fails at bind in the "
-        "app that runs it, only when the task is sent or run")
-def test_shared_task_with_a_bad_option_fails_when_its_app_finalizes() -> None:
-    """``@shared_task(base=ReliableTask, bulkhead="nope")``: its app finalizes without an error.
-
-    ``celery.shared_task`` (the usual way in Django projects) has no declaring
-    app, so ``_shared_into`` calls every app that receives it a foreign copy,
-    and the ConfigurationError becomes a WARNING at bind; it is raised at the
-    first ``apply_async`` or, in the worker, at every run of the task. Before
-    the shared-app change it failed at bind (bad configuration fails at import,
-    not at 3 a.m.).
-    """
-    done = run_clean(_PROJ + """
-    proj = make("proj")
-    @shared_task(base=ReliableTask, bind=True, bulkhead="no-such-tier")
-    def job(self, n):
-        return n
-    try:
-        proj.finalize()
-    except ConfigurationError as exc:
-        print("raised at bind:", exc)
-    else:
-        print("finalized without error")
-    """)
-    assert done.returncode == 0, done.stderr
-    assert "raised at bind" in done.stdout, done.stdout + done.stderr
-
-
-@defect("@shared_task declared while another app is finalized "
-        "raises ConfigurationError about that other app's settings")
-def test_shared_task_declaration_is_not_broken_by_another_finalized_app() -> None:
-    """A finalized app without tier "gold" makes ``@shared_task(bulkhead="gold")`` raise at import.
-
-    ``shared_task`` binds the new task into every app already finalized, from
-    its decorator (outside ``_announce_app_finalized``), and ``_shared_into``
-    takes that for the declaring app: the declaration fails with a
-    ConfigurationError about an app that never declared the task (a test app,
-    a second broker's app), the very case issue 11 item 6 was about.
-    """
-    done = run_clean(_PROJ + """
-    other = make("other")
-    other.finalize()  # e.g. a test app, or a second broker's app, already in use
-    proj = make("proj", reliable_bulkheads={"gold": {"concurrent": 2, "queue": 4, "timeout": 30}})
-    try:
-        @shared_task(base=ReliableTask, bind=True, bulkhead="gold")
-        def job(self, n):
-            return n
-    except ConfigurationError as exc:
-        print("declaration raised:", exc)
-    else:
-        proj.finalize()
-        print("declared and finalized")
-    """)
-    assert done.returncode == 0, done.stderr
-    assert "declared and finalized" in done.stdout, done.stdout + done.stderr
 
 
 # ------------------------------------------------------------ a belief after release
