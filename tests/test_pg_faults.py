@@ -293,6 +293,41 @@ def test_another_connection_refused_inside_the_transaction_is_the_task_own_failu
     assert count(str(engine.url.render_as_string(hide_password=False)), prefix) == 0
 
 
+def test_a_body_longer_than_idle_in_transaction_timeout_fails_once_not_loops(
+    celery_app: Celery, celery_worker: TestWorkController, engine: sa.Engine,
+    database_url: str, prefix: str
+) -> None:
+    """A server-side idle_in_transaction_session_timeout shorter than the body: PostgreSQL ends
+    the task's transaction, and the task fails once with 25P03 (dead-lettered, nothing
+    committed), never deferred to run into the same timeout again."""
+    effects.metadata.create_all(engine)
+    url = sa.make_url(database_url).update_query_dict(
+        {"options": "-c idle_in_transaction_session_timeout=300"})
+    celery_app.conf.reliable_database_url = url.render_as_string(hide_password=False)
+    runs: list[int] = []
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=f"t.pgidle.{prefix}",
+                     idempotency_key="idle:{n}", defer_delay=0.1, defer_max_delay=0.5)
+    def slow(self: Any, n: int) -> None:
+        runs.append(n)
+        with self.idempotent_transaction() as session:
+            session.execute(sa.insert(effects).values(tag=prefix))
+        time.sleep(1.0)  # the transaction sits idle past the server's 0.3 s
+
+    celery_worker.reload()
+    result = slow.delay(1)
+    wait_for(lambda: result.state in ("FAILURE", "RETRY"), 20, "the commit to meet the timeout")
+    assert result.state == "FAILURE", result.state
+    with pytest.raises(Exception, match="idle-in-transaction timeout"):
+        result.get(timeout=5)
+    time.sleep(1.0)  # a deferral would have run it again by now
+    assert runs == [1] and count(database_url, prefix) == 0
+    with engine.connect() as conn:
+        reasons = conn.execute(sa.select(dead_letters.c.exc_type).where(
+            dead_letters.c.task_id == result.id)).scalars().all()
+    assert reasons == ["InternalError"]
+
+
 # ------------------------------------------------------------------ the classifier
 
 
