@@ -24,7 +24,9 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import ProgrammingError
 
+from .classify import sqlstate
 from .schema import dead_letters, idempotency
 from .scripts import script
 
@@ -106,18 +108,33 @@ def record(engine: Engine, *, task_name: str, task_id: str, args: Any, kwargs: A
     args_json, ok_args = to_json(list(args or ()))
     kwargs_json, ok_kwargs = to_json(dict(kwargs or {}))
     trace = "".join(tb.format_exception(exc)) if exc is not None else ""
+    values: dict[str, Any] = dict(
+        task_name=task_name, task_id=task_id, args_json=args_json,
+        kwargs_json=kwargs_json, replayable=ok_args and ok_kwargs,
+        exc_type=type(exc).__name__ if exc is not None else "",
+        exc_message=str(exc)[:4000] if exc is not None else "",
+        traceback=trace[-20000:], attempts=attempts, reason=reason, queue=queue,
+        first_failure_at=first_failure_at or func.now(),
+    )
+    added = {"headers_json": json.dumps(kept_headers) if kept_headers else None,
+             "idempotency_digest": idempotency_digest}
+    try:
+        return _insert(engine, {**values, **added})
+    except ProgrammingError as exc:
+        if sqlstate(exc) != "42703":  # undefined column
+            raise
+    # A table from before those columns (not migrated yet, reliable_create_tables off):
+    # keep the letter without them rather than lose it.
+    log.warning("celery-reliable: reliable_dead_letters lacks the headers_json and "
+                "idempotency_digest columns; dead letter of %s[%s] recorded without them "
+                "(run `celery -A proj reliable migrate`)", task_name, task_id)
+    return _insert(engine, values)
+
+
+def _insert(engine: Engine, values: dict[str, Any]) -> int:
     with engine.begin() as conn:
         row_id = conn.execute(
-            insert(dead_letters).values(
-                task_name=task_name, task_id=task_id, args_json=args_json,
-                kwargs_json=kwargs_json, replayable=ok_args and ok_kwargs,
-                exc_type=type(exc).__name__ if exc is not None else "",
-                exc_message=str(exc)[:4000] if exc is not None else "",
-                traceback=trace[-20000:], attempts=attempts, reason=reason, queue=queue,
-                first_failure_at=first_failure_at or func.now(),
-                headers_json=json.dumps(kept_headers) if kept_headers else None,
-                idempotency_digest=idempotency_digest,
-            ).returning(dead_letters.c.id)
+            insert(dead_letters).values(**values).returning(dead_letters.c.id)
         ).scalar_one()
     return int(row_id)
 

@@ -548,7 +548,8 @@ def test_create_tables_upgrades_an_old_dead_letters_table(
     celery_app: Celery, engine: sa.Engine
 ) -> None:
     """create_tables adds the headers and key columns to an existing dead-letter table (4
-    threads at once); old letters read back without them, new ones keep them."""
+    threads at once); before that a letter is still recorded, without them; old letters
+    read back without them, new ones keep them."""
     from celery_reliable import create_tables, deadletter
 
     schema = f"old_{secrets.token_hex(4)}"
@@ -563,6 +564,11 @@ def test_create_tables_upgrades_an_old_dead_letters_table(
                 " replayable, exc_type, exc_message, traceback, attempts, reason,"
                 " first_failure_at) VALUES ('r.old', 'id-1', '[1]', '{}', true, 'ValueError',"
                 " 'bad', '', 1, 'failed', now())"))
+        # Not migrated yet (reliable_create_tables off): the letter is kept, without them.
+        deadletter.record(old, task_name="r.early", task_id="id-0", args=[0], kwargs={},
+                          exc=ValueError("bad"), attempts=1, reason="failed", queue=None,
+                          first_failure_at=None, headers={"idempotency_key": "k0"},
+                          idempotency_digest="e" * 32)
         errors: list[BaseException] = []
 
         def migrate() -> None:
@@ -586,6 +592,7 @@ def test_create_tables_upgrades_an_old_dead_letters_table(
                           idempotency_digest="d" * 32)
         found = {letter.task_name: letter for letter in DeadLetters(celery_app, old).list()}
         assert (found["r.old"].headers, found["r.old"].idempotency_digest) == ({}, None)
+        assert (found["r.early"].headers, found["r.early"].idempotency_digest) == ({}, None)
         assert found["r.new"].headers == {"idempotency_key": "k"}
         assert found["r.new"].idempotency_digest == "d" * 32
     finally:
