@@ -228,7 +228,8 @@ def test_bad_backoff_option_fails_at_bind(celery_app: Celery) -> None:
 
 def test_dead_letter_queue_gets_a_copy(celery_app: Celery,
                                        celery_worker: TestWorkController) -> None:
-    """With reliable_dead_letter_queue, the dead-lettered task is also published there."""
+    """With reliable_dead_letter_queue, the dead-lettered task is also published there, with
+    the call's own headers (its idempotency key)."""
     import redis as redis_lib
 
     celery_app.conf.reliable_dead_letter_queue = "dead-letters-test"
@@ -239,7 +240,7 @@ def test_dead_letter_queue_gets_a_copy(celery_app: Celery,
 
     celery_worker.reload()
     with pytest.raises(ValueError):
-        broken.delay(5).get(timeout=10)
+        broken.apply_async(args=(5,), headers={"idempotency_key": "dlq-5"}).get(timeout=10)
     broker = redis_lib.Redis.from_url(celery_app.conf.broker_url)
     raw = broker.lpop("dead-letters-test")
     assert raw is not None
@@ -248,6 +249,7 @@ def test_dead_letter_queue_gets_a_copy(celery_app: Celery,
     message = json.loads(raw)
     assert message["headers"]["task"] == "r.dlq"
     assert message["headers"]["reliable_dead_letter"] == "failed"
+    assert message["headers"]["idempotency_key"] == "dlq-5"
 
 
 def test_fence_and_lock_metrics(celery_app: Celery, celery_worker: TestWorkController,
