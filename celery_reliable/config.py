@@ -436,7 +436,10 @@ SETTINGS: dict[str, Option] = {
             "seconds",
             "PostgreSQL ``lock_timeout`` of celery-reliable's connections (also inside "
             "``idempotent_transaction``): a duplicate blocked by a stalled execution's "
-            "uncommitted record gives up after this long and is deferred.",
+            "uncommitted record gives up after this long and is deferred. Not the server's "
+            "``idle_in_transaction_session_timeout``: that one must exceed the longest "
+            "idempotent body (the transaction stays open while it runs), or the task fails "
+            "with 25P03.",
             _seconds(),
         ),
         Option(
@@ -485,7 +488,7 @@ SETTINGS: dict[str, Option] = {
             None,
             "queue name",
             "Also publish each dead-lettered task to this queue (same task name, arguments "
-            "and a ``reliable_dead_letter`` header), for consumers of your own.",
+            "and headers, plus a ``reliable_dead_letter`` header), for consumers of your own.",
             _string(optional=True),
         ),
         Option(

@@ -1112,6 +1112,13 @@ class ReliableTask(Task):  # type: ignore[misc]
         first = _header(request, FIRST_FAILURE_HEADER)
         info = getattr(request, "delivery_info", None) or {}
         queue = info.get("routing_key") or info.get("queue")
+        # The call's own headers (the producer's idempotency_key, ...) and its record's
+        # key go with the letter: a replay is the same call, under the same key.
+        headers = deadletter.call_headers(getattr(request, "headers", None))
+        header_key = _header(request, IDEMPOTENCY_HEADER)
+        if header_key is not None:
+            headers[IDEMPOTENCY_HEADER] = header_key
+        execution = getattr(request, "_reliable_execution", None)
         try:
             letter = deadletter.record(
                 runtime.task_engine(), task_name=self.name, task_id=str(request.id),
@@ -1119,6 +1126,8 @@ class ReliableTask(Task):  # type: ignore[misc]
                 attempts=int(request.retries or 0) + 1, reason=reason, queue=queue,
                 first_failure_at=(datetime.fromtimestamp(float(first), timezone.utc)
                                   if first else None),
+                headers=headers,
+                idempotency_digest=execution.idem_digest if execution is not None else None,
             )
             log.warning("celery-reliable: %s[%s] dead-lettered (%s) as #%d: %r", self.name,
                         request.id, reason, letter, exc)
@@ -1129,7 +1138,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         if dlq:
             try:
                 self.app.send_task(self.name, args=request.args, kwargs=request.kwargs,
-                                   queue=dlq, headers={"reliable_dead_letter": reason})
+                                   queue=dlq, headers={**headers, "reliable_dead_letter": reason})
             except Exception:
                 log.error("celery-reliable: %s[%s] could not be published to the dead-letter "
                           "queue %r", self.name, request.id, dlq, exc_info=True)
