@@ -3,13 +3,17 @@
 A task's guards each contribute a letter, keys and arguments to a
 :class:`Plan`; ``admit.lua`` checks all of them first and writes only when
 every guard said yes, so a refusal consumes nothing. ``complete.lua``
-releases whatever admission took, again in one call. New guards plug in
-here: a ``Plan.add_*`` method, a branch in each script, and a line in
-:meth:`celery_reliable.task.ReliableTask._plan`.
+releases whatever admission took, again in one call. When admission itself
+fails (its reply lost: it may or may not have run), :meth:`Plan.rollback`
+(``rollback.lua``) undoes whatever it may have taken, checked by owner. New
+guards plug in here: a ``Plan.add_*`` method, a branch in each script, and a
+line in :meth:`celery_reliable.task.ReliableTask._plan`.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +27,7 @@ from .scripts import script
 
 __all__ = [
     "FENCE_TTL_MIN",
+    "LOCK_LABEL_MAX",
     "Admitted",
     "Mismatch",
     "Plan",
@@ -31,11 +36,42 @@ __all__ = [
     "Rejected",
     "Release",
     "Replay",
+    "lock_holder",
 ]
+
+log = logging.getLogger("celery_reliable")
 
 #: Fencing counters outlive every lease by far; tokens are floored at the
 #: server clock, so even an expired counter never lets tokens go backwards.
 FENCE_TTL_MIN = 7 * 24 * 3600.0
+
+#: Longest resource label kept with a lock's lease (characters); a longer one ends in "…".
+LOCK_LABEL_MAX = 60
+#: Longest task name kept with a lock's lease (characters).
+LOCK_TASK_MAX = 200
+
+
+def _printable(text: str, limit: int) -> str:
+    """``text`` on one line (whitespace runs, newlines included, become one space), cut."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def lock_holder(owner: str, task: str = "", label: str = "") -> str:
+    """What follows the fencing token in a lock's lease value.
+
+    ``"<owner>\\n<task name>\\n<label>"``, or just ``"<owner>"`` (the format of
+    older versions) when there is neither. The task name and the label are for
+    ``celery reliable locks``: kept in the lease itself, they are written by the
+    same SET, renewed and released with it, and need no key of their own (their
+    cost: their bytes, in the lease and in every admit, renew, release and
+    rollback call of it). The label must never carry a secret: the task
+    pipeline passes the ``lock`` template (argument names, not values).
+    """
+    task, label = _printable(task, LOCK_TASK_MAX), _printable(label, LOCK_LABEL_MAX)
+    if not task and not label:
+        return owner
+    return f"{owner}\n{task}\n{label}"
 
 
 @dataclass(frozen=True)
@@ -102,6 +138,16 @@ class Plan:
     admit_args: list[Any] = field(default_factory=list)
     release_keys: list[str] = field(default_factory=list)
     release_args: list[Any] = field(default_factory=list)
+    # What rollback.lua may undo: per entry a letter, a key and this execution's owner.
+    undo_kinds: list[str] = field(default_factory=list)
+    undo_keys: list[str] = field(default_factory=list)
+    undo_owners: list[str] = field(default_factory=list)
+    lock_holders: dict[int, str] = field(default_factory=dict)  # lock guard index: holder
+
+    def _undo(self, kind: str, key: str, owner: str) -> None:
+        self.undo_kinds.append(kind)
+        self.undo_keys.append(key)
+        self.undo_owners.append(owner)
 
     def add_idempotency(
         self, key: str, fingerprint: str, owner: str, lease: float, ttl: float
@@ -115,23 +161,42 @@ class Plan:
         self.offsets.append(len(self.keys))
         self.keys.append(key)
         self.admit_args += [fingerprint, owner, max(1, int(lease * 1000)), max(1, int(ttl * 1000))]
+        self._undo("I", key, owner)
         return len(self.kinds) - 1
 
-    def add_lock(self, keys: KeySpace, resource: str, owner: str, ttl: float) -> int:
-        """Lock ``resource`` for ``ttl`` seconds, minting a fencing token; returns its index."""
-        return self.add_lock_keys(keys.lock(resource), keys.fence(resource), owner, ttl)
+    def add_lock(
+        self, keys: KeySpace, resource: str, owner: str, ttl: float, *, task: str = "",
+        label: str = "",
+    ) -> int:
+        """Lock ``resource`` for ``ttl`` seconds, minting a fencing token; returns its index.
 
-    def add_lock_keys(self, lock_key: str, fence_key: str, owner: str, ttl: float) -> int:
+        ``task`` and ``label`` are kept with the lease for ``reliable locks``
+        (:func:`lock_holder`); :meth:`lock_value` gives the lease value once admitted.
+        """
+        return self.add_lock_keys(keys.lock(resource), keys.fence(resource), owner, ttl,
+                                  task=task, label=label)
+
+    def add_lock_keys(
+        self, lock_key: str, fence_key: str, owner: str, ttl: float, *, task: str = "",
+        label: str = "",
+    ) -> int:
         """:meth:`add_lock` with the keys already derived (a lock object reuses them)."""
+        holder = lock_holder(owner, task, label)
         self.kinds.append("L")
         self.offsets.append(len(self.keys))
         self.keys += [lock_key, fence_key]
         self.admit_args += [
-            owner,
+            holder,
             max(1, int(ttl * 1000)),
             int(max(FENCE_TTL_MIN, 10 * ttl) * 1000),
         ]
+        self._undo("L", lock_key, holder)
+        self.lock_holders[len(self.kinds) - 1] = holder
         return len(self.kinds) - 1
+
+    def lock_value(self, index: int, token: int) -> str:
+        """The lease value lock guard ``index`` wrote with ``token`` (renew and release it)."""
+        return f"{token} {self.lock_holders[index]}"
 
     def add_bulkhead(
         self, keys: KeySpace, tier: str, spec: TierSpec, owner: str, waiter: str
@@ -149,6 +214,7 @@ class Plan:
             max(1, int(spec.timeout * 1000)),
             spec.policy,
         ]
+        self._undo("K", self.keys[-3], owner)
         return len(self.kinds) - 1
 
     def add_bucket(
@@ -170,12 +236,17 @@ class Plan:
         self.admit_args += [repr(spec.rate), repr(spec.burst), repr(float(cost)), mode]
         return len(self.kinds) - 1
 
-    def add_deliveries(self, key: str, max_redeliveries: int, ttl: float) -> int:
-        """Count this delivery; refuse (poison) past ``max_redeliveries`` unfinished ones."""
+    def add_deliveries(self, key: str, max_redeliveries: int, ttl: float, owner: str) -> int:
+        """Count this delivery; refuse (poison) past ``max_redeliveries`` unfinished ones.
+
+        The count is a set of execution owners (deliveries that started and never
+        finished), so an admission that is rolled back takes its own entry out.
+        """
         self.kinds.append("D")
         self.offsets.append(len(self.keys))
         self.keys.append(key)
-        self.admit_args += [max_redeliveries, max(1, int(ttl * 1000))]
+        self.admit_args += [max_redeliveries, max(1, int(ttl * 1000)), owner]
+        self._undo("D", key, owner)
         return len(self.kinds) - 1
 
     def add_breaker(self, keys: tuple[str, str], spec: BreakerSpec, owner: str) -> int:
@@ -185,6 +256,7 @@ class Plan:
         self.keys += list(keys)
         self.admit_args += [max(1, int(spec.open_seconds * 1000)), spec.half_open_max, owner,
                             max(1, int(spec.probe_lease * 1000))]
+        self._undo("C", keys[1], owner)
         return len(self.kinds) - 1
 
     def admit(
@@ -207,6 +279,40 @@ class Plan:
         ms = int(reply[2])
         slot = int(reply[3]) if len(reply) > 3 else None
         return Refused(index, self.kinds[index], ms / 1000 if ms > 0 else None, slot)
+
+
+    def rollback(self, client: redis.Redis, *, attempts: int = 3, pause: float = 0.05) -> list[int]:
+        """Undo what a failed :meth:`admit` may have taken; one round trip, safe to repeat.
+
+        For an admission that raised (its reply lost: it may or may not have run).
+        Only this execution's own entries go, each checked by owner: its
+        in-progress idempotency record, its lock, its bulkhead slot, its breaker
+        probe and its entry in the delivery count. Nothing taken, nothing changed.
+
+        Bucket tokens are not refunded: a bucket keeps no record of who took a
+        token, so a refund could not tell a run admission from one that never
+        ran, and refunding tokens never taken would let more through than the
+        rate. Keeping them errs toward admitting fewer: at most ``cost`` tokens per
+        lost reply, refilled at the bucket's rate.
+
+        Sent up to ``attempts`` times, ``pause`` seconds apart (growing 4x), on a
+        connection error or a timeout; then the last error is raised and what the
+        admission took expires by its TTL.
+        """
+        if not self.undo_kinds:
+            return []
+        args: list[Any] = ["".join(self.undo_kinds), *self.undo_owners]
+        for attempt in range(attempts):
+            try:
+                reply = script("rollback")(client, self.undo_keys, args)
+                return [int(r) for r in reply]
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if attempt + 1 >= attempts:
+                    raise
+                log.debug("celery-reliable: rollback of an admission failed (%r); resending",
+                          exc)
+                time.sleep(pause * 4**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _text(value: bytes | str) -> str:

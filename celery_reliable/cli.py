@@ -6,13 +6,17 @@ key prefix::
 
     celery -A proj reliable status              # one screen: locks, buckets, tiers, breakers, DLQ
     celery -A proj reliable top                 # the same, refreshed every second (Ctrl-C quits)
-    celery -A proj reliable locks               # every lock held now
+    celery -A proj reliable locks               # every lock held now: task, label, token, time left
     celery -A proj reliable dlq list|show ID|replay ID|purge [--older-than-days N|--id ID] [--yes]
     celery -A proj reliable purge-idempotency [--batch-size N]
     celery -A proj reliable migrate             # create the PostgreSQL tables (idempotent)
 
 Mistakes a user can make (a bad URL, a server that is down, no database
 configured, an unknown dead-letter id) print one line on stderr and exit 1.
+
+Every table fits the terminal (80 columns too): its key columns (a lock's
+token and time left, a dead letter's id) never wrap, and the other columns
+wrap or end in "…" as rich's column settings say; no string is cut by hand.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from sqlalchemy.exc import DBAPIError, ProgrammingError, SQLAlchemyError
 
 from .breaker import STATE_NAMES, BreakerSpec
 from .bulkhead import TierSpec, TierStats
+from .classify import is_missing_table
 from .deadletter import DeadLetter, DeadLetters
 from .errors import ConfigurationError
 from .ratelimit import BucketSpec
@@ -171,12 +176,18 @@ class LockInfo:
     owner: str
     task_id: str
     ttl_ms: int
+    task: str = ""  # the task that holds it ("" for a FencedLock or an older version's lease)
+    label: str = ""  # the lock template, a lock_label, or FencedLock(label=...)
 
     @classmethod
     def parse(cls, key: str, value: str, ttl_ms: int) -> LockInfo:
-        token, _, owner = value.partition(" ")
+        """From the lease value ``"<token> <owner>[\\n<task>\\n<label>]"`` (lock_holder)."""
+        token, _, holder = value.partition(" ")
+        owner, _, described = holder.partition("\n")
+        task, _, label = described.partition("\n")
         task_id = owner.rpartition("/")[0] if "/" in owner else ""
-        return cls(key=key, token=token, owner=owner, task_id=task_id, ttl_ms=ttl_ms)
+        return cls(key=key, token=token, owner=owner, task_id=task_id, ttl_ms=ttl_ms,
+                   task=task, label=label)
 
     @property
     def digest(self) -> str:
@@ -266,7 +277,8 @@ def collect(app: Any, runtime: Runtime, *, tolerant: bool = False) -> Snapshot:
             read()
         except Exception as exc:
             message = _describe(exc, app)
-            if message is None or not tolerant:
+            # Tables not created yet (status before migrate) is a state to show, not a failure.
+            if message is None or not (tolerant or is_missing_table(exc)):
                 raise
             snap.errors[section] = message
             if isinstance(exc, redis.RedisError):
@@ -294,34 +306,45 @@ def _panel(title: str, body: RenderableType, error: str | None = None) -> Panel:
 
 
 def _locks_table(locks: list[LockInfo], total: int, *, caption: bool = True) -> RenderableType:
+    """Per lock: task name over its owner, resource label over its digest, token, time left.
+
+    Token and time left never wrap (a token is only useful whole). The other
+    two columns share what is left: the task name and the label fold onto more
+    lines, whole; the owner and the digest below them stay on one line and
+    end in "…" when narrow (at 80 columns their first ~20 characters show).
+    """
     if not locks:
         return Text("no locks held")
-    table = Table(box=None, pad_edge=False, caption=TTL_NOTE if caption else None,
-                  caption_justify="left")
-    table.add_column("lock (resource digest)", no_wrap=True)
+    table = Table(box=None, pad_edge=False)
+    table.add_column("task / owner", min_width=10)
+    table.add_column("resource / digest", min_width=10)
     table.add_column("token", justify="right", no_wrap=True)
-    table.add_column("task id", no_wrap=True)
-    table.add_column("owner", no_wrap=True)
     table.add_column("expires in", justify="right", no_wrap=True)
     for lock in locks:
-        table.add_row(lock.digest, lock.token, lock.task_id or "-", lock.owner,
-                      _seconds(lock.ttl_ms))
+        table.add_row(
+            Group(Text(lock.task or "-", overflow="fold"),
+                  Text(lock.owner, style="dim", no_wrap=True, overflow="ellipsis")),
+            Group(Text(lock.label or "-", overflow="fold"),
+                  Text(lock.digest, style="dim", no_wrap=True, overflow="ellipsis")),
+            lock.token, _seconds(lock.ttl_ms),
+        )
+    # Below the table, not its caption: a caption wraps at the table's width.
+    notes = [Text(TTL_NOTE)] if caption else []
     if total > len(locks):
-        table.add_row(f"... and {total - len(locks)} more (`reliable locks` lists all)",
-                      "", "", "", "")
-    return table
+        notes.append(Text(f"... and {total - len(locks)} more (`reliable locks` lists all)"))
+    return Group(table, *notes)
 
 
 def _buckets_table(buckets: list[tuple[str, BucketSpec, float | None]]) -> RenderableType:
     if not buckets:
         return Text("no queue is rate limited (reliable_queue_rate_limits)")
     table = Table(box=None, pad_edge=False)
-    for name, justify in (("queue", "left"), ("tokens left", "right"), ("burst", "right"),
-                          ("rate", "right")):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    table.add_column("queue", overflow="fold")  # a long name folds, whole
+    for name in ("tokens left", "burst", "rate"):
+        table.add_column(name, justify="right", no_wrap=True)
     for queue, spec, tokens in buckets:
         left = "-" if tokens is None else f"{tokens:.2f}"
-        table.add_row(queue, left, _number(spec.burst), f"{_number(spec.rate)}/s")
+        table.add_row(Text(queue), left, _number(spec.burst), f"{_number(spec.rate)}/s")
     return table
 
 
@@ -329,11 +352,12 @@ def _tiers_table(tiers: list[tuple[str, TierSpec, TierStats]]) -> RenderableType
     if not tiers:
         return Text("no bulkhead tiers")
     table = Table(box=None, pad_edge=False)
-    for name in ("tier", "active", "waiting", "rejected", "timed out", "dropped", "policy"):
-        table.add_column(name, justify="left" if name in ("tier", "policy") else "right",
-                         no_wrap=True)
+    table.add_column("tier", overflow="fold")
+    for name in ("active", "waiting", "rejected", "timed out", "dropped", "policy"):
+        table.add_column(name, justify="left" if name == "policy" else "right", no_wrap=True)
     for tier, spec, stats in tiers:
-        table.add_row(tier, f"{stats.active}/{spec.concurrent}", f"{stats.waiting}/{spec.queue}",
+        table.add_row(Text(tier), f"{stats.active}/{spec.concurrent}",
+                      f"{stats.waiting}/{spec.queue}",
                       str(stats.rejected), str(stats.timed_out), str(stats.dropped), spec.policy)
     return table
 
@@ -345,10 +369,12 @@ def _breakers_table(breakers: list[tuple[str, BreakerSpec, int]]) -> RenderableT
     if not breakers:
         return Text("no circuit breakers (reliable_circuit_breakers)")
     table = Table(box=None, pad_edge=False)
-    for name in ("breaker", "state", "opens after", "open for"):
-        table.add_column(name, no_wrap=True)
+    table.add_column("breaker", overflow="fold")
+    table.add_column("state", no_wrap=True)
+    table.add_column("opens after")  # "N failures in W": wraps at its spaces
+    table.add_column("open for", no_wrap=True)
     for name, spec, state in breakers:
-        table.add_row(name, Text(STATE_NAMES.get(state, str(state)),
+        table.add_row(Text(name), Text(STATE_NAMES.get(state, str(state)),
                                  style=_STATE_STYLE.get(state, "")),
                       f"{spec.failure_threshold} failures in {spec.window}",
                       f"{_number(spec.open_seconds)} s")
@@ -431,7 +457,12 @@ def top(iterations: int | None, interval: float) -> None:
 @reliable.command()
 @_guarded
 def locks() -> None:
-    """Every lock held now: resource digest, fencing token, owner task, lease time left."""
+    """Every lock held now: task, resource label, fencing token, lease time left, owner, digest.
+
+    The label is the task's ``lock`` template (argument names, not their values;
+    a callable's name), its ``lock_label``, or a FencedLock's ``label``: what
+    the resource was formatted to never leaves the worker except as a digest.
+    """
     runtime = _runtime()
     found, total = held_locks(runtime)
     console = _console()
@@ -461,6 +492,33 @@ def _when(value: datetime | None) -> str:
     return value.isoformat(sep=" ", timespec="seconds") if value is not None else "-"
 
 
+def _dead_letters_table(found: list[DeadLetter], title: str) -> Table:
+    """Newest first: id; task, error (and replayed as); reason; attempts; last failure.
+
+    The id (what show/replay/purge take) and the attempts never wrap. The task
+    name folds, whole; below it the error and the replayed task id each stay
+    on one line, ending in "…" where the column ends (``dlq show ID`` has all
+    of them). The last failure's date and time are two lines, so the task
+    column gets the width (at 80 columns about 30 characters).
+    """
+    table = Table(box=None, pad_edge=False, title=title, title_justify="left")
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("task / error", min_width=12)
+    table.add_column("reason", min_width=9)
+    table.add_column("attempts", justify="right", no_wrap=True)
+    table.add_column("last failure", max_width=14)
+    for letter in found:
+        error = f"{letter.exc_type}: {letter.exc_message}" if letter.exc_type else "-"
+        lines = [Text(letter.task_name, overflow="fold"),
+                 Text(_one_line(error), style="dim", no_wrap=True, overflow="ellipsis")]
+        if letter.replayed_as:
+            lines.append(Text(f"replayed as {letter.replayed_as}", style="dim", no_wrap=True,
+                              overflow="ellipsis"))
+        table.add_row(str(letter.id), Group(*lines), Text(letter.reason), str(letter.attempts),
+                      _when(letter.last_failure_at))
+    return table
+
+
 @dlq.command("list")
 @click.option("--task", "task_name", default=None, help="Only letters of this task name.")
 @click.option("--reason", default=None, help='Only this reason (e.g. "retries exhausted").')
@@ -476,17 +534,7 @@ def dlq_list(task_name: str | None, reason: str | None, limit: int) -> None:
         console.print(f"no dead letters (of {total})" if task_name or reason else
                       "no dead letters")
         return
-    table = Table(box=None, pad_edge=False, title=f"{len(found)} of {total} dead letter(s)",
-                  title_justify="left")
-    for name in ("id", "task", "reason", "error", "attempts", "last failure", "replayed as"):
-        table.add_column(name, justify="right" if name in ("id", "attempts") else "left",
-                         no_wrap=name != "error")
-    for letter in found:
-        error = f"{letter.exc_type}: {letter.exc_message}" if letter.exc_type else "-"
-        table.add_row(str(letter.id), letter.task_name, letter.reason,
-                      error if len(error) <= 80 else error[:77] + "...", str(letter.attempts),
-                      _when(letter.last_failure_at), letter.replayed_as or "-")
-    console.print(table)
+    console.print(_dead_letters_table(found, f"{len(found)} of {total} dead letter(s)"))
 
 
 @dlq.command("show")
@@ -499,7 +547,7 @@ def dlq_show(letter_id: int) -> None:
     letter = _letter(_letters(), letter_id)
     table = Table(box=None, pad_edge=False, show_header=False)
     table.add_column(style="bold", no_wrap=True)
-    table.add_column()
+    table.add_column(overflow="fold")  # all of every value, folded when narrow
     rows = [
         ("id", str(letter.id)), ("task", letter.task_name), ("task id", letter.task_id),
         ("queue", letter.queue or "-"), ("reason", letter.reason),

@@ -211,6 +211,18 @@ TASK_OPTIONS: dict[str, Option] = {
             _choice(_CONTENTION),
         ),
         Option(
+            "lock_label",
+            None,
+            "template or callable",
+            "What ``celery reliable locks`` shows for this task's lock (at most 60 characters "
+            "are kept, with the lease). ``None`` shows the ``lock`` template itself, argument "
+            "names and not their values (a callable ``lock``: its name), since a formatted "
+            "resource may carry a secret. A template over the bound arguments "
+            '(``"order {order_id}"``) or a callable receiving them shows those values, '
+            "readable in Redis: name only arguments that are not secret.",
+            _lock_spec,
+        ),
+        Option(
             "idempotency_key",
             None,
             "template, callable or True",
@@ -372,6 +384,17 @@ SETTINGS: dict[str, Option] = {
             _string(),
         ),
         Option(
+            "reliable_redis_socket_timeout",
+            10.0,
+            "seconds",
+            "Socket timeout of celery-reliable's Redis connections: a call whose reply has not "
+            "come back by then fails. An admission that fails so (its reply may be lost after "
+            "it ran) is never resent: what it may have taken is undone, owner-checked, and the "
+            "task is deferred. Keep it well above Redis' slowest expected reply; it also bounds "
+            "how long a worker waits on a stalled link.",
+            _seconds(),
+        ),
+        Option(
             "reliable_database_url",
             None,
             "URL",
@@ -392,6 +415,18 @@ SETTINGS: dict[str, Option] = {
             _choice(("postgres", "redis")),
         ),
         Option(
+            "reliable_django_database",
+            None,
+            "Django database alias",
+            "Keep each first execution's idempotency record on Django's connection for this "
+            "alias (``\"default\"``) instead of celery-reliable's own pool: the record, the "
+            "task body's ORM writes on that alias (``idempotent_transaction()`` is a "
+            "``transaction.atomic`` block) and the result commit in one transaction. Needs "
+            "``celery_reliable.contrib.django``, and ``reliable_database_url`` on the same "
+            "database (``database_url_from_django(alias)``); a task refuses to run otherwise.",
+            _string(optional=True),
+        ),
+        Option(
             "reliable_database_pool_size",
             10,
             "connections",
@@ -406,7 +441,10 @@ SETTINGS: dict[str, Option] = {
             "seconds",
             "PostgreSQL ``lock_timeout`` of celery-reliable's connections (also inside "
             "``idempotent_transaction``): a duplicate blocked by a stalled execution's "
-            "uncommitted record gives up after this long and is deferred.",
+            "uncommitted record gives up after this long and is deferred. Not the server's "
+            "``idle_in_transaction_session_timeout``: that one must exceed the longest "
+            "idempotent body (the transaction stays open while it runs), or the task fails "
+            "with 25P03.",
             _seconds(),
         ),
         Option(
@@ -459,7 +497,7 @@ SETTINGS: dict[str, Option] = {
             None,
             "queue name",
             "Also publish each dead-lettered task to this queue (same task name, arguments "
-            "and a ``reliable_dead_letter`` header), for consumers of your own.",
+            "and headers, plus a ``reliable_dead_letter`` header), for consumers of your own.",
             _string(optional=True),
         ),
         Option(
@@ -507,7 +545,10 @@ class ReliableSettings:
     redis_url: str
     database_url: str | None
     key_prefix: str
+    redis_socket_timeout: float = 10.0
     idempotency_store: str = "postgres"
+    #: Django database alias holding idempotency records (contrib.django); None: our pool.
+    django_database: str | None = None
     database_lock_timeout: float = 5.0
     database_pool_size: int = 10
     create_tables: bool = True
@@ -526,15 +567,29 @@ class ReliableSettings:
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> ReliableSettings:
+        """The settings of ``conf`` (``app.conf`` or a mapping), validated.
+
+        Raises ``ConfigurationError`` for a bad value, and for a ``reliable_*``
+        key that is not a setting (a typo would silently keep the default).
+        """
         owner = "app settings"
+        unknown_settings(conf)
         values = {
             name: opt.value(owner, conf.get(name, opt.default)) for name, opt in SETTINGS.items()
         }
+        if (values["reliable_django_database"] is not None
+                and values["reliable_idempotency_store"] != "postgres"):
+            raise ConfigurationError(
+                f"{owner}: reliable_django_database needs reliable_idempotency_store='postgres' "
+                "(records kept in Redis only have no transaction to share with the ORM)"
+            )
         return cls(
             redis_url=values["reliable_redis_url"],
+            redis_socket_timeout=values["reliable_redis_socket_timeout"],
             database_url=values["reliable_database_url"],
             key_prefix=values["reliable_key_prefix"],
             idempotency_store=values["reliable_idempotency_store"],
+            django_database=values["reliable_django_database"],
             database_lock_timeout=values["reliable_database_lock_timeout"],
             database_pool_size=values["reliable_database_pool_size"],
             create_tables=values["reliable_create_tables"],
@@ -577,10 +632,29 @@ class LockPolicy:
     spec: str | Callable[[Mapping[str, Any]], str]
     ttl: float
     contention: Contention
+    label_spec: str | Callable[[Mapping[str, Any]], str] | None = None  # option lock_label
 
     def resource(self, task_name: str, arguments: Mapping[str, Any]) -> str:
         """The resource name for one call; raises ConfigurationError if it cannot be built."""
         return render(self.spec, task_name, "lock", arguments)
+
+    def label(self, task_name: str, arguments: Mapping[str, Any]) -> str:
+        """What ``reliable locks`` shows for one call (kept with the lease)."""
+        if self.label_spec is None:
+            return self.default_label
+        return render(self.label_spec, task_name, "lock_label", arguments)
+
+    @functools.cached_property
+    def default_label(self) -> str:
+        """Without ``lock_label``: the ``lock`` template, or a callable's name.
+
+        Argument names, never their values: a formatted resource is user data
+        (an e-mail address, a token) and would sit readable in Redis and on screen.
+        """
+        if callable(self.spec):
+            name = getattr(self.spec, "__qualname__", type(self.spec).__name__)
+            return f"{name.rsplit('<locals>.', 1)[-1]}(...)"  # "f.<locals>.g": "g"
+        return self.spec
 
 
 @dataclass(frozen=True)
@@ -741,6 +815,46 @@ _CELERY_OPTIONS = frozenset({
 })
 
 
+def unknown_settings(conf: Mapping[str, Any]) -> None:
+    """Refuse a ``reliable_*`` key of ``conf`` that is not in :data:`SETTINGS`.
+
+    ``conf`` may be Celery's ``app.conf``. With a namespace
+    (``config_from_object(..., namespace="CELERY")``) Celery reads a setting as
+    ``CELERY_RELIABLE_REDIS_URL`` (in the namespace's case) as well as
+    ``reliable_redis_url``, so both spellings are accepted. Keys that do not
+    start with ``reliable_`` (or the namespace and ``reliable_``) are not ours
+    and are not looked at.
+    """
+    try:
+        # Listing the keys first also loads a configuration still pending (app.conf
+        # before first use), and with it the namespace.
+        keys = [key for key in conf if isinstance(key, str)]
+    except Exception:  # a config source that cannot list its keys: nothing to check
+        return
+    prefix = getattr(conf, "prefix", None) or ""
+    spellings = list(SETTINGS)
+    if prefix:  # celery.utils.text.match_case: the whole key takes the namespace's case
+        spellings += [(prefix + name).upper() if prefix.isupper() else (prefix + name).lower()
+                      for name in SETTINGS]
+    for key in keys:
+        plain = key.lower().startswith("reliable_")
+        # With a namespace, other keys (Django's settings) are UPPER_CASE: a plain key is
+        # ours only in the lower case Celery reads. Without one, RELIABLE_REDIS_URL is a
+        # setting Celery would never read: refused too.
+        mine = (key.startswith("reliable_") or key.lower().startswith(f"{prefix}reliable_".lower())
+                if prefix else plain)
+        if key in spellings or not mine:
+            continue
+        form = [s for s in spellings if s.lower().startswith("reliable_") == plain]
+        lowered = {s.lower(): s for s in form}
+        close = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.8)
+        hint = f"; did you mean {lowered[close[0]]!r}?" if close else ""
+        raise ConfigurationError(
+            f"app settings: unknown setting {key!r}{hint} (celery-reliable's settings: "
+            f"{', '.join(SETTINGS)})"
+        )
+
+
 def unknown_options(task_name: str, attributes: Mapping[str, Any], known: set[str]) -> None:
     """Refuse attributes that look like our options but are not (``lock_tll=30``)."""
     for name, value in attributes.items():
@@ -757,6 +871,29 @@ def unknown_options(task_name: str, attributes: Mapping[str, Any], known: set[st
                 f"{task_name}: unknown reliability option {name!r}{hint} "
                 f"(known options: {', '.join(sorted(TASK_OPTIONS))})"
             )
+
+
+def check_bound(task_name: str, run: Callable[..., Any], bound: bool) -> None:
+    """Refuse an unbound task whose function's first parameter is ``self``.
+
+    Without ``bind=True`` Celery passes the call's first argument as ``self``, so
+    the task would fail when it runs with a bare ``TypeError`` (a missing argument,
+    or ``'int' object has no attribute 'fence'``). A first parameter with another
+    name is not refused: it cannot be told from an ordinary argument.
+    """
+    if bound:
+        return
+    try:
+        params = list(inspect.signature(run).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if params and params[0].name == "self" and params[0].kind in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        raise ConfigurationError(
+            f"{task_name}: the task function takes 'self' but the task is not bound, so "
+            "'self' would receive the call's first argument; add bind=True to the decorator "
+            "(@app.task(base=ReliableTask, bind=True, ...))"
+        )
 
 
 def task_signature(run: Callable[..., Any], bound: bool) -> inspect.Signature | None:
@@ -790,7 +927,7 @@ def build_policy(
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         )
         var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    for option in ("lock", "idempotency_key", "rate_limit_key"):
+    for option in ("lock", "lock_label", "idempotency_key", "rate_limit_key"):
         spec = opts[option]
         if isinstance(spec, str) and not var_kw:
             for field_name in template_fields(task_name, spec, option):
@@ -803,7 +940,10 @@ def build_policy(
     lock = None
     if opts["lock"] is not None:
         spec = opts["lock"]
-        lock = LockPolicy(spec=spec, ttl=opts["lock_ttl"], contention=opts["lock_contention"])
+        lock = LockPolicy(spec=spec, ttl=opts["lock_ttl"], contention=opts["lock_contention"],
+                          label_spec=opts["lock_label"])
+    elif opts["lock_label"] is not None:
+        raise ConfigurationError(f"{task_name}: option 'lock_label' is set but 'lock' is not")
     if opts["defer_max_delay"] < opts["defer_delay"]:
         raise ConfigurationError(
             f"{task_name}: option 'defer_max_delay' ({opts['defer_max_delay']}) must be >= "

@@ -10,6 +10,7 @@ Acquire is one round trip (``admit.lua``), release is one (``complete.lua``).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from types import TracebackType
@@ -33,16 +34,22 @@ class FencedLock:
         resource: the resource name (hashed before it becomes a key).
         ttl: lease time in seconds; call :meth:`extend` to keep it longer.
         prefix: the ``reliable_key_prefix`` shared with the tasks.
+        label: what ``celery reliable locks`` shows for this lock (at most 60
+            characters are kept). Not derived from ``resource``, which may
+            carry user data: without a label the command shows only the
+            resource's digest.
     """
 
     def __init__(
-        self, client: redis.Redis, resource: str, *, ttl: float = 30.0, prefix: str = "reliable"
+        self, client: redis.Redis, resource: str, *, ttl: float = 30.0, prefix: str = "reliable",
+        label: str | None = None,
     ) -> None:
         if ttl <= 0:
             raise ValueError(f"FencedLock: ttl must be > 0 seconds, got {ttl!r}")
         self.client = client
         self.resource = resource
         self.ttl = float(ttl)
+        self.label = label
         self._keys = KeySpace(prefix)
         self._lock_key = self._keys.lock(resource)
         self._fence_key = self._keys.fence(resource)  # hashed once per lock object
@@ -53,16 +60,27 @@ class FencedLock:
         self.holder: str | None = None
 
     def acquire(self, owner: str | None = None) -> int | None:
-        """Try once; return the fencing token, or None if someone else holds the lock."""
+        """Try once; return the fencing token, or None if someone else holds the lock.
+
+        A Redis error is raised, after undoing what the attempt may have taken
+        (the request is never resent: its reply may be lost after it ran).
+        """
         owner = owner or secrets.token_hex(8)
         plan = Plan()
-        plan.add_lock_keys(self._lock_key, self._fence_key, owner, self.ttl)
-        result = plan.admit(self.client)
+        index = plan.add_lock_keys(self._lock_key, self._fence_key, owner, self.ttl,
+                                   label=self.label or "")
+        try:
+            result = plan.admit(self.client)
+        except redis.RedisError:
+            # Its reply may be lost after it took the lock: release it (if it is ours).
+            with contextlib.suppress(redis.RedisError):
+                plan.rollback(self.client)
+            raise
         if not isinstance(result, Admitted):
             return None
-        self.token = result.results[0]
+        self.token = result.results[index]
         self.holder = owner
-        self._value = f"{self.token} {owner}"
+        self._value = plan.lock_value(index, self.token)
         return self.token
 
     def acquire_blocking(self, timeout: float, poll: float = 0.05) -> int:

@@ -3,7 +3,7 @@
 Always on and cheap (a dict increment). They are readable from Python
 (:func:`snapshot`) and are the source for the Prometheus exporter, which
 installs itself as this module's *sink* (:func:`set_sink`): every
-:func:`inc` and :func:`observe` is forwarded to it.
+:func:`inc`, :func:`observe` and :func:`gauge` is forwarded to it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 
-__all__ = ["Sink", "inc", "observe", "set_sink", "snapshot"]
+__all__ = ["Sink", "gauge", "gauge_value", "inc", "observe", "set_sink", "snapshot"]
 
 #: ``sink(name, amount_or_value, labels)``: receives every increment and observation.
 Sink = Callable[[str, float, Mapping[str, str]], None]
 
 _counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+_gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 _mutex = threading.Lock()
 _sink: Sink | None = None
 
@@ -52,6 +53,19 @@ def inc(name: str, amount: int = 1, **labels: str) -> None:
 def observe(name: str, value: float, **labels: str) -> None:
     """One observation for histogram ``name`` (only forwarded to the sink; not counted here)."""
     _forward(name, value, labels)
+
+
+def gauge(name: str, value: float, **labels: str) -> None:
+    """Set gauge ``name`` with ``labels`` to ``value`` in this process."""
+    with _mutex:
+        _gauges[(name, tuple(sorted(labels.items())))] = value
+    _forward(name, value, labels)
+
+
+def gauge_value(name: str, **labels: str) -> float | None:
+    """One gauge's value in this process (None if never set)."""
+    with _mutex:
+        return _gauges.get((name, tuple(sorted(labels.items()))))
 
 
 def snapshot() -> dict[tuple[str, tuple[tuple[str, str], ...]], int]:

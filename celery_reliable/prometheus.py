@@ -29,6 +29,9 @@ reliable_idempotency_lease_lost_total  counter    task            completions th
                                                                   longer theirs
 reliable_circuit_state                 gauge      breaker         Redis, on scrape: 0 closed,
                                                                   1 open, 2 half-open
+reliable_store_up                      gauge      store           the pipeline's own calls:
+                                                                  1 reachable, 0 not (see
+                                                                  below)
 =====================================  =========  ==============  ==========================
 
 Label names never change; a label the library passes that is not listed
@@ -53,6 +56,13 @@ Also exported, under the library's own names and labels:
 ``reliable_retry_budget_exhausted_total{task}``, and the gauges
 ``reliable_bulkhead_waiting{tier}``, ``reliable_bucket_tokens{queue}`` and
 ``reliable_state_up`` (0 when the last scrape could not read Redis).
+
+``reliable_store_up{store="redis"|"postgres"}`` is set by the task pipeline
+itself (and the worker's start-up check), not by the scrape: 0 when a
+process's last admission (Redis) or durable claim (PostgreSQL) failed for
+want of the store, 1 once one succeeds again. Each process sets it when the
+state changes; in multiprocess mode the most recent change among live
+processes is exported (``livemostrecent``).
 
 Prefork workers
 ---------------
@@ -138,7 +148,7 @@ def _queue(labels: Mapping[str, str]) -> dict[str, str]:
 @dataclass(frozen=True)
 class _Spec:
     name: str  # exported name (counters end in _total)
-    kind: str  # counter | histogram
+    kind: str  # counter | histogram | gauge
     doc: str
     labels: tuple[str, ...] = ()
     relabel: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None
@@ -176,14 +186,17 @@ SPECS: tuple[_Spec, ...] = (
           "Executions that finished after their idempotency lease was lost (expired or taken "
           "over): a duplicate may have run too (always, with the Redis-only store).",
           ("task",)),
+    _Spec("reliable_store_up", "gauge",
+          "1 if this process's last call to the store (redis, postgres) succeeded, 0 if it "
+          "could not reach it (tasks are deferred meanwhile).", ("store",)),
 )
 
 
 class Exporter:
-    """The counters and histogram of one registry, fed by :mod:`celery_reliable.metrics`."""
+    """The counters, histogram and gauge of one registry, fed by :mod:`celery_reliable.metrics`."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.metrics: dict[str, Any] = {}
         self._routes: dict[str, tuple[_Spec, Any]] = {}
@@ -192,6 +205,9 @@ class Exporter:
             if spec.kind == "counter":
                 metric = Counter(spec.name.removesuffix("_total"), spec.doc, spec.labels,
                                  registry=registry)
+            elif spec.kind == "gauge":
+                metric = Gauge(spec.name, spec.doc, spec.labels, registry=registry,
+                               multiprocess_mode="livemostrecent")
             else:
                 metric = Histogram(spec.name, spec.doc, spec.labels, registry=registry,
                                    buckets=LOCK_WAIT_BUCKETS)
@@ -209,6 +225,8 @@ class Exporter:
             metric = metric.labels(*(str(given.get(label, "")) for label in spec.labels))
         if spec.kind == "counter":
             metric.inc(value)
+        elif spec.kind == "gauge":
+            metric.set(value)
         else:
             metric.observe(value)
 

@@ -10,17 +10,22 @@ pool, each process keeps one dedicated connection per client (a
 host, TLS, auth, database, timeouts, RESP version) and writes the packed
 ``EVALSHA`` on it directly. A thread that finds the channel busy, any other
 client type (cluster, sentinel, client-side caching) and any pool that is not
-a plain one take the ordinary ``client.evalsha`` path.
+a plain one take the pool path (see below for which scripts may be resent
+there).
 
 Before each call the channel polls its socket (as redis-py's pool does at
 checkout), so a connection the server closed is replaced before it is used. A
 connection error during a call is raised to the caller, with one exception:
 scripts that are safe to run twice (completion, fenced writes, throttling;
 never a lease renewal: see :meth:`Script.call_once`) are sent once more on a
-new connection. On the channel, admission
-is never resent: its reply may have been lost after it took a lock or a token,
-and the task pipeline defers the delivery instead (fail closed). (The fallback
-``client.evalsha`` path follows the client's own ``retry`` setting.)
+new connection. Every other script (admission, rollback, renewal) is sent
+exactly once per call, on every path: an admission's reply may have been lost
+after it took a lock or a token, and only its caller knows how to undo that
+(``Plan.rollback``). So those never take ``client.evalsha``, whose redis-py
+``retry`` (by default 10 resends on a connection error or a timeout) would
+run admission again behind its caller's back; they go through
+:meth:`Script.call_once` on a pool connection, and the client's ``retry``
+setting stays as the user set it for every other command.
 """
 
 from __future__ import annotations
@@ -137,7 +142,8 @@ class Script:
         self.name = name
         self.source = source
         #: Safe to run twice: a call whose connection failed is sent once more on a new
-        #: connection. Never for admission (a lost reply may hide a taken lock or token).
+        #: connection. Never for admission (a lost reply may hide a taken lock or token):
+        #: other scripts are sent exactly once per call, on every path.
         self.idempotent = idempotent
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         self._head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode("ascii") + b"\r\n"
@@ -178,6 +184,37 @@ class Script:
                         resent = True  # the channel reconnects
             finally:
                 channel.busy.release()
+        if not self.idempotent:
+            return self._call_pooled_once(client, keys, args)
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            client.script_load(self.source)
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+
+    def _call_pooled_once(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        """:meth:`call_once` on a connection of ``client``'s pool, whatever its ``retry`` says.
+
+        redis-py's ``execute_command`` resends a command after a connection error or
+        a timeout (``Retry``, 10 times by default): harmless for a read, wrong for a
+        script whose first run may have taken a lock. This is its checkout, send and
+        read without that loop.
+        """
+        if isinstance(client, redis.Redis):
+            if client.connection is not None:  # single_connection_client=True
+                with client.single_connection_lock:
+                    return self.call_once(client.connection, keys, args)
+            pool = client.connection_pool
+            conn = pool.get_connection()
+            try:
+                return self.call_once(conn, keys, args)
+            finally:
+                pool.release(conn)
+        node_of = getattr(client, "get_node_from_key", None)
+        if node_of is not None:  # RedisCluster: every key of a plan shares one hash tag
+            node = node_of(keys[0] if keys else "")
+            return self._call_pooled_once(client.get_redis_connection(node), keys, args)
+        # Another client type: nothing to bypass that we know of.
         try:
             return client.evalsha(self.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
@@ -222,6 +259,8 @@ class Script:
 #: idempotency records, a result that is never recorded. Not renewal: a renewal
 #: resent after a timeout could extend a lease its holder already stopped believing
 #: in (and blocks the heartbeat twice as long); the next one is a fresh call.
+#: (``rollback`` is safe to run twice too; ``Plan.rollback`` resends it itself, with a
+#: pause between sends.)
 _IDEMPOTENT = frozenset({"complete", "fenced_set", "throttle"})
 
 

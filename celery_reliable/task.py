@@ -28,17 +28,17 @@ import sys
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, ClassVar, NoReturn
 
+import celery.app
 import redis
-from celery import Task
+from celery import Task, _state
 from celery.app.trace import LOG_RETRY
 from celery.exceptions import Ignore, Reject, Retry
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from . import deadletter, metrics
 from .admission import Admitted, Mismatch, Plan, Poison, Refused, Rejected, Release, Replay
@@ -50,6 +50,7 @@ from .config import (
     ReliableSettings,
     TaskPolicy,
     build_policy,
+    check_bound,
     task_signature,
     unknown_options,
 )
@@ -65,7 +66,7 @@ from .errors import (
     StorageError,
 )
 from .fencing import Fence
-from .idempotency import PostgresRecord, dumps_result
+from .idempotency import PostgresRecord, dumps_result, open_record
 from .keys import digest, idempotency_digest
 from .ratelimit import BucketSpec
 from .retrybudget import RetryBudget, deposits_for, spend
@@ -219,6 +220,86 @@ class _Binding:
         self.foreign = foreign  # a shared copy the app did not declare
 
 
+# Which app declared a task: Celery records it nowhere, so ReliableTask.bind
+# tells it from the Celery function that is binding the task (one walk up the
+# stack): an app's finalize giving it the process's shared tasks, or
+# ``@shared_task`` pushing its task into the apps already finalized.
+_FINALIZE_CALLBACKS = ("celery._state", "_announce_app_finalized")
+_SHARED_TASK_DECORATOR = ("celery.app", "__inner")
+
+
+def _code_names(code: CodeType) -> set[str]:
+    names = {code.co_name}
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            names |= _code_names(const)
+    return names
+
+
+#: Both functions are where this Celery has them. If not, a binding is taken for
+#: the declaration only when the app holds the task's pending promise: a bad
+#: setting elsewhere then surfaces when the task is used, and never breaks an app
+#: that did not declare the task.
+_CELERY_KNOWN = (
+    callable(getattr(_state, _FINALIZE_CALLBACKS[1], None))
+    and getattr(celery.app.shared_task, "__module__", None) == _SHARED_TASK_DECORATOR[0]
+    and _SHARED_TASK_DECORATOR[1] in _code_names(celery.app.shared_task.__code__)
+)
+
+
+def _celery_caller(app: Any) -> tuple[str, bool]:
+    """The Celery code binding a task into ``app``, and whether it came from ``@shared_task``.
+
+    ``("finalize", shared)``: ``app.finalize()`` runs the process's finalize
+    callbacks (``shared``: the callback is ``@shared_task``'s, not ``app.task``'s);
+    ``("decorator", True)``: ``@shared_task`` is giving its new task to ``app``,
+    finalized before the task existed; ``("direct", False)``: anything else (a
+    decorator on an app already finalized or ``lazy=False``, a promise evaluated
+    early, ``register_task`` then finalize).
+    """
+    frame: FrameType | None = sys._getframe(2)
+    child: FrameType | None = None
+    while frame is not None:
+        where = (frame.f_globals.get("__name__"), frame.f_code.co_name)
+        if where == _FINALIZE_CALLBACKS and frame.f_locals.get("app") is app:
+            shared = child is not None and child.f_globals.get("__name__") == "celery.app"
+            return "finalize", shared
+        if where == _SHARED_TASK_DECORATOR and frame.f_locals.get("app") is app:
+            return "decorator", True
+        child, frame = frame, frame.f_back
+    return "direct", False
+
+
+#: The app each ``@shared_task`` (by decorated function) was declared for.
+_shared_task_apps: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _shared_task_app(fun: Any) -> Any:
+    """The app a ``@shared_task`` belongs to: the current app when it was first bound.
+
+    That is the app current at its declaration when ``@shared_task`` gives the
+    task to apps already finalized (it does so from the decorator), else the app
+    current when the first app is finalized with it: the one ``set_as_current``
+    (Celery's default for a new app) made current, which ``task.delay()`` also
+    resolves to.
+    """
+    try:
+        ref = _shared_task_apps.get(fun)
+    except TypeError:  # a callable that takes no weak reference: not recorded
+        ref = None
+    if ref is None:
+        # not get_current_app(): it would create Celery's default app when none is current
+        current = getattr(_state._tls, "current_app", None) or _state.default_app
+        ref = weakref.ref(current) if current is not None else _no_app
+        with suppress(TypeError):
+            _shared_task_apps[fun] = ref
+    return ref()
+
+
+def _no_app() -> None:
+    return None
+
+
 class ReliableTask(Task):  # type: ignore[misc]
     """Celery task base with fleet-wide guards.
 
@@ -235,6 +316,8 @@ class ReliableTask(Task):  # type: ignore[misc]
     lock_ttl: ClassVar[Any] = TASK_OPTIONS["lock_ttl"].default
     #: ``"defer"`` | ``"skip"`` | ``"fail"`` when the lock is busy.
     lock_contention: ClassVar[Any] = TASK_OPTIONS["lock_contention"].default
+    #: What ``celery reliable locks`` shows (default: the ``lock`` template, no values).
+    lock_label: ClassVar[Any] = TASK_OPTIONS["lock_label"].default
     #: Idempotency key: template, callable, or True (task name + canonical arguments).
     idempotency_key: ClassVar[Any] = TASK_OPTIONS["idempotency_key"].default
     #: How long finished records are kept and replayed, seconds.
@@ -273,17 +356,18 @@ class ReliableTask(Task):  # type: ignore[misc]
     # A task class may be bound to several apps: Celery shares tasks by
     # default, so every app finalized in the process (a test app, a second
     # broker) gets a copy of each shared task. The policy is therefore kept
-    # per (class, app), validated against *that* app's settings. An app that
-    # only received a shared copy does not fail at bind over settings it was
-    # never given (a tier, a breaker, a database); the error is kept and
-    # raised if that app ever runs or sends the task. Errors in the task's
-    # own options fail at bind in every app: no app could run it.
+    # per (class, app), validated against *that* app's settings. The app that
+    # declared the task fails at bind over a setting it lacks (a tier, a
+    # breaker, a database); an app that only received a copy does not: the
+    # error is kept, logged once, and raised if that app runs or sends the
+    # task. Errors in the task's own options fail at bind in every app: no
+    # app could run it.
 
     @classmethod
     def bind(cls, app: Any) -> Any:
         result = super().bind(app)
         bound = cls._bound()
-        foreign = (app in bound and bound[app].foreign) or cls._shared_into(app)
+        foreign = bound[app].foreign if app in bound else not cls._declared_in(app)
         if foreign:
             cls._build_reliable_policy(app, declaration_only=True)  # no app could run it
         try:
@@ -311,37 +395,51 @@ class ReliableTask(Task):  # type: ignore[misc]
         return bound
 
     @classmethod
-    def _shared_into(cls, app: Any) -> bool:
-        """True if ``app`` is receiving a copy of a shared task it did not declare.
+    def _declared_in(cls, app: Any) -> bool:
+        """True if this binding declares the task in ``app``, False for a copy it receives.
 
-        Celery gives every app a copy of each shared task from its finalize
-        callbacks; the app whose decorator declared the task still holds the
-        task's pending promise then (``app.task`` is lazy), any other app does
-        not. A task declared on an app already finalized is built directly by
-        its decorator, outside those callbacks.
+        * ``@app.task``: declared in ``app``, whether its decorator builds the
+          task at once (``app`` already finalized, ``lazy=False``) or ``app``
+          holds its pending promise when it finalizes.
+        * ``@shared_task``: declared in the app current when it was declared
+          (see :func:`_shared_task_app`), unless that app was finalized
+          before the task existed (pytest-celery's module-level app, a test
+          app): Celery pushes the task into such apps from the decorator, as a
+          copy. Then no app declares it.
+        * Any other app gets a copy from its finalize callbacks.
         """
-        frame: FrameType | None = sys._getframe(1)
-        while frame is not None:
-            if (frame.f_code.co_name == "_announce_app_finalized"
-                    and frame.f_globals.get("__name__") == "celery._state"):
-                break
-            frame = frame.f_back
-        else:
+        fun = cls._decorated_function()
+        path, shared = _celery_caller(app) if _CELERY_KNOWN else ("finalize", False)
+        if path == "decorator":
+            _shared_task_app(fun)  # its declaration is now: note the current app
             return False
-        # The decorated function: Celery >= 5.7 keeps it as _decorated_fun; before,
-        # __wrapped__ is it (a staticmethod for bind=False tasks).
+        if path == "direct":
+            return True
+        if fun is not None and cls._pending_in(app, fun):
+            return True  # @app.task on this app, finalizing now
+        return shared and fun is not None and _shared_task_app(fun) is app
+
+    @classmethod
+    def _decorated_function(cls) -> Any:
+        """The function the task was made from (None for a Task subclass)."""
+        # Celery >= 5.7 keeps it as _decorated_fun; before, __wrapped__ is it (a
+        # staticmethod for bind=False tasks).
         fun = inspect.getattr_static(cls, "_decorated_fun", None)
         if fun is None:
             fun = cls.__dict__.get("__wrapped__")
-        fun = fun.__func__ if isinstance(fun, staticmethod) else fun
+        return fun.__func__ if isinstance(fun, staticmethod) else fun
+
+    @staticmethod
+    def _pending_in(app: Any, fun: Any) -> bool:
+        """``app`` holds the lazy promise of an ``@app.task`` over ``fun``, not yet evaluated."""
         for promise in getattr(app, "_pending", ()):
             try:
                 args = object.__getattribute__(promise, "_Proxy__args")
             except AttributeError:  # already evaluated
                 continue
-            if fun is not None and args and args[0] is fun:
-                return False
-        return True
+            if args and args[0] is fun:
+                return True
+        return False
 
     @classmethod
     def _build_reliable_policy(cls, app: Any, *, declaration_only: bool = False) -> TaskPolicy:
@@ -358,6 +456,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         raw_run = inspect.getattr_static(cls, "run")
         bound = not isinstance(raw_run, staticmethod)
         run = raw_run.__func__ if isinstance(raw_run, staticmethod) else raw_run
+        check_bound(name, run, bound)  # `def f(self, ...)` without bind=True
         if declaration_only:
             return build_policy(name, values, task_signature(run, bound), None)
         settings = ReliableSettings.from_conf(app.conf)  # a bad setting fails at bind too
@@ -566,7 +665,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         plan = Plan()
         if counts_deliveries:
             plan.add_deliveries(runtime.keys.deliveries(str(self.request.id)),
-                                policy.max_redeliveries, 24 * 3600.0)
+                                policy.max_redeliveries, 24 * 3600.0, execution.owner)
         arguments = self._arguments(policy, args, kwargs)
         idem = policy.idempotency
         if idem.spec is not None or header_key is not None:
@@ -579,7 +678,8 @@ class ReliableTask(Task):  # type: ignore[misc]
             )
         if policy.lock is not None:
             execution.resource = policy.lock.resource(self.name, arguments)
-            plan.add_lock(runtime.keys, execution.resource, execution.owner, policy.lock.ttl)
+            plan.add_lock(runtime.keys, execution.resource, execution.owner, policy.lock.ttl,
+                          task=self.name, label=policy.lock.label(self.name, arguments))
         if policy.bulkhead is not None and policy.tier is not None:
             plan.add_bulkhead(runtime.keys, policy.bulkhead, policy.tier, execution.owner,
                               str(self.request.id))
@@ -628,9 +728,16 @@ class ReliableTask(Task):  # type: ignore[misc]
             try:
                 outcome = plan.admit(runtime.redis)
             except redis.RedisError as exc:
-                # Fail closed: an unguarded run could break the guarantee.
+                # The script may have run and only its reply been lost: undo what it
+                # may have taken (its lock, record, slot, probe and delivery count)
+                # before deferring, so the deferral is not behind its own lock and is
+                # not counted as a lost delivery. Then fail closed: an unguarded run
+                # could break the guarantee.
+                self._roll_back(plan, runtime)
+                runtime.health.redis.failed(exc)  # a WARNING per interval, and the gauge
                 self._defer(policy, "Redis unavailable", cause=exc)
                 continue
+            runtime.health.redis.ok()
             if isinstance(outcome, Replay):
                 execution.replay = outcome
                 return execution
@@ -659,6 +766,19 @@ class ReliableTask(Task):  # type: ignore[misc]
                 # Whatever went wrong, nothing admitted may outlive this delivery.
                 self._settle(execution, runtime, "X", "")
                 raise
+
+    def _roll_back(self, plan: Plan, runtime: Runtime) -> None:
+        """Undo a failed admission (:meth:`Plan.rollback`); on failure, leases expire by TTL."""
+        try:
+            plan.rollback(runtime.redis)
+        except redis.RedisError:
+            log.warning(
+                "celery-reliable: %s[%s] could not undo an admission whose reply was lost; "
+                "what it may have taken expires by its TTL",
+                self.name,
+                self.request.id,
+                exc_info=True,
+            )
 
     def _hold(
         self,
@@ -712,7 +832,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                 metrics.observe("reliable_lock_wait_seconds",
                                 max(0.0, time.time() - float(since)) if since else 0.0)
                 execution.token = admitted.results[index]
-                value = f"{execution.token} {execution.owner}"
+                value = plan.lock_value(index, execution.token)
                 execution.lease = Lease(
                     "L", key, value, policy.lock.ttl, started, f"lock of {describe}"
                 )
@@ -730,14 +850,16 @@ class ReliableTask(Task):  # type: ignore[misc]
         """
         assert execution.idem_digest is not None
         try:
-            record = PostgresRecord(
+            record = open_record(
                 runtime.task_engine(),  # creates missing tables on first use
                 self.name,
                 execution.idem_digest,
                 execution.fingerprint,
                 policy.idempotency.ttl,
+                runtime.settings,
             )
             existing = record.begin()
+            runtime.health.postgres.ok()
         except SQLAlchemyError as exc:
             self._settle(execution, runtime, "X", "")
             # A schema problem is configuration: fixed now, or failed at once, never waited out.
@@ -746,6 +868,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                             "they are created again before it runs", self.name, self.request.id)
                 self._defer(policy, "PostgreSQL tables missing", cause=exc)
             else:
+                runtime.health.postgres.failed(exc)  # a WARNING per interval, and the gauge
                 self._defer(policy, "PostgreSQL unavailable", cause=exc)
             return False
         if existing is None:
@@ -769,6 +892,11 @@ class ReliableTask(Task):  # type: ignore[misc]
             runtime.heartbeat.discard(lease)
         # Ran past the belief in a lease (the local clock says it may have expired)
         overran = [lease for lease in execution.leases if lease.kind in "IK" and lease.lost]
+        # Letting go ends every belief, before the release is sent: once it runs another
+        # holder may take the lock (higher token) while a body that goes on after
+        # retry(throw=False) still runs, so lock_lost turns true and self.fence refuses.
+        for lease in execution.leases:
+            lease.end()
         execution.release.settle_idempotency(outcome, payload)
         try:
             results = execution.release.run(runtime.redis)
@@ -817,14 +945,19 @@ class ReliableTask(Task):  # type: ignore[misc]
 
     def _replay(self, replay: Replay) -> Any:
         metrics.inc("reliable_idempotent_replays_total", task=self.name)
+        # Structured fields for log processors, and the signal the pytest plugin's
+        # assert_replayed() reads: this task id's outcome came from a stored record.
+        extra = {"reliable_event": "replayed", "reliable_task_id": str(self.request.id)}
         if replay.state == "F":
             error = json.loads(replay.payload or "{}")
-            log.info("celery-reliable: %s[%s] replayed a kept failure", self.name, self.request.id)
+            log.info("celery-reliable: %s[%s] replayed a kept failure", self.name,
+                     self.request.id, extra=extra)
             raise ReplayedFailure(self.name, str(error.get("type")), str(error.get("message")))
         log.info(
             "celery-reliable: %s[%s] replayed the stored result (duplicate not run)",
             self.name,
             self.request.id,
+            extra=extra,
         )
         return json.loads(replay.payload)
 
@@ -1010,6 +1143,13 @@ class ReliableTask(Task):  # type: ignore[misc]
         first = _header(request, FIRST_FAILURE_HEADER)
         info = getattr(request, "delivery_info", None) or {}
         queue = info.get("routing_key") or info.get("queue")
+        # The call's own headers (the producer's idempotency_key, ...) and its record's
+        # key go with the letter: a replay is the same call, under the same key.
+        headers = deadletter.call_headers(getattr(request, "headers", None))
+        header_key = _header(request, IDEMPOTENCY_HEADER)
+        if header_key is not None:
+            headers[IDEMPOTENCY_HEADER] = header_key
+        execution = getattr(request, "_reliable_execution", None)
         try:
             letter = deadletter.record(
                 runtime.task_engine(), task_name=self.name, task_id=str(request.id),
@@ -1017,6 +1157,8 @@ class ReliableTask(Task):  # type: ignore[misc]
                 attempts=int(request.retries or 0) + 1, reason=reason, queue=queue,
                 first_failure_at=(datetime.fromtimestamp(float(first), timezone.utc)
                                   if first else None),
+                headers=headers,
+                idempotency_digest=execution.idem_digest if execution is not None else None,
             )
             log.warning("celery-reliable: %s[%s] dead-lettered (%s) as #%d: %r", self.name,
                         request.id, reason, letter, exc)
@@ -1027,7 +1169,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         if dlq:
             try:
                 self.app.send_task(self.name, args=request.args, kwargs=request.kwargs,
-                                   queue=dlq, headers={"reliable_dead_letter": reason})
+                                   queue=dlq, headers={**headers, "reliable_dead_letter": reason})
             except Exception:
                 log.error("celery-reliable: %s[%s] could not be published to the dead-letter "
                           "queue %r", self.name, request.id, dlq, exc_info=True)
@@ -1277,7 +1419,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         policy = self._policy()
         if execution is None or not execution.buckets:
             raise ConfigurationError(
-                f"{self.name}: throttle() needs a token bucket (a rate-limited queue in "
+                self._direct_call("throttle()")
+                or f"{self.name}: throttle() needs a token bucket (a rate-limited queue in "
                 "reliable_queue_rate_limits, or option 'rate_limit_key') and a running task"
             )
         runtime = runtime_for(self.app)
@@ -1292,42 +1435,35 @@ class ReliableTask(Task):  # type: ignore[misc]
         raise AssertionError("unreachable")  # pragma: no cover - _defer raises in a worker
 
     @contextmanager
-    def idempotent_transaction(self) -> Iterator[Session]:
+    def idempotent_transaction(self) -> Iterator[Any]:
         """A SQLAlchemy session whose rows commit with this task's idempotency record.
 
         Everything done in the session commits in ONE PostgreSQL transaction
         with the record and the task's result, when the task returns. If the
         task raises, or its worker dies, none of it commits, and a redelivery
         runs cleanly. Leaving the ``with`` block flushes; it does not commit.
+        With ``reliable_django_database`` it is ``transaction.atomic(using=alias)``
+        inside the record's transaction instead, and yields Django's connection.
         """
         execution = getattr(self.request, "_reliable_execution", None)
         if execution is None or execution.pg is None:
             raise ConfigurationError(
-                f"{self.name}: idempotent_transaction() needs option 'idempotency_key' (or the "
+                self._direct_call("idempotent_transaction()")
+                or f"{self.name}: idempotent_transaction() needs option 'idempotency_key' (or the "
                 "idempotency_key header) and reliable_idempotency_store='postgres', and is "
                 "available only while the task runs"
             )
         record = execution.pg
-        session = record.session()
         try:
-            yield session
-            session.commit()  # releases the savepoint; the transaction commits at completion
+            with record.transaction() as handle:
+                yield handle
         except BaseException as exc:
             if _outage_in(exc, record):
                 # The library's own transaction died with PostgreSQL (or the path to
                 # it): whatever the body makes of this error, the run defers like a
                 # failed commit (ReliableTask.__call__), and runs again once it is back.
                 execution.outage = exc
-            try:
-                session.rollback()
-            except SQLAlchemyError:
-                # The connection broke as well; completion drops it. The body's own
-                # exception is the one that tells what happened.
-                log.debug("celery-reliable: rollback in idempotent_transaction failed",
-                          exc_info=True)
             raise
-        finally:
-            session.close()
 
     def _defer_outage(self, execution: _Execution, policy: TaskPolicy) -> NoReturn:
         """PostgreSQL failed under ``idempotent_transaction()``: defer, like a failed commit.
@@ -1343,11 +1479,25 @@ class ReliableTask(Task):  # type: ignore[misc]
 
     # ---------------------------------------------------------- inside a run
 
+    def _direct_call(self, what: str) -> str | None:
+        """Why ``what`` is unavailable, if this is a direct call (``my_task(...)``); else None.
+
+        A direct call runs the body as a plain function, like any Celery task
+        called directly: no message, no guards, so no lock, token or record.
+        """
+        if not self.request.called_directly:
+            return None
+        short = self.name.rsplit(".")[-1]
+        return (f"{self.name}: {what} is not available in a direct call ({short}(...) runs "
+                "the body as a plain function, without guards); run the task through "
+                "its guards with .apply() (in this process), .delay(), or task_always_eager")
+
     def _execution(self) -> _Execution:
         execution = getattr(self.request, "_reliable_execution", None)
         if execution is None or execution.token is None or execution.resource is None:
             raise RuntimeError(
-                f"{self.name}: no lock is held (set the 'lock' option, and "
+                self._direct_call("the lock (self.fence, fence_token, lock_resource, lock_lost)")
+                or f"{self.name}: no lock is held (set the 'lock' option, and "
                 "read this only while the task runs)"
             )
         return execution  # type: ignore[no-any-return]
@@ -1374,7 +1524,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         lock's lease cannot expire on the server before ``lock_ttl`` after the
         send time of the last renewal Redis confirmed (or of the admission), so
         the belief ends a safety margin earlier (see ``runtime.lease_margin``).
-        Also true as soon as a renewal finds the lock expired or taken over.
+        Also true as soon as a renewal finds the lock expired or taken over, and
+        once this execution released it (``self.retry(throw=False)``).
         """
         lease = self._execution().lease
         return bool(lease is not None and lease.lost)

@@ -342,7 +342,11 @@ class TcpProxy:
     down to its clients); ``start()`` brings the same address back.
     ``stall()`` keeps every connection open but forwards nothing (packets
     dropped on a live link: clients block until their socket timeout);
-    ``resume()`` delivers what was held and forwards again.
+    ``lose_replies(marker)`` forwards every request but holds what the server
+    answers on a connection from its first request containing ``marker`` on
+    (the command runs, its reply is lost: the client times out, and a new
+    connection works until it sends ``marker`` again); ``resume()`` delivers
+    what was held and forwards again.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -353,12 +357,22 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._flowing = threading.Event()
         self._flowing.set()
+        self._marker: bytes | None = None
+        # per connection (both its sockets): may the server's replies pass?
+        self._replies: dict[socket.socket, threading.Event] = {}
 
     def stall(self) -> None:
         self._flowing.clear()
 
+    def lose_replies(self, marker: bytes) -> None:
+        self._marker = marker
+
     def resume(self) -> None:
+        self._marker = None
         self._flowing.set()
+        with self._lock:
+            for replies in self._replies.values():
+                replies.set()
 
     @property
     def running(self) -> bool:
@@ -383,15 +397,26 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            replies = threading.Event()
+            replies.set()
             with self._lock:
                 self._conns += [client, upstream]
+                self._replies[client] = self._replies[upstream] = replies
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        replies = self._replies[src]
+        request = src.getsockname()[1] == self.port  # the client's side of the proxy
         try:
             while data := src.recv(65536):
                 self._flowing.wait()  # stalled: hold the bytes, keep the connection
+                if request:
+                    marker = self._marker
+                    if marker is not None and marker in data:
+                        replies.clear()  # before the server can answer it
+                else:
+                    replies.wait()
                 dst.sendall(data)
         except OSError:
             pass
@@ -401,7 +426,7 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
-        self._flowing.set()  # let stalled pipes see their sockets close
+        self.resume()  # let stalled pipes see their sockets close
         if self._listener is not None:
             # shutdown() wakes the thread blocked in accept(); close() alone
             # would leave the socket accepting one more connection.

@@ -23,7 +23,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from celery_reliable import FencedLock, deadletter
+from celery_reliable import FencedLock, ReliableTask, deadletter
 from celery_reliable.admission import Admitted, Plan, Release
 from celery_reliable.config import ReliableSettings
 from celery_reliable.keys import KeySpace
@@ -201,8 +201,8 @@ def test_dlq_list_and_show(cli_env: dict[str, str], engine: sa.Engine, prefix: s
 
     out = ok(cli_env, "dlq", "list", "--task", task)
     assert re.search(rf"{second}\s+{re.escape(task)}\s+worker lost", out), out
-    assert re.search(rf"{first}\s+{re.escape(task)}\s+retries exhausted\s+ConnectionError: "
-                     "partner down", out), out
+    assert re.search(rf"{first}\s+{re.escape(task)}\s+retries exhausted\s+5\s", out), out
+    assert re.search(r"^\s+ConnectionError: partner down", out, re.MULTILINE), out  # below it
     ids = [int(m) for m in re.findall(rf"^\s*(\d+)\s+{re.escape(task)}", out, re.MULTILINE)]
     assert ids == [second, first]  # newest first
     assert "worker lost" not in ok(cli_env, "dlq", "list", "--task", task, "--reason",
@@ -334,6 +334,21 @@ def test_migrate_creates_the_tables_and_is_idempotent(cli_env: dict[str, str],
     assert "no dead letters" in ok(env, "dlq", "list")
 
 
+def test_status_before_migrate_shows_the_redis_panels_and_what_is_missing(
+        cli_env: dict[str, str], empty_database: str) -> None:
+    """`status` on a database without tables, at 80 columns: Redis panels, then the fix."""
+    env = {**cli_env, "CLI_DATABASE_URL": empty_database, "COLUMNS": "80"}
+    out = ok(env, "status")
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, out
+    for panel in ("Locks held (0)", "Token buckets", "Bulkhead tiers", "Circuit breakers"):
+        assert panel in out
+    assert "emails" in out and "partner" in out  # read from Redis
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out).split())
+    assert "tables are missing" in text, out
+    assert "`celery -A cli_app reliable migrate`" in text, out
+
+
 # ------------------------------------------------------------------ servers down, bad URLs
 
 
@@ -366,3 +381,200 @@ def test_bad_database_url_is_one_line(cli_env: dict[str, str]) -> None:
     env = {**cli_env, "CLI_DATABASE_URL": "not a url"}
     error = one_line_error(cli(env, "dlq", "list"))
     assert "reliable_database_url" in error and "not usable" in error
+
+
+# ------------------------------------------------------------------ 80 columns
+
+
+def narrow(env: dict[str, str]) -> dict[str, str]:
+    """The CLI's environment in an 80-column terminal (rich reads COLUMNS)."""
+    return {**env, "COLUMNS": "80"}
+
+
+def fits(out: str, width: int = 80) -> list[str]:
+    """The output's lines, each checked to fit ``width`` columns."""
+    lines = out.splitlines()
+    wide = [line for line in lines if len(line.rstrip()) > width]
+    assert not wide, "\n".join(wide)
+    return lines
+
+
+SECRET_EMAIL = "alice.secret@example.com"
+
+
+def test_locks_at_80_columns_show_task_label_full_token_and_time_left_never_a_secret(
+    cli_env: dict[str, str], celery_app: Any, celery_worker: Any
+) -> None:
+    """A real task's lock reads task, template label, whole token, time left; no argument value."""
+    import threading
+
+    from tests.conftest import wait_for
+
+    release = threading.Event()
+    tokens: list[int] = []
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="acct.reset",
+                     lock="account:{email}", lock_ttl=60)
+    def reset(self: Any, email: str) -> None:
+        tokens.append(self.fence_token)
+        release.wait(30)
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="acct.audit",
+                     lock="audit:{account_id}", lock_label="audit of {account_id}")
+    def audit(self: Any, account_id: int) -> None:  # opts in to showing a (harmless) value
+        tokens.append(self.fence_token)
+        release.wait(30)
+
+    celery_worker.reload()
+    conf = celery_app.conf
+    env = {**narrow(cli_env), "CLI_REDIS_URL": conf.reliable_redis_url,
+           "CLI_PREFIX": conf.reliable_key_prefix}
+    client = redis.Redis.from_url(conf.reliable_redis_url)
+    other = FencedLock(client, f"invoice:{SECRET_EMAIL}", ttl=60,
+                       prefix=conf.reliable_key_prefix)  # no label: only its digest shows
+    assert other.acquire() is not None
+    result = reset.delay(SECRET_EMAIL)
+    audited = audit.delay(42)
+    try:
+        wait_for(lambda: len(tokens) == 2, 20, "both tasks to take their locks")
+        lock_key = KeySpace(conf.reliable_key_prefix).lock(f"account:{SECRET_EMAIL}")
+        assert SECRET_EMAIL.encode() not in (client.get(lock_key) or b"")  # nor in Redis
+
+        out = ok(env, "locks")
+        screen = ok(env, "status")
+    finally:
+        release.set()
+        other.release()
+    result.get(timeout=20)
+    audited.get(timeout=20)
+
+    lines = fits(out)
+    for token in tokens:  # each token whole, on its task's row
+        row = next(line for line in lines if str(token) in line).rstrip()
+        assert re.search(r"^acct\.(reset\s+account:\{email\}|audit\s+audit of 42)\s+\d{16}\s+"
+                         r"(\d|[1-5]\d|60)\.\d s$", row), out
+    assert re.search(rf"-\s+-\s+{other.token}\s+\d+\.\d s", out), out  # unlabelled FencedLock
+    assert result.id[:8] in out  # the owner (task id) under the task name
+    fits(screen, 80)
+    assert str(tokens[0]) in screen and "account:{email}" in screen
+    for text in (out, screen):
+        assert "alice" not in text and "example.com" not in text
+
+
+def test_fenced_lock_label_and_lock_label_option_are_shown(
+    cli_env: dict[str, str], redis_client: redis.Redis, prefix: str
+) -> None:
+    """A FencedLock's label and a task's lock_label are kept with the lease, cut at 60."""
+    lock = FencedLock(redis_client, "report:2026-12", ttl=30, prefix=prefix,
+                      label="monthly report " + "x" * 80)
+    token = lock.acquire()
+    assert token is not None
+    out = ok(cli_env, "locks")  # 220 columns: one line per row
+    assert re.search(rf"monthly report x{{44}}…\s+{token}\s", out), out
+    assert lock.extend() and lock.release()  # the lease value with a label renews, releases
+    assert redis_client.get(KeySpace(prefix).lock("report:2026-12")) is None
+
+
+def test_dlq_list_at_80_columns_keeps_every_id_whole(
+    cli_env: dict[str, str], engine: sa.Engine, prefix: str
+) -> None:
+    """Long task names, errors and replayed ids wrap or shrink; the id column stays whole."""
+    task = f"proj.billing.tasks.renew_customer_subscription_{prefix}"
+    ids = [letter(engine, task, exc=ValueError("card declined " * 12)) for _ in range(3)]
+    with engine.begin() as conn:
+        conn.execute(sa.update(dead_letters).where(dead_letters.c.id == ids[0]).values(
+            replayed_as="0f8c2a4e-7d3b-4c1a-9e6f-5a2b8c9d0e1f"))
+
+    out = ok(narrow(cli_env), "dlq", "list", "--task", task)
+
+    lines = fits(out)
+    shown = [int(m.group(1)) for line in lines if (m := re.match(r"\s*(\d+)\s+proj\.", line))]
+    assert shown == ids[::-1], out  # every id, whole, newest first
+    assert re.search(r"^\s+ValueError: card declined c[a-z ]*…", out, re.MULTILINE), out  # cut
+    assert "replayed as 0f8c2a4e" in out
+
+
+def test_status_top_and_dlq_at_80_columns_keep_their_key_columns(
+    cli_env: dict[str, str], redis_client: redis.Redis, engine: sa.Engine, prefix: str
+) -> None:
+    """Each table fits 80 columns with its key column whole: token, queue, tier, breaker, id."""
+    lock = FencedLock(redis_client, "order:42", ttl=30, prefix=prefix)
+    token = lock.acquire(owner="9b2e4f0c-1d3a-4e5f-8a7b-6c5d4e3f2a1b/ab12cd34")
+    assert token is not None
+    letter_id = letter(engine, f"cli.{prefix}", exc=RuntimeError("x " * 100))
+    env = narrow(cli_env)
+    try:
+        screens = {"status": ok(env, "status"),
+                   "top": ok(env, "top", "--iterations", "1", "--interval", "0.1"),
+                   "dlq": ok(env, "dlq", "list", "--task", f"cli.{prefix}")}
+    finally:
+        lock.release()
+    for name, out in screens.items():
+        fits(out)
+        if name == "dlq":
+            assert re.search(rf"^\s*{letter_id}\s", out, re.MULTILINE), out
+            continue
+        assert re.search(rf"\s{token}\s+(2\d|30)\.\d s", out), out
+        assert re.search(r"emails\s+\d+\.\d\d\s+10\s+0\.1/s", out), out
+        assert re.search(r"payments\s+0/2\s+0/3\s+0\s+0\s+0\s+wait", out), out
+        assert re.search(r"partner\s+(closed|open)", out), out
+
+
+def test_a_lost_admission_reply_rolls_back_a_labelled_lock(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    """rollback.lua finds the lease by its holder (owner, task, label), none other's."""
+    keys = KeySpace(prefix)
+    plan = Plan()
+    index = plan.add_lock(keys, "order:7", "owner-1", 30, task="t.x", label="order:{id}\nnext")
+    admitted = plan.admit(redis_client)
+    assert isinstance(admitted, Admitted)
+    value = redis_client.get(keys.lock("order:7"))
+    assert value == plan.lock_value(index, admitted.results[index]).encode()
+    assert value.endswith(b" owner-1\nt.x\norder:{id} next")  # one line per field
+    other = Plan()
+    other.add_lock(keys, "order:7", "owner-1", 30)  # same owner, no label: not this lease
+    assert other.rollback(redis_client) == [0]
+    assert plan.rollback(redis_client) == [1]
+    assert redis_client.get(keys.lock("order:7")) is None
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"lock": "o:{order_id}", "lock_label": "o {customer}"},
+         "'lock_label' template 'o {customer}' names argument 'customer'"),
+        ({"lock": "o:{order_id}", "lock_label": ""}, "'lock_label' must be a non-empty template"),
+        ({"lock_label": "o {order_id}"}, "'lock_label' is set but 'lock' is not"),
+        ({"lock": "o:{order_id}", "lock_lable": "x"}, "did you mean 'lock_label'?"),
+    ],
+)
+def test_bad_lock_label_fails_at_bind(options: dict[str, Any], fragment: str) -> None:
+    """lock_label is validated when the task binds, like lock, naming task and option."""
+    from celery import Celery
+
+    from celery_reliable import ConfigurationError
+    from tests.test_config import bind
+
+    with pytest.raises(ConfigurationError, match=re.escape(fragment)) as info:
+        bind(Celery("cfg", broker="memory://", set_as_current=False), **options)
+    assert str(info.value).startswith("shop.charge: ")
+
+
+def test_lock_label_defaults_to_the_template_never_its_values() -> None:
+    """Default label: the lock template (or a callable's name); lock_label formats values."""
+    from celery import Celery
+
+    from tests.test_config import bind
+
+    arguments = {"order_id": SECRET_EMAIL, "amount": 3}
+
+    def lock_for(args: Any) -> str:
+        return f"order:{args['order_id']}"
+
+    cases = [({"lock": "order:{order_id}"}, "order:{order_id}"),
+             ({"lock": lock_for}, "lock_for(...)"),
+             ({"lock": "order:{order_id}", "lock_label": "amount {amount}"}, "amount 3")]
+    for options, label in cases:
+        policy = bind(Celery("cfg", broker="memory://", set_as_current=False), **options)._policy()
+        assert policy.lock.label("shop.charge", arguments) == label

@@ -51,6 +51,7 @@ LABELS = {
     "reliable_throttles_total": {"task"},
     "reliable_retry_budget_exhausted_total": {"task"},
     "reliable_idempotency_lease_lost_total": {"task"},
+    "reliable_store_up": {"store"},
 }
 
 
@@ -84,6 +85,8 @@ def test_library_counters_reach_prometheus_with_stable_labels(
     metrics.inc("reliable_circuit_transitions_total", breaker="partner", state="open")
     metrics.observe("reliable_lock_wait_seconds", 0.7)
     metrics.inc("reliable_not_exported_total", x="y")  # unknown: counted here, not exported
+    metrics.gauge("reliable_store_up", 0, store="postgres")
+    metrics.gauge("reliable_store_up", 1, store="redis")
     fence = RedisFence(redis_client)  # a real call site: a stale token is refused
     fence.set(f"{prefix}:acct", "new", 10)
     with pytest.raises(Exception, match="stale"):
@@ -106,6 +109,8 @@ def test_library_counters_reach_prometheus_with_stable_labels(
     assert sample(registry, "reliable_lock_wait_seconds_bucket", le="1.0") == 1
     assert sample(registry, "reliable_lock_wait_seconds_bucket", le="0.5") == 0
     assert metrics.value("reliable_not_exported_total", x="y") >= 1
+    assert registry.get_sample_value("reliable_store_up", {"store": "postgres"}) == 0
+    assert sample(registry, "reliable_store_up", store="redis") == 1
 
     exported = {family.name: family for family in registry.collect()}
     for name, labels in LABELS.items():

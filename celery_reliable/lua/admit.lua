@@ -5,18 +5,22 @@ KEYS  the keys of each guard, in plan order
         L (lock):        lock key, fence key
         K (bulkhead):    slots zset, waiting zset, stats hash
         B (bucket):      bucket hash
-        D (deliveries):  counter of unfinished deliveries of this task id
+        D (deliveries):  set of the execution owners of this task id's deliveries
+                         that started and never finished
         C (breaker):     breaker hash, probes zset
 ARGV  [1] plan: one letter per guard, e.g. "ILKB"
       then each guard's arguments, in plan order
         I: fingerprint, owner, lease_ms, ttl_ms
-        L: owner, lease_ms, fence_ttl_ms
+        L: holder, lease_ms, fence_ttl_ms; the lock's value becomes
+           "<token> <holder>", holder = "<owner>" or "<owner>\n<task name>\n<label>"
+           (admission.lock_holder: what `reliable locks` shows, kept in the
+           lease so it lives, renews and goes with it)
         K: owner, concurrent, lease_ms, waiter id, queue size, timeout_ms,
            policy (wait|drop|fail)
         B: rate (tokens/s), burst (tokens), cost (tokens), slot: -1 a plain
            take that never queues (retry budget), 0 a fresh arrival, > 0 the
            slot (server ms) this task was given in the bucket's queue before
-        D: max_redeliveries, ttl_ms
+        D: max_redeliveries, ttl_ms, owner
         C: open_ms, half_open_max, probe owner, probe_lease_ms
            (refused while open: retry_after = until it half-opens; while half-open
            with every probe out: max(1 s, time since it half-opened))
@@ -132,11 +136,18 @@ for g = 1, n do
     end
     ki, ai = ki + 3, ai + 7
   elseif kind == 'D' then
-    local count = tonumber(redis.call('GET', KEYS[ki]) or '0')
+    -- A set of owners, so a rolled-back admission (rollback.lua) can take its own
+    -- entry out; an older version kept a counter (a string): read it, convert it
+    -- in phase 2.
+    local count = redis.pcall('SCARD', KEYS[ki])
+    if type(count) == 'table' then
+      count = tonumber(redis.call('GET', KEYS[ki]) or '0')
+      seen[g] = count
+    end
     if count > tonumber(ARGV[ai]) then
       return {5, g, count}
     end
-    ki, ai = ki + 1, ai + 2
+    ki, ai = ki + 1, ai + 3
   elseif kind == 'C' then
     clock()
     local st = redis.call('HMGET', KEYS[ki], 's', 'o', 'h')
@@ -268,9 +279,16 @@ for g = 1, n do
     out[#out + 1] = seen[g] + added
     ki, ai = ki + 3, ai + 7
   elseif kind == 'D' then
-    out[#out + 1] = redis.call('INCR', KEYS[ki])
+    if seen[g] then  -- an older version's counter: keep its count (<= max_redeliveries)
+      redis.call('DEL', KEYS[ki])
+      for i = 1, seen[g] do
+        redis.call('SADD', KEYS[ki], 'legacy:' .. i)
+      end
+    end
+    redis.call('SADD', KEYS[ki], ARGV[ai + 2])
     redis.call('PEXPIRE', KEYS[ki], ARGV[ai + 1])
-    ki, ai = ki + 1, ai + 2
+    out[#out + 1] = redis.call('SCARD', KEYS[ki])
+    ki, ai = ki + 1, ai + 3
   elseif kind == 'C' then
     clock()
     local st = redis.call('HMGET', KEYS[ki], 's', 'o')

@@ -4,7 +4,7 @@ KEYS  the keys of each guard, in plan order
         I (idempotency): record key
         L (lock):        lock key
         K (bulkhead):    slots zset
-        D (deliveries):  counter
+        D (deliveries):  set of unfinished deliveries' owners
         C (breaker):     breaker hash, probes zset
 ARGV  [1] plan: one letter per guard, e.g. "IL"
       then each guard's arguments, in plan order
@@ -12,9 +12,9 @@ ARGV  [1] plan: one letter per guard, e.g. "IL"
            outcome S = succeeded (payload: result JSON), F = failed and kept
            (payload: error JSON), X = forget (nothing happened; a later
            delivery may run)
-        L: lease value ("<token> <owner>") returned by admission
+        L: lease value ("<token> <holder>") as admit.lua wrote it
         K: owner
-        D: (none) the delivery finished: forget the counter
+        D: (none) the delivery finished: forget the unfinished ones
         C: probe owner, outcome (s success | f failure | n neutral), window,
            failure_threshold, min_calls, success_threshold
 Returns {r1, r2, ...}: 1 settled, 0 not ours any more (expired or taken over;

@@ -3,7 +3,7 @@
 KEYS  lease keys
 ARGV  [1] plan: one letter per key, e.g. "LI"
       then per key: lease value, lease_ms
-        L: lock key; value "<token> <owner>"; PEXPIRE if still ours
+        L: lock key; value "<token> <holder>" as admit.lua wrote it; PEXPIRE if still ours
         I: idempotency record; value = owner; deadline = now + lease_ms if still ours
         K: bulkhead slots zset; value = owner; score = now + lease_ms if still a member
         C: half-open probes zset of a breaker; value = probe owner; score = now + lease_ms

@@ -1,0 +1,57 @@
+--[[ rollback.lua: undo what ONE admission may have taken, when its reply was lost.
+
+An admission that raised (a timeout, a dropped connection) may or may not have
+run. This takes out exactly what that execution would own if it did, checked by
+owner (unique per execution), and nothing else.
+
+KEYS  one per entry, in ARGV[1] order
+        I: idempotency record      L: lock key           K: bulkhead slots zset
+        C: breaker probes zset     D: delivery set of the task id
+ARGV  [1] one letter per entry, e.g. "DILK"
+      then one owner per entry: the execution's owner given to admit.lua (for L,
+      the holder given to admit.lua: the owner, or owner, task name and label)
+Returns {r1, r2, ...}: 1 removed, 0 nothing of ours there (admission did not
+        run, or it was already undone, released or taken over)
+Safe to run twice, and safe when admission never ran: an entry goes only if it
+carries this owner.
+  I: only an in-progress record (s = P) of ours; a finished one is a result
+  L: the lease value is "<token> <holder>"; the token is not known here, so the
+     holder after the token is compared
+  K, C: the owner's member of the zset
+  D: the owner's member of the set (an older version's counter is a string:
+     left alone)
+Bucket tokens are not refunded (see Plan.rollback). The fencing counter keeps
+the token the admission minted: a skipped token is harmless.
+]]
+local kinds = ARGV[1]
+local out = {}
+for g = 1, #kinds do
+  local kind, key, owner = string.sub(kinds, g, g), KEYS[g], ARGV[g + 1]
+  local removed = 0
+  if kind == 'I' then
+    local rec = redis.call('HMGET', key, 's', 'o')
+    if rec[1] == 'P' and rec[2] == owner then
+      redis.call('DEL', key)
+      removed = 1
+    end
+  elseif kind == 'L' then
+    local value = redis.call('GET', key)
+    if value then
+      local token = string.match(value, '^%d+ ')
+      if token and string.sub(value, #token + 1) == owner then
+        redis.call('DEL', key)
+        removed = 1
+      end
+    end
+  elseif kind == 'K' or kind == 'C' then
+    removed = redis.call('ZREM', key, owner)
+  elseif kind == 'D' then
+    if redis.call('TYPE', key).ok == 'set' then
+      removed = redis.call('SREM', key, owner)
+    end
+  else
+    return redis.error_reply('rollback.lua: unknown guard ' .. kind)
+  end
+  out[g] = removed
+end
+return out
