@@ -48,6 +48,9 @@ __all__ = ["Deposits", "RetryBudget", "WindowedBudget", "parse_retry_budget", "s
 log = logging.getLogger("celery_reliable")
 
 SCALE = 1000
+#: The flusher thread ends after this many sends with nothing to send (started again by
+#: the next count), so an app that stops running tasks leaves no thread behind.
+IDLE_LOOPS = 30
 #: Slices of the window (Finagle's WindowedAdder): a token expires 0.9 ttl to ttl after.
 SLICES = 10
 
@@ -270,12 +273,18 @@ class Deposits:
 
     def _run(self) -> None:
         me = threading.current_thread()
+        idle = 0
         while self._thread is me:
             time.sleep(self.every)
             try:
-                self.flush()
+                idle = 0 if self.flush() else idle + 1
             except Exception:  # never let the thread die: counting goes on
                 log.debug("celery-reliable: retry budget deposits not sent", exc_info=True)
+            if idle >= IDLE_LOOPS:
+                with self._lock:  # nothing to send for a while: end; add() starts another
+                    if not self._pending and self._thread is me:
+                        self._thread = None
+                        return
 
 
 _per_runtime: weakref.WeakKeyDictionary[Any, Deposits] = weakref.WeakKeyDictionary()

@@ -25,7 +25,7 @@ from celery_reliable.retrybudget import (
 )
 from celery_reliable.runtime import runtime_for
 
-from .conftest import RedisServer
+from .conftest import RedisServer, wait_for
 
 
 def test_lua_and_python_model_agree(redis_client: redis.Redis, prefix: str) -> None:
@@ -188,3 +188,19 @@ def test_the_budget_fails_open_when_redis_is_down(private_redis: RedisServer) ->
     assert deposits.take(key) == 0  # dropped, not credited late
     assert task._take_retry_budget(task._policy()) is True  # and back to normal
     assert redis.Redis.from_url(private_redis.url).exists(key)
+
+
+def test_the_flusher_thread_sends_then_ends_when_idle(redis_client: redis.Redis,
+                                                      prefix: str) -> None:
+    """The background thread credits a count on its own, and ends once idle (no leak)."""
+    spec = RetryBudget(ratio=1.0, min_per_second=0.1, ttl=10)
+    key = f"{prefix}:budget:thread"
+    deposits = Deposits(redis_client, every=0.01)
+    deposits.add(key, spec)
+    thread = deposits._thread
+    assert thread is not None
+    wait_for(lambda: spend(redis_client, key, spec, 0, False) == (False, 2), 10, "the flush")
+    thread.join(timeout=10)
+    assert not thread.is_alive() and deposits._thread is None
+    deposits.add(key, spec)  # a new count starts a new thread
+    assert deposits._thread is not None and deposits._thread is not thread
