@@ -187,12 +187,13 @@ for g = 1, n do
     -- that token's time (unused tokens pile up to burst as usual).
     --
     -- Places (q, slots) are points of the queue's own clock v, server ms =
-    -- va + vb * v: the identity until the rate changes. An arrival whose rate
-    -- differs from the rate r the queue was scheduled at rescales everything
-    -- still ahead by r / rate around now (va, vb change; v does not): the
-    -- backlog drains at the new rate, in the same order, and the slots already
-    -- handed out follow, read through the same clock. (Tasks sharing a key with
-    -- different rates: the queue runs at the rate of the latest arrival.)
+    -- va + vb * v (fields a, b; the identity until the rate changes). An
+    -- arrival whose rate differs from the rate the queue was scheduled at
+    -- (field r) rescales every distance still ahead by r / rate around now
+    -- (va, vb change; places do not): the backlog drains at the new rate, in
+    -- the same order, and the slots already handed out follow, read through
+    -- the same clock. (Tasks sharing a key with different rates: the queue
+    -- runs at the rate of the latest arrival.)
     local va, vb = tonumber(b[5] or '0'), tonumber(b[6] or '1')
     local issued = tonumber(b[4] or '')
     local q = tonumber(b[3] or '0')
