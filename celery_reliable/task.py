@@ -36,6 +36,7 @@ from typing import Any, ClassVar, NoReturn
 import celery.app
 import redis
 from celery import Task, _state
+from celery.app.autoretry import add_autoretry_behaviour
 from celery.exceptions import Ignore, Reject, Retry
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -106,10 +107,16 @@ LOCK_WAIT_HEADER = "reliable_lock_wait_since"
 IDEMPOTENCY_HEADER = "idempotency_key"
 
 #: Message header: this task's places in the queues of the token buckets that
-#: refused it, ``{bucket key: slot}`` (Redis server clock, epoch ms). A task
-#: deferred before its turn (countdowns are capped by the broker's redelivery
-#: window) keeps its place with it.
+#: refused it, ``{bucket key: slot}`` (the queue's clock: Redis server epoch ms
+#: until the bucket's rate changes). A task deferred before its turn (countdowns
+#: are capped by the broker's redelivery window) keeps its place with it.
 BUCKET_SLOT_HEADER = "reliable_bucket_slots"
+
+#: The code of the ``run`` wrapper that Celery's ``autoretry_for`` installs
+#: (``celery/app/autoretry.py``): a countdown passed to ``retry()`` from it, with
+#: ``retry_backoff``, is a delay Celery computed, not one the caller wrote.
+_AUTORETRY_RUN = next((const for const in add_autoretry_behaviour.__code__.co_consts
+                       if getattr(const, "co_name", None) == "run"), None)
 
 
 def _header(request: Any, name: str) -> Any:
@@ -1244,8 +1251,10 @@ class ReliableTask(Task):  # type: ignore[misc]
           ``backoff.max_attempts`` sets ``max_retries``; ``backoff.deadline``
           ends retrying that long after the first failure. That delay never
           exceeds the broker's redelivery window less its margin
-          (``reliable_redelivery_window``); an explicit countdown/eta beyond
-          it is kept and logged as a warning.
+          (``reliable_redelivery_window``), nor do Celery's own delays
+          (``default_retry_delay``, the ``retry_backoff`` of ``autoretry_for``);
+          a countdown/eta the caller passed beyond it is kept and logged as a
+          warning.
         * Each retry takes a token from the task's fleet-wide retry budget;
           with the budget spent the failure is dead-lettered, not retried.
         * Guards are released before the retried message is published (it may
@@ -1296,7 +1305,7 @@ class ReliableTask(Task):  # type: ignore[misc]
             if policy.defer.cap is not None:  # never past the broker's redelivery window
                 countdown = min(countdown, policy.defer.cap)
         elif policy.defer.cap is not None:
-            self._warn_beyond_window(policy.defer.cap, countdown, eta)
+            countdown = self._retry_countdown(policy.defer.cap, countdown, eta, sys._getframe(1))
         if countdown is not None:
             headers[PREV_DELAY_HEADER] = countdown
         metrics.inc("reliable_retries_total", task=self.name,
@@ -1312,14 +1321,31 @@ class ReliableTask(Task):  # type: ignore[misc]
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
                              headers=headers, **options)
 
+    def _retry_countdown(self, cap: float, countdown: float | None, eta: Any,
+                         caller: FrameType) -> float | None:
+        """A retry's countdown inside the broker's redelivery window less its margin (``cap``).
+
+        A delay the caller did not write is the library's to cap: Celery's
+        ``default_retry_delay`` (neither countdown nor eta) and the
+        ``retry_backoff`` delay that Celery's ``autoretry_for`` wrapper computes
+        (``caller`` is that wrapper's frame). A countdown or eta the caller
+        passed (``retry_kwargs`` included) is kept, with a warning if beyond.
+        """
+        if countdown is None and not eta:
+            default = self.default_retry_delay
+            return None if default is None else min(float(default), cap)
+        if countdown is not None and caller.f_code is _AUTORETRY_RUN \
+                and getattr(self, "retry_backoff", False):
+            return min(float(countdown), cap)
+        self._warn_beyond_window(cap, countdown, eta)
+        return countdown
+
     def _warn_beyond_window(self, cap: float, countdown: float | None, eta: Any) -> None:
         """The caller's own countdown is kept; say when the broker may redeliver it meanwhile."""
         if countdown is not None:
             wait: float | None = float(countdown)
         elif isinstance(eta, datetime):
             wait = eta.timestamp() - time.time()
-        elif eta is None:
-            wait = float(self.default_retry_delay or 0)  # Celery's own default
         else:
             wait = None
         if wait is not None and wait > cap:

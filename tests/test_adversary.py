@@ -21,9 +21,8 @@ from celery import Celery
 from celery.exceptions import Retry
 
 from celery_reliable import FencedLock, ReliableTask
-from celery_reliable.admission import Admitted, Plan, Refused
+from celery_reliable.admission import Plan
 from celery_reliable.keys import KeySpace
-from celery_reliable.ratelimit import BucketSpec
 from celery_reliable.scripts import script
 
 from .conftest import RedisServer, TcpProxy
@@ -170,7 +169,7 @@ def test_fenced_lock_acquire_arriving_after_its_rollback_does_not_hold_the_lock(
     direct.close()
 
 
-# ------------------------------------------------------------ a belief after release
+# ------------------------------------------------------------ delivering a task in-process
 
 
 @pytest.fixture
@@ -196,103 +195,6 @@ def deliver(task: Any, task_id: str | None = None) -> Any:
         return retry
     finally:
         task.pop_request()
-
-
-# ------------------------------------------------------------ a bucket's virtual queue
-
-
-def bucket_take(client: redis.Redis, key: str, spec: BucketSpec,
-                slot: int | None = None) -> Admitted | Refused:
-    """One arrival at a queue bucket (cost 1), as ReliableTask._plan adds it."""
-    plan = Plan()
-    plan.add_bucket(key, spec, 1, slot=slot)
-    outcome = plan.admit(client)
-    assert isinstance(outcome, (Admitted, Refused))
-    return outcome
-
-
-@defect("slots lost with their tasks (purge, revoke, expires) stall "
-        "the bucket: an idle full bucket admits nobody until the ghost tail passes")
-def test_idle_bucket_with_tokens_admits_after_its_queue_was_purged(
-    private_redis: RedisServer,
-) -> None:
-    """A purged backlog of 50 at 10/s leaves a ghost queue: a full, idle bucket refuses for 5 s.
-
-    Every refused arrival was given a slot and the tail ``q`` moved on; none of
-    them comes back (queue purged, tasks revoked or expired, messages lost). The
-    README says such a slot costs "that token's time" and later tasks "wait one
-    token's time longer each"; in fact a fresh arrival waits for the whole ghost
-    queue: nothing runs until ``q``, while the bucket sits full. A 1000/h bucket
-    with the 1,200-task backlog of issue 11 would admit nothing for 72 minutes
-    after a purge.
-    """
-    client = redis.Redis(port=private_redis.port)
-    key = KeySpace(f"ghost{secrets.token_hex(3)}").queue_bucket("emails")
-    spec = BucketSpec(rate=10, burst=10)
-    for _ in range(10):
-        assert isinstance(bucket_take(client, key, spec), Admitted)
-    backlog = [bucket_take(client, key, spec) for _ in range(50)]
-    assert all(isinstance(r, Refused) for r in backlog)
-    # The backlog is purged: none of the 50 ever comes back. One second later
-    # the bucket is full again (10 tokens) and nobody is queued for them.
-    time.sleep(1.2)
-    fresh = bucket_take(client, key, spec)
-    assert isinstance(fresh, Admitted), (
-        f"an idle bucket with {spec.burst:g} tokens deferred a fresh arrival by "
-        f"{fresh.retry_after:.1f}s behind a queue of ghosts")
-    client.close()
-
-
-@defect("a raised rate does not reach a queued backlog: slots keep "
-        "the old rate's schedule, fresh arrivals queue behind it")
-def test_raising_the_rate_speeds_up_the_queued_backlog(private_redis: RedisServer) -> None:
-    """1/s with 20 queued, then the rate is raised to 100/s: the backlog still waits up to 20 s.
-
-    Slots are absolute times computed at the rate in force when each task was
-    refused, and fresh arrivals queue behind the old tail, so raising a rate to
-    drain a backlog (the usual operator response) has no effect until the old
-    schedule has run out: the bucket refuses at 1/s while it holds 100 tokens.
-    """
-    client = redis.Redis(port=private_redis.port)
-    key = KeySpace(f"rate{secrets.token_hex(3)}").queue_bucket("sync")
-    slow, fast = BucketSpec(rate=1, burst=1), BucketSpec(rate=100, burst=100)
-    assert isinstance(bucket_take(client, key, slow), Admitted)
-    queued = [bucket_take(client, key, slow) for _ in range(20)]
-    assert all(isinstance(r, Refused) and r.slot is not None for r in queued)
-    last = queued[-1]
-    assert isinstance(last, Refused) and last.slot is not None
-    # Workers redeployed with 100/s; the last queued task comes back (at the cap).
-    time.sleep(1.0)  # a whole 100 tokens' time at the new rate
-    again = bucket_take(client, key, fast, slot=last.slot)
-    waits = 0.0 if isinstance(again, Admitted) else (again.retry_after or 0.0)
-    assert waits <= 1.0, f"at 100/s the 20th queued task still waits {waits:.1f}s (1/s schedule)"
-    client.close()
-
-
-# ------------------------------------------------------------ countdowns and the window
-
-
-@defect("retry() with no countdown and no backoff uses Celery's "
-        "default_retry_delay (180 s) past the redelivery window, uncapped")
-def test_plain_retry_without_countdown_stays_inside_the_window(broker_app: Celery) -> None:
-    """``self.retry(exc=...)`` on a Redis broker with visibility_timeout=60: it retries in 180 s.
-
-    The caller chose no delay: the 180 s is Celery's ``default_retry_delay``,
-    applied by ``Task.retry`` under ReliableTask's own ``retry()``, which only
-    logs a warning (as for an explicit countdown). The broker redelivers the
-    held ETA message after 60 s while the first worker still holds it: the task
-    runs twice. Issue 11 item 4: no countdown this library sets exceeds the
-    window; here the library set it (nobody else did).
-    """
-    broker_app.conf.broker_transport_options = {"visibility_timeout": 60}  # cap 54 s
-
-    @broker_app.task(base=ReliableTask, bind=True, shared=False, name="adv.plain_retry")
-    def job(self: Any) -> str:
-        raise self.retry(exc=ValueError("the partner said no"))
-
-    retry = deliver(job)
-    assert isinstance(retry, Retry)
-    assert float(retry.when) <= 54, f"retry countdown {retry.when}s > the 54 s cap (window 60 s)"
 
 
 # ------------------------------------------------------------ a soft time limit in admission
