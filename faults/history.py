@@ -60,7 +60,9 @@ SCHEMA: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
     ),
     "fenced_write": (
         frozenset({"task_id", "resource", "token", "accepted", "store"}),
-        frozenset({"holder", "value"}),
+        # seq: the store's acceptance order when it has one (fc_counter_writes.seq, a Redis
+        # INCR in the fencing script); without it the checker orders by t
+        frozenset({"holder", "value", "seq", "error"}),
     ),
     "effect": (frozenset({"task_id", "workload", "key"}), frozenset({"value"})),
     "nemesis": (frozenset({"name", "action", "target"}), frozenset({"detail"})),
@@ -92,7 +94,12 @@ EVENT_TYPES: frozenset[str] = frozenset(SCHEMA)
 
 END_OUTCOMES = frozenset({"ok", "error", "stale", "deferred", "retry", "lost-lock"})
 # Celery states (and the library's documented DROPPED/SKIPPED) that end a task for good.
-TERMINAL_STATES = frozenset({"SUCCESS", "FAILURE", "SKIPPED", "DROPPED", "REVOKED"})
+TERMINAL_STATES = frozenset({"SUCCESS", "FAILURE", "SKIPPED", "DROPPED"})
+
+# Bound at import: a clock nemesis that patches ``time.time``/``time.monotonic`` in a worker
+# (to skew what the library believes) must not skew the history the checker orders by.
+_wall = time.time
+_mono = time.monotonic
 
 _ROLE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -156,8 +163,8 @@ class Recorder:
     def record(self, kind: str, /, **fields: Any) -> Event:
         """Write one event of type ``kind`` now; returns it with ``t``, ``mono``, ``pid``."""
         event: Event = {
-            "t": time.time(),
-            "mono": time.monotonic(),
+            "t": _wall(),
+            "mono": _mono(),
             "pid": os.getpid(),
             "type": kind,
         }
