@@ -61,6 +61,7 @@ __all__ = [
     "check",
     "check_history",
     "default_bucket_tolerance",
+    "passed",
     "read_tables",
 ]
 
@@ -899,6 +900,11 @@ INVARIANTS: Mapping[str, Invariant] = {
     "leases": leases,
     "dead-letters": dead_letters,
 }
+
+
+def passed(verdicts: Iterable[Verdict]) -> bool:
+    """True when no verdict has a violation (not-applicable ones hold vacuously)."""
+    return all(v.held for v in verdicts)
 
 
 def check_history(h: History, db: Tables) -> list[Verdict]:
