@@ -37,6 +37,7 @@ Tolerances (each stated again in the verdict's ``checked`` text):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -62,6 +63,7 @@ __all__ = [
     "check_history",
     "default_bucket_tolerance",
     "passed",
+    "read_dumps",
     "read_tables",
 ]
 
@@ -165,6 +167,12 @@ class Execution:
 
 
 _PID = re.compile(r"\bpid\s*[:=]?\s*(\d+)")
+# the targets RUN's nemeses record when they injected nothing
+_INERT = re.compile(
+    r"\bskipped\b|^none\b|failed to inject|no worker alive|no pool child|already gone"
+    r"|nothing (?:paused|to restart)",
+    re.I,
+)
 
 
 def _names(hostname: str) -> set[str]:
@@ -257,7 +265,8 @@ class History:
         for fault in out:
             if fault.t1 == math.inf:
                 fault.t1 = self.t_end
-        return out
+        # a nemesis that found nothing to do (or failed) explains nothing
+        return [f for f in out if not _INERT.search(f.target)]
 
     def reaches(self, fault: Fault, ex: Execution) -> bool:
         """Whether ``fault`` can have hit execution ``ex``'s process (or its leases)."""
@@ -304,9 +313,38 @@ class Tables:
 _ORDER_COLUMNS = ("seq", "id", "at")
 
 
-def read_tables(database_url: str | None) -> Tables:
-    """Read fc_counter, fc_counter_writes and fc_payments, whichever exist."""
+_TABLES = ("fc_counter", "fc_counter_writes", "fc_payments")
+_TABLE_ATTR = {
+    "fc_counter": "counter",
+    "fc_counter_writes": "counter_writes",
+    "fc_payments": "payments",
+}
+
+
+def read_dumps(folder: Path) -> Tables:
+    """The tables as the runner dumped them (``<results>/db/<table>.jsonl``, one row a line)."""
+    tables = Tables(source=f"dumps in {folder}")
+    for name in _TABLES:
+        path = folder / f"{name}.jsonl"
+        if not path.is_file():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        order = next((c for c in _ORDER_COLUMNS if rows and all(c in r for r in rows)), None)
+        if order is not None and order != "at":  # "at" was dumped as text
+            rows.sort(key=lambda r: int(r[order]))
+        setattr(tables, _TABLE_ATTR[name], rows)
+    return tables
+
+
+def read_tables(database_url: str | None, results_dir: Path | None = None) -> Tables:
+    """Read fc_counter, fc_counter_writes and fc_payments, whichever exist.
+
+    Without a URL, the runner's dumps under ``<results_dir>/db`` are read if there are any
+    (a saved results folder can be re-checked after its database is gone).
+    """
     if not database_url:
+        if results_dir is not None and (Path(results_dir) / "db").is_dir():
+            return read_dumps(Path(results_dir) / "db")
         return Tables()
     import sqlalchemy as sa
 
@@ -351,13 +389,6 @@ def _db_missing(
             invariant, f"{table}: missing", 1, f"{workload} ran but {table} is absent ({db.source})"
         )
     return None
-
-
-_TABLE_ATTR = {
-    "fc_counter": "counter",
-    "fc_counter_writes": "counter_writes",
-    "fc_payments": "payments",
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,6 +592,10 @@ def critical_sections(h: History, db: Tables) -> Verdict:
 
 
 def _canonical(value: Any) -> str:
+    """One spelling per result: a JSON string (as the runner stores it) is parsed first."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = json.loads(value)
     return json.dumps(value, sort_keys=True, default=repr)
 
 
@@ -610,22 +645,24 @@ def idempotent_effects(h: History, db: Tables) -> Verdict:
             examples.append(f"key {phantom[0]}: fc_payments row for a key never submitted")
         parts.append(f"{len(rows)} keys in fc_payments ({len(db.payments)} rows)")
     # the history's effect events: a cross-check (and the only evidence for other stores)
-    per_key: dict[str, int] = defaultdict(int)
+    # distinct executions per key: one task id replaying its own stored result after a
+    # redelivery may record the effect again, a second task id paying is a duplicate
+    per_key: dict[str, set[str]] = defaultdict(set)
     for event in effects:
-        per_key[str(event["key"])] += 1
-    twice = sorted(k for k, n in per_key.items() if n > 1)
+        per_key[str(event["key"])].add(str(event["task_id"]))
+    twice = sorted(k for k, ids in per_key.items() if len(ids) > 1)
     violations += len(twice)
     if twice:
-        examples.append(f"key {twice[0]}: {per_key[twice[0]]} effect events")
+        examples.append(
+            f"key {twice[0]}: effects by {len(per_key[twice[0]])} tasks "
+            f"({', '.join(sorted(per_key[twice[0]]))})"
+        )
     parts.append(f"{len(per_key)} keys with effect events")
     unequal = sorted(k for k, r in results.items() if len(r) > 1)
     violations += len(unequal)
     if unequal:
         examples.append(f"key {unequal[0]}: SUCCESS results differ: {sorted(results[unequal[0]])}")
-    parts.append(
-        f"{len(succeeded)} keys with SUCCESS ({sum(map(len, results.values()))} "
-        "distinct results compared)"
-    )
+    parts.append(f"{len(succeeded)} keys with SUCCESS, their results compared")
     return Verdict(name, "; ".join(parts), violations, examples[0] if examples else "")
 
 
@@ -799,7 +836,9 @@ def bulkheads(h: History, db: Tables) -> Verdict:
             example = example or f"tier {tier}: no config event with slots"
             continue
         slots = int(config["slots"])
-        ttl = float(config.get("lease_ttl") or config.get("lock_ttl") or 0.0)
+        ttl = float(
+            config.get("slot_lease") or config.get("lease_ttl") or config.get("lock_ttl") or 0.0
+        )
         runs.sort(key=lambda ex: ex.t0)
         active: list[Execution] = []
         peak = 0
@@ -824,17 +863,18 @@ def bulkheads(h: History, db: Tables) -> Verdict:
     return Verdict(name, checked, violations, example)
 
 
+def _forever(lease: Event) -> bool:
+    """PTTL's -1: a lock key with no expiry (other kinds' remaining is computed, -1 = expired)."""
+    return lease["kind"] == "lock" and int(lease["remaining_ms"]) == -1
+
+
 def leases(h: History, db: Tables) -> Verdict:
     """After healing, no lock, slot or probe is held longer than its TTL (or forever)."""
     name = "leases"
     snapshots = h.of("lease")
     if not snapshots and not h.of("phase"):
         return _na(name, "no lease snapshot taken (no phase events: the run did not reach it)")
-    bad = [
-        e
-        for e in snapshots
-        if int(e["remaining_ms"]) == -1 or int(e["remaining_ms"]) > int(e["ttl_ms"])
-    ]
+    bad = [e for e in snapshots if _forever(e) or int(e["remaining_ms"]) > int(e["ttl_ms"])]
     kinds: dict[str, int] = defaultdict(int)
     for e in snapshots:
         kinds[str(e["kind"])] += 1
@@ -843,7 +883,7 @@ def leases(h: History, db: Tables) -> Verdict:
         e = bad[0]
         example = (
             f"{e['kind']} {e['key']}: remaining {e['remaining_ms']} ms, "
-            f"ttl {e['ttl_ms']} ms" + (" (no expiry)" if e["remaining_ms"] == -1 else "")
+            f"ttl {e['ttl_ms']} ms" + (" (no expiry)" if _forever(e) else "")
         )
     held = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "none held"
     return Verdict(name, f"{len(snapshots)} leases held after healing ({held})", len(bad), example)
@@ -920,4 +960,5 @@ def check_history(h: History, db: Tables) -> list[Verdict]:
 
 def check(results_dir: Path, database_url: str | None) -> list[Verdict]:
     """Check every invariant over ``<results_dir>/history`` and the database at the URL."""
-    return check_history(History.from_scan(scan(results_dir)), read_tables(database_url))
+    tables = read_tables(database_url, results_dir)
+    return check_history(History.from_scan(scan(results_dir)), tables)

@@ -86,6 +86,11 @@ SCHEMA: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
                 "bucket",
                 "tier",
                 "lease_ttl",
+                "slot_lease",
+                "breaker",
+                "retry_budget",
+                "prefix",
+                "database_url",
             }
         ),
     ),

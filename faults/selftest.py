@@ -198,6 +198,13 @@ def clean() -> Scenario:
     s.add(15.4, 111, "effect", task_id="P1", workload="payments", key="k-a")
     _task(s, "P2", "payments", 112, 16.0, 16.5, result=paid, key="k-a")
     s.find("submit", task_id="P2")["duplicate_of"] = "P1"
+    # the runner stores results as JSON text: the same payment, spelled another way
+    s.find("final", task_id="P2")["result"] = json.dumps({"amount": 5, "paid": "k-a"})
+    # P1 redelivered after its worker died past the commit: it replays its own stored result
+    # and records the effect again, under the same task id (not a second payment)
+    s.add(15.6, 114, "start", task_id="P1", workload="payments", worker="w4@box", key="k-a")
+    s.add(15.7, 114, "effect", task_id="P1", workload="payments", key="k-a")
+    s.add(15.8, 114, "end", task_id="P1", workload="payments", outcome="ok")
     _task(s, "P3", "payments", 113, 17.0, 17.5, result={"paid": "k-b", "amount": 7}, key="k-b")
     s.add(17.4, 113, "effect", task_id="P3", workload="payments", key="k-b")
     s.tables["fc_payments"] = [
@@ -249,6 +256,8 @@ def clean() -> Scenario:
     s.add(61.0, RUNNER, "phase", name="quiesce", action="start")
     s.add(89.0, RUNNER, "phase", name="quiesce", action="stop")
     s.add(89.5, RUNNER, "lease", kind="lock", key="lock:r1", ttl_ms=5000, remaining_ms=1200)
+    # an expired slot member not yet swept: computed remaining -1 is past, not "forever"
+    s.add(89.5, RUNNER, "lease", kind="slot", key="bh:t:slots B6", ttl_ms=5000, remaining_ms=-1)
     s.add(
         89.5, RUNNER, "lease", kind="idempotency", key="idem:k-a", ttl_ms=60000, remaining_ms=59000
     )
@@ -326,6 +335,13 @@ def stall_of_postgres_only(s: Scenario) -> None:
             event["target"] = "proxy workers->postgres"
 
 
+def overlap_with_inert_nemesis(s: Scenario) -> None:
+    # a clock nemesis that injected nothing (skipped) does not explain the overlap
+    _shift(s, "L2", 0.6)
+    s.add(0.1, RUNNER, "nemesis", name="clock", action="start", target="none (skipped: no clock)")
+    s.add(0.9, RUNNER, "nemesis", name="clock", action="stop", target="none (skipped: no clock)")
+
+
 def stale_write_accepted(s: Scenario) -> None:
     # L3 lost its lease (paused), but its write was accepted after L4's at 10.5
     write = s.find("fenced_write", task_id="L3")
@@ -390,7 +406,7 @@ def lease_outlives_ttl(s: Scenario) -> None:
 
 
 def lease_never_expires(s: Scenario) -> None:
-    s.add(89.6, RUNNER, "lease", kind="probe", key="breaker:flaky", ttl_ms=5000, remaining_ms=-1)
+    s.add(89.6, RUNNER, "lease", kind="lock", key="lock:orphan", ttl_ms=5000, remaining_ms=-1)
 
 
 def run_after_dead_letter(s: Scenario) -> None:
@@ -421,6 +437,7 @@ CASES: tuple[Case, ...] = (
     Case("overlap with no fault", "locked critical sections", unexplained_overlap),
     Case("overlap, fault on another pid", "locked critical sections", overlap_fault_elsewhere),
     Case("overlap, only a PostgreSQL stall", "locked critical sections", stall_of_postgres_only),
+    Case("overlap, a skipped nemesis", "locked critical sections", overlap_with_inert_nemesis),
     Case("stale holder's write accepted", "locked critical sections", stale_write_accepted),
     Case("two fc_payments rows for a key", "idempotent effects", duplicate_effect_row),
     Case("two effect events for a key", "idempotent effects", duplicate_effect_event),

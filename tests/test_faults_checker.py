@@ -114,3 +114,19 @@ def test_report_table_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert saved["passed"] is False  # no database: the DB-backed invariants cannot pass
     path = plot(tmp_path)
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recheck_from_the_runners_table_dumps(tmp_path: Path) -> None:
+    """Without a URL, a saved run is checked against its `db/*.jsonl` dumps (lost update seen)."""
+    s = selftest.clean()
+    selftest.write_history(s, tmp_path)
+    (tmp_path / "db").mkdir()
+    s.tables["fc_counter"][0]["value"] = 2  # one accepted write did not count
+    for table, rows in s.tables.items():
+        with (tmp_path / "db" / f"{table}.jsonl").open("w") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in rows)
+    verdicts = {v.invariant: v for v in check(tmp_path, None)}
+    assert verdicts["fence order"].status == "held"
+    assert "fc_counter_writes" in verdicts["fence order"].checked
+    assert verdicts["counter (no lost update)"].status == "VIOLATED"
+    assert verdicts["idempotent effects"].status == "held"
