@@ -200,6 +200,7 @@ class History:
         self.executions = self._executions()
         self.faults = self._faults()
         self.exec_pids = {ex.pid for ex in self.executions}
+        self.pids = {int(e["pid"]) for e in self.events}
         self.worker_names: set[str] = set()
         for ex in self.executions:
             self.worker_names |= _names(ex.worker)
@@ -503,6 +504,12 @@ def counter_updates(h: History, db: Tables) -> Verdict:
         if problems:
             violations += 1
             example = example or f"{resource}: " + "; ".join(problems)
+    orphans = sorted(set(writes) - {str(row["resource"]) for row in db.counter})
+    if orphans:
+        violations += len(orphans)
+        example = example or (
+            f"{orphans[0]}: {len(writes[orphans[0]])} accepted writes but no fc_counter row"
+        )
     return Verdict(
         name,
         f"{len(db.counter)} counters against {len(db.counter_writes)} accepted writes",
@@ -915,15 +922,35 @@ def dead_letters(h: History, db: Tables) -> Verdict:
 
 
 def history_readable(h: History, db: Tables) -> Verdict:
-    """Every line of every history file is a well-formed event of the schema."""
+    """Every line is a well-formed event, and the workers recorded what the results say ran.
+
+    A recorder that silently lost the workers' events would leave every execution-based
+    invariant vacuously held; so a task whose final state is SUCCESS must have at least one
+    ``start``, unless it carries an idempotency key (a duplicate is answered from the stored
+    result without running).
+    """
     name = "history well-formed"
     if not h.events and not h.malformed:
         return Verdict(name, "no events", 1, "the history folder is empty or missing")
-    example = ""
+    examples: list[str] = []
     if h.malformed:
         f, n, why = h.malformed[0]
-        example = f"{f}:{n}: {why}"
-    return Verdict(name, f"{len(h.events)} events", len(h.malformed), example)
+        examples.append(f"{f}:{n}: {why}")
+    started = {ex.task_id for ex in h.executions}
+    unseen = [
+        tid
+        for tid, final in _last_finals(h).items()
+        if final["state"] == "SUCCESS"
+        and tid not in started
+        and h.submits.get(tid, {}).get("key") is None
+    ]
+    if unseen:
+        examples.append(f"{unseen[0]}: SUCCESS but no start event was recorded")
+    checked = (
+        f"{len(h.events)} events in {len(h.pids)} processes' files; "
+        f"{len(unseen)} unkeyed SUCCESS tasks without a start"
+    )
+    return Verdict(name, checked, len(h.malformed) + len(unseen), "; ".join(examples))
 
 
 Invariant = Callable[[History, Tables], Verdict]

@@ -316,6 +316,16 @@ def lost_update_per_write(s: Scenario) -> None:
     s.tables["fc_counter"][0]["value"] = 3
 
 
+def counter_row_missing(s: Scenario) -> None:
+    s.tables["fc_counter"].pop()  # r2 was written, but its counter row is gone
+
+
+def start_not_recorded(s: Scenario) -> None:
+    # a worker's recorder lost its events: B3 succeeded with no start on record
+    s.drop("start", task_id="B3")
+    s.drop("end", task_id="B3")
+
+
 def unexplained_overlap(s: Scenario) -> None:
     # L2 starts while L1 runs, and no fault reached L1: the lock let two holders in
     _shift(s, "L2", 0.6)
@@ -433,6 +443,10 @@ CASES: tuple[Case, ...] = (
     Case("Redis: token 1 accepted after token 2", "fence order", redis_token_regression),
     Case("counter value below accepted writes", "counter (no lost update)", lost_update),
     Case("a write not previous+1", "counter (no lost update)", lost_update_per_write),
+    Case(
+        "writes to a resource with no counter row", "counter (no lost update)", counter_row_missing
+    ),
+    Case("SUCCESS with no start recorded", "history well-formed", start_not_recorded),
     Case("locked workload ran, table missing", "counter (no lost update)", locked_table_missing),
     Case("overlap with no fault", "locked critical sections", unexplained_overlap),
     Case("overlap, fault on another pid", "locked critical sections", overlap_fault_elsewhere),
