@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -119,13 +120,14 @@ def plot(results_dir: Path, *, max_resources: int = 16) -> Path | None:
     names = sorted({f.name for f in h.faults})
     colors = plt.get_cmap("tab10")
     for i, name in enumerate(names):
-        bars = [
+        intervals = [
             (rel(f.t0), max(rel(f.t1) - rel(f.t0), end / 500)) for f in h.faults if f.name == name
         ]
-        ax_faults.broken_barh(bars, (i - 0.4, 0.8), color=colors(i % 10))
+        ax_faults.broken_barh(intervals, (i - 0.4, 0.8), color=colors(i % 10))
     ax_faults.set_yticks(range(len(names)), names)
     ax_faults.set_title("nemeses")
     phase_open: dict[str, float] = {}
+    labels = 0
     for e in h.of("phase"):
         if e["action"] == "start":
             phase_open[str(e["name"])] = rel(float(e["t"]))
@@ -133,9 +135,10 @@ def plot(results_dir: Path, *, max_resources: int = 16) -> Path | None:
             lo = phase_open.pop(str(e["name"]))
             for ax in axes:
                 ax.axvspan(lo, rel(float(e["t"])), color="0.9", zorder=0)
+            labels += 1
             ax_faults.text(
                 lo,
-                1.0,
+                1.0 - 0.12 * ((labels - 1) % 4),  # staggered: heal is often a second long
                 f" {e['name']}",
                 transform=ax_faults.get_xaxis_transform(),
                 va="top",
@@ -147,10 +150,20 @@ def plot(results_dir: Path, *, max_resources: int = 16) -> Path | None:
     per: dict[str, list[float]] = defaultdict(list)
     for ex in h.executions:
         per[str(ex.start["workload"])].append(rel(ex.t0))
-    bins = max(1, int(end) + 1)
+    # 1 s bins, wider on a long soak (at most ~1500 bins); plotted as starts per second
+    width = max(1.0, float(math.ceil(end / 1500)))
+    bins = max(1, int(end / width) + 1)
     for workload, times in sorted(per.items()):
-        ax_rate.hist(times, bins=bins, range=(0, bins), histtype="step", label=workload)
-    ax_rate.set_ylabel("starts / s")
+        weights = [1.0 / width] * len(times)
+        ax_rate.hist(
+            times,
+            bins=bins,
+            range=(0, bins * width),
+            weights=weights,
+            histtype="step",
+            label=workload,
+        )
+    ax_rate.set_ylabel(f"starts / s ({width:g} s bins)")
     ax_rate.set_title("task throughput")
     if per:
         ax_rate.legend(loc="upper right", fontsize="small")
@@ -161,26 +174,32 @@ def plot(results_dir: Path, *, max_resources: int = 16) -> Path | None:
         counts[str(ex.field("resource"))] += 1
     shown = sorted(sorted(counts, key=lambda r: -counts[r])[:max_resources])
     lane = {r: i for i, r in enumerate(shown)}
+    # one artist per lane and colour, one per marker kind: a soak has thousands of runs
+    bars: dict[tuple[int, bool], list[tuple[float, float]]] = defaultdict(list)
+    marks: dict[bool, tuple[list[float], list[int]]] = {True: ([], []), False: ([], [])}
     for ex in locked:
         resource = str(ex.field("resource"))
         if resource not in lane:
             continue
         y = lane[resource]
         stale = ex.outcome in ("stale", "lost-lock")
-        width = max(rel(ex.t1) - rel(ex.t0), end / 1000)
-        ax_locks.broken_barh(
-            [(rel(ex.t0), width)],
-            (y - 0.35, 0.7),
-            color="tab:orange" if stale else "tab:blue",
-            alpha=0.45,
-        )
+        bars[(y, stale)].append((rel(ex.t0), max(rel(ex.t1) - rel(ex.t0), end / 1000)))
         for w in ex.writes:
-            ax_locks.plot(
-                rel(float(w["t"])),
-                y,
-                marker="|" if w["accepted"] else "x",
-                color="black" if w["accepted"] else "red",
-                markersize=8,
+            marks[bool(w["accepted"])][0].append(rel(float(w["t"])))
+            marks[bool(w["accepted"])][1].append(y)
+    for (y, stale), spans in bars.items():
+        ax_locks.broken_barh(
+            spans, (y - 0.35, 0.7), color="tab:orange" if stale else "tab:blue", alpha=0.45
+        )
+    for accepted, (xs, ys) in marks.items():
+        if xs:
+            ax_locks.scatter(
+                xs,
+                ys,
+                marker="|" if accepted else "x",
+                color="black" if accepted else "red",
+                s=60,
+                zorder=3,
             )
     ax_locks.set_yticks(range(len(shown)), shown)
     ax_locks.set_title(
