@@ -435,7 +435,14 @@ def fence_order(h: History, db: Tables) -> Verdict:
     pg_from_table = db.counter_writes is not None and db.error is None
     if db.counter_writes is not None and db.error is None:
         n, v, ex, res = _token_order(
-            (str(r["resource"]), int(r["token"]), str(r.get("task_id")), f"row {i}")
+            # the execution's fence holder if the table keeps it, else its task id (coarser: two
+            # executions of one task id with one token would pass as one holder)
+            (
+                str(r["resource"]),
+                int(r["token"]),
+                str(r.get("holder") or r.get("task_id")),
+                f"row {i}",
+            )
             for i, r in enumerate(db.counter_writes)
         )
         total, violations, example = total + n, violations + v, example or ex

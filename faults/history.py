@@ -9,6 +9,20 @@ Each event is one JSON object with at least ``t`` (``time.time()``, seconds), ``
 ``pid`` and ``type``. The types and their fields are listed in :data:`SCHEMA`; fields whose
 value is unknown are omitted (a ``None`` passed to :meth:`Recorder.record` is dropped).
 
+What the checker needs recorded (``faults.checker``):
+
+- ``start`` only once every guard admitted the execution (inside the body), ``end`` before the
+  body returns (before the lock, slot or lease is released), from the same process; lock
+  tasks carry ``resource`` and ``token``, bucketed ones ``bucket``, tier ones ``tier``.
+- ``fenced_write`` for every fence check, refused ones too (``accepted`` false), with the
+  execution's ``holder``; ``seq`` when the store gives an acceptance order.
+- ``effect`` after the effect committed; ``submit`` with ``key`` for idempotent tasks.
+- ``config`` with rate/burst/tolerance (buckets), slots/tier/slot_lease (bulkheads).
+- ``nemesis`` start/stop with a ``target`` naming the pool child (``pid N``) or worker
+  (its node name) it hit; a nemesis that injected nothing says ``skipped`` in its target.
+- after healing: ``final`` per submitted task (``result`` as JSON), ``deadletter`` per row of
+  reliable_dead_letters (``at`` in epoch seconds), ``lease`` snapshots, ``phase`` events.
+
 Durability: each event is written with one ``write(2)`` on a descriptor opened with
 ``O_APPEND``, with no user-space buffer, so an event is in the kernel's page cache as soon as
 :meth:`Recorder.record` returns and survives a ``kill -9`` of the writer. A line cut short
