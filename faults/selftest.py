@@ -234,6 +234,17 @@ def clean() -> Scenario:
     for i in range(5):
         n += 1
         _task(s, f"Q{n}", "bucket", 125, 23.04 + i * 0.001, 23.05 + i * 0.001, bucket="q")
+    # two children admitted just before a SIGSTOP (25..28) record their starts after SIGCONT,
+    # next to a fresh burst of 5: left out, the window holds its 5 (+1 tolerance)
+    for pid in (126, 127):
+        target = f"child of w{pid % 10} pid {pid}"
+        s.add(25.0, RUNNER, "nemesis", name="pause", action="start", target=target)
+        s.add(28.0, RUNNER, "nemesis", name="pause", action="stop", target=target)
+    for i in range(5):
+        n += 1
+        _task(s, f"Q{n}", "bucket", 121 + i, 28.0 + i * 0.001, 28.01 + i * 0.001, bucket="q")
+    _task(s, "Q-late1", "bucket", 126, 28.02, 28.05, bucket="q")
+    _task(s, "Q-late2", "bucket", 127, 28.03, 28.06, bucket="q")
 
     # bulkhead t, 2 slots: B1, B2, then B3; B4 paused 40.5..50 (past its 5 s lease), so B5
     # and B6 may hold the slots from 46: 3 running, 2 holding
@@ -396,6 +407,13 @@ def bucket_refill_without_loss(s: Scenario) -> None:
         s.events.remove(event)
 
 
+def bucket_late_starts_without_pause(s: Scenario) -> None:
+    # the same two late starts, but nobody paused them: a burst of 7 in 0.03 s
+    paused = ("child of w6 pid 126", "child of w7 pid 127")
+    for event in [e for e in s.events if e["type"] == "nemesis" and e["target"] in paused]:
+        s.events.remove(event)
+
+
 def bucket_without_config(s: Scenario) -> None:
     s.drop("config", workload="bucket")
 
@@ -461,6 +479,7 @@ CASES: tuple[Case, ...] = (
     Case("task left PENDING", "nothing lost", pending_final),
     Case("bucket overrun", "buckets", bucket_overrun),
     Case("second burst without a state loss", "buckets", bucket_refill_without_loss),
+    Case("7 starts in 0.03 s, no pause", "buckets", bucket_late_starts_without_pause),
     Case("bucket ran without a config", "buckets", bucket_without_config),
     Case("3 holders in 2 slots, no fault", "bulkheads", bulkhead_overrun),
     Case("pause shorter than the slot lease", "bulkheads", bulkhead_short_pause),
