@@ -50,7 +50,8 @@ __all__ = [
 
 log = logging.getLogger("celery_reliable")
 
-#: Fencing counters outlive every lease by far; tokens are floored at the
+#: Fencing counters live this long (seconds) after their last acquire, outliving every
+#: lease by far (at least 10x the lock ttl); tokens are floored at the
 #: server clock, so even an expired counter never lets tokens go backwards.
 FENCE_TTL_MIN = 7 * 24 * 3600.0
 
