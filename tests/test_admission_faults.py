@@ -459,6 +459,37 @@ def test_soft_time_limit_during_admission_still_rolls_back(
     direct.close()
 
 
+def test_interrupted_fenced_lock_acquire_rolls_back(
+    private_redis: RedisServer, proxy: TcpProxy
+) -> None:
+    """FencedLock.acquire interrupted (KeyboardInterrupt) while its reply is late: lock undone."""
+    direct = redis.Redis(port=private_redis.port)
+    for name in ("admit", "rollback"):
+        direct.script_load(script(name).source)
+    client = redis.Redis(port=proxy.port, socket_timeout=30)
+    client.ping()
+    prefix = f"intr{secrets.token_hex(3)}"
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    proxy.lose_replies(script("admit").sha.encode())
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            FencedLock(client, "invoice:8", ttl=60, prefix=prefix).acquire()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        proxy.resume()
+    keys = KeySpace(prefix)
+    assert direct.exists(keys.fence("invoice:8")) == 1  # the acquire ran
+    assert direct.exists(keys.lock("invoice:8")) == 0, "an interrupted acquire kept the lock"
+    client.close()
+    direct.close()
+
+
 def test_socket_timeout_setting_is_validated_and_used() -> None:
     """reliable_redis_socket_timeout: seconds > 0, named in the error; the runtime uses it."""
     app = Celery("sock", broker="memory://", set_as_current=False)
