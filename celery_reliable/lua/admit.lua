@@ -26,9 +26,6 @@ ARGV  [1] plan: one letter per guard, e.g. "ILKB"
         D: max_redeliveries, ttl_ms, owner
         C: open_ms, half_open_max, probe owner, probe_lease_ms
 Returns
-  {6}                       this request was rolled back before it arrived (it
-                            was delayed in the network past its client's
-                            timeout): nothing is checked or written
   {1, r1, r2, ...}          every guard admitted; r_i is guard i's result
                             (I: 1 if a record existed (lease taken over), else 0;
                              L: the fencing token; K: slots now in use;
@@ -44,6 +41,9 @@ Returns
                             drop | fail | queue (too many waiting) | timeout
   {5, i, deliveries}        guard i: the task was delivered and never finished more
                             than max_redeliveries times (its workers died): poison
+  {6}                       this request was rolled back before it arrived (it
+                            was delayed in the network past its client's
+                            timeout): nothing is checked or written
 The marker is checked first, before any guard: a request that arrives after its
 rollback (which found nothing to undo) would otherwise take a lock, a slot or a
 delivery entry that nobody owns. Costs one EXISTS per admission.

@@ -17,11 +17,6 @@ Returns {r1, r2, ...}: 1 removed, 0 nothing of ours there (admission did not
         run, or it was already undone, released or taken over)
 Safe to run twice, and safe when admission never ran: an entry goes only if it
 carries this owner.
-The marker (SET PX, written whatever was found) makes the admission request, if
-it has not reached Redis yet (delayed in the network, or queued behind a stalled
-server), do nothing when it does: admit.lua checks it before anything else. It
-must outlive any such delay; Plan.rollback gives it the plan's longest lease, at
-least ten minutes.
   I: only an in-progress record (s = P) of ours; a finished one is a result
   L: the lease value is "<token> <holder>"; the token is not known here, so the
      holder after the token is compared
@@ -30,6 +25,11 @@ least ten minutes.
      left alone)
 Bucket tokens are not refunded (see Plan.rollback). The fencing counter keeps
 the token the admission minted: a skipped token is harmless.
+The marker (SET PX, written whatever was found) makes the admission request, if
+it has not reached Redis yet (delayed in the network, or queued behind a stalled
+server), do nothing when it does: admit.lua checks it before anything else. It
+must outlive any such delay; Plan.rollback gives it the plan's longest lease, at
+least ten minutes.
 ]]
 local kinds = ARGV[1]
 local out = {}
