@@ -25,6 +25,7 @@ from .errors import (
     ResultNotSerializable,
     StaleFenceToken,
     StorageError,
+    SupersededWrite,
 )
 from .fencing import Fence, RedisFence, check_postgres
 from .idempotency import purge_expired
@@ -57,6 +58,7 @@ __all__ = [
     "ResultNotSerializable",
     "StaleFenceToken",
     "StorageError",
+    "SupersededWrite",
     "breaker_state",
     "bucket_tokens",
     "bulkhead_stats",

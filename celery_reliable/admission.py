@@ -99,7 +99,8 @@ class Refused:
     """Guard ``index`` (0-based, plan order) refused; ``retry_after`` seconds or None.
 
     A bucket's refusal also gives ``slot``: the task's place in the bucket's
-    queue (server clock, epoch ms), to pass back to :meth:`Plan.add_bucket`.
+    queue (on the queue's clock: server epoch ms until the bucket's rate
+    changes), to pass back to :meth:`Plan.add_bucket`.
     """
 
     index: int

@@ -410,6 +410,18 @@ SETTINGS: dict[str, Option] = {
             _choice(("postgres", "redis")),
         ),
         Option(
+            "reliable_django_database",
+            None,
+            "Django database alias",
+            "Keep each first execution's idempotency record on Django's connection for this "
+            "alias (``\"default\"``) instead of celery-reliable's own pool: the record, the "
+            "task body's ORM writes on that alias (``idempotent_transaction()`` is a "
+            "``transaction.atomic`` block) and the result commit in one transaction. Needs "
+            "``celery_reliable.contrib.django``, and ``reliable_database_url`` on the same "
+            "database (``database_url_from_django(alias)``); a task refuses to run otherwise.",
+            _string(optional=True),
+        ),
+        Option(
             "reliable_database_pool_size",
             10,
             "connections",
@@ -424,7 +436,10 @@ SETTINGS: dict[str, Option] = {
             "seconds",
             "PostgreSQL ``lock_timeout`` of celery-reliable's connections (also inside "
             "``idempotent_transaction``): a duplicate blocked by a stalled execution's "
-            "uncommitted record gives up after this long and is deferred.",
+            "uncommitted record gives up after this long and is deferred. Not the server's "
+            "``idle_in_transaction_session_timeout``: that one must exceed the longest "
+            "idempotent body (the transaction stays open while it runs), or the task fails "
+            "with 25P03.",
             _seconds(),
         ),
         Option(
@@ -473,7 +488,7 @@ SETTINGS: dict[str, Option] = {
             None,
             "queue name",
             "Also publish each dead-lettered task to this queue (same task name, arguments "
-            "and a ``reliable_dead_letter`` header), for consumers of your own.",
+            "and headers, plus a ``reliable_dead_letter`` header), for consumers of your own.",
             _string(optional=True),
         ),
         Option(
@@ -497,9 +512,11 @@ SETTINGS: dict[str, Option] = {
             "``consumer_timeout``; other transports: unknown, no cap. Set it for RabbitMQ "
             "servers with another ``consumer_timeout`` and for other transports; with Redis "
             "or SQS it may only shorten the window. No countdown "
-            "celery-reliable sets (deferral, bucket slot, breaker wait, backoff delay) "
-            "exceeds this window minus 10% (at least 5 s); an explicit ``self.retry("
-            "countdown=...)`` beyond it is kept and logged as a warning.",
+            "celery-reliable sets (deferral, bucket slot, breaker wait, backoff delay, and "
+            "Celery's own ``default_retry_delay`` and ``autoretry_for`` ``retry_backoff`` "
+            "delays) exceeds this window minus 10% (at least 5 s); a countdown the caller "
+            "wrote (``self.retry(countdown=...)``, ``eta``, ``retry_kwargs``) beyond it is "
+            "kept and logged as a warning.",
             _seconds(optional=True),
         ),
         Option(
@@ -523,6 +540,8 @@ class ReliableSettings:
     key_prefix: str
     redis_socket_timeout: float = 10.0
     idempotency_store: str = "postgres"
+    #: Django database alias holding idempotency records (contrib.django); None: our pool.
+    django_database: str | None = None
     database_lock_timeout: float = 5.0
     database_pool_size: int = 10
     create_tables: bool = True
@@ -551,12 +570,19 @@ class ReliableSettings:
         values = {
             name: opt.value(owner, conf.get(name, opt.default)) for name, opt in SETTINGS.items()
         }
+        if (values["reliable_django_database"] is not None
+                and values["reliable_idempotency_store"] != "postgres"):
+            raise ConfigurationError(
+                f"{owner}: reliable_django_database needs reliable_idempotency_store='postgres' "
+                "(records kept in Redis only have no transaction to share with the ORM)"
+            )
         return cls(
             redis_url=values["reliable_redis_url"],
             redis_socket_timeout=values["reliable_redis_socket_timeout"],
             database_url=values["reliable_database_url"],
             key_prefix=values["reliable_key_prefix"],
             idempotency_store=values["reliable_idempotency_store"],
+            django_database=values["reliable_django_database"],
             database_lock_timeout=values["reliable_database_lock_timeout"],
             database_pool_size=values["reliable_database_pool_size"],
             create_tables=values["reliable_create_tables"],

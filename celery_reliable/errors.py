@@ -11,6 +11,7 @@
         │   └── ArgumentsNotCanonical   an idempotent call's arguments have no canonical form
         ├── StorageError            Redis or PostgreSQL could not be reached or answered oddly
         ├── StaleFenceToken         a fenced write's token was lower, or equal but another holder's
+        │   └── SupersededWrite     the same holder's later write was accepted first
         ├── IdempotencyKeyMismatch  an idempotency key reused with other arguments
         ├── ResultNotSerializable   an idempotent task returned a value JSON cannot store
         ├── ReplayedFailure         a kept terminal failure, replayed to a duplicate
@@ -38,6 +39,7 @@ __all__ = [
     "ResultNotSerializable",
     "StaleFenceToken",
     "StorageError",
+    "SupersededWrite",
 ]
 
 
@@ -116,6 +118,31 @@ class StaleFenceToken(ReliableFault):
         else:
             detail = f"the resource has already accepted token {self.current}"
         return f"stale fencing token {self.token} for {self.resource!r}: {detail}"
+
+
+class SupersededWrite(StaleFenceToken):
+    """A holder's fenced write reached the resource after a later write of that same holder.
+
+    Each fenced write carries the holder's write number ``seq`` (strictly
+    increasing per holder); the resource keeps the last accepted one and refuses
+    an older one, so a write that arrives out of order never undoes a later
+    write. Not a lost lock: the holder still holds its token (``current`` equals
+    ``token``), its write numbered ``current_seq`` stands. Seen by a holder whose
+    threads write concurrently (the lower number lost the race), or who passes
+    ``seq`` out of order; a delayed copy of a resent write is refused the same
+    way, but nobody is waiting for that reply.
+    """
+
+    def __init__(self, resource: str, token: int, seq: int, current_seq: int) -> None:
+        super().__init__(resource, token, token)
+        self.args = (resource, token, seq, current_seq)
+        self.seq = seq
+        self.current_seq = current_seq
+
+    def __str__(self) -> str:
+        return (f"fenced write #{self.seq} with token {self.token} for {self.resource!r} "
+                f"arrived after the same holder's write #{self.current_seq}: refused, the "
+                "later write stands")
 
 
 class ArgumentsNotCanonical(ConfigurationError):

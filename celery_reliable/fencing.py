@@ -8,7 +8,18 @@ An equal token from another or an unknown holder is refused: two acquisitions
 carry one token only when minting's clock assumption failed (see the README's
 "What fencing guarantees"), and then only the first to write may keep it.
 
-* :func:`check_postgres` runs inside your SQLAlchemy transaction. It upserts
+One holder's writes are ordered too, where a write can reach the resource out
+of order. :class:`RedisFence` writes are resent once after a connection error
+(the script channel, or redis-py's ``retry``), so the first copy of a write may
+still arrive after the holder's next write. Each Redis write therefore carries
+a write number (``seq``, from a process-wide counter: strictly increasing over
+the writes of every holder in this process, and a holder, one acquisition,
+lives in one process); the fence accepts an equal token from the same holder
+only with a higher number, treats the same number as the same write again
+(accepted, nothing changed) and refuses a lower one (:class:`SupersededWrite`).
+
+* :func:`check_postgres` runs inside your transaction (SQLAlchemy, psycopg 3 or
+  Django, see its docstring). It upserts
   the resource's row in ``reliable_fences`` and keeps that row locked until
   you commit, so a concurrent writer waits, and a stale one is refused
   (``StaleFenceToken``) before your own statements run. Roll back on error, as
@@ -18,57 +29,183 @@ carry one token only when minting's clock assumption failed (see the README's
 
 Within a task, ``self.fence`` binds these to the task's lock (its token, and
 its execution as the holder): it also refuses, locally and before any I/O, once
-``self.lock_lost`` (the holder's belief in its lease ended by its own clock, or a
-renewal found the lock gone). With a :class:`~celery_reliable.FencedLock`, pass
-``lock.token`` and ``holder=lock.holder``.
+``self.lock_lost`` (the holder's belief in its lease ended by its own clock, a
+renewal found the lock gone, or the execution released it: ``self.retry()`` with
+``throw=False`` lets the body go on). With a :class:`~celery_reliable.FencedLock`,
+pass ``lock.token`` and ``holder=lock.holder``.
 """
 
 from __future__ import annotations
 
+import itertools
 import secrets
+import sys
+import threading
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import redis
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import ClauseElement
 
 from . import metrics
-from .errors import ConfigurationError, StaleFenceToken
+from .classify import sqlstate
+from .errors import ConfigurationError, StaleFenceToken, SupersededWrite
 from .schema import fences
 from .scripts import script
 
-__all__ = ["Fence", "RedisFence", "check_postgres"]
+__all__ = ["Fence", "RedisFence", "check_postgres", "next_write_seq"]
+
+_writes = itertools.count(1)
+_writes_mutex = threading.Lock()  # next() on a count is atomic under the GIL only
+
+
+def next_write_seq() -> int:
+    """A write number for a fenced write: strictly greater than every one this process drew.
+
+    Process-wide rather than per holder: a holder (one lock acquisition) writes
+    from one process, so its writes are numbered in the order it issued them,
+    whichever ``Fence`` object, ``self.fence`` call or direct :meth:`RedisFence.set`
+    they went through. Not shared over ``fork`` in any useful way: a child
+    continues from the parent's count, which is harmless because its holders
+    are its own.
+    """
+    with _writes_mutex:
+        return next(_writes)
+
+
+#: The fence check, built once: accept a higher token, or an equal one from the same holder.
+_ins = insert(fences).values(
+    resource=bindparam("p_resource"), token=bindparam("p_token"), holder=bindparam("p_holder")
+)
+_CHECK = _ins.on_conflict_do_update(
+    index_elements=[fences.c.resource],
+    set_={"token": _ins.excluded.token, "holder": _ins.excluded.holder,
+          "updated_at": func.now()},
+    # NULL = NULL is not true: an unknown holder never matches
+    where=or_(fences.c.token < _ins.excluded.token,
+              and_(fences.c.token == _ins.excluded.token,
+                   fences.c.holder == _ins.excluded.holder)),
+).returning(fences.c.token)
+_CURRENT = select(fences.c.token).where(fences.c.resource == bindparam("p_resource"))
+
+ACCEPTED = (
+    "a SQLAlchemy Connection or Session, a psycopg 3 connection, or a Django "
+    "connection (django.db.connections[alias]) on PostgreSQL"
+)
+
+
+@cache
+def driver_statement(statement: ClauseElement) -> tuple[str, dict[str, Any]]:
+    """SQL text of a statement with psycopg's ``%(name)s`` placeholders, and the values of
+    its constant parameters (compiled once).
+
+    Runs on a psycopg 3 or psycopg2 cursor, and on Django's PostgreSQL cursor, with
+    ``{**constants, **params}``.
+    """
+    compiled = statement.compile(dialect=psycopg_dialect())  # type: ignore[no-untyped-call]
+    return compiled.string, dict(compiled.params)
+
+
+def _is_django_connection(conn: Any) -> bool:
+    # By module, so that nothing here imports Django.
+    return type(conn).__module__.startswith("django.") and hasattr(conn, "in_atomic_block")
+
+
+def _is_psycopg_connection(conn: Any) -> bool:
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(conn, psycopg.Connection)
+
+
+def _runner(conn: Any) -> Callable[[Any, dict[str, Any]], Any]:
+    """How to run one statement in the caller's open transaction on ``conn``, or raise.
+
+    A SQLAlchemy connection in AUTOCOMMIT mode, a psycopg connection in autocommit mode
+    outside ``conn.transaction()``, or a Django connection outside ``transaction.atomic()``
+    has no transaction to join: the check would commit on its own, apart from the
+    caller's write. Refused.
+    """
+    if isinstance(conn, (Connection, Session)):
+        connection = conn.connection() if isinstance(conn, Session) else conn
+        # isolation_level="AUTOCOMMIT": SQLAlchemy's begin() is a no-op, nothing to join
+        if getattr(connection.connection.driver_connection, "autocommit", False):
+            raise ConfigurationError(
+                "check_postgres: this SQLAlchemy connection is in AUTOCOMMIT mode, so the "
+                "check could not commit with your write; use a connection in a transaction "
+                "(engine.begin(), or without isolation_level='AUTOCOMMIT')"
+            )
+        return lambda statement, params: conn.execute(statement, params).first()
+    if _is_psycopg_connection(conn):
+        from psycopg.pq import TransactionStatus
+
+        if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+            raise ConfigurationError(
+                "check_postgres: this psycopg connection is in autocommit mode outside a "
+                "transaction, so the check could not commit with your write; call it inside "
+                "`with conn.transaction():` (or with autocommit off)"
+            )
+        return lambda statement, params: _on_cursor(conn.cursor(), statement, params)
+    if _is_django_connection(conn):
+        if conn.vendor != "postgresql":
+            raise ConfigurationError(
+                f"check_postgres: Django database {conn.alias!r} is {conn.vendor}, not PostgreSQL"
+            )
+        if conn.get_autocommit():
+            raise ConfigurationError(
+                f"check_postgres: Django database {conn.alias!r} is in autocommit mode, so the "
+                "check could not commit with your write; call it inside "
+                f"`transaction.atomic(using={conn.alias!r})` (or idempotent_transaction())"
+            )
+        return lambda statement, params: _on_cursor(conn.cursor(), statement, params)
+    raise TypeError(f"check_postgres: expected {ACCEPTED}, got {type(conn).__qualname__}")
+
+
+def _on_cursor(cursor: Any, statement: ClauseElement, params: dict[str, Any]) -> Any:
+    sql, constants = driver_statement(statement)
+    with cursor:
+        cursor.execute(sql, {**constants, **params})
+        return cursor.fetchone()
 
 
 def check_postgres(conn: Any, resource: str, token: int, *, holder: str | None = None) -> None:
     """Accept ``token`` for ``resource`` inside the caller's transaction, or raise.
 
-    ``conn`` is a SQLAlchemy ``Connection`` or ``Session`` in an open
-    transaction. On success the resource's fence row stays locked until that
-    transaction ends, so the caller's writes commit together with the new
-    highest token and its ``holder``. Raises :class:`StaleFenceToken` if a
-    higher token was already accepted, or the same token with another holder
+    ``conn`` is where the caller writes, in an open transaction: a SQLAlchemy
+    ``Connection`` or ``Session``; a psycopg 3 connection (autocommit off, or
+    inside ``conn.transaction()``); or a Django connection
+    (``django.db.connections[alias]``, PostgreSQL) inside ``transaction.atomic``.
+    Anything else raises ``TypeError``; a connection with no transaction to join
+    raises ``ConfigurationError``. On success the resource's fence row stays
+    locked until that transaction ends, so the caller's writes commit together
+    with the new highest token and its ``holder``. Raises :class:`StaleFenceToken`
+    if a higher token was already accepted, or the same token with another holder
     or without one (``holder=None``: a second check with an equal token is
     refused). ``holder`` identifies the acquisition (``self.fence`` passes the
     task execution's; a :class:`~celery_reliable.FencedLock` has ``.holder``).
+
+    Unlike :meth:`RedisFence.set`, no write number is needed: the check runs in
+    the caller's transaction and this library never resends a statement (nor
+    do SQLAlchemy and psycopg). A copy delivered late on a connection its
+    client gave up on runs in a transaction that can only roll back (no COMMIT
+    follows it), and a holder's transactions on one resource commit in the
+    order they checked, since the row stays locked until commit. So one
+    holder's checks cannot land out of order; a caller that retries a
+    transaction itself retries before moving on, in its own program order.
     """
-    ins = insert(fences).values(resource=resource, token=token, holder=holder)
-    stmt = ins.on_conflict_do_update(
-        index_elements=[fences.c.resource],
-        set_={"token": ins.excluded.token, "holder": ins.excluded.holder,
-              "updated_at": func.now()},
-        # NULL = NULL is not true: an unknown holder never matches
-        where=or_(fences.c.token < ins.excluded.token,
-                  and_(fences.c.token == ins.excluded.token,
-                       fences.c.holder == ins.excluded.holder)),
-    ).returning(fences.c.token)
+    run = _runner(conn)
+    params = {"p_resource": resource, "p_token": token, "p_holder": holder}
     try:
-        row = conn.execute(stmt).first()
-    except ProgrammingError as exc:
+        row = run(_CHECK, params)
+    except Exception as exc:
         # undefined table / column: no table, or one from before the holder column
-        if getattr(exc.orig, "sqlstate", None) in ("42P01", "42703"):
+        # (Django wraps the driver's error: its SQLSTATE is on the cause)
+        codes = {sqlstate(exc), sqlstate(exc.__cause__) if exc.__cause__ else None}
+        if codes & {"42P01", "42703"}:
             raise ConfigurationError(
                 f"check_postgres: table {fences.name!r} is missing or older than this "
                 "library; run `celery -A proj reliable migrate` (or create_tables(engine)) "
@@ -76,13 +213,14 @@ def check_postgres(conn: Any, resource: str, token: int, *, holder: str | None =
             ) from exc
         raise
     if row is None:
-        current = conn.execute(select(fences.c.token).where(fences.c.resource == resource)).scalar()
+        current = run(_CURRENT, {"p_resource": resource})
         metrics.inc("reliable_fence_rejections_total", store="postgres")
-        raise StaleFenceToken(resource, token, current)
+        raise StaleFenceToken(resource, token, current[0] if current is not None else None)
 
 
 class RedisFence:
-    """Fenced values in Redis: each key is a hash of the value and its highest token.
+    """Fenced values in Redis: each key is a hash of the value, its highest token, that
+    token's holder and the number of that holder's last write.
 
     Keys are used as given; in Redis Cluster each is one key, so any key works.
     """
@@ -90,18 +228,38 @@ class RedisFence:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
 
-    def set(self, key: str, value: str | bytes, token: int, *, holder: str | None = None) -> None:
-        """Write ``value`` if ``token`` is higher than the last accepted, or equal and from
-        the same ``holder``; else raise :class:`StaleFenceToken`.
+    def set(
+        self, key: str, value: str | bytes, token: int, *, holder: str | None = None,
+        seq: int | None = None,
+    ) -> None:
+        """Write ``value`` if ``token`` is higher than the last accepted, or equal, from the
+        same ``holder`` and with a higher write number ``seq``; else raise.
 
-        Without a holder each call is its own holder: an equal token is refused
-        (a resend of this very call after a lost reply is still accepted).
+        Raises :class:`StaleFenceToken` for a lower token, or an equal one from
+        another or an unknown holder; :class:`SupersededWrite` (a subclass) when
+        the same holder's later write (higher ``seq``) was accepted first. The
+        same token, holder and ``seq`` again (this call resent after a lost
+        reply, or its first copy arriving late) is accepted and changes nothing.
+
+        ``seq`` defaults to :func:`next_write_seq` (the order in which this
+        process issues writes); pass your own, strictly increasing per holder,
+        for all of a holder's writes or for none. Without a holder each call is
+        its own holder: an equal token is refused.
         """
         holder = holder or f"call:{secrets.token_hex(8)}"
-        ok, current = script("fenced_set")(self.client, [key], [token, value, holder])
-        if int(ok) != 1:
-            metrics.inc("reliable_fence_rejections_total", store="redis")
-            raise StaleFenceToken(key, token, int(current))
+        if seq is None:
+            seq = next_write_seq()
+        elif isinstance(seq, bool) or not isinstance(seq, int) or not 0 < seq < 2**53:
+            # Lua compares numbers as doubles: exact up to 2**53
+            raise ValueError(f"RedisFence.set: seq must be an int in [1, 2**53), got {seq!r}")
+        status, current, current_seq = script("fenced_set")(
+            self.client, [key], [token, value, holder, seq])
+        if int(status) == 1:
+            return
+        metrics.inc("reliable_fence_rejections_total", store="redis")
+        if int(status) == -1:
+            raise SupersededWrite(key, token, seq, int(current_seq))
+        raise StaleFenceToken(key, token, int(current))
 
     def get(self, key: str) -> tuple[bytes | str | None, int | None]:
         """``(value, token)`` last written, or ``(None, None)``.
@@ -140,7 +298,14 @@ class Fence:
         self._refuse_if_lost(resource)
         check_postgres(conn, resource, self.token, holder=self.holder)
 
+    def check_django(self, using: str = "default", resource: str | None = None) -> None:
+        """:meth:`check_postgres` on Django's connection ``using``, inside ``transaction.atomic``
+        (or ``idempotent_transaction()``): fences the ORM writes of that transaction."""
+        from django.db import connections
+
+        self.check_postgres(connections[using], resource)
+
     def redis_set(self, client: redis.Redis, key: str, value: str | bytes) -> None:
-        """:meth:`RedisFence.set` with this task's token."""
+        """:meth:`RedisFence.set` with this task's token and holder (and the next write number)."""
         self._refuse_if_lost(key)
         RedisFence(client).set(key, value, self.token, holder=self.holder)

@@ -12,7 +12,9 @@ progress defers its duplicates. PostgreSQL holds the durable record:
   or ``reliable_database_lock_timeout`` passes (then this delivery defers).
 * The task body runs inside that transaction's lifetime;
   ``self.idempotent_transaction()`` hands out a session on it, so the task's
-  own rows commit together with the record.
+  own rows commit together with the record. With ``reliable_django_database``
+  the transaction is a ``transaction.atomic`` block on Django's connection
+  instead (:mod:`celery_reliable.contrib.django`), so ORM writes commit with it.
 * On success the record becomes ``S`` with the result JSON and the
   transaction commits. On failure it rolls back (nothing kept), or a kept
   failure is written as ``F``.
@@ -25,20 +27,28 @@ redelivery runs cleanly.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, Interval, and_, bindparam, delete, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert, Update
 
 from .schema import idempotency
 
-__all__ = ["Existing", "PostgresRecord", "dumps_result", "purge_expired"]
+if TYPE_CHECKING:
+    from .config import ReliableSettings
+
+__all__ = ["Existing", "PostgresRecord", "dumps_result", "open_record", "purge_expired"]
+
+log = logging.getLogger("celery_reliable")
 
 # The hot-path statements are built ONCE. Building ``insert().values()
 # .on_conflict_do_update(... excluded ...)`` and ``update()`` per call, and letting
@@ -82,6 +92,26 @@ _SUCCEED = (
         updated_at=func.clock_timestamp(),
         expires_at=func.clock_timestamp() + bindparam("p_ttl", type_=Interval()),
     )
+)
+
+_upsert = insert(idempotency).values(
+    task=bindparam("p_task"),
+    key_digest=bindparam("p_key"),
+    fingerprint=bindparam("p_fingerprint"),
+    state=bindparam("p_state"),
+    result_json=bindparam("p_result"),
+    expires_at=func.now() + bindparam("p_ttl", type_=Interval()),
+)
+#: Write a finished record (S or F) whatever is there, in a transaction of its own.
+_UPSERT = _upsert.on_conflict_do_update(
+    index_elements=[idempotency.c.task, idempotency.c.key_digest],
+    set_={
+        "state": _upsert.excluded.state,
+        "result_json": _upsert.excluded.result_json,
+        "updated_at": func.now(),
+        "fingerprint": _upsert.excluded.fingerprint,
+        "expires_at": _upsert.excluded.expires_at,
+    },
 )
 
 
@@ -194,6 +224,26 @@ class PostgresRecord:
         self.session_used = True
         return Session(bind=self.conn, join_transaction_mode="create_savepoint")
 
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """``idempotent_transaction()``'s block: a :meth:`session` whose work is flushed on
+        leaving (a savepoint released), rolled back to the savepoint on an exception."""
+        session = self.session()
+        try:
+            yield session
+            session.commit()  # releases the savepoint; the transaction commits at completion
+        except BaseException:
+            try:
+                session.rollback()
+            except SQLAlchemyError:
+                # The connection broke as well; completion drops it. The body's own
+                # exception is the one that tells what happened.
+                log.debug("celery-reliable: rollback in idempotent_transaction failed",
+                          exc_info=True)
+            raise
+        finally:
+            session.close()
+
     def succeed(self, result_json: str) -> None:
         """Record the result and commit everything of this execution."""
         assert self.conn is not None
@@ -228,26 +278,22 @@ class PostgresRecord:
 
     def _upsert(self, state: str, payload: str) -> None:
         with self.engine.begin() as conn:
-            ins = insert(idempotency).values(
-                task=self.task,
-                key_digest=self.key_digest,
-                fingerprint=self.fingerprint,
-                state=state,
-                result_json=payload,
-                expires_at=func.now() + timedelta(seconds=self.ttl),
-            )
-            conn.execute(
-                ins.on_conflict_do_update(
-                    index_elements=[idempotency.c.task, idempotency.c.key_digest],
-                    set_={
-                        "state": state,
-                        "result_json": payload,
-                        "updated_at": func.now(),
-                        "fingerprint": ins.excluded.fingerprint,
-                        "expires_at": ins.excluded.expires_at,
-                    },
-                )
-            )
+            conn.execute(_UPSERT, {**self._params(), "p_state": state, "p_result": payload})
+
+
+def open_record(
+    engine: Engine, task: str, key_digest: str, fingerprint: str, ttl: float,
+    settings: ReliableSettings,
+) -> PostgresRecord:
+    """The durable record of one execution: on ``engine`` (the default), or on Django's
+    connection for ``reliable_django_database`` (:mod:`celery_reliable.contrib.django`)."""
+    if settings.django_database is None:
+        return PostgresRecord(engine, task, key_digest, fingerprint, ttl)
+    from .contrib.django.record import DjangoRecord
+
+    return DjangoRecord(engine, task, key_digest, fingerprint, ttl,
+                        alias=settings.django_database,
+                        lock_timeout=settings.database_lock_timeout)
 
 
 def purge_expired(engine: Engine, *, batch_size: int = 1000, max_batches: int | None = None) -> int:

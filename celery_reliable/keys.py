@@ -60,7 +60,11 @@ class KeySpace:
 
     def idempotency(self, task_name: str, key: str) -> str:
         """The idempotency record of ``key`` for ``task_name``."""
-        return f"{self.tag}:idem:{idempotency_digest(task_name, key)}"
+        return self.idempotency_record(idempotency_digest(task_name, key))
+
+    def idempotency_record(self, key_digest: str) -> str:
+        """The idempotency record of an :func:`idempotency_digest` (a dead letter keeps it)."""
+        return f"{self.tag}:idem:{key_digest}"
 
     def queue_bucket(self, queue: str) -> str:
         """The token bucket every task taken from ``queue`` draws from."""

@@ -71,11 +71,13 @@ class Lease:
     (:func:`lease_margin`, for clock-rate error and scheduling). Once that
     moment passes, or a renewal finds the lease gone or taken over, ``lost``
     is true and stays true: nothing waits for Redis to say so, and a renewal
-    that succeeds later does not bring the belief back.
+    that succeeds later does not bring the belief back. Letting go of the
+    lease (completion, ``retry()``: :meth:`end`) ends the belief too, before
+    the release is sent: from then on another holder may take it.
     """
 
-    __slots__ = ("_ended", "confirmed", "describe", "key", "kind", "margin", "next_due", "ttl",
-                 "value")
+    __slots__ = ("_ended", "confirmed", "describe", "ended_why", "key", "kind", "margin",
+                 "next_due", "ttl", "value")
 
     def __init__(
         self, kind: str, key: str, value: str, ttl: float, started: float, describe: str
@@ -90,6 +92,8 @@ class Lease:
         self.margin = lease_margin(ttl)
         self.next_due = started + ttl / 3
         self._ended = False
+        #: why the belief ended ("released", "expired or taken over", "clock"); None: held
+        self.ended_why: str | None = None
 
     @property
     def belief_ends(self) -> float:
@@ -100,12 +104,22 @@ class Lease:
     def lost(self) -> bool:
         """True once the belief ended (clock) or a renewal found the lease gone; sticky."""
         if not self._ended and time.monotonic() >= self.belief_ends:
-            self._ended = True
+            self.lose("clock")
         return self._ended
 
-    def lose(self) -> None:
-        """End the belief now (a renewal found the lease expired or taken over)."""
-        self._ended = True
+    def lose(self, why: str = "expired or taken over") -> None:
+        """End the belief now (a renewal found the lease expired or taken over); sticky.
+
+        The first reason is kept: a lease released after its belief ended by the
+        clock stays ended by the clock.
+        """
+        if not self._ended:
+            self._ended = True
+            self.ended_why = why
+
+    def end(self) -> None:
+        """This process lets go of the lease (released, or about to be): the belief ends now."""
+        self.lose("released")
 
     def confirm(self, sent: float) -> None:
         """A renewal sent at ``sent`` extended the lease: the belief lasts from there."""

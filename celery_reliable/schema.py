@@ -48,11 +48,6 @@ fences = Table(
     Column("holder", Text),  # added later (ADDED_COLUMNS); NULL: unknown
 )
 
-#: Columns added to a table after its first release: ``create_tables`` adds each
-#: one an existing table lacks (all nullable, so adding one rewrites nothing).
-ADDED_COLUMNS = ((fences, "holder"),)
-
-
 #: Durable idempotency records (``celery_reliable.idempotency``). ``state`` is
 #: S (succeeded, ``result_json`` holds the result) or F (failed and kept,
 #: ``result_json`` holds ``{"type", "message"}``); an execution in progress
@@ -93,7 +88,18 @@ dead_letters = Table(
            server_default=func.now()),
     Column("replayed_as", Text),
     Column("replayed_at", DateTime(timezone=True)),
+    # added later (ADDED_COLUMNS); NULL in letters recorded before: replayed without them
+    Column("headers_json", Text),  # the call's own message headers (idempotency_key, ...)
+    Column("idempotency_digest", String(64)),  # its idempotency record's key, if it had one
     Index("ix_reliable_dead_letters_task_name", "task_name"),
+)
+
+#: Columns added to a table after its first release: ``create_tables`` adds each
+#: one an existing table lacks (all nullable, so adding one rewrites nothing).
+ADDED_COLUMNS = (
+    (fences, "holder"),
+    (dead_letters, "headers_json"),
+    (dead_letters, "idempotency_digest"),
 )
 
 

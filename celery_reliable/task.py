@@ -28,16 +28,17 @@ import sys
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, ClassVar, NoReturn
 
+import celery.app
 import redis
-from celery import Task
+from celery import Task, _state
+from celery.app.autoretry import add_autoretry_behaviour
 from celery.exceptions import Ignore, Reject, Retry
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from . import deadletter, metrics
 from .admission import (
@@ -76,7 +77,7 @@ from .errors import (
     StorageError,
 )
 from .fencing import Fence
-from .idempotency import PostgresRecord, dumps_result
+from .idempotency import PostgresRecord, dumps_result, open_record
 from .keys import digest, idempotency_digest
 from .ratelimit import BucketSpec
 from .runtime import Lease, Runtime, runtime_for
@@ -117,10 +118,16 @@ LOCK_WAIT_HEADER = "reliable_lock_wait_since"
 IDEMPOTENCY_HEADER = "idempotency_key"
 
 #: Message header: this task's places in the queues of the token buckets that
-#: refused it, ``{bucket key: slot}`` (Redis server clock, epoch ms). A task
-#: deferred before its turn (countdowns are capped by the broker's redelivery
-#: window) keeps its place with it.
+#: refused it, ``{bucket key: slot}`` (the queue's clock: Redis server epoch ms
+#: until the bucket's rate changes). A task deferred before its turn (countdowns
+#: are capped by the broker's redelivery window) keeps its place with it.
 BUCKET_SLOT_HEADER = "reliable_bucket_slots"
+
+#: The code of the ``run`` wrapper that Celery's ``autoretry_for`` installs
+#: (``celery/app/autoretry.py``): a countdown passed to ``retry()`` from it, with
+#: ``retry_backoff``, is a delay Celery computed, not one the caller wrote.
+_AUTORETRY_RUN = next((const for const in add_autoretry_behaviour.__code__.co_consts
+                       if getattr(const, "co_name", None) == "run"), None)
 
 
 def _header(request: Any, name: str) -> Any:
@@ -210,6 +217,86 @@ class _Binding:
         self.foreign = foreign  # a shared copy the app did not declare
 
 
+# Which app declared a task: Celery records it nowhere, so ReliableTask.bind
+# tells it from the Celery function that is binding the task (one walk up the
+# stack): an app's finalize giving it the process's shared tasks, or
+# ``@shared_task`` pushing its task into the apps already finalized.
+_FINALIZE_CALLBACKS = ("celery._state", "_announce_app_finalized")
+_SHARED_TASK_DECORATOR = ("celery.app", "__inner")
+
+
+def _code_names(code: CodeType) -> set[str]:
+    names = {code.co_name}
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            names |= _code_names(const)
+    return names
+
+
+#: Both functions are where this Celery has them. If not, a binding is taken for
+#: the declaration only when the app holds the task's pending promise: a bad
+#: setting elsewhere then surfaces when the task is used, and never breaks an app
+#: that did not declare the task.
+_CELERY_KNOWN = (
+    callable(getattr(_state, _FINALIZE_CALLBACKS[1], None))
+    and getattr(celery.app.shared_task, "__module__", None) == _SHARED_TASK_DECORATOR[0]
+    and _SHARED_TASK_DECORATOR[1] in _code_names(celery.app.shared_task.__code__)
+)
+
+
+def _celery_caller(app: Any) -> tuple[str, bool]:
+    """The Celery code binding a task into ``app``, and whether it came from ``@shared_task``.
+
+    ``("finalize", shared)``: ``app.finalize()`` runs the process's finalize
+    callbacks (``shared``: the callback is ``@shared_task``'s, not ``app.task``'s);
+    ``("decorator", True)``: ``@shared_task`` is giving its new task to ``app``,
+    finalized before the task existed; ``("direct", False)``: anything else (a
+    decorator on an app already finalized or ``lazy=False``, a promise evaluated
+    early, ``register_task`` then finalize).
+    """
+    frame: FrameType | None = sys._getframe(2)
+    child: FrameType | None = None
+    while frame is not None:
+        where = (frame.f_globals.get("__name__"), frame.f_code.co_name)
+        if where == _FINALIZE_CALLBACKS and frame.f_locals.get("app") is app:
+            shared = child is not None and child.f_globals.get("__name__") == "celery.app"
+            return "finalize", shared
+        if where == _SHARED_TASK_DECORATOR and frame.f_locals.get("app") is app:
+            return "decorator", True
+        child, frame = frame, frame.f_back
+    return "direct", False
+
+
+#: The app each ``@shared_task`` (by decorated function) was declared for.
+_shared_task_apps: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _shared_task_app(fun: Any) -> Any:
+    """The app a ``@shared_task`` belongs to: the current app when it was first bound.
+
+    That is the app current at its declaration when ``@shared_task`` gives the
+    task to apps already finalized (it does so from the decorator), else the app
+    current when the first app is finalized with it: the one ``set_as_current``
+    (Celery's default for a new app) made current, which ``task.delay()`` also
+    resolves to.
+    """
+    try:
+        ref = _shared_task_apps.get(fun)
+    except TypeError:  # a callable that takes no weak reference: not recorded
+        ref = None
+    if ref is None:
+        # not get_current_app(): it would create Celery's default app when none is current
+        current = getattr(_state._tls, "current_app", None) or _state.default_app
+        ref = weakref.ref(current) if current is not None else _no_app
+        with suppress(TypeError):
+            _shared_task_apps[fun] = ref
+    return ref()
+
+
+def _no_app() -> None:
+    return None
+
+
 class ReliableTask(Task):  # type: ignore[misc]
     """Celery task base with fleet-wide guards.
 
@@ -266,17 +353,18 @@ class ReliableTask(Task):  # type: ignore[misc]
     # A task class may be bound to several apps: Celery shares tasks by
     # default, so every app finalized in the process (a test app, a second
     # broker) gets a copy of each shared task. The policy is therefore kept
-    # per (class, app), validated against *that* app's settings. An app that
-    # only received a shared copy does not fail at bind over settings it was
-    # never given (a tier, a breaker, a database); the error is kept and
-    # raised if that app ever runs or sends the task. Errors in the task's
-    # own options fail at bind in every app: no app could run it.
+    # per (class, app), validated against *that* app's settings. The app that
+    # declared the task fails at bind over a setting it lacks (a tier, a
+    # breaker, a database); an app that only received a copy does not: the
+    # error is kept, logged once, and raised if that app runs or sends the
+    # task. Errors in the task's own options fail at bind in every app: no
+    # app could run it.
 
     @classmethod
     def bind(cls, app: Any) -> Any:
         result = super().bind(app)
         bound = cls._bound()
-        foreign = (app in bound and bound[app].foreign) or cls._shared_into(app)
+        foreign = bound[app].foreign if app in bound else not cls._declared_in(app)
         if foreign:
             cls._build_reliable_policy(app, declaration_only=True)  # no app could run it
         try:
@@ -304,42 +392,51 @@ class ReliableTask(Task):  # type: ignore[misc]
         return bound
 
     @classmethod
-    def _shared_into(cls, app: Any) -> bool:
-        """True if ``app`` is receiving a copy of a shared task it did not declare.
+    def _declared_in(cls, app: Any) -> bool:
+        """True if this binding declares the task in ``app``, False for a copy it receives.
 
-        Celery gives every app a copy of each shared task from its finalize
-        callbacks; the app whose decorator declared the task still holds the
-        task's pending promise then (``app.task`` is lazy), any other app does
-        not. A task declared on an app already finalized is built directly by
-        its decorator, outside those callbacks; ``@shared_task`` declares for no
-        app in particular, so each app it reaches receives a copy.
+        * ``@app.task``: declared in ``app``, whether its decorator builds the
+          task at once (``app`` already finalized, ``lazy=False``) or ``app``
+          holds its pending promise when it finalizes.
+        * ``@shared_task``: declared in the app current when it was declared
+          (see :func:`_shared_task_app`), unless that app was finalized
+          before the task existed (pytest-celery's module-level app, a test
+          app): Celery pushes the task into such apps from the decorator, as a
+          copy. Then no app declares it.
+        * Any other app gets a copy from its finalize callbacks.
         """
-        frame: FrameType | None = sys._getframe(1)
-        while frame is not None:
-            code, module = frame.f_code.co_name, frame.f_globals.get("__name__")
-            if code == "_announce_app_finalized" and module == "celery._state":
-                break
-            if code == "__inner" and module == "celery.app":
-                # @shared_task giving its task to every app already finalized (e.g.
-                # pytest-celery's module-level app): it belongs to none of them.
-                return True
-            frame = frame.f_back
-        else:
+        fun = cls._decorated_function()
+        path, shared = _celery_caller(app) if _CELERY_KNOWN else ("finalize", False)
+        if path == "decorator":
+            _shared_task_app(fun)  # its declaration is now: note the current app
             return False
-        # The decorated function: Celery >= 5.7 keeps it as _decorated_fun; before,
-        # __wrapped__ is it (a staticmethod for bind=False tasks).
+        if path == "direct":
+            return True
+        if fun is not None and cls._pending_in(app, fun):
+            return True  # @app.task on this app, finalizing now
+        return shared and fun is not None and _shared_task_app(fun) is app
+
+    @classmethod
+    def _decorated_function(cls) -> Any:
+        """The function the task was made from (None for a Task subclass)."""
+        # Celery >= 5.7 keeps it as _decorated_fun; before, __wrapped__ is it (a
+        # staticmethod for bind=False tasks).
         fun = inspect.getattr_static(cls, "_decorated_fun", None)
         if fun is None:
             fun = cls.__dict__.get("__wrapped__")
-        fun = fun.__func__ if isinstance(fun, staticmethod) else fun
+        return fun.__func__ if isinstance(fun, staticmethod) else fun
+
+    @staticmethod
+    def _pending_in(app: Any, fun: Any) -> bool:
+        """``app`` holds the lazy promise of an ``@app.task`` over ``fun``, not yet evaluated."""
         for promise in getattr(app, "_pending", ()):
             try:
                 args = object.__getattribute__(promise, "_Proxy__args")
             except AttributeError:  # already evaluated
                 continue
-            if fun is not None and args and args[0] is fun:
-                return False
-        return True
+            if args and args[0] is fun:
+                return True
+        return False
 
     @classmethod
     def _build_reliable_policy(cls, app: Any, *, declaration_only: bool = False) -> TaskPolicy:
@@ -770,12 +867,13 @@ class ReliableTask(Task):  # type: ignore[misc]
         """
         assert execution.idem_digest is not None
         try:
-            record = PostgresRecord(
+            record = open_record(
                 runtime.task_engine(),  # creates missing tables on first use
                 self.name,
                 execution.idem_digest,
                 execution.fingerprint,
                 policy.idempotency.ttl,
+                runtime.settings,
             )
             existing = record.begin()
             runtime.health.postgres.ok()
@@ -811,6 +909,11 @@ class ReliableTask(Task):  # type: ignore[misc]
             runtime.heartbeat.discard(lease)
         # Ran past the belief in a lease (the local clock says it may have expired)
         overran = [lease for lease in execution.leases if lease.kind in "IK" and lease.lost]
+        # Letting go ends every belief, before the release is sent: once it runs another
+        # holder may take the lock (higher token) while a body that goes on after
+        # retry(throw=False) still runs, so lock_lost turns true and self.fence refuses.
+        for lease in execution.leases:
+            lease.end()
         execution.release.settle_idempotency(outcome, payload)
         try:
             results = execution.release.run(runtime.redis)
@@ -1049,6 +1152,13 @@ class ReliableTask(Task):  # type: ignore[misc]
         first = _header(request, FIRST_FAILURE_HEADER)
         info = getattr(request, "delivery_info", None) or {}
         queue = info.get("routing_key") or info.get("queue")
+        # The call's own headers (the producer's idempotency_key, ...) and its record's
+        # key go with the letter: a replay is the same call, under the same key.
+        headers = deadletter.call_headers(getattr(request, "headers", None))
+        header_key = _header(request, IDEMPOTENCY_HEADER)
+        if header_key is not None:
+            headers[IDEMPOTENCY_HEADER] = header_key
+        execution = getattr(request, "_reliable_execution", None)
         try:
             letter = deadletter.record(
                 runtime.task_engine(), task_name=self.name, task_id=str(request.id),
@@ -1056,6 +1166,8 @@ class ReliableTask(Task):  # type: ignore[misc]
                 attempts=int(request.retries or 0) + 1, reason=reason, queue=queue,
                 first_failure_at=(datetime.fromtimestamp(float(first), timezone.utc)
                                   if first else None),
+                headers=headers,
+                idempotency_digest=execution.idem_digest if execution is not None else None,
             )
             log.warning("celery-reliable: %s[%s] dead-lettered (%s) as #%d: %r", self.name,
                         request.id, reason, letter, exc)
@@ -1066,7 +1178,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         if dlq:
             try:
                 self.app.send_task(self.name, args=request.args, kwargs=request.kwargs,
-                                   queue=dlq, headers={"reliable_dead_letter": reason})
+                                   queue=dlq, headers={**headers, "reliable_dead_letter": reason})
             except Exception:
                 log.error("celery-reliable: %s[%s] could not be published to the dead-letter "
                           "queue %r", self.name, request.id, dlq, exc_info=True)
@@ -1172,8 +1284,10 @@ class ReliableTask(Task):  # type: ignore[misc]
           ``backoff.max_attempts`` sets ``max_retries``; ``backoff.deadline``
           ends retrying that long after the first failure. That delay never
           exceeds the broker's redelivery window less its margin
-          (``reliable_redelivery_window``); an explicit countdown/eta beyond
-          it is kept and logged as a warning.
+          (``reliable_redelivery_window``), nor do Celery's own delays
+          (``default_retry_delay``, the ``retry_backoff`` of ``autoretry_for``);
+          a countdown/eta the caller passed beyond it is kept and logged as a
+          warning.
         * Each retry takes a token from the task's fleet-wide retry budget;
           with the budget spent the failure is dead-lettered, not retried.
         * Guards are released before the retried message is published (it may
@@ -1224,7 +1338,7 @@ class ReliableTask(Task):  # type: ignore[misc]
             if policy.defer.cap is not None:  # never past the broker's redelivery window
                 countdown = min(countdown, policy.defer.cap)
         elif policy.defer.cap is not None:
-            self._warn_beyond_window(policy.defer.cap, countdown, eta)
+            countdown = self._retry_countdown(policy.defer.cap, countdown, eta, sys._getframe(1))
         if countdown is not None:
             headers[PREV_DELAY_HEADER] = countdown
         metrics.inc("reliable_retries_total", task=self.name,
@@ -1240,14 +1354,31 @@ class ReliableTask(Task):  # type: ignore[misc]
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
                              headers=headers, **options)
 
+    def _retry_countdown(self, cap: float, countdown: float | None, eta: Any,
+                         caller: FrameType) -> float | None:
+        """A retry's countdown inside the broker's redelivery window less its margin (``cap``).
+
+        A delay the caller did not write is the library's to cap: Celery's
+        ``default_retry_delay`` (neither countdown nor eta) and the
+        ``retry_backoff`` delay that Celery's ``autoretry_for`` wrapper computes
+        (``caller`` is that wrapper's frame). A countdown or eta the caller
+        passed (``retry_kwargs`` included) is kept, with a warning if beyond.
+        """
+        if countdown is None and not eta:
+            default = self.default_retry_delay
+            return None if default is None else min(float(default), cap)
+        if countdown is not None and caller.f_code is _AUTORETRY_RUN \
+                and getattr(self, "retry_backoff", False):
+            return min(float(countdown), cap)
+        self._warn_beyond_window(cap, countdown, eta)
+        return countdown
+
     def _warn_beyond_window(self, cap: float, countdown: float | None, eta: Any) -> None:
         """The caller's own countdown is kept; say when the broker may redeliver it meanwhile."""
         if countdown is not None:
             wait: float | None = float(countdown)
         elif isinstance(eta, datetime):
             wait = eta.timestamp() - time.time()
-        elif eta is None:
-            wait = float(self.default_retry_delay or 0)  # Celery's own default
         else:
             wait = None
         if wait is not None and wait > cap:
@@ -1309,13 +1440,15 @@ class ReliableTask(Task):  # type: ignore[misc]
         raise AssertionError("unreachable")  # pragma: no cover - _defer raises in a worker
 
     @contextmanager
-    def idempotent_transaction(self) -> Iterator[Session]:
+    def idempotent_transaction(self) -> Iterator[Any]:
         """A SQLAlchemy session whose rows commit with this task's idempotency record.
 
         Everything done in the session commits in ONE PostgreSQL transaction
         with the record and the task's result, when the task returns. If the
         task raises, or its worker dies, none of it commits, and a redelivery
         runs cleanly. Leaving the ``with`` block flushes; it does not commit.
+        With ``reliable_django_database`` it is ``transaction.atomic(using=alias)``
+        inside the record's transaction instead, and yields Django's connection.
         """
         execution = getattr(self.request, "_reliable_execution", None)
         if execution is None or execution.pg is None:
@@ -1326,26 +1459,16 @@ class ReliableTask(Task):  # type: ignore[misc]
                 "available only while the task runs"
             )
         record = execution.pg
-        session = record.session()
         try:
-            yield session
-            session.commit()  # releases the savepoint; the transaction commits at completion
+            with record.transaction() as handle:
+                yield handle
         except BaseException as exc:
             if _outage_in(exc, record):
                 # The library's own transaction died with PostgreSQL (or the path to
                 # it): whatever the body makes of this error, the run defers like a
                 # failed commit (ReliableTask.__call__), and runs again once it is back.
                 execution.outage = exc
-            try:
-                session.rollback()
-            except SQLAlchemyError:
-                # The connection broke as well; completion drops it. The body's own
-                # exception is the one that tells what happened.
-                log.debug("celery-reliable: rollback in idempotent_transaction failed",
-                          exc_info=True)
             raise
-        finally:
-            session.close()
 
     def _defer_outage(self, execution: _Execution, policy: TaskPolicy) -> NoReturn:
         """PostgreSQL failed under ``idempotent_transaction()``: defer, like a failed commit.
@@ -1406,7 +1529,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         lock's lease cannot expire on the server before ``lock_ttl`` after the
         send time of the last renewal Redis confirmed (or of the admission), so
         the belief ends a safety margin earlier (see ``runtime.lease_margin``).
-        Also true as soon as a renewal finds the lock expired or taken over.
+        Also true as soon as a renewal finds the lock expired or taken over, and
+        once this execution released it (``self.retry(throw=False)``).
         """
         lease = self._execution().lease
         return bool(lease is not None and lease.lost)

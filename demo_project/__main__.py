@@ -8,8 +8,12 @@ breaker, an email campaign through the fleet-wide bucket, a report flood on
 the optional tier and a singleton report. It ends with a table of each
 guarantee (configured, observed, PASS/FAIL).
 
-Exit code: 0 all PASS, 1 any FAIL, 2 if Redis or PostgreSQL cannot be
-reached (or another run is using the same key prefix), 130 if interrupted.
+Brokers: Redis and RabbitMQ (``DEMO_BROKER_URL=amqp://guest:guest@127.0.0.1:5672//``);
+task results always go to a Redis result backend (``DEMO_RESULT_URL``).
+
+Exit code: 0 all PASS, 1 any FAIL, 2 if the broker, Redis or PostgreSQL cannot
+be reached or is not supported (or another run is using the same key prefix),
+130 if interrupted.
 ``--external-workers`` (or ``DEMO_EXTERNAL_WORKERS=1``) uses workers that
 already consume ``demo`` and ``emails`` instead; the kill and pause scenarios
 then need to see their processes (same host, or one PID namespace in Docker
@@ -17,7 +21,11 @@ Compose: ``pid: service:worker``).
 
 Only the demo's own things are touched: its queues, its key prefix, the rows
 of this run's orders, fences, idempotency records and dead letters, and its
-``demo_*`` tables.
+``demo_*`` tables. Each run removes its own rows, keys and results at the end
+(``--keep-data`` keeps them) and its last lines say where they are.
+``--cleanup`` removes everything the demo ever created: its tables (and the
+celery-reliable tables it had to create, once only the demo's rows are in
+them), its queues, and every key under its prefix.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from celery_reliable import (
 from celery_reliable.config import ReliableSettings
 from celery_reliable.keys import KeySpace, idempotency_digest
 from celery_reliable.schema import dead_letters, fences, idempotency
+from celery_reliable.schema import metadata as reliable_metadata
 
 from . import app as demo
 from . import checks
@@ -104,6 +113,10 @@ class Unavailable(Exception):
     """A service or the worker fleet is not there; one line says what to do."""
 
 
+class Unsupported(Unavailable):
+    """A broker or result backend the demo does not run on (starting a server won't help)."""
+
+
 def say(line: str = "") -> None:
     ui.line(line)
 
@@ -135,19 +148,59 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
 
 # ------------------------------------------------------------------ services
 
-def check_services() -> sa.Engine:
-    """Reach every Redis and PostgreSQL the demo uses, or raise Unavailable."""
-    for what, url in (("Redis (broker)", demo.BROKER_URL), ("Redis (results)", demo.RESULT_URL),
-                      ("Redis (celery-reliable)", demo.RELIABLE_REDIS_URL)):
+#: Brokers the demo runs on, by URL scheme. The scenarios need a broker that
+#: redelivers an unacknowledged message when its worker dies (kill -9 under
+#: ``acks_late``) and that the runner can purge; both of these do, and the
+#: demo is run on both (tests/test_demo.py). Other transports are refused.
+BROKERS = {"redis": "Redis", "rediss": "Redis",
+           "amqp": "RabbitMQ", "amqps": "RabbitMQ", "pyamqp": "RabbitMQ"}
+#: Result backends the runner can read and forget results in.
+RESULT_BACKENDS = ("redis", "rediss")
+
+
+def scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def broker_kind(url: str = demo.BROKER_URL) -> str:
+    """"Redis" or "RabbitMQ", or Unavailable naming the brokers the demo supports."""
+    kind = BROKERS.get(scheme(url))
+    if kind is None:
+        raise Unsupported(f"DEMO_BROKER_URL {safe_url(url)}: the demo runs on a Redis "
+                          "(redis://, rediss://) or RabbitMQ (amqp://, amqps://, pyamqp://) "
+                          "broker only, e.g. DEMO_BROKER_URL=amqp://guest:guest@127.0.0.1:5672//")
+    return kind
+
+
+def _ping_redis(what: str, url: str) -> None:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
         try:
-            client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
-            try:
-                client.ping()
-            finally:
-                client.close()
-        except (redis.RedisError, ValueError, OSError) as exc:
-            raise Unavailable(f"cannot reach {what} at {safe_url(url)} "
+            client.ping()
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError, OSError) as exc:
+        raise Unavailable(f"cannot reach {what} at {safe_url(url)} "
+                          f"({type(exc).__name__}: {first_line(exc)})") from exc
+
+
+def check_services() -> sa.Engine:
+    """Reach the broker, every Redis and PostgreSQL the demo uses, or raise Unavailable."""
+    kind = broker_kind()
+    if scheme(demo.RESULT_URL) not in RESULT_BACKENDS:
+        raise Unsupported(f"DEMO_RESULT_URL {safe_url(demo.RESULT_URL)}: the demo keeps task "
+                          "results in Redis only (redis://, rediss://), whatever the broker")
+    if kind == "Redis":
+        _ping_redis("Redis (broker)", demo.BROKER_URL)
+    else:
+        try:
+            with app.connection_for_write(connect_timeout=3) as conn:
+                conn.connect()
+        except Exception as exc:  # socket errors, amqp's AccessRefused, a bad vhost
+            raise Unavailable(f"cannot reach {kind} (broker) at {safe_url(demo.BROKER_URL)} "
                               f"({type(exc).__name__}: {first_line(exc)})") from exc
+    _ping_redis("Redis (results)", demo.RESULT_URL)
+    _ping_redis("Redis (celery-reliable)", demo.RELIABLE_REDIS_URL)
     try:
         engine = sa.create_engine(demo.sqlalchemy_url(), connect_args={"connect_timeout": 3})
         with engine.connect() as conn:
@@ -159,9 +212,32 @@ def check_services() -> sa.Engine:
 
 
 def purge_queues() -> int:
-    """Drop messages left in the demo's own queues by an interrupted earlier run."""
+    """Drop messages left in the demo's own queues by an interrupted earlier run.
+
+    Each queue is declared first, as a worker declares it: RabbitMQ refuses to
+    purge a queue that does not exist (and closes the channel).
+    """
     with app.connection_for_write() as conn:
-        return sum(int(conn.default_channel.queue_purge(q) or 0) for q in QUEUES)
+        channel = conn.default_channel
+        purged = 0
+        for name in QUEUES:
+            queue = app.amqp.queues[name].bind(channel)
+            queue.declare()
+            purged += int(queue.purge() or 0)
+        return purged
+
+
+def delete_queues() -> None:
+    """Delete the demo's queues (and, on RabbitMQ, their exchanges) from the broker."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for name in QUEUES:
+            queue = app.amqp.queues[name].bind(channel)
+            queue.declare()  # kombu's Redis transport forgets only the bindings it declared
+            queue.delete()
+            if queue.exchange.name and broker_kind() == "RabbitMQ":
+                with contextlib.suppress(Exception):
+                    queue.exchange.delete(if_unused=True)
 
 
 class Claim:
@@ -311,8 +387,13 @@ class Fleet:
 
 # ----------------------------------------------------------------- the demo
 
+#: ``--only`` names of the scenarios, in the order they run.
+SCENARIOS = ("duplicates", "kill", "pause", "partner", "emails", "reports", "singleton")
+
+
 class Demo:
-    def __init__(self, fleet: Fleet, engine: sa.Engine, claim: Claim) -> None:
+    def __init__(self, fleet: Fleet, engine: sa.Engine, claim: Claim,
+                 only: Sequence[str] = SCENARIOS) -> None:
         self.fleet = fleet
         self.engine = engine
         self.claim = claim
@@ -324,10 +405,11 @@ class Demo:
         self.order_ids: list[str] = []
         self.days: list[str] = []
         self.step_no = 0
-        self.scenarios: list[Callable[[], list[Verdict]]] = [
+        every = dict(zip(SCENARIOS, (
             self.duplicates, self.killed_payment, self.paused_holder, self.partner_outage,
-            self.email_bucket, self.report_flood, self.singleton,
-        ]
+            self.email_bucket, self.report_flood, self.singleton), strict=True))
+        self.scenarios: list[Callable[[], list[Verdict]]] = [
+            every[name] for name in SCENARIOS if name in only]
 
     # -- helpers
 
@@ -632,8 +714,12 @@ class Demo:
 
     # -- cleanup
 
-    def cleanup(self) -> None:
-        """Forget this run's results, keys and rows; nothing else."""
+    def cleanup(self, keep: bool = False) -> None:
+        """Forget this run's results, keys and rows; nothing else.
+
+        ``keep``: leave them for inspection (``--keep-data``); the ids of the
+        results are recorded under the demo's prefix so ``--cleanup`` finds them.
+        """
         with contextlib.suppress(Exception):
             # Only after a failure: tasks still cycling in external workers (spawned
             # ones are stopped by now; whatever they handed back is purged).
@@ -642,6 +728,13 @@ class Demo:
             if unfinished and self.fleet.external and self.fleet.names:
                 app.control.revoke(unfinished, destination=self.fleet.names)
             purge_queues()
+        if keep:
+            with contextlib.suppress(redis.RedisError):
+                if self.sent:
+                    self.r.sadd(results_key(self.run), *self.sent)
+                    self.r.expire(results_key(self.run), demo.NOTE_TTL)
+            self.r.close()
+            return
         with contextlib.suppress(Exception):
             for task_id in self.sent:
                 AsyncResult(task_id, app=app).forget()
@@ -668,6 +761,96 @@ class Demo:
             if self.sent:
                 conn.execute(dead_letters.delete().where(dead_letters.c.task_id.in_(self.sent)))
         self.r.close()
+
+
+def results_key(run: str) -> str:
+    """The ids of a kept run's task results (``--keep-data``), for ``--cleanup``."""
+    return note_key(f"d{run}-results")
+
+
+def where_line(kept: bool) -> str:
+    """Where a run keeps its data, and how to remove it."""
+    state = "kept for inspection" if kept else "this run's removed"
+    expiry = f" (they expire after {demo.NOTE_TTL}s)" if kept else ""
+    return (f"data ({state}): task results in {safe_url(demo.RESULT_URL)}{expiry}; rows in "
+            f"{safe_url(demo.DATABASE_URL)} tables {', '.join(DEMO_TABLES)} and "
+            f"{', '.join(t.name for t in reliable_metadata.sorted_tables)}; keys "
+            f"{{{demo.PREFIX}}}:* in {safe_url(demo.RELIABLE_REDIS_URL)}. "
+            "`python -m demo_project --cleanup` drops the demo's tables, queues and keys")
+
+
+#: The demo's own tables (the shop's), dropped by ``--cleanup``.
+DEMO_TABLES = tuple(t.name for t in demo.metadata.sorted_tables)
+#: The comment ``prepare`` puts on a celery-reliable table it had to create: only
+#: those are dropped by ``--cleanup``, and only once no rows but the demo's are left.
+CREATED_MARK = "created by the celery-reliable demo; python -m demo_project --cleanup drops it"
+#: Rows of celery-reliable's tables that belong to the demo (resources are
+#: ``order:d<run>-...`` / ``report:d<run>-...``; tasks are the demo app's).
+DEMO_RESOURCE = r"^(order|report):d[0-9a-f]{6}-"
+
+
+def demo_task_names() -> list[str]:
+    return sorted(name for name in app.tasks if name.startswith("demo."))
+
+
+def cleanup_everything(engine: sa.Engine) -> list[str]:
+    """``--cleanup``: every table, key, queue and result the demo created. Returns what it did."""
+    done: list[str] = []
+    r = redis.Redis.from_url(demo.RELIABLE_REDIS_URL, decode_responses=True)
+    try:
+        forgotten = 0
+        for key in r.scan_iter(match=results_key("*"), count=1000):
+            for task_id in r.smembers(key):
+                AsyncResult(task_id, app=app).forget()
+                forgotten += 1
+        claim = note_key("run")
+        deleted = 0
+        batch: list[str] = []
+        for key in r.scan_iter(match="{" + demo.PREFIX + "}:*", count=1000):
+            if key != claim:
+                batch.append(key)
+            if len(batch) >= 500:
+                deleted += int(r.delete(*batch))
+                batch = []
+        if batch:
+            deleted += int(r.delete(*batch))
+    finally:
+        r.close()
+    done.append(f"Redis {safe_url(demo.RELIABLE_REDIS_URL)}: deleted {deleted} keys under "
+                f"{{{demo.PREFIX}}}; forgot the results of {forgotten} kept tasks in "
+                f"{safe_url(demo.RESULT_URL)}")
+    delete_queues()
+    done.append(f"broker {safe_url(demo.BROKER_URL)}: deleted queues {', '.join(QUEUES)}")
+
+    names = demo_task_names()
+    preparer = engine.dialect.identifier_preparer
+    with engine.begin() as conn:
+        present = set(sa.inspect(conn).get_table_names())
+        dropped = [t for t in DEMO_TABLES if t in present]
+        demo.metadata.drop_all(conn, checkfirst=True)
+        if fences.name in present:
+            conn.execute(fences.delete().where(fences.c.resource.regexp_match(DEMO_RESOURCE)))
+        if idempotency.name in present:
+            conn.execute(idempotency.delete().where(idempotency.c.task.in_(names)))
+        if dead_letters.name in present:
+            conn.execute(dead_letters.delete().where(dead_letters.c.task_name.in_(names)))
+        kept: list[str] = []
+        for table in reversed(reliable_metadata.sorted_tables):
+            if table.name not in present:
+                continue
+            comment = conn.execute(sa.text("SELECT obj_description(to_regclass(:t), 'pg_class')"),
+                                   {"t": preparer.format_table(table)}).scalar()
+            rows = int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() or 0)
+            if comment == CREATED_MARK and rows == 0:
+                table.drop(conn)
+                dropped.append(table.name)
+            else:
+                why = "not created by the demo" if comment != CREATED_MARK else f"{rows} other rows"
+                kept.append(f"{table.name} ({why})")
+    done.append(f"PostgreSQL {safe_url(demo.DATABASE_URL)}: dropped "
+                f"{', '.join(dropped) or 'no tables'}; removed the demo's rows"
+                + (f"; kept {', '.join(kept)}" if kept else ""))
+    return done
 
 
 class _Offset:
@@ -698,15 +881,63 @@ def interrupted_as_exit() -> Iterator[None]:
 
 
 def prepare() -> sa.Engine:
-    """Reach the services and create the tables, or raise Unavailable (one line)."""
+    """Reach the services and create the tables, or raise Unavailable (one line).
+
+    A celery-reliable table the demo has to create is marked (a table comment)
+    so that ``--cleanup`` drops only those, never one your app already had.
+    """
     engine = check_services()
     try:
+        with engine.connect() as conn:
+            before = set(sa.inspect(conn).get_table_names())
         create_tables(engine)  # celery-reliable's own tables (fences, idempotency, dead letters)
         demo.metadata.create_all(engine, checkfirst=True)
+        created = [t for t in reliable_metadata.sorted_tables if t.name not in before]
+        if created:
+            preparer = engine.dialect.identifier_preparer
+            with engine.begin() as conn:
+                for table in created:
+                    conn.execute(sa.text(f"COMMENT ON TABLE {preparer.format_table(table)} "
+                                         f"IS '{CREATED_MARK}'"))
     except Exception as exc:
         raise Unavailable(f"cannot prepare PostgreSQL at {safe_url(demo.DATABASE_URL)} "
                           f"({type(exc).__name__}: {first_line(exc)})") from exc
     return engine
+
+
+def _scenario_names(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown scenario {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(SCENARIOS)}")
+    return names
+
+
+def cleanup_command() -> int:
+    """``--cleanup``: refuses while a run holds the prefix; 0 done, 2 unreachable or busy."""
+    try:
+        engine = check_services()
+    except Unavailable as exc:
+        say(f"demo: {exc}" + ("" if isinstance(exc, Unsupported) else f"; {HOW_TO_START}"))
+        return 2
+    claim = Claim(redis.Redis.from_url(demo.RELIABLE_REDIS_URL, decode_responses=True),
+                  "cleanup-" + secrets.token_hex(3))
+    try:
+        other = claim.take()
+        if other is not None:
+            say(f"demo: a demo run ({other}) is using key prefix {demo.PREFIX!r}; "
+                f"--cleanup waits for it to end (its claim expires within {CLAIM_TTL}s)")
+            return 2
+        for line in cleanup_everything(engine):
+            say(line)
+    except (redis.RedisError, sa.exc.SQLAlchemyError, OSError) as exc:
+        say(f"demo: cleanup failed ({type(exc).__name__}: {first_line(exc)})")
+        return 1
+    finally:
+        claim.release()
+        engine.dispose()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -723,6 +954,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", action="store_true",
                         default=bool(os.environ.get("DEMO_PLAIN")),
                         help="plain lines instead of rich progress bars (also DEMO_PLAIN=1)")
+    parser.add_argument("--keep-data", action="store_true",
+                        help="keep this run's task results, rows and keys for inspection "
+                             "(the last line says where; --cleanup removes them)")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="run nothing: drop the demo's tables, delete its queues and the "
+                             "keys under its prefix, forget kept results, then exit")
+    parser.add_argument("--only", type=_scenario_names, default=SCENARIOS,
+                        metavar="NAME[,NAME]",
+                        help=f"run only these scenarios (of {', '.join(SCENARIOS)})")
     args = parser.parse_args(argv)
     began = time.monotonic()
     try:
@@ -730,10 +970,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as exc:
         say(f"demo: configuration error: {exc}")
         return 2
+    if args.cleanup:
+        return cleanup_command()
     try:
         engine = prepare()
     except Unavailable as exc:
-        say(f"demo: {exc}; {HOW_TO_START}")
+        say(f"demo: {exc}" + ("" if isinstance(exc, Unsupported) else f"; {HOW_TO_START}"))
         return 2
 
     run = secrets.token_hex(3)
@@ -753,7 +995,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     fleet = Fleet(run, external=args.external_workers)
-    demo_run = Demo(fleet, engine, claim)
+    demo_run = Demo(fleet, engine, claim, only=args.only)
     verdicts: list[Verdict] = []
     with interrupted_as_exit():
         try:
@@ -779,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         finally:
             fleet.stop()
-            demo_run.cleanup()
+            demo_run.cleanup(keep=args.keep_data)
             claim.release()
             engine.dispose()
             if not fleet.procs or (checks.exit_code(verdicts) == 0 and not args.keep_logs):
@@ -788,6 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
     ui.table(verdicts)
     ui.close()
     code = checks.exit_code(verdicts)
+    say(where_line(kept=args.keep_data))
     say(f"{'PASS' if code == 0 else 'FAIL'}: {sum(v.passed for v in verdicts)}/{len(verdicts)} "
         f"guarantees in {time.monotonic() - began:.1f}s"
         + ("" if code == 0 and not args.keep_logs else f"; {fleet.logs_hint()}"))

@@ -5,7 +5,8 @@ Everything is configured from the environment (defaults suit the local
 services):
 
 ===========================  ==============================================
-``DEMO_BROKER_URL``          broker (``redis://127.0.0.1:6379/0``)
+``DEMO_BROKER_URL``          broker (``redis://127.0.0.1:6379/0``), Redis or
+                             RabbitMQ (``amqp://guest:guest@127.0.0.1:5672//``)
 ``DEMO_RESULT_URL``          result backend (``redis://127.0.0.1:6379/1``)
 ``DEMO_RELIABLE_REDIS_URL``  celery-reliable's state (``.../2``)
 ``DEMO_DATABASE_URL``        PostgreSQL (``postgresql://postgres@127.0.0.1:5432/postgres``)

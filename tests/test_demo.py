@@ -1,4 +1,5 @@
-"""The demo: its verdict logic, its one-line service errors, the Compose file, a full run."""
+"""The demo: its verdict logic, its one-line service errors, the Compose file, full runs
+on a Redis and on a RabbitMQ broker, and its cleanup."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import secrets
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import kombu
 import pytest
+import redis
+import sqlalchemy as sa
 
 from demo_project import checks
 from demo_project.checks import (
@@ -27,7 +32,7 @@ from demo_project.checks import (
 )
 from demo_project.ui import PlainUI
 
-from .conftest import RedisServer, free_port
+from .conftest import PG_ADMIN_URL, RedisServer, _missing, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,9 +265,10 @@ def test_plain_table(capsys: pytest.CaptureFixture[str]) -> None:
 # ------------------------------------------------------- unreachable services
 
 
-def run_demo(env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+def run_demo(env: dict[str, str], timeout: float,
+             args: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, "PYTHONPATH": str(ROOT), "DEMO_PLAIN": "1", **env}
-    return subprocess.run([sys.executable, "-m", "demo_project"], cwd=ROOT, env=full,
+    return subprocess.run([sys.executable, "-m", "demo_project", *args], cwd=ROOT, env=full,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -288,6 +294,51 @@ def test_postgres_unreachable_is_one_line(redis_server: RedisServer) -> None:
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stdout + proc.stderr
     assert "cannot reach PostgreSQL" in lines[0] and "docker compose up -d" in lines[0]
+
+
+def test_unsupported_broker_is_refused_by_name() -> None:
+    """A broker the demo does not run on is refused in one line naming the ones it does."""
+    proc = run_demo({"DEMO_BROKER_URL": "sqs://key:secret@localhost"}, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert "Redis (redis://, rediss://) or RabbitMQ (amqp://" in lines[0]
+    assert "secret" not in lines[0] and "docker compose" not in lines[0]
+    proc = run_demo({"DEMO_RESULT_URL": "rpc://"}, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == ("demo: DEMO_RESULT_URL rpc://: the demo keeps task results "
+                                   "in Redis only (redis://, rediss://), whatever the broker")
+
+
+def test_rabbitmq_unreachable_is_one_line() -> None:
+    """An AMQP broker URL is reached as RabbitMQ (not pinged as Redis), in one line if down."""
+    port = free_port()
+    proc = run_demo({"DEMO_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{port}//"}, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert f"cannot reach RabbitMQ (broker) at amqp://guest:***@127.0.0.1:{port}//" in lines[0]
+
+
+def test_cleanup_waits_for_a_running_demo(redis_server: RedisServer, database_url: str) -> None:
+    """--cleanup refuses while a run holds the demo's key prefix, and deletes nothing."""
+    prefix = f"demo{secrets.token_hex(3)}"
+    client = redis.Redis.from_url(f"{redis_server.url}/13")
+    claim = "{" + prefix + "}:demo:run"
+    client.set(claim, "abc123", ex=60)
+    client.set("{" + prefix + "}:fence:x", 1)
+    try:
+        proc = run_demo({"DEMO_BROKER_URL": f"{redis_server.url}/11",
+                         "DEMO_RESULT_URL": f"{redis_server.url}/12",
+                         "DEMO_RELIABLE_REDIS_URL": f"{redis_server.url}/13",
+                         "DEMO_DATABASE_URL": database_url, "DEMO_PREFIX": prefix},
+                        timeout=60, args=["--cleanup"])
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "a demo run (abc123) is using key prefix" in proc.stdout
+        assert client.get("{" + prefix + "}:fence:x") == b"1"
+    finally:
+        client.delete(claim, "{" + prefix + "}:fence:x")
+        client.close()
 
 
 # ------------------------------------------------------------ Compose file
@@ -348,3 +399,116 @@ def test_demo_runs_and_passes(redis_server: RedisServer, database_url: str) -> N
     assert "Traceback" not in output
     assert re.search(r"^PASS: (\d+)/\1 guarantees in", proc.stdout, re.M), output
     assert "| FAIL" not in proc.stdout
+    assert f"data (this run's removed): task results in {redis_server.url}/12" in proc.stdout
+
+
+AMQP_URL = os.environ.get("RELIABLE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    """The machine's RabbitMQ (the CI machine runs one): skipped locally if absent."""
+    try:
+        with kombu.Connection(AMQP_URL, connect_timeout=3) as conn:
+            conn.connect()
+    except Exception as exc:
+        _missing(f"RabbitMQ not reachable at {AMQP_URL}: {exc}")
+    return AMQP_URL
+
+
+@pytest.fixture
+def empty_database() -> Iterator[str]:
+    """A database of this test's own with no tables at all (``database_url`` has ours)."""
+    name = f"reliable_demo_{secrets.token_hex(4)}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as exc:
+        _missing(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
+    yield admin.url.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _tables(engine: sa.Engine) -> dict[str, str | None]:
+    """Each table of the database and its comment."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT c.relname, obj_description(c.oid, 'pg_class') FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind = 'r' AND n.nspname = 'public'")).all()
+    return {str(name): comment for name, comment in rows}
+
+
+@pytest.mark.slow
+def test_demo_on_rabbitmq_keeps_data_then_cleans_up(
+        rabbitmq_url: str, redis_server: RedisServer, empty_database: str) -> None:
+    """Every scenario passes with RabbitMQ as the broker; --keep-data keeps the run's data
+    where its last lines say; --cleanup then removes the demo's tables, queues, keys and
+    results, and keeps a celery-reliable table that holds another app's rows."""
+    prefix = f"demo{secrets.token_hex(3)}"
+    env = {"DEMO_BROKER_URL": rabbitmq_url,
+           "DEMO_RESULT_URL": f"{redis_server.url}/14",
+           "DEMO_RELIABLE_REDIS_URL": f"{redis_server.url}/15",
+           "DEMO_DATABASE_URL": empty_database,
+           "DEMO_PREFIX": prefix,
+           "DEMO_EXTERNAL_WORKERS": ""}
+    proc = run_demo(env, timeout=150, args=["--keep-data"])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output and "| FAIL" not in proc.stdout
+    assert re.search(r"^PASS: (\d+)/\1 guarantees in", proc.stdout, re.M), output
+    assert "broker amqp://guest:***@127.0.0.1:5672//" in proc.stdout
+    where = next(line for line in proc.stdout.splitlines() if line.startswith("data ("))
+    assert where.startswith("data (kept for inspection): task results in "
+                            f"{redis_server.url}/14")
+    assert empty_database.split("@")[-1] in where and "{" + prefix + "}:*" in where
+    assert f"{redis_server.url}/15" in where and "--cleanup" in where
+
+    engine = sa.create_engine(empty_database.replace("postgresql://", "postgresql+psycopg://"))
+    state = redis.Redis.from_url(f"{redis_server.url}/15")
+    results = redis.Redis.from_url(f"{redis_server.url}/14")
+    try:
+        tables = _tables(engine)
+        mark = "created by the celery-reliable demo"
+        assert {"demo_payments", "demo_order_status"} <= tables.keys()
+        for name in ("reliable_fences", "reliable_idempotency", "reliable_dead_letters"):
+            assert mark in (tables[name] or ""), tables
+        with engine.begin() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM demo_payments")).scalar()
+            # another app's fence, in a table the demo created: it must survive the cleanup
+            conn.execute(sa.text("INSERT INTO reliable_fences (resource, token) "
+                                 "VALUES ('invoice:7', 3)"))
+        assert list(state.scan_iter(match="{" + prefix + "}:*"))
+        assert list(results.scan_iter(match="celery-task-meta-*"))
+        state.set("not-the-demos", 1)
+
+        proc = run_demo(env, timeout=60, args=["--cleanup"])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "kept reliable_fences (1 other rows)" in proc.stdout, proc.stdout
+        tables = _tables(engine)
+        assert set(tables) == {"reliable_fences"}, tables
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT resource FROM reliable_fences")).scalars().all()
+        assert rows == ["invoice:7"]
+        assert not list(state.scan_iter(match="{" + prefix + "}:*"))
+        assert state.get("not-the-demos") == b"1"
+        assert not list(results.scan_iter(match="celery-task-meta-*"))
+        with kombu.Connection(rabbitmq_url, connect_timeout=3) as conn:
+            for queue in ("demo", "emails"):
+                with pytest.raises(Exception, match="NOT_FOUND"):
+                    conn.channel().queue_declare(queue, passive=True)
+
+        # once the other app's row is gone, a table the demo created is dropped too
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM reliable_fences"))
+        proc = run_demo(env, timeout=60, args=["--cleanup"])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert _tables(engine) == {}
+    finally:
+        state.delete("not-the-demos")
+        state.close()
+        results.close()
+        engine.dispose()

@@ -95,9 +95,10 @@ def test_exceptions_round_trip_through_pickle_and_args() -> None:
     """Exceptions rebuild from their args (pickle, Celery's JSON backend)."""
     import pickle
 
-    from celery_reliable import LockNotAcquired
+    from celery_reliable import LockNotAcquired, SupersededWrite
 
-    for exc in (StaleFenceToken("r", 3, 7), LockNotAcquired("t.x", "order:1")):
+    for exc in (StaleFenceToken("r", 3, 7), LockNotAcquired("t.x", "order:1"),
+                SupersededWrite("r", 3, 4, 5)):
         again = pickle.loads(pickle.dumps(exc))
         rebuilt = type(exc)(*exc.args)
         assert str(again) == str(exc) == str(rebuilt)

@@ -7,8 +7,11 @@ kills them by PID. Tokens are minted both by ``FencedLock`` and by a task's admi
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -25,12 +28,14 @@ from celery_reliable import (
     RedisFence,
     ReliableTask,
     StaleFenceToken,
+    SupersededWrite,
     check_postgres,
 )
 from celery_reliable.runtime import runtime_for
 from celery_reliable.schema import create_tables
+from celery_reliable.scripts import script
 
-from .conftest import RedisServer, wait_for
+from .conftest import RedisServer, TcpProxy, wait_for
 
 RESOURCE = "order:7"
 
@@ -227,6 +232,171 @@ def test_task_and_fenced_lock_holders_write_twice_and_an_equal_token_of_another_
         RedisFence(minter.client).set(rkey, "other", lock_token)
     assert lock.release()
     assert RedisFence(minter.client).get(rkey) == (b"lock1", lock_token)
+
+
+def test_a_holders_writes_are_ordered_by_their_write_number(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    """RedisFence, one holder and token: a higher seq writes, the same seq is a no-op, a lower
+    one raises SupersededWrite; seqs do not matter across tokens or without a holder."""
+    fence = RedisFence(redis_client)
+    key = f"{prefix}:seq"
+    fence.set(key, "a1", 10, holder="a", seq=1)
+    fence.set(key, "a3", 10, holder="a", seq=3)
+    with pytest.raises(SupersededWrite) as info:
+        fence.set(key, "a2 late", 10, holder="a", seq=2)  # issued before a3, arrived after
+    assert (info.value.seq, info.value.current_seq, info.value.current) == (2, 3, 10)
+    assert isinstance(info.value, StaleFenceToken)  # existing handlers still catch it
+    fence.set(key, "a3", 10, holder="a", seq=3)  # a resend of a3 (or its delayed first copy)
+    assert redis_client.hmget(key, ["v", "t", "h", "s"]) == [b"a3", b"10", b"a", b"3"]
+    with pytest.raises(StaleFenceToken) as stale:  # another holder: its seq does not help
+        fence.set(key, "b", 10, holder="b", seq=99)
+    assert not isinstance(stale.value, SupersededWrite)
+    fence.set(key, "b", 11, holder="b", seq=1)  # a higher token starts the holder's count
+    with pytest.raises(StaleFenceToken):
+        fence.set(key, "a4", 10, holder="a", seq=4)  # the old token, however new the seq
+    assert fence.get(key) == (b"b", 11)
+    fence.set(key, "anon", 12)  # holder=None: a holder per call, numbered by the process
+    with pytest.raises(StaleFenceToken) as anon:
+        fence.set(key, "anon again", 12)
+    assert not isinstance(anon.value, SupersededWrite)
+    assert redis_client.hmget(key, ["v", "t"]) == [b"anon", b"12"]
+    for bad in (0, -1, 2**53, True, 1.5):
+        with pytest.raises(ValueError):
+            fence.set(key, "x", 13, holder="a", seq=bad)  # type: ignore[arg-type]
+    # the default numbers a holder's calls in the order this process issues them
+    for n in range(3):
+        fence.set(key, f"c{n}", 14, holder="c")
+    assert fence.get(key) == (b"c2", 14)
+
+
+def test_late_copy_of_a_tasks_first_fenced_write_is_refused(
+    redis_url: str, minters: Callable[[str, str], Minter], prefix: str
+) -> None:
+    """self.fence numbers one execution's writes across fence objects: a replayed copy of its
+    first write is refused once its second landed, and a copy of the second changes nothing."""
+    minter = minters(redis_url, prefix)
+    rkey = f"{prefix}:task-value"
+    fields: list[list[Any]] = []
+
+    @minter.app.task(base=ReliableTask, bind=True, shared=False, name="ff.seq", lock="seq:{n}")
+    def writer(self: Any, n: int) -> int:
+        for attempt in range(2):  # a fresh Fence each time: the numbering is not per object
+            self.fence.redis_set(minter.client, rkey, f"w{attempt}")
+            fields.append(minter.client.hmget(rkey, ["t", "h", "s"]))
+        return int(self.fence_token)
+
+    token = writer.apply(args=(1,)).get()
+    (t1, h1, s1), (t2, h2, s2) = fields
+    assert t1 == t2 == str(token).encode() and h1 == h2 and int(s1) < int(s2)
+    fenced_set = script("fenced_set")
+    # the first write's request again, as a delayed copy of it would arrive
+    status, current, current_seq = fenced_set(minter.client, [rkey], [token, "w0", h1, int(s1)])
+    assert (int(status), int(current), int(current_seq)) == (-1, token, int(s2))
+    status, _, _ = fenced_set(minter.client, [rkey], [token, "w1", h2, int(s2)])
+    assert int(status) == 1  # the same write again: accepted, nothing changed
+    assert minter.client.hmget(rkey, ["v", "s"]) == [b"w1", s2]
+
+
+class LateProxy(TcpProxy):
+    """A TcpProxy that delivers one request late, on its own connection only.
+
+    ``hold(marker)``: the next request containing ``marker`` is kept until
+    ``release()``, then reaches the server even if its client has given up and
+    closed the connection meanwhile; every other connection flows. This is a
+    lost TCP segment in retransmission backoff (RTO doubles: 0.2, 0.4, ...,
+    3.2 s): data already written to the socket is still delivered after the
+    client's ``close()``, followed by the FIN, while a new connection made after
+    the network healed gets through at once.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self._late: bytes | None = None
+        self._release = threading.Event()
+        self.delivered = threading.Event()
+
+    def hold(self, marker: bytes) -> None:
+        self._release.clear()
+        self.delivered.clear()
+        self._late = marker
+
+    def release(self) -> None:
+        self._release.set()
+
+    def stop(self) -> None:
+        self._release.set()
+        super().stop()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        if src.getsockname()[1] != self.port:  # the server's replies: as usual
+            super()._pipe(src, dst)
+            return
+        try:
+            while data := src.recv(65536):
+                late = self._late
+                if late is not None and late in data:
+                    self._late = None
+                    self._release.wait(30)
+                    dst.sendall(data)
+                    time.sleep(0.2)  # let the server read it before the FIN follows
+                    self.delivered.set()
+                    continue
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def late_proxy(private_redis: RedisServer) -> Iterator[LateProxy]:
+    tcp = LateProxy(private_redis.port)
+    tcp.start()
+    yield tcp
+    tcp.stop()
+
+
+def test_late_duplicate_of_a_fenced_write_does_not_undo_a_later_write(
+    private_redis: RedisServer, late_proxy: LateProxy
+) -> None:
+    """A delayed first copy of a holder's resent write never undoes that holder's later write.
+
+    ``fenced_set`` is resent once after a timeout (the script channel; redis-py's
+    ``retry`` on the pool path), and the first copy, delayed in the network,
+    still arrives. Landing after the holder's next write (v2), the stale copy
+    of v1 is refused (its write number is lower), so v2 stands; landing before
+    the next write (v3), it is the same write again and changes nothing, and
+    the holder's next write (v4) is accepted.
+    """
+    direct = redis.Redis(port=private_redis.port)
+    direct.script_load(script("fenced_set").source)
+    client = redis.Redis(port=late_proxy.port, socket_timeout=0.5)
+    client.ping()
+    key, token, holder = f"late:{secrets.token_hex(3)}", 1_000_000, "task-1/abcd"
+    fence = RedisFence(client)
+    late_proxy.hold(b"status-v1")
+    fence.set(key, "status-v1", token, holder=holder)  # timed out, resent on a new connection
+    fence.set(key, "status-v2", token, holder=holder)  # the holder moves on
+    assert direct.hget(key, "v") == b"status-v2"
+    seq_v2 = direct.hget(key, "s")
+    late_proxy.release()  # the first copy of "v1" gets through at last
+    assert late_proxy.delivered.wait(10)
+    assert direct.hmget(key, ["v", "s"]) == [b"status-v2", seq_v2], \
+        "a stale copy of an earlier write won"
+
+    late_proxy.hold(b"status-v3")
+    fence.set(key, "status-v3", token, holder=holder)  # timed out, resent: written once
+    seq_v3 = direct.hget(key, "s")
+    late_proxy.release()  # its first copy lands before the holder's next write
+    assert late_proxy.delivered.wait(10)
+    assert direct.hmget(key, ["v", "s"]) == [b"status-v3", seq_v3]
+    fence.set(key, "status-v4", token, holder=holder)
+    assert direct.hget(key, "v") == b"status-v4"
+    client.close()
+    direct.close()
 
 
 OLD_FENCES = """

@@ -21,6 +21,7 @@ import redis
 import sqlalchemy as sa
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from celery.exceptions import Retry
 
 from celery_reliable import FencedLock, ReliableTask, StaleFenceToken
 from celery_reliable.keys import KeySpace
@@ -306,3 +307,83 @@ def test_body_outliving_its_idempotency_lease_belief_is_reported(
         assert result.get(timeout=30) == 1
     assert any("finished after the belief in its idempotency lease" in m and result.id in m
                for m in library_log.messages), library_log.messages
+
+
+# ------------------------------------------------------------ a belief after release
+
+
+@pytest.fixture
+def broker_app(private_redis: RedisServer) -> Iterator[Celery]:
+    """An app whose broker and guards both live on this test's private Redis."""
+    prefix = f"rel{secrets.token_hex(3)}"
+    app = Celery("rel", broker=f"{private_redis.url}/3", set_as_current=False)
+    app.conf.update(reliable_redis_url=f"{private_redis.url}/0", reliable_key_prefix=prefix,
+                    reliable_idempotency_store="redis", task_default_queue=f"q{prefix}")
+    yield app
+    runtime_for(app).close()
+
+
+def deliver(task: Any, task_id: str | None = None) -> Any:
+    """Run ``task`` as a worker would for one delivery; returns the outcome (or the Retry)."""
+    task.push_request(id=task_id or secrets.token_hex(8), args=[], kwargs={},
+                      called_directly=False, is_eager=False, retries=0,
+                      delivery_info={"exchange": "",
+                                     "routing_key": task.app.conf.task_default_queue},
+                      headers={})
+    try:
+        return task()
+    except Retry as retry:
+        return retry
+    finally:
+        task.pop_request()
+
+
+def test_released_lock_ends_the_belief(broker_app: Celery) -> None:
+    """After ``self.retry(throw=False)`` released the guards, lock_lost is true, fences refuse.
+
+    Celery documents ``throw=False`` (the body goes on after scheduling its
+    retry). ``retry()`` releases every guard first, so the retried message (or
+    any other worker) takes the lock at once, with a higher token. Releasing
+    ends the holder's belief in every lease it let go of (lock, idempotency
+    record, bulkhead slot), before the release is sent: ``self.lock_lost`` is
+    true and ``self.fence`` refuses locally, also a fence obtained before.
+    """
+    seen: dict[str, Any] = {}
+    store = redis.Redis.from_url(broker_app.conf.reliable_redis_url)
+    key = "balance"
+
+    @broker_app.task(base=ReliableTask, bind=True, shared=False, name="rel.release",
+                     lock="account:1", lock_ttl=60, idempotency_key="acct:1",
+                     idempotency_lease=60, bulkhead="standard")
+    def job(self: Any) -> str:
+        early = self.fence  # obtained while the lock was held
+        early.redis_set(store, key, "written while holding")
+        seen["lost_before"] = self.lock_lost
+        self.retry(countdown=30, throw=False)  # guards released, retry published
+        other = FencedLock(store, "account:1", ttl=60,
+                           prefix=broker_app.conf.reliable_key_prefix)
+        seen["other_token"] = other.acquire()  # the lock is free: someone else takes it
+        seen["lost"] = self.lock_lost
+        execution = self.request._reliable_execution
+        seen["leases"] = {lease.kind: (lease.lost, getattr(lease, "ended_why", None))
+                          for lease in execution.leases}
+        for name, fence in (("late", self.fence), ("early", early)):
+            try:
+                fence.redis_set(store, key, f"written after letting go ({name})")
+                seen[name] = True
+            except StaleFenceToken as exc:
+                seen[name] = exc
+        other.release()
+        return "done"
+
+    deliver(job)
+    assert seen["lost_before"] is False
+    assert seen["other_token"] is not None  # another holder has the lock now
+    assert seen["lost"] is True, "lock_lost is False after this execution released the lock"
+    assert seen["leases"] == {kind: (True, "released") for kind in "LIK"}, seen["leases"]
+    for name in ("late", "early"):
+        assert isinstance(seen[name], StaleFenceToken), (
+            f"self.fence ({name}) wrote after the lock was released: {seen[name]!r}")
+        assert seen[name].current is None  # refused locally, before any I/O
+    assert store.hget(key, "v") == b"written while holding"
+    store.close()

@@ -293,6 +293,49 @@ def test_another_connection_refused_inside_the_transaction_is_the_task_own_failu
     assert count(str(engine.url.render_as_string(hide_password=False)), prefix) == 0
 
 
+@pytest.mark.parametrize("uses_session", [True, False], ids=["session", "no-session"])
+def test_a_body_longer_than_idle_in_transaction_timeout_fails_once_not_loops(
+    celery_app: Celery, celery_worker: TestWorkController, engine: sa.Engine,
+    database_url: str, prefix: str, uses_session: bool
+) -> None:
+    """A server-side idle_in_transaction_session_timeout shorter than the body ends the task's
+    transaction: a body that used idempotent_transaction() fails once with 25P03
+    (dead-lettered, nothing committed), never deferred into the same timeout again; one
+    that did not still succeeds, its record committed on its own."""
+    effects.metadata.create_all(engine)
+    url = sa.make_url(database_url).update_query_dict(
+        {"options": "-c idle_in_transaction_session_timeout=300"})
+    celery_app.conf.reliable_database_url = url.render_as_string(hide_password=False)
+    runs: list[int] = []
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=f"t.pgidle.{prefix}",
+                     idempotency_key="idle:{n}", defer_delay=0.1, defer_max_delay=0.5)
+    def slow(self: Any, n: int) -> int:
+        runs.append(n)
+        if uses_session:
+            with self.idempotent_transaction() as session:
+                session.execute(sa.insert(effects).values(tag=prefix))
+        time.sleep(1.0)  # the transaction sits idle past the server's 0.3 s
+        return n
+
+    celery_worker.reload()
+    result = slow.delay(1)
+    wait_for(lambda: result.state in ("FAILURE", "RETRY", "SUCCESS"), 20, "the task to end")
+    time.sleep(1.0)  # a deferral would have run it again by now
+    assert runs == [1]
+    with engine.connect() as conn:
+        reasons = conn.execute(sa.select(dead_letters.c.exc_type).where(
+            dead_letters.c.task_id == result.id)).scalars().all()
+    if not uses_session:
+        assert (result.state, result.get(timeout=5), reasons) == ("SUCCESS", 1, [])
+        assert slow.delay(1).get(timeout=10) == 1 and runs == [1]  # the record holds
+        return
+    assert result.state == "FAILURE", result.state
+    with pytest.raises(Exception, match="idle-in-transaction timeout"):
+        result.get(timeout=5)
+    assert count(database_url, prefix) == 0 and reasons == ["InternalError"]
+
+
 # ------------------------------------------------------------------ the classifier
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import secrets
+import threading
 import time
 from typing import Any
 
 import pytest
 import requests
+import sqlalchemy as sa
 from celery import Celery
 from celery.contrib.testing.worker import TestWorkController
 
@@ -225,7 +228,8 @@ def test_bad_backoff_option_fails_at_bind(celery_app: Celery) -> None:
 
 def test_dead_letter_queue_gets_a_copy(celery_app: Celery,
                                        celery_worker: TestWorkController) -> None:
-    """With reliable_dead_letter_queue, the dead-lettered task is also published there."""
+    """With reliable_dead_letter_queue, the dead-lettered task is also published there, with
+    the call's own headers (its idempotency key)."""
     import redis as redis_lib
 
     celery_app.conf.reliable_dead_letter_queue = "dead-letters-test"
@@ -236,7 +240,7 @@ def test_dead_letter_queue_gets_a_copy(celery_app: Celery,
 
     celery_worker.reload()
     with pytest.raises(ValueError):
-        broken.delay(5).get(timeout=10)
+        broken.apply_async(args=(5,), headers={"idempotency_key": "dlq-5"}).get(timeout=10)
     broker = redis_lib.Redis.from_url(celery_app.conf.broker_url)
     raw = broker.lpop("dead-letters-test")
     assert raw is not None
@@ -245,6 +249,7 @@ def test_dead_letter_queue_gets_a_copy(celery_app: Celery,
     message = json.loads(raw)
     assert message["headers"]["task"] == "r.dlq"
     assert message["headers"]["reliable_dead_letter"] == "failed"
+    assert message["headers"]["idempotency_key"] == "dlq-5"
 
 
 def test_fence_and_lock_metrics(celery_app: Celery, celery_worker: TestWorkController,
@@ -377,3 +382,224 @@ def test_dead_lettered_delivery_is_never_retried(
     new_id = DeadLetters(celery_app).replay(letter.id)
     assert celery_app.AsyncResult(new_id).get(timeout=10) == 42
     assert calls == [21, 21]
+
+
+# ------------------------------------------------------------ replay: the same call again
+
+
+def test_replay_of_a_dead_letter_runs_the_task_even_with_kept_failures(
+    celery_app: Celery, celery_worker: TestWorkController
+) -> None:
+    """``DeadLetters.replay(id)`` runs a task whose failure was kept (keep_failures).
+
+    Replay re-publishes the same arguments, so the same idempotency key: it
+    takes the kept failure out (PostgreSQL and Redis) first, so the replay
+    runs instead of raising ``ReplayedFailure``; the letter is marked
+    ``replayed_as`` the new id. Before the replay a duplicate of the original
+    replays the failure; after it, one replays the replay's result.
+    """
+    from celery_reliable import ReplayedFailure
+    from celery_reliable.schema import idempotency
+
+    calls: list[int] = []
+    name = f"r.kept.{secrets.token_hex(3)}"
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=name,
+                     idempotency_key=True, idempotency_keep_failures=True)
+    def charge(self: Any, n: int) -> int:
+        calls.append(n)
+        if len(calls) == 1:
+            raise ValueError("card declined")  # not retryable: dead-lettered
+        return n * 2
+
+    celery_worker.reload()
+    with pytest.raises(ValueError):
+        charge.delay(21).get(timeout=10)
+    with pytest.raises(ReplayedFailure):  # a duplicate of the original: the kept failure
+        charge.delay(21).get(timeout=10)
+    dead = DeadLetters(celery_app)
+    [letter] = dead.list(task_name=name)
+    assert letter.idempotency_digest is not None
+    new_id = dead.replay(letter.id)
+    assert dead.get(letter.id).replayed_as == new_id
+    assert celery_app.AsyncResult(new_id).get(timeout=10, propagate=False) == 42, (
+        "the replay raised the kept failure instead of running")
+    assert calls == [21, 21]
+    assert charge.delay(21).get(timeout=10) == 42  # a later duplicate replays the replay
+    assert calls == [21, 21]
+    with dead.engine.connect() as conn:
+        state = conn.execute(sa.select(idempotency.c.state).where(
+            idempotency.c.task == name)).scalar_one()
+    assert state == "S"
+
+
+def test_replay_the_broker_refuses_keeps_the_failure(
+    celery_app: Celery, celery_worker: TestWorkController
+) -> None:
+    """A replay the broker refuses raises, leaves the letter unreplayed and the kept failure in
+    place (PostgreSQL and Redis): duplicates of the original still replay it, and a later
+    replay runs the task."""
+    from kombu.exceptions import OperationalError
+
+    from celery_reliable import ReplayedFailure
+    from celery_reliable.keys import idempotency_digest
+    from celery_reliable.runtime import runtime_for
+    from celery_reliable.schema import idempotency
+
+    from .conftest import free_port
+
+    calls: list[int] = []
+    name = f"r.refused.{secrets.token_hex(3)}"
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=name,
+                     idempotency_key="order:{n}", idempotency_keep_failures=True)
+    def charge(self: Any, n: int) -> int:
+        calls.append(n)
+        if len(calls) == 1:
+            raise ValueError("card declined")
+        return n * 2
+
+    celery_worker.reload()
+    with pytest.raises(ValueError):
+        charge.delay(4).get(timeout=10)
+    [letter] = letters(celery_app, name)
+    # The same guards' stores, and a broker nobody listens on.
+    refusing = Celery("refusing", broker=f"redis://127.0.0.1:{free_port()}/0")
+    refusing.conf.update({k: v for k, v in celery_app.conf.items() if k.startswith("reliable_")})
+    refusing.conf.update(task_publish_retry=False, broker_connection_timeout=1,
+                         broker_connection_retry=False, broker_connection_max_retries=0)
+    with pytest.raises(OperationalError, match="Connection refused"):
+        DeadLetters(refusing).replay(letter.id)  # took the failure out, then the publish failed
+    refusing.close()
+    assert letters(celery_app, name)[0].replayed_as is None
+    runtime = runtime_for(celery_app)
+    digest = idempotency_digest(name, "order:4")
+    assert runtime.redis.hget(runtime.keys.idempotency_record(digest), "s") == b"F"
+    with runtime.engine.connect() as conn:
+        state = conn.execute(sa.select(idempotency.c.state).where(
+            idempotency.c.key_digest == digest)).scalar_one()
+    assert state == "F"
+    with pytest.raises(ReplayedFailure):
+        charge.delay(4).get(timeout=10)
+    assert calls == [4]
+    new_id = DeadLetters(celery_app).replay(letter.id)
+    assert celery_app.AsyncResult(new_id).get(timeout=10) == 8
+    assert calls == [4, 4]
+
+
+def test_replay_keeps_the_producer_idempotency_key(
+    celery_app: Celery, celery_worker: TestWorkController
+) -> None:
+    """A replay carries the producer's ``idempotency_key`` header (and its other headers): the
+    producer's own resend of that key replays the replay's result instead of running again.
+
+    The letter keeps the call's headers, without celery-reliable's bookkeeping
+    of the failed delivery (retry count, first failure, previous delay).
+    """
+    calls: list[int] = []
+    seen: list[dict[str, Any]] = []
+    name = f"r.header.{secrets.token_hex(3)}"
+    key = f"payment-{secrets.token_hex(4)}"
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=name,
+                     backoff=Backoff.exponential(0.02, 0.05, max_attempts=2))
+    def pay(self: Any, n: int) -> int:
+        calls.append(n)
+        seen.append(dict(self.request.headers or {}))
+        if len(calls) <= 2:
+            raise ConnectionError("issuer unavailable")  # retried once, then dead-lettered
+        return n
+
+    celery_worker.reload()
+    headers = {"idempotency_key": key, "trace_id": "t-1"}
+    with pytest.raises(ConnectionError):
+        pay.apply_async(args=(5,), headers=headers).get(timeout=10)
+    assert "reliable_first_failure" in seen[1]  # the retried delivery had bookkeeping
+    dead = DeadLetters(celery_app)
+    [letter] = dead.list(task_name=name)
+    assert (letter.reason, letter.headers) == ("retries exhausted", headers)
+    assert celery_app.AsyncResult(dead.replay(letter.id)).get(timeout=10) == 5
+    assert seen[2] == headers
+    # The producer, unsure its first publish went through, sends key K again.
+    assert pay.apply_async(args=(5,), headers=headers).get(timeout=10) == 5
+    assert calls == [5, 5, 5], f"the effect ran {len(calls) - 2} times after the failure"
+
+
+def test_call_headers_leave_out_the_bookkeeping() -> None:
+    """Only the producer's headers with a JSON form go with a letter; ``reliable_*`` never."""
+    from celery_reliable.deadletter import call_headers
+
+    assert call_headers({"idempotency_key": "k", "trace_id": "t", "reliable_deferrals": 3,
+                         "reliable_first_failure": 1.5, "reliable_dead_letter": "failed",
+                         "blob": object()}) == {"idempotency_key": "k", "trace_id": "t"}
+    assert call_headers(None) == {}
+
+
+OLD_DEAD_LETTERS = """
+CREATE TABLE reliable_dead_letters (
+    id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    task_name text NOT NULL, task_id text NOT NULL, args_json text NOT NULL,
+    kwargs_json text NOT NULL, replayable boolean NOT NULL, exc_type text NOT NULL,
+    exc_message text NOT NULL, traceback text NOT NULL, attempts integer NOT NULL,
+    reason text NOT NULL, queue text, first_failure_at timestamptz NOT NULL,
+    last_failure_at timestamptz NOT NULL DEFAULT now(), replayed_as text,
+    replayed_at timestamptz
+)
+"""
+
+
+def test_create_tables_upgrades_an_old_dead_letters_table(
+    celery_app: Celery, engine: sa.Engine
+) -> None:
+    """create_tables adds the headers and key columns to an existing dead-letter table (4
+    threads at once); before that a letter is still recorded, without them; old letters
+    read back without them, new ones keep them."""
+    from celery_reliable import create_tables, deadletter
+
+    schema = f"old_{secrets.token_hex(4)}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    old = sa.create_engine(engine.url, connect_args={"options": f"-csearch_path={schema}"})
+    try:
+        with old.begin() as conn:
+            conn.execute(sa.text(OLD_DEAD_LETTERS))
+            conn.execute(sa.text(
+                "INSERT INTO reliable_dead_letters (task_name, task_id, args_json, kwargs_json,"
+                " replayable, exc_type, exc_message, traceback, attempts, reason,"
+                " first_failure_at) VALUES ('r.old', 'id-1', '[1]', '{}', true, 'ValueError',"
+                " 'bad', '', 1, 'failed', now())"))
+        # Not migrated yet (reliable_create_tables off): the letter is kept, without them.
+        deadletter.record(old, task_name="r.early", task_id="id-0", args=[0], kwargs={},
+                          exc=ValueError("bad"), attempts=1, reason="failed", queue=None,
+                          first_failure_at=None, headers={"idempotency_key": "k0"},
+                          idempotency_digest="e" * 32)
+        errors: list[BaseException] = []
+
+        def migrate() -> None:
+            try:
+                create_tables(old)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=migrate) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        with old.connect() as conn:
+            columns = [c["name"] for c in sa.inspect(conn).get_columns("reliable_dead_letters")]
+        assert columns.count("headers_json") == 1 and columns.count("idempotency_digest") == 1
+        deadletter.record(old, task_name="r.new", task_id="id-2", args=[2], kwargs={},
+                          exc=ValueError("bad"), attempts=1, reason="failed", queue=None,
+                          first_failure_at=None, headers={"idempotency_key": "k"},
+                          idempotency_digest="d" * 32)
+        found = {letter.task_name: letter for letter in DeadLetters(celery_app, old).list()}
+        assert (found["r.old"].headers, found["r.old"].idempotency_digest) == ({}, None)
+        assert (found["r.early"].headers, found["r.early"].idempotency_digest) == ({}, None)
+        assert found["r.new"].headers == {"idempotency_key": "k"}
+        assert found["r.new"].idempotency_digest == "d" * 32
+    finally:
+        old.dispose()
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))

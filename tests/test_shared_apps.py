@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -136,3 +141,140 @@ def test_shared_task_decorator_fits_an_app_already_finalized(redis_url: str) -> 
     assert mine.tasks[name].apply(args=(21,)).get(timeout=10) == 42
     with pytest.raises(ConfigurationError, match="lock_ttl"):  # its own options: no app could
         shared_task(base=ReliableTask, bind=True, name=f"{name}.bad", lock="x", lock_ttl=-1)(job)
+
+
+# ------------------------------------------------- @shared_task and the current app
+#
+# Which app is current is process-wide state: each of these runs in a fresh
+# interpreter, where no app of the test session exists.
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_clean(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (no app of the test session is finalized there)."""
+    env = {**os.environ, "PYTHONPATH": str(_ROOT)}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+_PROJ = """
+    import logging
+    from celery import Celery, shared_task
+    from celery_reliable import ConfigurationError, ReliableTask
+    logging.basicConfig(level=logging.WARNING, format="LOG %(levelname)s %(message)s")
+    GOLD = {"gold": {"concurrent": 2, "queue": 4, "timeout": 30}}
+    def make(main, **conf):
+        app = Celery(main, broker="memory://", backend="cache+memory://")
+        app.conf.update(reliable_redis_url="redis://127.0.0.1:1/0",
+                        reliable_idempotency_store="redis", **conf)
+        return app
+"""
+
+
+def test_shared_task_with_a_bad_option_fails_when_its_app_finalizes() -> None:
+    """``@shared_task`` with a tier its (current) app lacks: that app's finalize raises.
+
+    ``celery.shared_task`` (the usual way in Django projects) belongs to the app
+    current when it is declared; a setting that app lacks is bad configuration
+    of the project and fails at bind (import, worker start), not at send or run.
+    """
+    done = run_clean(_PROJ + """
+    proj = make("proj")
+    @shared_task(base=ReliableTask, bind=True, bulkhead="no-such-tier")
+    def job(self, n):
+        return n
+    try:
+        proj.finalize()
+    except ConfigurationError as exc:
+        print("raised at bind:", exc)
+    else:
+        print("finalized without error")
+    """)
+    assert done.returncode == 0, done.stderr
+    assert "raised at bind:" in done.stdout, done.stdout + done.stderr
+    assert "option 'bulkhead' names tier 'no-such-tier'" in done.stdout
+
+
+def test_shared_task_declaration_is_not_broken_by_another_finalized_app() -> None:
+    """A finalized app without tier "gold" does not make ``@shared_task(bulkhead="gold")`` raise.
+
+    ``shared_task`` binds the new task into every app already finalized, from its
+    decorator; such an app (a test app, a second broker's app) only receives a
+    copy: one WARNING at bind, the error raised if it sends the task. The current
+    app, which the task belongs to, has the tier and runs it.
+    """
+    done = run_clean(_PROJ + """
+    other = make("other")
+    other.finalize()  # e.g. a test app, or a second broker's app, already in use
+    proj = make("proj", reliable_bulkheads=GOLD)
+    try:
+        @shared_task(base=ReliableTask, bind=True, name="proj.job", bulkhead="gold")
+        def job(self, n):
+            return n
+    except ConfigurationError as exc:
+        print("declaration raised:", exc)
+    else:
+        proj.finalize()
+        print("declared and finalized, tier:", proj.tasks[job.name]._policy().tier.concurrent)
+        try:
+            other.tasks[job.name].apply_async(args=(1,))
+        except ConfigurationError as exc:
+            print("other raised on send:", exc)
+    """)
+    assert done.returncode == 0, done.stderr
+    assert "declared and finalized, tier: 2" in done.stdout, done.stdout + done.stderr
+    assert "other raised on send: " in done.stdout, done.stdout + done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "does not fit app" in line]
+    assert len(warnings) == 1 and "'other'" in warnings[0], done.stderr
+
+
+def test_app_made_current_after_the_declaring_app_finalized_only_gets_a_copy() -> None:
+    """A second ``Celery()`` (current by default) made after the project's app got the task.
+
+    The shared task stays the project's: the new app's finalize does not fail
+    over a tier it was never given.
+    """
+    done = run_clean(_PROJ + """
+    proj = make("proj", reliable_bulkheads=GOLD)
+    @shared_task(base=ReliableTask, bind=True, name="proj.job", bulkhead="gold")
+    def job(self, n):
+        return n
+    proj.finalize()
+    other = make("other")  # set_as_current: job.delay() now resolves to it
+    other.finalize()
+    print("both finalized")
+    try:
+        job.apply_async(args=(1,))
+    except ConfigurationError as exc:
+        print("other raised on send:", exc)
+    """)
+    assert done.returncode == 0, done.stderr
+    assert "both finalized" in done.stdout, done.stdout + done.stderr
+    assert "other raised on send: " in done.stdout, done.stdout + done.stderr
+
+
+def test_current_app_finalized_before_the_declaration_only_gets_a_copy() -> None:
+    """pytest-celery's shape: the current app was finalized before the tasks module is imported.
+
+    That app was configured without the task: it receives a copy (no error at
+    import); an option no app could accept still fails there, at the declaration.
+    """
+    done = run_clean(_PROJ + """
+    template = make("celery_test_app")
+    template.finalize()
+    @shared_task(base=ReliableTask, bind=True, name="proj.job", bulkhead="gold")
+    def job(self, n):
+        return n
+    print("declared")
+    try:
+        @shared_task(base=ReliableTask, bind=True, lock="job:{missing}")
+        def bad(self, n):
+            return n
+    except ConfigurationError as exc:
+        print("own option raised at declaration:", exc)
+    """)
+    assert done.returncode == 0, done.stderr
+    assert "declared" in done.stdout, done.stdout + done.stderr
+    assert "own option raised at declaration:" in done.stdout, done.stdout + done.stderr
+    assert "names argument 'missing'" in done.stdout

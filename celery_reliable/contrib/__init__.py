@@ -1,1 +1,3 @@
-"""Optional integrations (``celery_reliable.contrib.pytest``: fixtures for your tests)."""
+"""Optional integrations, each imported only when you import it:
+``celery_reliable.contrib.pytest`` (fixtures for your tests) and
+``celery_reliable.contrib.django`` (Django's connection, settings and ``manage.py``)."""

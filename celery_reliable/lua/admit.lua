@@ -22,7 +22,8 @@ ARGV  [1] plan: one letter per guard, e.g. "ILKB"
            policy (wait|drop|fail)
         B: rate (tokens/s), burst (tokens), cost (tokens), slot: -1 a plain
            take that never queues (retry budget), 0 a fresh arrival, > 0 the
-           slot (server ms) this task was given in the bucket's queue before
+           slot this task was given in the bucket's queue before (a point of
+           the queue's clock: server ms until the bucket's rate changes)
         D: max_redeliveries, ttl_ms, owner
         C: open_ms, half_open_max, probe owner, probe_lease_ms
 Returns
@@ -34,7 +35,7 @@ Returns
                              that just half-opened the breaker)
   {0, i, retry_after_ms}    guard i (1-based) refused for now (-1: unknown)
   {0, i, retry_after_ms, slot}  a bucket refused: the task's slot in its queue
-                            (server ms), to pass back as its slot next time
+                            (queue clock), to pass back as its slot next time
   {2, i, state, payload}    guard i is a finished idempotency record: replay it
   {3, i, fingerprint}       guard i's key was used with other arguments
   {4, i, reason}            guard i rejects for good: a full bulkhead's
@@ -49,7 +50,8 @@ rollback (which found nothing to undo) would otherwise take a lock, a slot or a
 delivery entry that nobody owns. Costs one EXISTS per admission.
 Unless every guard admits, no token, slot, lock or record is taken. The only
 writes on a refusal are a full bulkhead's own bookkeeping (its waiting set
-and counters), sweeping expired slots and a bucket's queue tail (q). Time is
+and counters), sweeping expired slots and a bucket's queue (its tail q; its
+clock r, a, b on a rate change). Time is
 the server's (TIME).
 
 Idempotency record: a hash {s = P|S|F, f = fingerprint, o = owner,
@@ -181,7 +183,7 @@ for g = 1, n do
     ki, ai = ki + 2, ai + 4
   elseif kind == 'B' then
     clock()
-    local b = redis.call('HMGET', KEYS[ki], 't', 'ts', 'q')
+    local b = redis.call('HMGET', KEYS[ki], 't', 'ts', 'q', 'r', 'a', 'b')
     local rate, burst, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
     local slot = tonumber(ARGV[ai + 3])
     local tokens, ts = tonumber(b[1]), tonumber(b[2])
@@ -192,28 +194,63 @@ for g = 1, n do
     if now_ms > ts then
       avail = math.min(burst, tokens + (now_ms - ts) * rate / 1000)
     end
-    local q = tonumber(b[3] or '0')
-    seen[g] = {tokens, ts, q}
     -- A virtual queue of the refused, q its tail: each refused task gets the
     -- next free slot, one token's time apart, and keeps it (its message carries
     -- it back, as slot) however often it is deferred before its turn, since a
     -- deferral is capped by the broker's redelivery window. Bookkeeping only:
     -- no token is reserved, so a slot lost with its task costs nothing but
     -- that token's time (unused tokens pile up to burst as usual).
+    --
+    -- Places (q, slots) are points of the queue's own clock v, server ms =
+    -- va + vb * v (fields a, b; the identity until the rate changes). An
+    -- arrival whose rate differs from the rate the queue was scheduled at
+    -- (field r) rescales every distance still ahead by r / rate around now
+    -- (va, vb change; places do not): the backlog drains at the new rate, in
+    -- the same order, and the slots already handed out follow, read through
+    -- the same clock. (Tasks sharing a key with different rates: the queue
+    -- runs at the rate of the latest arrival.)
+    local va, vb = tonumber(b[5] or '0'), tonumber(b[6] or '1')
+    local issued = tonumber(b[4] or '')
+    local q = tonumber(b[3] or '0')
+    if issued and issued ~= rate then
+      local f = issued / rate
+      va, vb = now_ms + (va - now_ms) * f, vb * f
+      redis.call('HSET', KEYS[ki], 'r', ARGV[ai], 'a', string.format('%.17g', va),
+                 'b', string.format('%.17g', vb))
+      local keep = math.ceil(va + vb * q - now_ms + burst * 1000 / rate) + 1000
+      if redis.call('PTTL', KEYS[ki]) < keep then
+        redis.call('PEXPIRE', KEYS[ki], keep)
+      end
+    end
+    local qr = va + vb * q  -- the tail, server ms
     local step = cost * 1000 / rate
+    -- A queue that does not drain is dead: each queued task takes a token at
+    -- its turn, so while one is alive the bucket never stays full. If nobody
+    -- took a token since it filled up again (plus a grace of two steps and 2 s
+    -- for late comebacks), its tasks are gone (purged, revoked, expired) and
+    -- the queue is dropped: fresh arrivals take the tokens again, and a slot of
+    -- it that comes back after all is voided below (fresh). A lost queue thus
+    -- costs at most: arrivals within that time of the last take wait behind
+    -- it until their slot or the cap, whichever is sooner.
+    if qr > now_ms and now_ms > ts + math.max(0, burst - tokens) * 1000 / rate
+                                  + 2 * step + 2000 then
+      q, qr = (now_ms - va) / vb, now_ms
+      redis.call('HSET', KEYS[ki], 'q', q)
+    end
+    seen[g] = {tokens, ts, qr}
     if slot > 0 and q <= slot then
       slot = 0  -- q only grows past every slot it gave: this bucket lost its queue
     end
-    if slot > 0 and slot > now_ms then
+    if slot > 0 and va + vb * slot > now_ms then
       -- its turn has not come: come back then, in the same place (q unchanged)
-      return {0, g, math.ceil(slot - now_ms), slot}
+      return {0, g, math.ceil(va + vb * slot - now_ms), slot}
     end
-    if slot == 0 and q > now_ms then
+    if slot == 0 and qr > now_ms then
       -- a queue exists: a fresh arrival takes no token ahead of it (the tokens
       -- that build up while it drains are for the queued, in slot order)
-      redis.call('HSET', KEYS[ki], 'q', q + step)
-      redis.call('PEXPIRE', KEYS[ki], math.ceil(q - now_ms + burst * 1000 / rate) + 1000)
-      return {0, g, math.ceil(q - now_ms), q}
+      redis.call('HSET', KEYS[ki], 'q', q + step / vb, 'r', ARGV[ai])
+      redis.call('PEXPIRE', KEYS[ki], math.ceil(qr - now_ms + burst * 1000 / rate) + 1000)
+      return {0, g, math.ceil(qr - now_ms), q}
     end
     if avail < cost then
       local wait = (cost - avail) * 1000 / rate
@@ -226,16 +263,16 @@ for g = 1, n do
       if slot > 0 then
         -- its turn came but an earlier one took the token: retry when the next
         -- is there, still ahead of fresh arrivals (q moves behind it)
-        if q < now_ms + wait + step then
-          redis.call('HSET', KEYS[ki], 'q', now_ms + wait + step)
+        if qr < now_ms + wait + step then
+          redis.call('HSET', KEYS[ki], 'q', (now_ms + wait + step - va) / vb, 'r', ARGV[ai])
           redis.call('PEXPIRE', KEYS[ki], math.ceil(wait + burst * 1000 / rate) + 1000)
         end
         return {0, g, math.ceil(wait), slot}
       end
-      local at = now_ms + wait  -- q <= now_ms here: the queue is empty
-      redis.call('HSET', KEYS[ki], 'q', at + step)
+      local at = now_ms + wait  -- qr <= now_ms here: the queue is empty
+      redis.call('HSET', KEYS[ki], 'q', (at + step - va) / vb, 'r', ARGV[ai])
       redis.call('PEXPIRE', KEYS[ki], math.ceil(at - now_ms + burst * 1000 / rate) + 1000)
-      return {0, g, math.ceil(at - now_ms), at}
+      return {0, g, math.ceil(at - now_ms), (at - va) / vb}
     end
     ki, ai = ki + 1, ai + 4
   else
@@ -319,7 +356,8 @@ for g = 1, n do
       tokens = math.min(burst, tokens + (now_ms - ts) * rate / 1000)
     end
     tokens = tokens - cost
-    redis.call('HSET', KEYS[ki], 't', tostring(tokens), 'ts', math.max(ts, now_ms))
+    redis.call('HSET', KEYS[ki], 't', tostring(tokens), 'ts', math.max(ts, now_ms),
+               'r', ARGV[ai])
     -- expire when full again, also after the last queued slot (q - one step) took its token
     local ttl = math.max((burst - tokens) * 1000 / rate,
                          q - cost * 1000 / rate - now_ms + burst * 1000 / rate)

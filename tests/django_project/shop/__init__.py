@@ -1,0 +1,1 @@
+"""One app with one model, written by the tasks under test."""
