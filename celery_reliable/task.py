@@ -41,7 +41,18 @@ from celery.exceptions import Ignore, Reject, Retry
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import deadletter, metrics
-from .admission import Admitted, Mismatch, Plan, Poison, Refused, Rejected, Release, Replay
+from .admission import (
+    INTERRUPTED_ROLLBACK_TIMEOUT,
+    Admitted,
+    Mismatch,
+    Plan,
+    Poison,
+    Refused,
+    Rejected,
+    Release,
+    Replay,
+    RolledBack,
+)
 from .breaker import HALF_OPEN, OPEN, STATE_NAMES
 from .canonical import NotCanonical, fingerprint
 from .classify import is_outage, is_retryable, retry_after, sqlstate
@@ -721,7 +732,19 @@ class ReliableTask(Task):  # type: ignore[misc]
                 runtime.health.redis.failed(exc)  # a WARNING per interval, and the gauge
                 self._defer(policy, "Redis unavailable", cause=exc)
                 continue
+            except BaseException:
+                # Interrupted while waiting for the reply (Celery's soft time limit,
+                # SystemExit on SIGTERM, KeyboardInterrupt): the script may have run all
+                # the same. Undo it, within a short bound (the task is being stopped),
+                # then let the interruption go on.
+                self._roll_back(plan, runtime, timeout=INTERRUPTED_ROLLBACK_TIMEOUT)
+                raise
             runtime.health.redis.ok()
+            if isinstance(outcome, RolledBack):
+                # Only a request its sender gave up on and rolled back gets this reply, so
+                # it never comes here in practice; if it did, nothing was taken: defer.
+                self._defer(policy, "admission rolled back")
+                continue
             if isinstance(outcome, Replay):
                 execution.replay = outcome
                 return execution
@@ -751,11 +774,21 @@ class ReliableTask(Task):  # type: ignore[misc]
                 self._settle(execution, runtime, "X", "")
                 raise
 
-    def _roll_back(self, plan: Plan, runtime: Runtime) -> None:
-        """Undo a failed admission (:meth:`Plan.rollback`); on failure, leases expire by TTL."""
+    def _roll_back(self, plan: Plan, runtime: Runtime, timeout: float | None = None) -> None:
+        """Undo a failed admission (:meth:`Plan.rollback`); on failure, leases expire by TTL.
+
+        ``timeout``: at most this many seconds per send (two sends), for an
+        interrupted task, which must not wait out the socket timeout; then no
+        error (Redis or other) escapes, so the interruption is what propagates.
+        """
         try:
-            plan.rollback(runtime.redis)
-        except redis.RedisError:
+            if timeout is None:
+                plan.rollback(runtime.redis)
+            else:
+                plan.rollback(runtime.redis, attempts=2, timeout=timeout)
+        except Exception as exc:
+            if timeout is None and not isinstance(exc, redis.RedisError):
+                raise
             log.warning(
                 "celery-reliable: %s[%s] could not undo an admission whose reply was lost; "
                 "what it may have taken expires by its TTL",

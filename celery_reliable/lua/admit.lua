@@ -1,6 +1,8 @@
 --[[ admit.lua: decide every guard of one task execution, all-or-nothing, in ONE round trip.
 
-KEYS  the keys of each guard, in plan order
+KEYS  the keys of each guard, in plan order, then LAST this request's rollback
+      marker (Plan.admit: a fresh random name per request, in the plan's hash
+      tag), which rollback.lua writes when the client gave up on the request
         I (idempotency): record key
         L (lock):        lock key, fence key
         K (bulkhead):    slots zset, waiting zset, stats hash
@@ -14,7 +16,8 @@ ARGV  [1] plan: one letter per guard, e.g. "ILKB"
         L: holder, lease_ms, fence_ttl_ms; the lock's value becomes
            "<token> <holder>", holder = "<owner>" or "<owner>\n<task name>\n<label>"
            (admission.lock_holder: what `reliable locks` shows, kept in the
-           lease so it lives, renews and goes with it)
+           lease so it lives, renews and goes with it); fence_ttl_ms: the
+           fencing counter's TTL, reset by every acquire
         K: owner, concurrent, lease_ms, waiter id, queue size, timeout_ms,
            policy (wait|drop|fail)
         B: rate (tokens/s), burst (tokens), cost (tokens), slot: -1 a plain
@@ -39,6 +42,12 @@ Returns
                             drop | fail | queue (too many waiting) | timeout
   {5, i, deliveries}        guard i: the task was delivered and never finished more
                             than max_redeliveries times (its workers died): poison
+  {6}                       this request was rolled back before it arrived (it
+                            was delayed in the network past its client's
+                            timeout): nothing is checked or written
+The marker is checked first, before any guard: a request that arrives after its
+rollback (which found nothing to undo) would otherwise take a lock, a slot or a
+delivery entry that nobody owns. Costs one EXISTS per admission.
 Unless every guard admits, no token, slot, lock or record is taken. The only
 writes on a refusal are a full bulkhead's own bookkeeping (its waiting set
 and counters), sweeping expired slots and a bucket's queue (its tail q; its
@@ -59,6 +68,12 @@ local function clock()
     now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
     now_ms = math.floor(now_us / 1000)
   end
+end
+
+-- phase 0: a request whose client gave up and rolled it back does nothing (it
+-- reached Redis late: a segment in retransmission, a stalled server or proxy)
+if redis.call('EXISTS', KEYS[#KEYS]) == 1 then
+  return {6}
 end
 
 -- phase 1: check (reads only)
@@ -287,17 +302,13 @@ for g = 1, n do
     -- minted since then were clock readings (a resource is locked far less
     -- often than once per microsecond), so the clock now is past all of them,
     -- as long as it did not step back by more than the time between the loss
-    -- and this acquire. The counter expires fence_ttl after its creation (never
-    -- refreshed: KEEPTTL). Costs one TIME and one SET per acquire.
+    -- and this acquire. Every acquire resets the counter's TTL: it expires only
+    -- after fence_ttl without an acquire. Costs one TIME and one SET per acquire.
     clock()
     local last = tonumber(redis.call('GET', KEYS[ki + 1]) or '0')
     local token = math.max(last + 1, now_us)
     local tok = string.format('%.0f', token)
-    if last == 0 then
-      redis.call('SET', KEYS[ki + 1], tok, 'PX', ARGV[ai + 2])
-    else
-      redis.call('SET', KEYS[ki + 1], tok, 'KEEPTTL')
-    end
+    redis.call('SET', KEYS[ki + 1], tok, 'PX', ARGV[ai + 2])
     redis.call('SET', KEYS[ki], tok .. ' ' .. ARGV[ai], 'PX', ARGV[ai + 1])
     out[#out + 1] = token
     ki, ai = ki + 2, ai + 3
