@@ -40,7 +40,8 @@ def cycle(client: redis.Redis, admit: Script, keys: KeySpace, resource: str) -> 
     """Acquire (one lock guard) and release ``resource``; returns the token."""
     owner = secrets.token_hex(8)
     lock_key = keys.lock(resource)
-    reply = admit(client, [lock_key, keys.fence(resource)],
+    # The last key is the request's rollback marker (a script older than it ignores it).
+    reply = admit(client, [lock_key, keys.fence(resource), keys.undone(secrets.token_hex(8))],
                   ["L", owner, LEASE_MS, int(FENCE_TTL_MIN * 1000)])
     if int(reply[0]) != 1:
         raise RuntimeError(f"{admit.name}: lock on {resource} refused")

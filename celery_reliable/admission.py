@@ -5,7 +5,9 @@ A task's guards each contribute a letter, keys and arguments to a
 every guard said yes, so a refusal consumes nothing. ``complete.lua``
 releases whatever admission took, again in one call. When admission itself
 fails (its reply lost: it may or may not have run), :meth:`Plan.rollback`
-(``rollback.lua``) undoes whatever it may have taken, checked by owner. New
+(``rollback.lua``) undoes whatever it may have taken, checked by owner, and
+leaves a marker that makes the request do nothing if it reaches Redis only
+later. New
 guards plug in here: a ``Plan.add_*`` method, a branch in each script, and a
 line in :meth:`celery_reliable.task.ReliableTask._plan`.
 """
@@ -13,21 +15,27 @@ line in :meth:`celery_reliable.task.ReliableTask._plan`.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.connection import BlockingConnectionPool, ConnectionPool
+from redis.retry import Retry
 
 from .breaker import BreakerSpec
 from .bulkhead import TierSpec
-from .keys import KeySpace
+from .keys import KeySpace, hash_tag
 from .ratelimit import BucketSpec
 from .scripts import script
 
 __all__ = [
     "FENCE_TTL_MIN",
+    "INTERRUPTED_ROLLBACK_TIMEOUT",
     "LOCK_LABEL_MAX",
+    "ROLLBACK_MARK_MIN",
     "Admitted",
     "Mismatch",
     "Plan",
@@ -36,14 +44,26 @@ __all__ = [
     "Rejected",
     "Release",
     "Replay",
+    "RolledBack",
     "lock_holder",
 ]
 
 log = logging.getLogger("celery_reliable")
 
-#: Fencing counters outlive every lease by far; tokens are floored at the
+#: Fencing counters live this long (seconds) after their last acquire, outliving every
+#: lease by far (at least 10x the lock ttl); tokens are floored at the
 #: server clock, so even an expired counter never lets tokens go backwards.
 FENCE_TTL_MIN = 7 * 24 * 3600.0
+
+#: Shortest life of a rollback marker (seconds): longer than any delay we know of
+#: for a request already sent (TCP retransmission of a closed socket's data, about
+#: 100 s on Linux; a stalled server or proxy), at little cost: one small key per
+#: rolled-back admission.
+ROLLBACK_MARK_MIN = 600.0
+
+#: Seconds each rollback send may take when the admission was interrupted (a soft
+#: time limit, SIGTERM): short, since the caller is being stopped; two sends.
+INTERRUPTED_ROLLBACK_TIMEOUT = 1.0
 
 #: Longest resource label kept with a lock's lease (characters); a longer one ends in "…".
 LOCK_LABEL_MAX = 60
@@ -79,7 +99,8 @@ class Refused:
     """Guard ``index`` (0-based, plan order) refused; ``retry_after`` seconds or None.
 
     A bucket's refusal also gives ``slot``: the task's place in the bucket's
-    queue (server clock, epoch ms), to pass back to :meth:`Plan.add_bucket`.
+    queue (on the queue's clock: server epoch ms until the bucket's rate
+    changes), to pass back to :meth:`Plan.add_bucket`.
     """
 
     index: int
@@ -122,6 +143,15 @@ class Poison:
 
 
 @dataclass(frozen=True)
+class RolledBack:
+    """The request was rolled back (:meth:`Plan.rollback`) before it reached Redis; it did nothing.
+
+    Only a request whose client already gave up on it gets this reply, so in
+    practice nobody reads it; a caller that does treats it as a deferral.
+    """
+
+
+@dataclass(frozen=True)
 class Admitted:
     """Every guard admitted; ``results[i]`` is guard i's result (lock: its token)."""
 
@@ -143,6 +173,9 @@ class Plan:
     undo_keys: list[str] = field(default_factory=list)
     undo_owners: list[str] = field(default_factory=list)
     lock_holders: dict[int, str] = field(default_factory=dict)  # lock guard index: holder
+    longest: float = 0.0  # the longest lease a guard takes (seconds): the marker outlives it
+    #: the marker key of the last :meth:`admit` request (a fresh random name per request)
+    marker: str | None = None
 
     def _undo(self, kind: str, key: str, owner: str) -> None:
         self.undo_kinds.append(kind)
@@ -162,35 +195,37 @@ class Plan:
         self.keys.append(key)
         self.admit_args += [fingerprint, owner, max(1, int(lease * 1000)), max(1, int(ttl * 1000))]
         self._undo("I", key, owner)
+        self.longest = max(self.longest, lease)
         return len(self.kinds) - 1
 
     def add_lock(
         self, keys: KeySpace, resource: str, owner: str, ttl: float, *, task: str = "",
-        label: str = "",
+        label: str = "", fence_ttl: float | None = None,
     ) -> int:
         """Lock ``resource`` for ``ttl`` seconds, minting a fencing token; returns its index.
 
         ``task`` and ``label`` are kept with the lease for ``reliable locks``
         (:func:`lock_holder`); :meth:`lock_value` gives the lease value once admitted.
+        ``fence_ttl``: seconds the fencing counter lives after the last acquire
+        (default: ``FENCE_TTL_MIN`` or ``10 * ttl``, whichever is longer).
         """
         return self.add_lock_keys(keys.lock(resource), keys.fence(resource), owner, ttl,
-                                  task=task, label=label)
+                                  task=task, label=label, fence_ttl=fence_ttl)
 
     def add_lock_keys(
         self, lock_key: str, fence_key: str, owner: str, ttl: float, *, task: str = "",
-        label: str = "",
+        label: str = "", fence_ttl: float | None = None,
     ) -> int:
         """:meth:`add_lock` with the keys already derived (a lock object reuses them)."""
         holder = lock_holder(owner, task, label)
+        if fence_ttl is None:
+            fence_ttl = max(FENCE_TTL_MIN, 10 * ttl)
         self.kinds.append("L")
         self.offsets.append(len(self.keys))
         self.keys += [lock_key, fence_key]
-        self.admit_args += [
-            holder,
-            max(1, int(ttl * 1000)),
-            int(max(FENCE_TTL_MIN, 10 * ttl) * 1000),
-        ]
+        self.admit_args += [holder, max(1, int(ttl * 1000)), max(1, int(fence_ttl * 1000))]
         self._undo("L", lock_key, holder)
+        self.longest = max(self.longest, ttl)
         self.lock_holders[len(self.kinds) - 1] = holder
         return len(self.kinds) - 1
 
@@ -215,6 +250,7 @@ class Plan:
             spec.policy,
         ]
         self._undo("K", self.keys[-3], owner)
+        self.longest = max(self.longest, spec.lease)
         return len(self.kinds) - 1
 
     def add_bucket(
@@ -257,16 +293,28 @@ class Plan:
         self.admit_args += [max(1, int(spec.open_seconds * 1000)), spec.half_open_max, owner,
                             max(1, int(spec.probe_lease * 1000))]
         self._undo("C", keys[1], owner)
+        self.longest = max(self.longest, spec.probe_lease)
         return len(self.kinds) - 1
 
     def admit(
         self, client: redis.Redis
-    ) -> Admitted | Refused | Replay | Mismatch | Rejected | Poison:
-        """One round trip: everything admitted, or nothing changed."""
-        reply = script("admit")(client, self.keys, ["".join(self.kinds), *self.admit_args])
+    ) -> Admitted | Refused | Replay | Mismatch | Rejected | Poison | RolledBack:
+        """One round trip: everything admitted, or nothing changed.
+
+        Each call is a new request with its own rollback marker (a random key in
+        the plan's hash tag, passed last): if it raises, :meth:`rollback` undoes
+        what it may have taken and writes that marker, and the request, should
+        it reach Redis only then, does nothing.
+        """
+        self.marker = KeySpace(hash_tag(self.keys[0] if self.keys else "")).undone(
+            secrets.token_hex(8))
+        reply = script("admit")(client, [*self.keys, self.marker],
+                                ["".join(self.kinds), *self.admit_args])
         code = int(reply[0])
         if code == 1:
             return Admitted(tuple(int(r) for r in reply[1:]))
+        if code == 6:
+            return RolledBack()
         index = int(reply[1]) - 1
         if code == 2:
             return Replay(index, _text(reply[2]), _text(reply[3]))
@@ -281,13 +329,21 @@ class Plan:
         return Refused(index, self.kinds[index], ms / 1000 if ms > 0 else None, slot)
 
 
-    def rollback(self, client: redis.Redis, *, attempts: int = 3, pause: float = 0.05) -> list[int]:
+    def rollback(
+        self, client: redis.Redis, *, attempts: int = 3, pause: float = 0.05,
+        timeout: float | None = None,
+    ) -> list[int]:
         """Undo what a failed :meth:`admit` may have taken; one round trip, safe to repeat.
 
         For an admission that raised (its reply lost: it may or may not have run).
         Only this execution's own entries go, each checked by owner: its
         in-progress idempotency record, its lock, its bulkhead slot, its breaker
         probe and its entry in the delivery count. Nothing taken, nothing changed.
+        It also writes the last admit request's marker, for the longest lease of
+        the plan and at least :data:`ROLLBACK_MARK_MIN`: should that request
+        reach Redis only now (delayed in the network or behind a stalled
+        server), it does nothing. A request delayed even longer is not stopped;
+        what it takes expires by its TTL.
 
         Bucket tokens are not refunded: a bucket keeps no record of who took a
         token, so a refund could not tell a run admission from one that never
@@ -297,14 +353,24 @@ class Plan:
 
         Sent up to ``attempts`` times, ``pause`` seconds apart (growing 4x), on a
         connection error or a timeout; then the last error is raised and what the
-        admission took expires by its TTL.
+        admission took expires by its TTL. ``timeout``: seconds each send may take
+        (connect and reply), on a connection of its own, for a caller that must not
+        wait the client's socket timeout (an interrupted task); None: the
+        client's own.
         """
         if not self.undo_kinds:
             return []
+        keys = self.undo_keys
         args: list[Any] = ["".join(self.undo_kinds), *self.undo_owners]
+        if self.marker is not None:
+            keys = [*keys, self.marker]
+            args.append(int(max(ROLLBACK_MARK_MIN, self.longest) * 1000))
         for attempt in range(attempts):
             try:
-                reply = script("rollback")(client, self.undo_keys, args)
+                if timeout is None:
+                    reply = script("rollback")(client, keys, args)
+                else:
+                    reply = _call_within(client, "rollback", keys, args, timeout)
                 return [int(r) for r in reply]
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if attempt + 1 >= attempts:
@@ -313,6 +379,34 @@ class Plan:
                           exc)
                 time.sleep(pause * 4**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _call_within(
+    client: redis.Redis, name: str, keys: list[str], args: list[Any], timeout: float
+) -> Any:
+    """Run script ``name`` once on a new connection whose connect and reads take <= ``timeout`` s.
+
+    A client that is not a plain ``redis.Redis`` (cluster, sentinel) keeps its own timeouts.
+    """
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(client, redis.Redis) or type(pool) not in (ConnectionPool,
+                                                                  BlockingConnectionPool):
+        return script(name)(client, keys, args)
+    assert pool is not None
+    kwargs = dict(pool.connection_kwargs)
+    # As runtime._Link: only the pool's own connections answer to its maintenance
+    # handler, and the send is never retried.
+    kwargs.pop("maint_notifications_pool_handler", None)
+    kwargs.pop("retry_on_timeout", None)
+    conn = pool.connection_class(**{
+        **kwargs, "retry": Retry(NoBackoff(), 0), "socket_timeout": timeout,
+        "socket_connect_timeout": timeout, "orig_socket_timeout": timeout,
+        "orig_socket_connect_timeout": timeout,
+    })
+    try:
+        return script(name).call_once(conn, keys, args)
+    finally:
+        conn.disconnect()
 
 
 def _text(value: bytes | str) -> str:

@@ -521,9 +521,11 @@ SETTINGS: dict[str, Option] = {
             "``consumer_timeout``; other transports: unknown, no cap. Set it for RabbitMQ "
             "servers with another ``consumer_timeout`` and for other transports; with Redis "
             "or SQS it may only shorten the window. No countdown "
-            "celery-reliable sets (deferral, bucket slot, breaker wait, backoff delay) "
-            "exceeds this window minus 10% (at least 5 s); an explicit ``self.retry("
-            "countdown=...)`` beyond it is kept and logged as a warning.",
+            "celery-reliable sets (deferral, bucket slot, breaker wait, backoff delay, and "
+            "Celery's own ``default_retry_delay`` and ``autoretry_for`` ``retry_backoff`` "
+            "delays) exceeds this window minus 10% (at least 5 s); a countdown the caller "
+            "wrote (``self.retry(countdown=...)``, ``eta``, ``retry_kwargs``) beyond it is "
+            "kept and logged as a warning.",
             _seconds(optional=True),
         ),
         Option(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["KeySpace", "digest", "idempotency_digest"]
+__all__ = ["KeySpace", "digest", "hash_tag", "idempotency_digest"]
 
 
 def digest(value: str) -> str:
@@ -21,6 +21,20 @@ def digest(value: str) -> str:
 def idempotency_digest(task_name: str, key: str) -> str:
     """Digest of an idempotency key, scoped to its task (also the PostgreSQL row key)."""
     return hashlib.sha256(f"{task_name}\x00{key}".encode()).hexdigest()[:32]
+
+
+def hash_tag(key: str) -> str:
+    """What Redis Cluster hashes to place ``key``: its first ``{...}`` if not empty, else all of it.
+
+    ``KeySpace(hash_tag(key))`` builds keys in the slot of ``key`` (for a
+    key of this key space: the same prefix).
+    """
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return key
 
 
 class KeySpace:
@@ -80,6 +94,14 @@ class KeySpace:
     def retry_budget_window(self, task_name: str) -> str:
         """The ratio retry budget of one task name (a hash of time slices, budget.lua)."""
         return f"{self.tag}:budget:{digest(task_name)}"
+
+    def undone(self, request: str) -> str:
+        """The rollback marker of one admission request (``request``: random, per request).
+
+        Written by ``rollback.lua``, checked first by ``admit.lua``: a request
+        that reaches Redis after its rollback does nothing.
+        """
+        return f"{self.tag}:undone:{request}"
 
     def pattern(self, kind: str) -> str:
         """SCAN pattern for every key of one kind."""

@@ -18,7 +18,7 @@ from types import TracebackType
 import redis
 
 from . import metrics
-from .admission import Admitted, Plan, Release
+from .admission import INTERRUPTED_ROLLBACK_TIMEOUT, Admitted, Plan, Release
 from .errors import LockNotAcquired
 from .keys import KeySpace
 from .scripts import script
@@ -63,7 +63,10 @@ class FencedLock:
         """Try once; return the fencing token, or None if someone else holds the lock.
 
         A Redis error is raised, after undoing what the attempt may have taken
-        (the request is never resent: its reply may be lost after it ran).
+        (the request is never resent: its reply may be lost after it ran, or the
+        request may reach Redis only later, when the undo makes it do nothing).
+        The same undo, bounded to about two seconds, runs when the wait is
+        interrupted (KeyboardInterrupt, a soft time limit), which then propagates.
         """
         owner = owner or secrets.token_hex(8)
         plan = Plan()
@@ -75,6 +78,10 @@ class FencedLock:
             # Its reply may be lost after it took the lock: release it (if it is ours).
             with contextlib.suppress(redis.RedisError):
                 plan.rollback(self.client)
+            raise
+        except BaseException:
+            with contextlib.suppress(Exception):
+                plan.rollback(self.client, attempts=2, timeout=INTERRUPTED_ROLLBACK_TIMEOUT)
             raise
         if not isinstance(result, Admitted):
             return None

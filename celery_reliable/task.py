@@ -36,12 +36,24 @@ from typing import Any, ClassVar, NoReturn
 import celery.app
 import redis
 from celery import Task, _state
+from celery.app.autoretry import add_autoretry_behaviour
 from celery.app.trace import LOG_RETRY
 from celery.exceptions import Ignore, Reject, Retry
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import deadletter, metrics
-from .admission import Admitted, Mismatch, Plan, Poison, Refused, Rejected, Release, Replay
+from .admission import (
+    INTERRUPTED_ROLLBACK_TIMEOUT,
+    Admitted,
+    Mismatch,
+    Plan,
+    Poison,
+    Refused,
+    Rejected,
+    Release,
+    Replay,
+    RolledBack,
+)
 from .breaker import HALF_OPEN, OPEN, STATE_NAMES
 from .canonical import NotCanonical, fingerprint
 from .classify import is_outage, is_retryable, retry_after, sqlstate
@@ -108,10 +120,16 @@ LOCK_WAIT_HEADER = "reliable_lock_wait_since"
 IDEMPOTENCY_HEADER = "idempotency_key"
 
 #: Message header: this task's places in the queues of the token buckets that
-#: refused it, ``{bucket key: slot}`` (Redis server clock, epoch ms). A task
-#: deferred before its turn (countdowns are capped by the broker's redelivery
-#: window) keeps its place with it.
+#: refused it, ``{bucket key: slot}`` (the queue's clock: Redis server epoch ms
+#: until the bucket's rate changes). A task deferred before its turn (countdowns
+#: are capped by the broker's redelivery window) keeps its place with it.
 BUCKET_SLOT_HEADER = "reliable_bucket_slots"
+
+#: The code of the ``run`` wrapper that Celery's ``autoretry_for`` installs
+#: (``celery/app/autoretry.py``): a countdown passed to ``retry()`` from it, with
+#: ``retry_backoff``, is a delay Celery computed, not one the caller wrote.
+_AUTORETRY_RUN = next((const for const in add_autoretry_behaviour.__code__.co_consts
+                       if getattr(const, "co_name", None) == "run"), None)
 
 
 def _header(request: Any, name: str) -> Any:
@@ -737,7 +755,19 @@ class ReliableTask(Task):  # type: ignore[misc]
                 runtime.health.redis.failed(exc)  # a WARNING per interval, and the gauge
                 self._defer(policy, "Redis unavailable", cause=exc)
                 continue
+            except BaseException:
+                # Interrupted while waiting for the reply (Celery's soft time limit,
+                # SystemExit on SIGTERM, KeyboardInterrupt): the script may have run all
+                # the same. Undo it, within a short bound (the task is being stopped),
+                # then let the interruption go on.
+                self._roll_back(plan, runtime, timeout=INTERRUPTED_ROLLBACK_TIMEOUT)
+                raise
             runtime.health.redis.ok()
+            if isinstance(outcome, RolledBack):
+                # Only a request its sender gave up on and rolled back gets this reply, so
+                # it never comes here in practice; if it did, nothing was taken: defer.
+                self._defer(policy, "admission rolled back")
+                continue
             if isinstance(outcome, Replay):
                 execution.replay = outcome
                 return execution
@@ -767,11 +797,21 @@ class ReliableTask(Task):  # type: ignore[misc]
                 self._settle(execution, runtime, "X", "")
                 raise
 
-    def _roll_back(self, plan: Plan, runtime: Runtime) -> None:
-        """Undo a failed admission (:meth:`Plan.rollback`); on failure, leases expire by TTL."""
+    def _roll_back(self, plan: Plan, runtime: Runtime, timeout: float | None = None) -> None:
+        """Undo a failed admission (:meth:`Plan.rollback`); on failure, leases expire by TTL.
+
+        ``timeout``: at most this many seconds per send (two sends), for an
+        interrupted task, which must not wait out the socket timeout; then no
+        error (Redis or other) escapes, so the interruption is what propagates.
+        """
         try:
-            plan.rollback(runtime.redis)
-        except redis.RedisError:
+            if timeout is None:
+                plan.rollback(runtime.redis)
+            else:
+                plan.rollback(runtime.redis, attempts=2, timeout=timeout)
+        except Exception as exc:
+            if timeout is None and not isinstance(exc, redis.RedisError):
+                raise
             log.warning(
                 "celery-reliable: %s[%s] could not undo an admission whose reply was lost; "
                 "what it may have taken expires by its TTL",
@@ -1275,8 +1315,10 @@ class ReliableTask(Task):  # type: ignore[misc]
           ``backoff.max_attempts`` sets ``max_retries``; ``backoff.deadline``
           ends retrying that long after the first failure. That delay never
           exceeds the broker's redelivery window less its margin
-          (``reliable_redelivery_window``); an explicit countdown/eta beyond
-          it is kept and logged as a warning.
+          (``reliable_redelivery_window``), nor do Celery's own delays
+          (``default_retry_delay``, the ``retry_backoff`` of ``autoretry_for``);
+          a countdown/eta the caller passed beyond it is kept and logged as a
+          warning.
         * Each retry takes a token from the task's fleet-wide retry budget;
           with the budget spent the failure is dead-lettered, not retried.
         * Guards are released before the retried message is published (it may
@@ -1327,7 +1369,7 @@ class ReliableTask(Task):  # type: ignore[misc]
             if policy.defer.cap is not None:  # never past the broker's redelivery window
                 countdown = min(countdown, policy.defer.cap)
         elif policy.defer.cap is not None:
-            self._warn_beyond_window(policy.defer.cap, countdown, eta)
+            countdown = self._retry_countdown(policy.defer.cap, countdown, eta, sys._getframe(1))
         if countdown is not None:
             headers[PREV_DELAY_HEADER] = countdown
         metrics.inc("reliable_retries_total", task=self.name,
@@ -1343,14 +1385,31 @@ class ReliableTask(Task):  # type: ignore[misc]
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
                              headers=headers, **options)
 
+    def _retry_countdown(self, cap: float, countdown: float | None, eta: Any,
+                         caller: FrameType) -> float | None:
+        """A retry's countdown inside the broker's redelivery window less its margin (``cap``).
+
+        A delay the caller did not write is the library's to cap: Celery's
+        ``default_retry_delay`` (neither countdown nor eta) and the
+        ``retry_backoff`` delay that Celery's ``autoretry_for`` wrapper computes
+        (``caller`` is that wrapper's frame). A countdown or eta the caller
+        passed (``retry_kwargs`` included) is kept, with a warning if beyond.
+        """
+        if countdown is None and not eta:
+            default = self.default_retry_delay
+            return None if default is None else min(float(default), cap)
+        if countdown is not None and caller.f_code is _AUTORETRY_RUN \
+                and getattr(self, "retry_backoff", False):
+            return min(float(countdown), cap)
+        self._warn_beyond_window(cap, countdown, eta)
+        return countdown
+
     def _warn_beyond_window(self, cap: float, countdown: float | None, eta: Any) -> None:
         """The caller's own countdown is kept; say when the broker may redeliver it meanwhile."""
         if countdown is not None:
             wait: float | None = float(countdown)
         elif isinstance(eta, datetime):
             wait = eta.timestamp() - time.time()
-        elif eta is None:
-            wait = float(self.default_retry_delay or 0)  # Celery's own default
         else:
             wait = None
         if wait is not None and wait > cap:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import secrets
 import shutil
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,14 @@ import pytest
 import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from celery.exceptions import Retry as CeleryRetry
+from celery.exceptions import SoftTimeLimitExceeded
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from celery_reliable import ConfigurationError, FencedLock, ReliableTask
-from celery_reliable.admission import Admitted, Plan, Poison
+from celery_reliable.admission import ROLLBACK_MARK_MIN, Admitted, Plan, Poison
 from celery_reliable.breaker import BreakerSpec
 from celery_reliable.bulkhead import TierSpec
 from celery_reliable.keys import KeySpace
@@ -28,7 +32,7 @@ from celery_reliable.ratelimit import BucketSpec
 from celery_reliable.runtime import Runtime
 from celery_reliable.scripts import _channel, script
 
-from .conftest import RedisServer, TcpProxy, free_port, wait_for
+from .conftest import LateProxy, RedisServer, TcpProxy, free_port, wait_for
 
 
 def evalsha_calls(client: redis.Redis) -> int:
@@ -219,6 +223,208 @@ def test_an_older_delivery_counter_is_kept(redis_client: redis.Redis, prefix: st
     p2 = Plan()
     p2.add_deliveries(key, 2, 3600, "old/2")
     assert isinstance(p2.admit(redis_client), Poison)
+
+
+# ------------------------------------------------- a request that arrives after its rollback
+
+
+def test_admission_arriving_after_its_rollback_leaves_nothing_behind(
+    private_redis: RedisServer, late_proxy: LateProxy
+) -> None:
+    """An admission delayed in the network past its rollback does nothing when it lands.
+
+    The client times out, the rollback (a new connection) finds nothing of the
+    owner's and leaves the request's marker; then the delayed admission reaches
+    Redis and, finding the marker first, takes no lock, token, record, slot or
+    delivery entry (without it: a ghost lock for ``lock_ttl`` and a delivery
+    counted as lost for 24 h). The marker outlives every lease of the plan.
+    """
+    direct = redis.Redis(port=private_redis.port)
+    for name in ("admit", "rollback"):
+        direct.script_load(script(name).source)
+    client = redis.Redis(port=late_proxy.port, socket_timeout=0.5)
+    client.ping()
+    keys = KeySpace(f"late{secrets.token_hex(3)}")
+    task_id = secrets.token_hex(8)
+    tier = TierSpec(concurrent=3, queue=3, timeout=60, policy="wait")
+
+    def plan(owner: str) -> Plan:  # as ReliableTask._plan builds it
+        p = Plan()
+        p.add_deliveries(keys.deliveries(task_id), 3, 24 * 3600.0, owner)
+        p.add_idempotency(keys.idempotency("t", "k"), "fp", owner, 30, 3600)
+        p.add_lock(keys, "order:1", owner, 30)
+        p.add_bulkhead(keys, "tier", tier, owner, task_id)
+        return p
+
+    late = plan(f"{task_id}/{secrets.token_hex(4)}")  # an owner as ReliableTask._admit makes
+    late_proxy.hold(script("admit").sha.encode())
+    with pytest.raises(redis.TimeoutError):
+        late.admit(client)
+    # What ReliableTask._admit does next: undo by owner (nothing there yet), then defer.
+    assert late.rollback(client) == [0, 0, 0, 0]
+    assert late.marker is not None
+    assert direct.pttl(late.marker) > (ROLLBACK_MARK_MIN - 60) * 1000
+    late_proxy.release()  # the network heals: the admission's segment gets through
+    assert late_proxy.delivered.wait(10), "the delayed admission never reached the server"
+
+    lock_key = keys.lock("order:1")
+    assert direct.get(lock_key) is None, (
+        f"phantom lock {direct.get(lock_key)!r} held for {direct.pttl(lock_key)} ms by a "
+        "rolled-back owner")
+    assert direct.exists(keys.fence("order:1")) == 0, "it minted a token"
+    assert direct.scard(keys.deliveries(task_id)) == 0, "a rolled-back admission counted as a " \
+        "lost delivery"
+    assert direct.exists(keys.idempotency("t", "k")) == 0
+    assert direct.zcard(keys.bulkhead("tier")[0]) == 0
+    # The same request, sent again as it was: refused as rolled back (code 6), nothing written.
+    again = script("admit")(direct, [*late.keys, late.marker], ["".join(late.kinds),
+                                                                 *late.admit_args])
+    assert [int(x) for x in again] == [6]
+    assert direct.exists(lock_key) == 0
+    # The task's next delivery (a new owner) is admitted at once.
+    assert isinstance(plan(f"{task_id}/{secrets.token_hex(4)}").admit(direct), Admitted)
+    client.close()
+    direct.close()
+
+
+def test_fenced_lock_acquire_arriving_after_its_rollback_does_not_hold_the_lock(
+    private_redis: RedisServer, late_proxy: LateProxy
+) -> None:
+    """FencedLock.acquire times out, rolls back and raises; its request lands later: no lock.
+
+    The caller was told the acquire failed (and it rolled back): the request
+    that arrives afterwards must not take the lock and refuse every other
+    acquirer until the ttl.
+    """
+    direct = redis.Redis(port=private_redis.port)
+    for name in ("admit", "rollback"):
+        direct.script_load(script(name).source)
+    client = redis.Redis(port=late_proxy.port, socket_timeout=0.5)
+    client.ping()
+    prefix = f"late{secrets.token_hex(3)}"
+    late_proxy.hold(script("admit").sha.encode())
+    with pytest.raises(redis.TimeoutError):
+        FencedLock(client, "invoice:7", ttl=60, prefix=prefix).acquire()  # rolls back, raises
+    late_proxy.release()
+    assert late_proxy.delivered.wait(10)
+    assert direct.exists(KeySpace(prefix).lock("invoice:7")) == 0
+    other = FencedLock(direct, "invoice:7", ttl=60, prefix=prefix)
+    assert other.acquire() is not None, "locked by an acquire that already failed and rolled back"
+    client.close()
+    direct.close()
+
+
+# ------------------------------------------------- an interrupted admission
+
+
+def deliver(task: Any, *args: Any) -> Any:
+    """Run ``task(*args)`` as a worker would for one delivery; the outcome (or the Retry)."""
+    task.push_request(id=secrets.token_hex(8), args=list(args), kwargs={},
+                      called_directly=False, is_eager=False, retries=0,
+                      delivery_info={"exchange": "",
+                                     "routing_key": task.app.conf.task_default_queue},
+                      headers={})
+    try:
+        return task(*args)
+    except CeleryRetry as retry:
+        return retry
+    finally:
+        task.pop_request()
+
+
+def test_soft_time_limit_during_admission_still_rolls_back(
+    private_redis: RedisServer, proxy: TcpProxy
+) -> None:
+    """A soft time limit that interrupts the wait for admission's reply: undone, then raised, fast.
+
+    Billiard raises ``SoftTimeLimitExceeded`` from a signal handler
+    (``SystemExit`` on revoke's SIGTERM) in the middle of the blocked read.
+    The admission did take the lock: it is rolled back before the exception
+    goes on, not left to a ghost owner for ``lock_ttl``. With Redis stalled
+    altogether the rollback gives up after two sends of one second each, not
+    after the 10 s socket timeout, and the exception still goes on.
+    """
+    direct = redis.Redis(port=private_redis.port)
+    for name in ("admit", "rollback"):
+        direct.script_load(script(name).source)
+    prefix = f"soft{secrets.token_hex(3)}"
+    app = Celery("soft", broker="memory://", set_as_current=False)
+    app.conf.update(reliable_redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                    reliable_key_prefix=prefix, reliable_idempotency_store="redis")
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="adm.soft", lock="report:{n}",
+              lock_ttl=60, idempotency_key="report:{n}", soft_time_limit=1)
+    def report(self: Any, n: int) -> str:
+        return "ran"
+
+    def interrupted(n: int) -> float:
+        """Deliver report(n), interrupted 1 s in; seconds from the interruption to the raise."""
+        fired: list[float] = []
+
+        def soft_limit(signum: int, frame: Any) -> None:  # as billiard's soft_timeout_sighandler
+            fired.append(time.monotonic())
+            raise SoftTimeLimitExceeded()
+
+        previous = signal.signal(signal.SIGALRM, soft_limit)
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        try:
+            with pytest.raises(SoftTimeLimitExceeded):
+                deliver(report, n)
+            return time.monotonic() - fired[0]
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    keys = KeySpace(prefix)
+    proxy.lose_replies(script("admit").sha.encode())  # Redis stalls after running it
+    try:
+        interrupted(1)
+    finally:
+        proxy.resume()
+    assert direct.get(keys.lock("report:1")) is None, (
+        f"ghost lock held {direct.pttl(keys.lock('report:1'))} ms more by an admission nobody "
+        "rolled back")
+    assert direct.exists(keys.idempotency("adm.soft", "report:1")) == 0
+    assert direct.exists(keys.fence("report:1")) == 1  # it did run: a token was minted
+
+    proxy.stall()  # nothing gets through now, the rollback neither
+    try:
+        waited = interrupted(2)
+    finally:
+        proxy.resume()
+    assert waited < 5.0, f"the interrupted task waited {waited:.1f} s for its rollback"
+    direct.close()
+
+
+def test_interrupted_fenced_lock_acquire_rolls_back(
+    private_redis: RedisServer, proxy: TcpProxy
+) -> None:
+    """FencedLock.acquire interrupted (KeyboardInterrupt) while its reply is late: lock undone."""
+    direct = redis.Redis(port=private_redis.port)
+    for name in ("admit", "rollback"):
+        direct.script_load(script(name).source)
+    client = redis.Redis(port=proxy.port, socket_timeout=30)
+    client.ping()
+    prefix = f"intr{secrets.token_hex(3)}"
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    proxy.lose_replies(script("admit").sha.encode())
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            FencedLock(client, "invoice:8", ttl=60, prefix=prefix).acquire()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        proxy.resume()
+    keys = KeySpace(prefix)
+    assert direct.exists(keys.fence("invoice:8")) == 1  # the acquire ran
+    assert direct.exists(keys.lock("invoice:8")) == 0, "an interrupted acquire kept the lock"
+    client.close()
+    direct.close()
 
 
 def test_socket_timeout_setting_is_validated_and_used() -> None:

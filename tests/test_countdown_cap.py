@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import logging
 import random
@@ -235,6 +236,65 @@ def test_retry_delay_longer_than_the_window_is_capped(app: Celery, prefix: str,
     assert "beyond the broker's redelivery window" in caplog.text
 
 
+def test_plain_retry_without_countdown_stays_inside_the_window(app: Celery, prefix: str) -> None:
+    """``self.retry(exc=...)`` with no countdown on a 60 s window retries at the 54 s cap.
+
+    The caller chose no delay: the 180 s was Celery's ``default_retry_delay``,
+    applied by ``Task.retry`` under ReliableTask's own ``retry()``, which only
+    logged a warning. The broker redelivers the held ETA message after 60 s
+    while the first worker still holds it: the task would run twice. A default
+    below the cap is kept as it is.
+    """
+    app.conf.broker_transport_options = {"visibility_timeout": 60}  # cap 54 s
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="cap.plain_retry")
+    def plain(self: Any) -> str:
+        raise self.retry(exc=ValueError("the partner said no"))
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="cap.short_default",
+              default_retry_delay=7)
+    def short(self: Any) -> str:
+        raise self.retry(exc=ValueError("the partner said no"))
+
+    retry = deliver(plain, queue=f"q{prefix}")
+    assert isinstance(retry, Retry)
+    assert float(retry.when) <= 54, f"retry countdown {retry.when}s > the 54 s cap (window 60 s)"
+    assert float(retry.when) == pytest.approx(54)
+    assert float(deliver(short, queue=f"q{prefix}").when) == 7
+
+
+def test_autoretry_backoff_is_capped_and_retry_kwargs_countdown_kept(
+    app: Celery, prefix: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Celery's ``autoretry_for`` + ``retry_backoff`` delay (4000 s) is capped at 54 s.
+
+    The wrapper Celery installs computes that countdown and passes it to
+    ``retry()`` as if explicit; nobody wrote it, so it is capped like the
+    library's own. A countdown written in ``retry_kwargs`` is the caller's: kept,
+    with a warning.
+    """
+    app.conf.broker_transport_options = {"visibility_timeout": 60}  # cap 54 s
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="cap.auto_backoff",
+              autoretry_for=(KeyError,), retry_backoff=4000, retry_backoff_max=7200,
+              retry_jitter=False, max_retries=5)
+    def computed(self: Any) -> str:
+        raise KeyError("listed in autoretry_for")
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="cap.auto_kwargs",
+              autoretry_for=(KeyError,), retry_kwargs={"countdown": 600}, max_retries=5)
+    def written(self: Any) -> str:
+        raise KeyError("listed in autoretry_for")
+
+    retry = deliver(computed, queue=f"q{prefix}")
+    assert isinstance(retry, Retry)
+    assert float(retry.when) == pytest.approx(54), f"autoretry countdown {retry.when}s"
+    with caplog.at_level(logging.WARNING, logger="celery_reliable"):
+        kept = deliver(written, queue=f"q{prefix}")
+    assert isinstance(kept, Retry) and float(kept.when) == 600
+    assert "beyond the broker's redelivery window" in caplog.text
+
+
 def test_breaker_wait_longer_than_the_window_is_capped(app: Celery, prefix: str) -> None:
     """A breaker open for 2 h defers its tasks by at most the cap, not by 2 h."""
     app.conf.reliable_redelivery_window = 600  # cap 540 s
@@ -315,6 +375,143 @@ def test_fresh_arrival_takes_no_token_meant_for_the_queue(redis_client: redis.Re
     assert isinstance(take(queue=False), Admitted)  # a plain take (retry budget) is no queue
 
 
+
+
+def bucket_take(client: redis.Redis, key: str, spec: BucketSpec,
+                slot: int | None = None) -> Admitted | Refused:
+    """One arrival at a queue bucket (cost 1), as ReliableTask._plan adds it."""
+    plan = Plan()
+    plan.add_bucket(key, spec, 1, slot=slot)
+    outcome = plan.admit(client)
+    assert isinstance(outcome, (Admitted, Refused))
+    return outcome
+
+
+def sleep_until(when: float) -> None:
+    time.sleep(max(0.0, when - time.monotonic()))
+
+
+def test_idle_bucket_with_tokens_admits_after_its_queue_was_purged(redis_client: redis.Redis,
+                                                                   prefix: str) -> None:
+    """A purged backlog leaves a dead queue: dropped once no token was taken for refill + grace.
+
+    Every refused arrival was given a slot and the tail ``q`` moved on; none of
+    them comes back (queue purged, tasks revoked or expired). The old code
+    deferred every fresh arrival behind the whole ghost queue while the bucket
+    sat full (a 1000/h bucket with the 1,200-task backlog of issue 11: nothing
+    for 72 minutes). Now a queue that nobody drained for the time the bucket
+    takes to fill up plus a grace (two steps and 2 s: 2 + 0.2 + 2 s here) is
+    dropped. The documented cost: an arrival before that queues behind the
+    ghosts, and runs when it comes back (at its slot or the cap).
+    """
+    key = KeySpace(prefix).queue_bucket("ghost")
+    spec = BucketSpec(rate=10, burst=20)
+    for _ in range(20):
+        assert isinstance(bucket_take(redis_client, key, spec), Admitted)
+    last_take = time.monotonic()
+    backlog = [bucket_take(redis_client, key, spec) for _ in range(200)]  # 20 s of slots
+    assert all(isinstance(r, Refused) and r.slot is not None for r in backlog)
+    # The backlog is purged: none of the 200 ever comes back.
+    sleep_until(last_take + 1.0)
+    early = bucket_take(redis_client, key, spec)  # within the grace: still behind the queue
+    assert isinstance(early, Refused) and early.slot is not None
+    assert time.monotonic() - last_take < 4.0, "the machine stalled: the grace is over"
+    assert early.retry_after is not None and early.retry_after > 15
+    # 4.2 s after the last take the bucket has been full for 2.2 s, nobody took a token.
+    sleep_until(last_take + 5.0)
+    fresh = bucket_take(redis_client, key, spec)
+    assert isinstance(fresh, Admitted), (
+        f"an idle bucket with {spec.burst:g} tokens deferred a fresh arrival by "
+        f"{fresh.retry_after:.1f}s behind a queue of ghosts")
+    # The early arrival comes back (at the cap) and a ghost after all: both count as fresh.
+    assert isinstance(bucket_take(redis_client, key, spec, slot=early.slot), Admitted)
+    ghost = backlog[-1].slot
+    assert ghost is not None
+    assert isinstance(bucket_take(redis_client, key, spec, slot=ghost), Admitted)
+    # No queue left: the bucket's tokens (20, three taken) go to fresh arrivals.
+    taken = [bucket_take(redis_client, key, spec) for _ in range(17)]
+    assert all(isinstance(r, Admitted) for r in taken)
+
+
+def test_sparse_draining_queue_is_not_dropped(redis_client: redis.Redis, prefix: str) -> None:
+    """A 1000/h bucket (a token every 3.6 s): a queue whose task comes back 3.4 s late is kept.
+
+    Between two takes of a healthy sparse queue the bucket (burst 1) fills up
+    and sits full while a late task (jitter, a busy worker) is on its way; the
+    queue must not be taken for dead then, or a fresh arrival would take the
+    token meant for the queued task.
+    """
+    key = KeySpace(prefix).queue_bucket("sparse")
+    spec = BucketSpec(rate=1000 / 3600, burst=1)
+    assert isinstance(bucket_take(redis_client, key, spec), Admitted)
+    start = time.monotonic()
+    queued = [bucket_take(redis_client, key, spec) for _ in range(2)]  # turns 3.6 and 7.2 s away
+    assert all(isinstance(r, Refused) and r.slot is not None for r in queued)
+    first = queued[0].slot
+    assert first is not None
+    # 7 s: full since 3.6 s, nobody took a token; the first queued is not back yet.
+    sleep_until(start + 7.0)
+    fresh = bucket_take(redis_client, key, spec)
+    assert isinstance(fresh, Refused), "a healthy sparse queue was dropped as dead"
+    assert fresh.slot is not None and fresh.slot > (queued[1].slot or 0)
+    assert isinstance(bucket_take(redis_client, key, spec, slot=first), Admitted)
+
+
+def test_raising_the_rate_speeds_up_the_queued_backlog(redis_client: redis.Redis,
+                                                       prefix: str) -> None:
+    """1/s with 20 queued, then 100/s: the backlog is rescheduled at 100/s, in the same order.
+
+    Slots were absolute times at the rate in force when each task was refused,
+    and fresh arrivals queued behind the old tail, so raising a rate to drain a
+    backlog (the usual operator response) had no effect until the old schedule
+    had run out: the 20th queued task still waited 19 s with 100 tokens in the
+    bucket. The queue's clock now rescales what is still ahead by old / new
+    rate around the change: the slots already handed out (in message headers)
+    keep their order and come one new step (10 ms) apart.
+    """
+    key = KeySpace(prefix).queue_bucket("sync")
+    slow, fast = BucketSpec(rate=1, burst=1), BucketSpec(rate=100, burst=100)
+    assert isinstance(bucket_take(redis_client, key, slow), Admitted)
+    queued = [bucket_take(redis_client, key, slow) for _ in range(20)]
+    assert all(isinstance(r, Refused) and r.slot is not None for r in queued)
+    slots = [r.slot or 0 for r in queued]
+    # Workers redeployed with 100/s; the last queued task comes back (at the cap).
+    time.sleep(1.0)  # a whole 100 tokens' time at the new rate
+    again = bucket_take(redis_client, key, fast, slot=slots[-1])
+    waits = 0.0 if isinstance(again, Admitted) else (again.retry_after or 0.0)
+    assert waits <= 0.3, f"at 100/s the 20th queued task still waits {waits:.1f}s (1/s schedule)"
+    if isinstance(again, Refused):
+        assert again.slot == slots[-1]  # same place, read through the new clock
+    # Every slot handed out maps through the same clock: same order, 10 ms apart.
+    a, b = (float(v) for v in redis_client.hmget(key, "a", "b"))
+    turns = [a + b * s for s in slots]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(turns)]
+    assert all(9 <= gap <= 11 for gap in gaps), gaps
+    # A fresh arrival at the new rate queues behind the rescaled tail, not the old one.
+    fresh = bucket_take(redis_client, key, fast)
+    if isinstance(fresh, Refused):
+        assert fresh.slot is not None and fresh.slot > slots[-1]
+        assert (fresh.retry_after or 0.0) <= 0.3
+    # The backlog drains at once, at the new rate.
+    for slot in slots:
+        outcome = bucket_take(redis_client, key, fast, slot=slot)
+        assert isinstance(outcome, Admitted) or (outcome.retry_after or 0.0) <= 0.3
+
+
+def test_lowering_the_rate_spreads_the_queued_backlog(redis_client: redis.Redis,
+                                                      prefix: str) -> None:
+    """10/s with 10 queued, then 1/s: the slots still ahead move ten times further, in order."""
+    key = KeySpace(prefix).queue_bucket("slower")
+    fast, slow = BucketSpec(rate=10, burst=1), BucketSpec(rate=1, burst=1)
+    assert isinstance(bucket_take(redis_client, key, fast), Admitted)
+    queued = [bucket_take(redis_client, key, fast) for _ in range(10)]  # 0.1 .. 1.0 s away
+    slots = [r.slot or 0 for r in queued]
+    last = bucket_take(redis_client, key, slow, slot=slots[-1])
+    assert isinstance(last, Refused) and last.slot == slots[-1]
+    assert last.retry_after is not None and 8.0 <= last.retry_after <= 10.5
+    b = float(redis_client.hget(key, "b") or 0)
+    gaps = [b * (later - earlier) for earlier, later in itertools.pairwise(slots)]
+    assert all(990 <= gap <= 1010 for gap in gaps), gaps
 
 
 def test_capped_backlog_keeps_its_order_and_drains_at_the_rate(redis_client: redis.Redis,

@@ -7,11 +7,8 @@ kills them by PID. Tokens are minted both by ``FencedLock`` and by a task's admi
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -35,7 +32,7 @@ from celery_reliable.runtime import runtime_for
 from celery_reliable.schema import create_tables
 from celery_reliable.scripts import script
 
-from .conftest import RedisServer, TcpProxy, wait_for
+from .conftest import LateProxy, RedisServer, wait_for
 
 RESOURCE = "order:7"
 
@@ -296,67 +293,6 @@ def test_late_copy_of_a_tasks_first_fenced_write_is_refused(
     status, _, _ = fenced_set(minter.client, [rkey], [token, "w1", h2, int(s2)])
     assert int(status) == 1  # the same write again: accepted, nothing changed
     assert minter.client.hmget(rkey, ["v", "s"]) == [b"w1", s2]
-
-
-class LateProxy(TcpProxy):
-    """A TcpProxy that delivers one request late, on its own connection only.
-
-    ``hold(marker)``: the next request containing ``marker`` is kept until
-    ``release()``, then reaches the server even if its client has given up and
-    closed the connection meanwhile; every other connection flows. This is a
-    lost TCP segment in retransmission backoff (RTO doubles: 0.2, 0.4, ...,
-    3.2 s): data already written to the socket is still delivered after the
-    client's ``close()``, followed by the FIN, while a new connection made after
-    the network healed gets through at once.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        super().__init__(target_port)
-        self._late: bytes | None = None
-        self._release = threading.Event()
-        self.delivered = threading.Event()
-
-    def hold(self, marker: bytes) -> None:
-        self._release.clear()
-        self.delivered.clear()
-        self._late = marker
-
-    def release(self) -> None:
-        self._release.set()
-
-    def stop(self) -> None:
-        self._release.set()
-        super().stop()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        if src.getsockname()[1] != self.port:  # the server's replies: as usual
-            super()._pipe(src, dst)
-            return
-        try:
-            while data := src.recv(65536):
-                late = self._late
-                if late is not None and late in data:
-                    self._late = None
-                    self._release.wait(30)
-                    dst.sendall(data)
-                    time.sleep(0.2)  # let the server read it before the FIN follows
-                    self.delivered.set()
-                    continue
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-
-@pytest.fixture
-def late_proxy(private_redis: RedisServer) -> Iterator[LateProxy]:
-    tcp = LateProxy(private_redis.port)
-    tcp.start()
-    yield tcp
-    tcp.stop()
 
 
 def test_late_duplicate_of_a_fenced_write_does_not_undo_a_later_write(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import redis
 
 from celery_reliable import FencedLock
+from celery_reliable.admission import Admitted, Plan, Release
 from celery_reliable.keys import KeySpace
+
+from .conftest import wait_for
 
 
 def test_tokens_strictly_increase_across_acquires(redis_client: redis.Redis, prefix: str) -> None:
@@ -75,6 +79,39 @@ def test_tokens_keep_growing_after_redis_loses_the_counter(
     lock2 = FencedLock(redis_client, "order:5", prefix=prefix)
     assert lock2.acquire() is not None
     assert lock2.token is not None and last is not None and lock2.token > last
+
+
+def test_fencing_counter_lives_while_its_resource_is_in_use(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    """Every acquire resets the fencing counter's TTL: it expires only after fence_ttl idle."""
+    keys = KeySpace(prefix)
+    fence_ttl = 3.0
+    counter = keys.fence("busy")
+
+    def acquire_and_release() -> int:
+        plan = Plan()
+        index = plan.add_lock(keys, "busy", secrets.token_hex(4), 5, fence_ttl=fence_ttl)
+        admitted = plan.admit(redis_client)
+        assert isinstance(admitted, Admitted)
+        token = admitted.results[index]
+        release = Release()
+        release.add_lock(keys.lock("busy"), plan.lock_value(index, token))
+        assert release.run(redis_client) == [1]
+        return token
+
+    tokens = [acquire_and_release()]
+    created = time.monotonic()
+    while time.monotonic() - created < 2.5 * fence_ttl:  # well past the creation's TTL
+        time.sleep(0.2)
+        assert redis_client.get(counter) == str(tokens[-1]).encode(), (
+            f"the counter expired {time.monotonic() - created:.1f} s after its creation, "
+            "while its resource was acquired every 0.2 s")
+        tokens.append(acquire_and_release())
+        assert redis_client.pttl(counter) > (fence_ttl - 1) * 1000  # just reset
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+    # Idle: it expires fence_ttl after the last acquire (tokens stay floored at the clock).
+    wait_for(lambda: not redis_client.exists(counter), fence_ttl + 10, "the idle counter to expire")
 
 
 def test_keys_never_contain_the_resource_name(redis_client: redis.Redis, prefix: str) -> None:

@@ -1,6 +1,8 @@
 --[[ admit.lua: decide every guard of one task execution, all-or-nothing, in ONE round trip.
 
-KEYS  the keys of each guard, in plan order
+KEYS  the keys of each guard, in plan order, then LAST this request's rollback
+      marker (Plan.admit: a fresh random name per request, in the plan's hash
+      tag), which rollback.lua writes when the client gave up on the request
         I (idempotency): record key
         L (lock):        lock key, fence key
         K (bulkhead):    slots zset, waiting zset, stats hash
@@ -14,12 +16,14 @@ ARGV  [1] plan: one letter per guard, e.g. "ILKB"
         L: holder, lease_ms, fence_ttl_ms; the lock's value becomes
            "<token> <holder>", holder = "<owner>" or "<owner>\n<task name>\n<label>"
            (admission.lock_holder: what `reliable locks` shows, kept in the
-           lease so it lives, renews and goes with it)
+           lease so it lives, renews and goes with it); fence_ttl_ms: the
+           fencing counter's TTL, reset by every acquire
         K: owner, concurrent, lease_ms, waiter id, queue size, timeout_ms,
            policy (wait|drop|fail)
         B: rate (tokens/s), burst (tokens), cost (tokens), slot: -1 a plain
            take that never queues (retry budget), 0 a fresh arrival, > 0 the
-           slot (server ms) this task was given in the bucket's queue before
+           slot this task was given in the bucket's queue before (a point of
+           the queue's clock: server ms until the bucket's rate changes)
         D: max_redeliveries, ttl_ms, owner
         C: open_ms, half_open_max, probe owner, probe_lease_ms
            (refused while open: retry_after = until it half-opens; while half-open
@@ -33,16 +37,23 @@ Returns
                              that just half-opened the breaker)
   {0, i, retry_after_ms}    guard i (1-based) refused for now (-1: unknown)
   {0, i, retry_after_ms, slot}  a bucket refused: the task's slot in its queue
-                            (server ms), to pass back as its slot next time
+                            (queue clock), to pass back as its slot next time
   {2, i, state, payload}    guard i is a finished idempotency record: replay it
   {3, i, fingerprint}       guard i's key was used with other arguments
   {4, i, reason}            guard i rejects for good: a full bulkhead's
                             drop | fail | queue (too many waiting) | timeout
   {5, i, deliveries}        guard i: the task was delivered and never finished more
                             than max_redeliveries times (its workers died): poison
+  {6}                       this request was rolled back before it arrived (it
+                            was delayed in the network past its client's
+                            timeout): nothing is checked or written
+The marker is checked first, before any guard: a request that arrives after its
+rollback (which found nothing to undo) would otherwise take a lock, a slot or a
+delivery entry that nobody owns. Costs one EXISTS per admission.
 Unless every guard admits, no token, slot, lock or record is taken. The only
 writes on a refusal are a full bulkhead's own bookkeeping (its waiting set
-and counters), sweeping expired slots and a bucket's queue tail (q). Time is
+and counters), sweeping expired slots and a bucket's queue (its tail q; its
+clock r, a, b on a rate change). Time is
 the server's (TIME).
 
 Idempotency record: a hash {s = P|S|F, f = fingerprint, o = owner,
@@ -59,6 +70,12 @@ local function clock()
     now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
     now_ms = math.floor(now_us / 1000)
   end
+end
+
+-- phase 0: a request whose client gave up and rolled it back does nothing (it
+-- reached Redis late: a segment in retransmission, a stalled server or proxy)
+if redis.call('EXISTS', KEYS[#KEYS]) == 1 then
+  return {6}
 end
 
 -- phase 1: check (reads only)
@@ -173,7 +190,7 @@ for g = 1, n do
     ki, ai = ki + 2, ai + 4
   elseif kind == 'B' then
     clock()
-    local b = redis.call('HMGET', KEYS[ki], 't', 'ts', 'q')
+    local b = redis.call('HMGET', KEYS[ki], 't', 'ts', 'q', 'r', 'a', 'b')
     local rate, burst, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
     local slot = tonumber(ARGV[ai + 3])
     local tokens, ts = tonumber(b[1]), tonumber(b[2])
@@ -184,28 +201,63 @@ for g = 1, n do
     if now_ms > ts then
       avail = math.min(burst, tokens + (now_ms - ts) * rate / 1000)
     end
-    local q = tonumber(b[3] or '0')
-    seen[g] = {tokens, ts, q}
     -- A virtual queue of the refused, q its tail: each refused task gets the
     -- next free slot, one token's time apart, and keeps it (its message carries
     -- it back, as slot) however often it is deferred before its turn, since a
     -- deferral is capped by the broker's redelivery window. Bookkeeping only:
     -- no token is reserved, so a slot lost with its task costs nothing but
     -- that token's time (unused tokens pile up to burst as usual).
+    --
+    -- Places (q, slots) are points of the queue's own clock v, server ms =
+    -- va + vb * v (fields a, b; the identity until the rate changes). An
+    -- arrival whose rate differs from the rate the queue was scheduled at
+    -- (field r) rescales every distance still ahead by r / rate around now
+    -- (va, vb change; places do not): the backlog drains at the new rate, in
+    -- the same order, and the slots already handed out follow, read through
+    -- the same clock. (Tasks sharing a key with different rates: the queue
+    -- runs at the rate of the latest arrival.)
+    local va, vb = tonumber(b[5] or '0'), tonumber(b[6] or '1')
+    local issued = tonumber(b[4] or '')
+    local q = tonumber(b[3] or '0')
+    if issued and issued ~= rate then
+      local f = issued / rate
+      va, vb = now_ms + (va - now_ms) * f, vb * f
+      redis.call('HSET', KEYS[ki], 'r', ARGV[ai], 'a', string.format('%.17g', va),
+                 'b', string.format('%.17g', vb))
+      local keep = math.ceil(va + vb * q - now_ms + burst * 1000 / rate) + 1000
+      if redis.call('PTTL', KEYS[ki]) < keep then
+        redis.call('PEXPIRE', KEYS[ki], keep)
+      end
+    end
+    local qr = va + vb * q  -- the tail, server ms
     local step = cost * 1000 / rate
+    -- A queue that does not drain is dead: each queued task takes a token at
+    -- its turn, so while one is alive the bucket never stays full. If nobody
+    -- took a token since it filled up again (plus a grace of two steps and 2 s
+    -- for late comebacks), its tasks are gone (purged, revoked, expired) and
+    -- the queue is dropped: fresh arrivals take the tokens again, and a slot of
+    -- it that comes back after all is voided below (fresh). A lost queue thus
+    -- costs at most: arrivals within that time of the last take wait behind
+    -- it until their slot or the cap, whichever is sooner.
+    if qr > now_ms and now_ms > ts + math.max(0, burst - tokens) * 1000 / rate
+                                  + 2 * step + 2000 then
+      q, qr = (now_ms - va) / vb, now_ms
+      redis.call('HSET', KEYS[ki], 'q', q)
+    end
+    seen[g] = {tokens, ts, qr}
     if slot > 0 and q <= slot then
       slot = 0  -- q only grows past every slot it gave: this bucket lost its queue
     end
-    if slot > 0 and slot > now_ms then
+    if slot > 0 and va + vb * slot > now_ms then
       -- its turn has not come: come back then, in the same place (q unchanged)
-      return {0, g, math.ceil(slot - now_ms), slot}
+      return {0, g, math.ceil(va + vb * slot - now_ms), slot}
     end
-    if slot == 0 and q > now_ms then
+    if slot == 0 and qr > now_ms then
       -- a queue exists: a fresh arrival takes no token ahead of it (the tokens
       -- that build up while it drains are for the queued, in slot order)
-      redis.call('HSET', KEYS[ki], 'q', q + step)
-      redis.call('PEXPIRE', KEYS[ki], math.ceil(q - now_ms + burst * 1000 / rate) + 1000)
-      return {0, g, math.ceil(q - now_ms), q}
+      redis.call('HSET', KEYS[ki], 'q', q + step / vb, 'r', ARGV[ai])
+      redis.call('PEXPIRE', KEYS[ki], math.ceil(qr - now_ms + burst * 1000 / rate) + 1000)
+      return {0, g, math.ceil(qr - now_ms), q}
     end
     if avail < cost then
       local wait = (cost - avail) * 1000 / rate
@@ -218,16 +270,16 @@ for g = 1, n do
       if slot > 0 then
         -- its turn came but an earlier one took the token: retry when the next
         -- is there, still ahead of fresh arrivals (q moves behind it)
-        if q < now_ms + wait + step then
-          redis.call('HSET', KEYS[ki], 'q', now_ms + wait + step)
+        if qr < now_ms + wait + step then
+          redis.call('HSET', KEYS[ki], 'q', (now_ms + wait + step - va) / vb, 'r', ARGV[ai])
           redis.call('PEXPIRE', KEYS[ki], math.ceil(wait + burst * 1000 / rate) + 1000)
         end
         return {0, g, math.ceil(wait), slot}
       end
-      local at = now_ms + wait  -- q <= now_ms here: the queue is empty
-      redis.call('HSET', KEYS[ki], 'q', at + step)
+      local at = now_ms + wait  -- qr <= now_ms here: the queue is empty
+      redis.call('HSET', KEYS[ki], 'q', (at + step - va) / vb, 'r', ARGV[ai])
       redis.call('PEXPIRE', KEYS[ki], math.ceil(at - now_ms + burst * 1000 / rate) + 1000)
-      return {0, g, math.ceil(at - now_ms), at}
+      return {0, g, math.ceil(at - now_ms), (at - va) / vb}
     end
     ki, ai = ki + 1, ai + 4
   else
@@ -257,17 +309,13 @@ for g = 1, n do
     -- minted since then were clock readings (a resource is locked far less
     -- often than once per microsecond), so the clock now is past all of them,
     -- as long as it did not step back by more than the time between the loss
-    -- and this acquire. The counter expires fence_ttl after its creation (never
-    -- refreshed: KEEPTTL). Costs one TIME and one SET per acquire.
+    -- and this acquire. Every acquire resets the counter's TTL: it expires only
+    -- after fence_ttl without an acquire. Costs one TIME and one SET per acquire.
     clock()
     local last = tonumber(redis.call('GET', KEYS[ki + 1]) or '0')
     local token = math.max(last + 1, now_us)
     local tok = string.format('%.0f', token)
-    if last == 0 then
-      redis.call('SET', KEYS[ki + 1], tok, 'PX', ARGV[ai + 2])
-    else
-      redis.call('SET', KEYS[ki + 1], tok, 'KEEPTTL')
-    end
+    redis.call('SET', KEYS[ki + 1], tok, 'PX', ARGV[ai + 2])
     redis.call('SET', KEYS[ki], tok .. ' ' .. ARGV[ai], 'PX', ARGV[ai + 1])
     out[#out + 1] = token
     ki, ai = ki + 2, ai + 3
@@ -315,7 +363,8 @@ for g = 1, n do
       tokens = math.min(burst, tokens + (now_ms - ts) * rate / 1000)
     end
     tokens = tokens - cost
-    redis.call('HSET', KEYS[ki], 't', tostring(tokens), 'ts', math.max(ts, now_ms))
+    redis.call('HSET', KEYS[ki], 't', tostring(tokens), 'ts', math.max(ts, now_ms),
+               'r', ARGV[ai])
     -- expire when full again, also after the last queued slot (q - one step) took its token
     local ttl = math.max((burst - tokens) * 1000 / rate,
                          q - cost * 1000 / rate - now_ms + burst * 1000 / rate)

@@ -7,9 +7,12 @@ owner (unique per execution), and nothing else.
 KEYS  one per entry, in ARGV[1] order
         I: idempotency record      L: lock key           K: bulkhead slots zset
         C: breaker probes zset     D: delivery set of the task id
+      then, optionally, the admission request's marker (the last key admit.lua
+      was given)
 ARGV  [1] one letter per entry, e.g. "DILK"
       then one owner per entry: the execution's owner given to admit.lua (for L,
       the holder given to admit.lua: the owner, or owner, task name and label)
+      then, with a marker, its TTL in ms
 Returns {r1, r2, ...}: 1 removed, 0 nothing of ours there (admission did not
         run, or it was already undone, released or taken over)
 Safe to run twice, and safe when admission never ran: an entry goes only if it
@@ -22,9 +25,17 @@ carries this owner.
      left alone)
 Bucket tokens are not refunded (see Plan.rollback). The fencing counter keeps
 the token the admission minted: a skipped token is harmless.
+The marker (SET PX, written whatever was found) makes the admission request, if
+it has not reached Redis yet (delayed in the network, or queued behind a stalled
+server), do nothing when it does: admit.lua checks it before anything else. It
+must outlive any such delay; Plan.rollback gives it the plan's longest lease, at
+least ten minutes.
 ]]
 local kinds = ARGV[1]
 local out = {}
+if #KEYS > #kinds then
+  redis.call('SET', KEYS[#kinds + 1], 1, 'PX', ARGV[#kinds + 2])
+end
 for g = 1, #kinds do
   local kind, key, owner = string.sub(kinds, g, g), KEYS[g], ARGV[g + 1]
   local removed = 0
