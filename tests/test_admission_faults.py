@@ -6,6 +6,7 @@ import logging
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -95,7 +96,7 @@ def test_admission_is_sent_once_on_redis_cluster(tmp_path: Path) -> None:
     """RedisCluster (its own retry loop): a lost admission reply is not resent either."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    port = free_port()
+    port = _cluster_port()
     proxy = TcpProxy(port)  # the node announces the proxy: every client path goes through it
     proxy.start()
     server = subprocess.Popen(
@@ -131,6 +132,24 @@ def test_admission_is_sent_once_on_redis_cluster(tmp_path: Path) -> None:
         server.kill()
         server.wait(10)
         proxy.stop()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster-bus port (port + 10000) is valid and free too.
+
+    Ephemeral ports run up to 60999: one above 55535 has no cluster bus and
+    redis-server refuses to start (this made the test flaky).
+    """
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
 
 
 def _pings(client: redis.Redis) -> bool:
