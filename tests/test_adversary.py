@@ -1,14 +1,16 @@
-"""Adversarial review of issue 11's second-round fixes: each test reproduces a defect (xfail strict)."""
+"""Adversarial review of issue 11's second-round fixes: each test reproduces a defect."""
 
 from __future__ import annotations
 
 import os
+import sys
+from types import FrameType
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
-from celery.exceptions import Retry
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from celery_reliable import FencedLock, ReliableTask
 from celery_reliable.errors import StaleFenceToken
@@ -30,7 +32,8 @@ class _LoggingRetryTask(ReliableTask):  # type: ignore[misc]
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="retry() recognises Celery's autoretry wrapper only as its direct "
-                          "caller: a subclass overriding retry() hides it, the backoff is not capped")
+                          "caller: a subclass overriding retry() hides it, the backoff is not "
+                          "capped")
 def test_autoretry_backoff_through_a_subclass_retry_is_capped(app: Celery, prefix: str) -> None:
     """An autoretry_for + retry_backoff delay escapes the cap when a subclass overrides retry().
 
@@ -109,3 +112,51 @@ def test_forked_writers_of_one_holder_never_lose_a_write_silently(redis_url: str
         lock.release()
         client.delete(key)
         client.close()
+
+
+def _interrupt_at(function: str) -> None:
+    """Raise SoftTimeLimitExceeded when ``celery_reliable.task``'s ``function`` is entered.
+
+    Celery's soft time limit is a signal handler raising at whatever bytecode the
+    main thread is running; this delivers it at a chosen one, deterministically.
+    """
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> None:
+        if (event == "call" and frame.f_code.co_name == function
+                and frame.f_globals.get("__name__") == "celery_reliable.task"):
+            sys.settrace(None)
+            raise SoftTimeLimitExceeded("soft time limit (test)")
+
+    sys.settrace(tracer)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="an interruption after admit.lua's reply and before _hold's leases "
+                          "are registered is neither rolled back nor settled: the lock (and "
+                          "slot, record, delivery entry) outlive the delivery until their TTL")
+def test_interruption_between_admission_and_hold_leaks_nothing(app: Celery,
+                                                              prefix: str) -> None:
+    """A soft time limit landing just after admission (before _hold) leaks the task's lock.
+
+    _admit rolls back on a BaseException only around plan.admit(), and settles on
+    one only after _hold(); in between (health bookkeeping, _hold itself, which
+    runs metrics and the breaker's signal handlers: user code) an interruption
+    propagates with everything admitted still held. The next delivery of the
+    same task is then deferred behind its predecessor's ghost lock for the
+    lock's whole TTL (here 300 s).
+    """
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="adv.interrupted",
+              lock="adv-interrupted", lock_ttl=300)
+    def guarded(self: Any) -> str:
+        return "ran"
+
+    queue = f"q{prefix}"
+    _interrupt_at("_hold")
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            deliver(guarded, queue=queue)
+    finally:
+        sys.settrace(None)
+    again = deliver(guarded, queue=queue)
+    assert again == "ran", f"the next delivery did not run: {again!r} (the lock leaked)"
