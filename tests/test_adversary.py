@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from types import FrameType
 from typing import Any
 
@@ -13,8 +14,11 @@ from celery import Celery
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from celery_reliable import FencedLock, ReliableTask
+from celery_reliable.admission import Admitted, Plan
 from celery_reliable.errors import StaleFenceToken
 from celery_reliable.fencing import RedisFence
+from celery_reliable.keys import KeySpace
+from celery_reliable.runtime import Heartbeat, Lease
 
 from .test_countdown_cap import app, deliver
 
@@ -160,3 +164,103 @@ def test_interruption_between_admission_and_hold_leaks_nothing(app: Celery,
         sys.settrace(None)
     again = deliver(guarded, queue=queue)
     assert again == "ran", f"the next delivery did not run: {again!r} (the lock leaked)"
+
+
+#: The keyword arguments redis-py 5.0's ``Connection`` takes (pyproject: ``redis>=5``);
+#: 6.4 takes the same that matter here: neither has ``orig_socket_timeout``.
+_REDIS_50_CONNECTION_KWARGS = frozenset({
+    "client_name", "command_packer", "credential_provider", "db", "decode_responses",
+    "encoding", "encoding_errors", "health_check_interval", "host", "lib_name", "lib_version",
+    "parser_class", "password", "port", "protocol", "redis_connect_func", "retry",
+    "retry_on_error", "retry_on_timeout", "socket_connect_timeout", "socket_keepalive",
+    "socket_keepalive_options", "socket_read_size", "socket_timeout", "socket_type",
+    "username",
+})
+
+
+def _redis50_client(url: str) -> redis.Redis:
+    """A client whose pool and connections take only what redis-py 5.0's take.
+
+    The installed redis-py is newer; this stands in for the oldest version
+    pyproject accepts: its pool's connection settings are what a 5.0 pool
+    holds (the newer keys it adds itself are left out), and a keyword 5.0's
+    ``Connection`` does not know raises TypeError, as it does there.
+    """
+
+    class Redis50Connection(redis.Connection):
+        def __init__(self, **kwargs: Any) -> None:
+            extra = sorted(set(kwargs) - _REDIS_50_CONNECTION_KWARGS)
+            if extra:
+                raise TypeError("AbstractConnection.__init__() got an unexpected keyword "
+                                f"argument {extra[0]!r}")
+            super().__init__(**kwargs)
+
+    pool = redis.ConnectionPool.from_url(url, connection_class=Redis50Connection)
+    pool.connection_kwargs = {name: value for name, value in pool.connection_kwargs.items()
+                              if name in _REDIS_50_CONNECTION_KWARGS}
+    client = redis.Redis(connection_pool=pool)
+    assert client.ping()  # the pool's own connections work
+    return client
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="runtime._Link builds the heartbeat's connection with "
+                          "orig_socket_timeout/orig_socket_connect_timeout, which redis-py "
+                          "< 7 (5.0.8 and 6.4.0 checked; pyproject says redis>=5) rejects: "
+                          "the heartbeat thread dies, no lease is ever renewed")
+def test_heartbeat_renews_with_the_oldest_supported_redis_py(redis_url: str,
+                                                            prefix: str) -> None:
+    """With redis-py 5.0 the heartbeat never renews: a 2 s lease is gone after 4 s.
+
+    ``_Link.call`` passes ``orig_socket_timeout`` and ``orig_socket_connect_timeout``
+    (redis-py 7's maintenance-notification parameters) to the pool's connection
+    class; redis-py 5.0.8 and 6.4.0 raise TypeError, which is not a RedisError:
+    it escapes ``Heartbeat.renew`` and kills the heartbeat thread (each
+    ``add()`` starts one that dies again). Every lock, idempotency lease,
+    bulkhead slot and probe then expires at its first TTL while its task runs.
+    Reproduced for real with ``pip install --target /tmp/r5 redis==5.0.8`` and
+    PYTHONPATH=/tmp/r5.
+    """
+    client = _redis50_client(redis_url)
+    key = f"{prefix}:lease"
+    client.set(key, "me", px=2000)
+    heartbeat = Heartbeat(client)
+    lease = Lease("L", key, "me", 2.0, time.monotonic(), "test lock")
+    try:
+        heartbeat.add(lease)
+        time.sleep(4.0)  # two TTLs: a live heartbeat renews at ttl/3
+        assert client.pttl(key) > 0 and not lease.lost, (
+            f"the lease was not renewed (PTTL {client.pttl(key)}, lost={lease.lost})")
+    finally:
+        heartbeat.stop()
+        client.delete(key)
+        client.close()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="admission._call_within (the interrupted-admission rollback) passes "
+                          "orig_socket_timeout to the connection class, which redis-py < 7 "
+                          "rejects: an interrupted admission is never rolled back there")
+def test_interrupted_rollback_works_with_the_oldest_supported_redis_py(redis_url: str,
+                                                                     prefix: str) -> None:
+    """With redis-py 5.0 the bounded rollback of an interrupted admission raises TypeError.
+
+    ``Plan.rollback(timeout=...)`` (what ReliableTask._admit and FencedLock.acquire
+    run on SoftTimeLimitExceeded/SystemExit) builds its own connection with
+    redis-py 7's ``orig_*`` keywords; the callers swallow the TypeError, so the
+    lock stays held until its TTL and no marker stops a late request.
+    """
+    client = _redis50_client(redis_url)
+    keys = KeySpace(prefix)
+    plan = Plan()
+    plan.add_lock(keys, "interrupted", "owner-1", 300)
+    try:
+        assert isinstance(plan.admit(client), Admitted)  # the lock is taken
+        try:
+            undone = plan.rollback(client, attempts=2, timeout=1.0)
+        except TypeError as exc:
+            raise AssertionError(f"the bounded rollback failed: {exc}") from exc
+        assert undone == [1]
+    finally:
+        client.delete(keys.lock("interrupted"), keys.fence("interrupted"))
+        client.close()
