@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import sys
 import time
 from types import FrameType
@@ -19,7 +21,9 @@ from celery_reliable.errors import StaleFenceToken
 from celery_reliable.fencing import RedisFence
 from celery_reliable.keys import KeySpace
 from celery_reliable.runtime import Heartbeat, Lease
+from celery_reliable.scripts import script
 
+from .conftest import LateProxy, RedisServer, TcpProxy
 from .test_countdown_cap import app, deliver
 
 __all__ = ["app"]  # the fixture, re-exported so pytest finds it here
@@ -264,3 +268,80 @@ def test_interrupted_rollback_works_with_the_oldest_supported_redis_py(redis_url
     finally:
         client.delete(keys.lock("interrupted"), keys.fence("interrupted"))
         client.close()
+
+
+class _LateAndLostProxy(LateProxy):
+    """LateProxy (one request held until release()) that can also lose replies (TcpProxy)."""
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        if src.getsockname()[1] != self.port:  # the server's replies: TcpProxy's, held or not
+            TcpProxy._pipe(self, src, dst)
+            return
+        replies = self._replies[src]
+        try:
+            while data := src.recv(65536):
+                marker = self._marker
+                if marker is not None and marker in data:
+                    replies.clear()  # this request runs; its reply is lost
+                late = self._late
+                if late is not None and late in data:
+                    self._late = None
+                    self._release.wait(30)
+                    dst.sendall(data)
+                    time.sleep(0.2)
+                    self.delivered.set()
+                    continue
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="rollback.lua matches a lock by holder only: a rollback request "
+                          "delayed in the network deletes the lock a later acquire with the "
+                          "same owner took (the marker stops late admissions, not late "
+                          "rollbacks)")
+def test_late_rollback_never_frees_a_later_acquire_of_the_same_owner(
+    private_redis: RedisServer, prefix: str,
+) -> None:
+    """A delayed first rollback send deletes the lock of the owner's next, successful acquire.
+
+    FencedLock.acquire(owner=...) with a stable owner (a host:pid, as the marker's
+    commit intends to support: "a FencedLock retried with the same owner is not
+    refused"). Acquire #1 runs but its reply is lost; its rollback's first send
+    is delayed (a segment in retransmission), the second gets through and
+    undoes #1. The caller retries: acquire #2 (same owner) takes the lock. Then
+    the first rollback send arrives: rollback.lua compares only the holder after
+    the token, finds its owner, and deletes #2's lock. A third client acquires
+    while #2 still holds: two holders.
+    """
+    direct = redis.Redis(port=private_redis.port)
+    for name in ("admit", "rollback", "complete", "renew"):
+        direct.script_load(script(name).source)
+    proxy = _LateAndLostProxy(private_redis.port)
+    proxy.start()
+    client = redis.Redis(port=proxy.port, socket_timeout=0.5)
+    try:
+        lock = FencedLock(client, "account-7", prefix=prefix, ttl=60)
+        proxy.lose_replies(script("admit").sha.encode())
+        proxy.hold(script("rollback").sha.encode())
+        with pytest.raises(redis.TimeoutError):
+            lock.acquire(owner="worker-a:4242")  # #1 ran; its first rollback send is late
+        proxy.resume()
+        token = lock.acquire(owner="worker-a:4242")  # the caller retries: #2 holds the lock
+        assert token is not None
+        proxy.release()  # the first rollback send of #1 reaches Redis
+        assert proxy.delivered.wait(10)
+        time.sleep(0.2)
+        other = FencedLock(direct, "account-7", prefix=prefix, ttl=60).acquire(owner="worker-b")
+        assert other is None, (
+            f"a second holder got the lock (token {other}) while acquire #2 (token {token}) "
+            "holds it: #1's late rollback deleted it")
+    finally:
+        proxy.stop()
+        client.close()
+        direct.close()
