@@ -124,20 +124,23 @@ def test_forked_writers_of_one_holder_never_lose_a_write_silently(redis_url: str
         client.close()
 
 
-def _interrupt_at(function: str) -> None:
+def _interrupt_at(function: str) -> Any:
     """Raise SoftTimeLimitExceeded when ``celery_reliable.task``'s ``function`` is entered.
 
     Celery's soft time limit is a signal handler raising at whatever bytecode the
     main thread is running; this delivers it at a chosen one, deterministically.
+    Returns the trace function it replaced (a coverage tracer), to put back.
     """
+    previous = sys.gettrace()
 
     def tracer(frame: FrameType, event: str, arg: Any) -> None:
         if (event == "call" and frame.f_code.co_name == function
                 and frame.f_globals.get("__name__") == "celery_reliable.task"):
-            sys.settrace(None)
+            sys.settrace(previous)
             raise SoftTimeLimitExceeded("soft time limit (test)")
 
     sys.settrace(tracer)
+    return previous
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
@@ -162,12 +165,12 @@ def test_interruption_between_admission_and_hold_leaks_nothing(app: Celery,
         return "ran"
 
     queue = f"q{prefix}"
-    _interrupt_at("_hold")
+    previous = _interrupt_at("_hold")
     try:
         with pytest.raises(SoftTimeLimitExceeded):
             deliver(guarded, queue=queue)
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
     again = deliver(guarded, queue=queue)
     assert again == "ran", f"the next delivery did not run: {again!r} (the lock leaked)"
 
