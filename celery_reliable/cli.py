@@ -570,14 +570,15 @@ def dlq_show(letter_id: int) -> None:
 
 @dlq.command("replay")
 @click.argument("letter_id", metavar="ID", type=int)
+@click.option("--force", is_flag=True, help="Replay a letter that was already replayed.")
 @_guarded
-def dlq_replay(letter_id: int) -> None:
-    """Re-publish a dead letter's task (new task id, attempts reset)."""
+def dlq_replay(letter_id: int, force: bool) -> None:
+    """Re-publish a dead letter's task (new task id, attempts reset), once."""
     letters = _letters()
     letter = _letter(letters, letter_id)
     try:
-        new_id = letters.replay(letter_id)
-    except ValueError as exc:  # not replayable
+        new_id = letters.replay(letter_id, force=force)
+    except ValueError as exc:  # not replayable, or already replayed
         raise click.ClickException(_one_line(exc)) from None
     _console().print(f"dead letter {letter_id} ({letter.task_name}) replayed as task {new_id}")
 

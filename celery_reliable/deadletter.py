@@ -184,8 +184,14 @@ class DeadLetters:
             raise KeyError(f"no dead letter with id {letter_id}")
         return self._letter(row)
 
-    def replay(self, letter_id: int) -> str:
+    def replay(self, letter_id: int, *, force: bool = False) -> str:
         """Re-publish the task with a new id and attempts reset; returns the new task id.
+
+        A letter is replayed once: a second ``replay`` (two operators, a
+        retried script) raises ``ValueError`` naming the earlier replay, since
+        a task without an idempotency key would run twice. ``force=True``
+        replays it again on purpose. Concurrent replays of one letter are
+        serialised on its row (``SELECT ... FOR UPDATE``).
 
         The replay is the same call: the same arguments, the same message headers
         (:func:`call_headers`, so the producer's ``idempotency_key`` with them) and
@@ -211,6 +217,13 @@ class DeadLetters:
         if letter.headers:
             options["headers"] = dict(letter.headers)
         with self.engine.begin() as conn:
+            earlier = conn.execute(select(dead_letters.c.replayed_as)
+                                   .where(dead_letters.c.id == letter_id)
+                                   .with_for_update()).scalar()
+            if earlier is not None and not force:
+                raise ValueError(f"dead letter {letter_id} ({letter.task_name}) was already "
+                                 f"replayed as task {earlier}; replay it again with force=True "
+                                 "(`reliable dlq replay --force`)")
             restore = self._forget_kept_failure(conn, letter)
             try:
                 result = self.app.send_task(letter.task_name, args=letter.args,

@@ -232,10 +232,17 @@ def test_dlq_replay_publishes_the_task(cli_env: dict[str, str], engine: sa.Engin
     assert message["headers"]["id"] == new_id
     assert re.search(rf"replayed as\s+{new_id}", ok(cli_env, "dlq", "show", str(letter_id)))
 
+    # a letter is replayed once: a second replay would run a task without a key twice
+    again = one_line_error(cli(cli_env, "dlq", "replay", str(letter_id)))
+    assert f"already replayed as task {new_id}" in again and "--force" in again
+    assert broker.llen(queue) == 1
+    forced = ok(cli_env, "dlq", "replay", "--force", str(letter_id))
+    assert "replayed as task" in forced and broker.llen(queue) == 2
+
     unreplayable = letter(engine, "cli.charge", args=[object()])
     error = one_line_error(cli(cli_env, "dlq", "replay", str(unreplayable)))
     assert "cannot be replayed" in error
-    assert broker.llen(queue) == 1
+    assert broker.llen(queue) == 2
 
 
 def test_dlq_purge_by_id_and_age(cli_env: dict[str, str], engine: sa.Engine,
