@@ -13,8 +13,10 @@ option.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import importlib
 import inspect
 import string
 from collections.abc import Callable, Mapping
@@ -585,6 +587,16 @@ class ReliableSettings:
                 f"{owner}: reliable_django_database needs reliable_idempotency_store='postgres' "
                 "(records kept in Redis only have no transaction to share with the ORM)"
             )
+        if values["reliable_django_database"] is not None:
+            # Imported now, in the thread that binds the task, rather than on the first
+            # task's first use, inside a pool thread: CPython 3.11 keeps its AST depth
+            # counter in state shared between threads, so an import through pytest's
+            # assertion rewriter (it rewrites every module of a pytest11 plugin's package)
+            # racing another thread's ast.parse (Celery formatting a deferral's traceback)
+            # fails with "AST constructor recursion depth mismatch" (seen in test_django).
+            # Without Django installed the task refuses to run later, as before.
+            with contextlib.suppress(ImportError):
+                importlib.import_module("celery_reliable.contrib.django.record")
         return cls(
             redis_url=values["reliable_redis_url"],
             redis_socket_timeout=values["reliable_redis_socket_timeout"],

@@ -419,3 +419,31 @@ def test_reliable_migrate_management_command_creates_the_tables() -> None:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+BIND_ONLY = """
+import sys
+from celery import Celery
+from celery_reliable import ReliableTask
+app = Celery("bind", broker="memory://")
+app.conf.update(reliable_django_database="default",
+                reliable_database_url="postgresql://app@127.0.0.1:1/app")
+
+@app.task(base=ReliableTask, bind=True, shared=False, idempotency_key="k:{n}")
+def pay(self, n):
+    return n
+
+app.finalize()
+print("celery_reliable.contrib.django.record" in sys.modules)
+"""
+
+
+def test_the_django_record_module_is_imported_when_the_task_binds() -> None:
+    """With reliable_django_database, binding imports the record module, so a pool thread
+    never imports it first (a thread's import through pytest's rewriter raced a traceback
+    in another: "AST constructor recursion depth mismatch" in CPython 3.11)."""
+    done = subprocess.run([sys.executable, "-c", BIND_ONLY], cwd=ROOT, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
