@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import sys
 import time
@@ -17,8 +16,6 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from celery_reliable import FencedLock, ReliableTask
 from celery_reliable.admission import Admitted, Plan
-from celery_reliable.errors import StaleFenceToken
-from celery_reliable.fencing import RedisFence
 from celery_reliable.keys import KeySpace
 from celery_reliable.runtime import Heartbeat, Lease
 from celery_reliable.scripts import script
@@ -65,63 +62,6 @@ def test_autoretry_backoff_through_a_subclass_retry_is_capped(app: Celery, prefi
     retry = deliver(computed, queue=f"q{prefix}")
     assert isinstance(retry, Retry)
     assert float(retry.when) <= 54, f"autoretry countdown {retry.when}s beyond the 54 s cap"
-
-
-def _write_in_child(url: str, key: str, value: str, token: int, holder: str) -> int:
-    """Fork; the child writes ``value`` through RedisFence.set (default seq) and exits.
-
-    Returns the child's exit code: 0 the write returned (accepted), 1 it raised
-    StaleFenceToken/SupersededWrite, 2 anything else.
-    """
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 2
-        try:
-            client = redis.Redis.from_url(url)
-            try:
-                RedisFence(client).set(key, value, token, holder=holder)
-                code = 0
-            except StaleFenceToken:
-                code = 1
-            finally:
-                client.close()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the write number is a process-wide counter copied by fork: two "
-                          "forked children of one holder draw the same seq, and the second "
-                          "write is taken for a resend of the first: success, not written")
-def test_forked_writers_of_one_holder_never_lose_a_write_silently(redis_url: str,
-                                                                 prefix: str) -> None:
-    """A holder's write from a forked child returns success but is not written (same seq).
-
-    A body that holds a FencedLock and fans its writes out to a fork-started
-    ``multiprocessing`` pool: every child continues the parent's write counter
-    from the same value, so two children draw the same ``seq`` for the same
-    holder and token. fenced_set.lua takes the second for a resend of the first
-    ("the same write again: accepted, nothing changed"): RedisFence.set returns
-    normally, the value is the first child's. A write must be applied or
-    refused (SupersededWrite), never acknowledged and dropped.
-    """
-    client = redis.Redis.from_url(redis_url)
-    lock = FencedLock(client, f"{prefix}:res", prefix=prefix, ttl=30)
-    token = lock.acquire()
-    assert token is not None and lock.holder is not None
-    key = f"{prefix}:fenced"
-    try:
-        assert _write_in_child(redis_url, key, "first child", token, lock.holder) == 0
-        second = _write_in_child(redis_url, key, "second child", token, lock.holder)
-        value, _ = RedisFence(client).get(key)
-        assert second == 1 or value == b"second child", (
-            f"the second child's write returned success but the value is {value!r}")
-    finally:
-        lock.release()
-        client.delete(key)
-        client.close()
 
 
 def _interrupt_at(function: str) -> Any:
