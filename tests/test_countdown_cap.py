@@ -295,6 +295,69 @@ def test_autoretry_backoff_is_capped_and_retry_kwargs_countdown_kept(
     assert "beyond the broker's redelivery window" in caplog.text
 
 
+class _LoggingRetryTask(ReliableTask):  # type: ignore[misc]
+    """A house base class that wraps every retry (logging, metrics), then defers to ours."""
+
+    abstract = True
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        return super().retry(*args, **kwargs)
+
+
+class _RetryIn600Task(_LoggingRetryTask):  # type: ignore[misc]
+    """A base class whose retry() override sets its own countdown (kept: it wrote it)."""
+
+    abstract = True
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["countdown"] = 600
+        return super().retry(*args, **kwargs)
+
+
+def test_autoretry_backoff_through_a_subclass_retry_is_capped(
+    app: Celery, prefix: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An autoretry_for + retry_backoff delay is capped also through base classes' retry().
+
+    ``ReliableTask.retry`` used to recognise Celery's wrapper only as its
+    direct caller (``sys._getframe(1)``): with a base class that wraps
+    ``retry()`` that frame is the override, so the 4000 s countdown Celery
+    computed was kept (a warning only) and the broker (60 s visibility timeout)
+    redelivered the held ETA message meanwhile. A countdown the override itself
+    wrote, and one a body passes to ``self.retry()`` under the wrapper, stay
+    the caller's: kept, with a warning.
+    """
+    app.conf.broker_transport_options = {"visibility_timeout": 60}  # cap 54 s
+
+    @app.task(base=_LoggingRetryTask, bind=True, shared=False, name="cap.auto_backoff_sub",
+              autoretry_for=(KeyError,), retry_backoff=4000, retry_backoff_max=7200,
+              retry_jitter=False, max_retries=5)
+    def computed(self: Any) -> str:
+        raise KeyError("listed in autoretry_for")
+
+    @app.task(base=_RetryIn600Task, bind=True, shared=False, name="cap.auto_override",
+              autoretry_for=(KeyError,), retry_backoff=4000, retry_backoff_max=7200,
+              retry_jitter=False, max_retries=5)
+    def overridden(self: Any) -> str:
+        raise KeyError("listed in autoretry_for")
+
+    @app.task(base=_LoggingRetryTask, bind=True, shared=False, name="cap.auto_own",
+              autoretry_for=(KeyError,), retry_backoff=4000, max_retries=5)
+    def own(self: Any) -> str:
+        raise self.retry(countdown=4000)  # the body's own, under the autoretry wrapper
+
+    retry = deliver(computed, queue=f"q{prefix}")
+    assert isinstance(retry, Retry)
+    assert float(retry.when) == pytest.approx(54), \
+        f"autoretry countdown {retry.when}s beyond the 54 s cap"
+    with caplog.at_level(logging.WARNING, logger="celery_reliable"):
+        kept = deliver(overridden, queue=f"q{prefix}")
+        assert isinstance(kept, Retry) and float(kept.when) == 600
+        written = deliver(own, queue=f"q{prefix}")
+        assert isinstance(written, Retry) and float(written.when) == 4000
+    assert caplog.text.count("beyond the broker's redelivery window") == 2
+
+
 def test_breaker_wait_longer_than_the_window_is_capped(app: Celery, prefix: str) -> None:
     """A breaker open for 2 h defers its tasks by at most the cap, not by 2 h."""
     app.conf.reliable_redelivery_window = 600  # cap 540 s
