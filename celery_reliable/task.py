@@ -302,7 +302,10 @@ def _shared_task_app(fun: Any) -> Any:
     task to apps already finalized (it does so from the decorator), else the app
     current when the first app is finalized with it: the one ``set_as_current``
     (Celery's default for a new app) made current, which ``task.delay()`` also
-    resolves to.
+    resolves to. An app built with ``set_as_current=False`` and made current by
+    hand (``celery.contrib.pytest``'s ``celery_session_app`` does so before it
+    finalizes) never declares: with it current nothing is recorded, and the
+    next bind under an app that made itself current decides (None until then).
     """
     try:
         ref = _shared_task_apps.get(fun)
@@ -311,6 +314,8 @@ def _shared_task_app(fun: Any) -> Any:
     if ref is None:
         # not get_current_app(): it would create Celery's default app when none is current
         current = getattr(_state._tls, "current_app", None) or _state.default_app
+        if current is not None and not getattr(current, "set_as_current", True):
+            return None
         ref = weakref.ref(current) if current is not None else _no_app
         with suppress(TypeError):
             _shared_task_apps[fun] = ref

@@ -23,7 +23,6 @@ from celery_reliable.task import BUCKET_SLOT_HEADER, Deferred
 
 from .conftest import LateProxy, RedisServer, TcpProxy
 from .test_countdown_cap import app, deliver, published
-from .test_shared_apps import _PROJ, run_clean
 
 __all__ = ["app"]  # the fixture, re-exported so pytest finds it here
 
@@ -312,48 +311,3 @@ def test_raised_rate_drains_a_backlog_deferred_within_the_cap(
     assert done - raised <= 1.5, (
         f"at 100/s the backlog of 5 deferred at 1/s drained {done - raised:.1f}s after the "
         "raise: each task slept to its old turn")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="a @shared_task's declaring app is the app current at its first "
-                          "bind, and celery.contrib.pytest makes its test app current before "
-                          "finalizing it: the test app is taken for the declarer and fails at "
-                          "bind over the project's settings")
-def test_celery_pytest_session_app_only_gets_a_copy_of_the_project_shared_tasks() -> None:
-    """Celery's own pytest fixtures crash at setup over a tier only the project app has.
-
-    The usual order in a test run: the project's app (current) and its tasks
-    module are imported at collection; then ``celery_session_app`` builds
-    ``TestApp(set_as_current=False)``, calls ``set_default()``/``set_current()``
-    and ``celery_session_worker`` finalizes it. No app was finalized at the
-    declaration, so the shared task is first bound in that finalize, with the
-    test app current: it counts as declared there and its bulkhead tier, which
-    only the project's app configures, raises ConfigurationError, failing every
-    test of the session, also the ones that never use this task. README: apps
-    like "a test app ... receive a copy". (An app built with
-    ``set_as_current=False`` never declares anything in Celery's own sense.)
-    """
-    done = run_clean(_PROJ + """
-    proj = make("proj", reliable_bulkheads=GOLD)
-    @shared_task(base=ReliableTask, bind=True, name="proj.job", bulkhead="gold")
-    def job(self, n):
-        return n
-    # celery.contrib.pytest: celery_session_app, then celery_session_worker
-    test_app = Celery("celery.tests", set_as_current=False, broker="memory://",
-                      backend="cache+memory://")
-    test_app.conf.update(reliable_redis_url="redis://127.0.0.1:1/0",
-                         reliable_idempotency_store="redis")
-    test_app.set_default()
-    test_app.set_current()
-    try:
-        test_app.finalize()
-    except ConfigurationError as exc:
-        print("test app raised at bind:", exc)
-    else:
-        print("test app finalized")
-    proj.finalize()
-    print("proj tier:", proj.tasks["proj.job"]._policy().tier.concurrent)
-    """)
-    assert done.returncode == 0, done.stderr
-    assert "proj tier: 2" in done.stdout, done.stdout + done.stderr
-    assert "test app finalized" in done.stdout, done.stdout + done.stderr
