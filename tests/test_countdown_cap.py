@@ -577,6 +577,64 @@ def test_lowering_the_rate_spreads_the_queued_backlog(redis_client: redis.Redis,
     assert all(990 <= gap <= 1010 for gap in gaps), gaps
 
 
+def test_raised_rate_speeds_up_only_the_backlog_deferred_at_the_cap(
+    app: Celery, redis_server: RedisServer, prefix: str,
+) -> None:
+    """1/s with 8 deferred tasks, redeployed at 100/s: only those deferred at the cap run sooner.
+
+    What the README says a raised rate does and does not do. The cap is 4 s
+    (8 s window), so of the tasks queued 1..8 s out, the first ones are
+    deferred with a countdown to their 1/s turns: they sleep in their ETA
+    messages, come back at those old turns and run then (the raise cannot
+    reach them), while a fresh arrival at 100/s runs at once, ahead of them.
+    The ones deferred at the cap come back at the cap and take their rescaled,
+    passed turn: they run at once, seconds before their old turn (at 1/s they
+    would be deferred again). Each deferral is replayed as the worker would:
+    redelivered after its countdown, with the slot header it was published with.
+    """
+    queue = f"q{prefix}"
+    window = {"visibility_timeout": 8}  # cap: 8 - 4 = 4 s
+    app.conf.broker_transport_options = window
+    app.conf.reliable_queue_rate_limits = {queue: "1/s"}
+    new = Celery("cap-new", broker=f"{redis_server.url}/3", set_as_current=False)
+    new.conf.update(reliable_redis_url=f"{redis_server.url}/0", reliable_key_prefix=prefix,
+                    reliable_idempotency_store="redis", task_default_queue=queue,
+                    broker_transport_options=window,
+                    reliable_queue_rate_limits={queue: "100/s"})
+
+    def body(self: Any) -> str:
+        return "ran"
+
+    old_task = app.task(base=ReliableTask, bind=True, shared=False, name="cap.raised")(body)
+    new_task = new.task(base=ReliableTask, bind=True, shared=False, name="cap.raised")(body)
+    start = time.monotonic()
+    assert deliver(old_task, queue=queue) == "ran"  # the token; the k-th queued turn is k s out
+    backlog = []
+    for k in range(1, 9):
+        deferred = deliver(old_task, queue=queue)
+        assert isinstance(deferred, Deferred)
+        when = float(deferred.when)
+        backlog.append((k, when >= 4.0 - 1e-6, time.monotonic() + when,
+                        published(app)[BUCKET_SLOT_HEADER]))
+    within = [k for k, capped, _, _ in backlog if not capped]
+    assert within[:2] == [1, 2] and [k for k, capped, _, _ in backlog if capped][-3:] == [6, 7, 8]
+    raised = time.monotonic()  # the redeploy: the workers now run the 100/s app
+    fresh = deliver(new_task, queue=queue)
+    fresh_wait = 0.0 if fresh == "ran" else float(fresh.when)
+    assert fresh_wait <= 0.5, f"a fresh arrival at 100/s waits {fresh_wait:.2f}s"
+    assert raised + fresh_wait < backlog[0][2], "the fresh arrival runs ahead of the sleepers"
+    for k, capped, comes_back, slots in backlog:
+        time.sleep(max(0.0, comes_back - time.monotonic()))
+        outcome = deliver(new_task, queue=queue, headers={BUCKET_SLOT_HEADER: slots})
+        waits = 0.0 if outcome == "ran" else float(outcome.when)
+        ran = time.monotonic() + waits - start
+        assert waits <= 0.5, f"task {k} came back and was deferred {waits:.2f}s more"
+        if capped and k >= 6:  # came back at the cap (~4 s), ran on its rescaled turn
+            assert ran <= k - 1.0, f"task {k} deferred at the cap ran {ran:.1f}s in, not sooner"
+        elif not capped:  # slept to its old 1/s turn: the raise did not bring it forward
+            assert ran >= k - 0.1, f"task {k} ran {ran:.1f}s in, before its old turn"
+
+
 def test_capped_backlog_keeps_its_order_and_drains_at_the_rate(redis_client: redis.Redis,
                                                                prefix: str) -> None:
     """A 5/s bucket, 20 queued tasks whose turns are up to 4 s away, a cap of 0.5 s.
