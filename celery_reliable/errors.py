@@ -130,7 +130,10 @@ class SupersededWrite(StaleFenceToken):
     ``token``), its write numbered ``current_seq`` stands. Seen by a holder whose
     threads write concurrently (the lower number lost the race), or who passes
     ``seq`` out of order; a delayed copy of a resent write is refused the same
-    way, but nobody is waiting for that reply.
+    way, but nobody is waiting for that reply. Also raised for a write that
+    carries the number of the accepted one with another value (``seq`` equals
+    ``current_seq``: two processes or callers drew one number, the first to
+    arrive keeps it).
     """
 
     def __init__(self, resource: str, token: int, seq: int, current_seq: int) -> None:

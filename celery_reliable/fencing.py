@@ -12,11 +12,14 @@ One holder's writes are ordered too, where a write can reach the resource out
 of order. :class:`RedisFence` writes are resent once after a connection error
 (the script channel, or redis-py's ``retry``), so the first copy of a write may
 still arrive after the holder's next write. Each Redis write therefore carries
-a write number (``seq``, from a process-wide counter: strictly increasing over
-the writes of every holder in this process, and a holder, one acquisition,
-lives in one process); the fence accepts an equal token from the same holder
-only with a higher number, treats the same number as the same write again
-(accepted, nothing changed) and refuses a lower one (:class:`SupersededWrite`).
+a write number (``seq``, see :func:`next_write_seq`: strictly increasing over
+the writes of every holder in this process, and ordered by issue time across the
+processes of one host, so a holder's writes from forked children are ordered
+too); the fence accepts an equal token from the same holder only with a higher
+number, treats the same number with the same value as the same write again
+(accepted, nothing changed) and refuses a lower one, or the same number with
+another value (:class:`SupersededWrite`): a write is applied or refused, never
+acknowledged and dropped.
 
 * :func:`check_postgres` runs inside your transaction (SQLAlchemy, psycopg 3 or
   Django, see its docstring). It upserts
@@ -37,10 +40,11 @@ pass ``lock.token`` and ``holder=lock.holder``.
 
 from __future__ import annotations
 
-import itertools
+import os
 import secrets
 import sys
 import threading
+import time
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -61,22 +65,42 @@ from .scripts import script
 
 __all__ = ["Fence", "RedisFence", "check_postgres", "next_write_seq"]
 
-_writes = itertools.count(1)
-_writes_mutex = threading.Lock()  # next() on a count is atomic under the GIL only
+_last_seq = 0
+_writes_mutex = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # a thread of the parent may have held the mutex at the fork: the child has no such thread
+    global _writes_mutex
+    _writes_mutex = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def next_write_seq() -> int:
     """A write number for a fenced write: strictly greater than every one this process drew.
 
-    Process-wide rather than per holder: a holder (one lock acquisition) writes
-    from one process, so its writes are numbered in the order it issued them,
-    whichever ``Fence`` object, ``self.fence`` call or direct :meth:`RedisFence.set`
-    they went through. Not shared over ``fork`` in any useful way: a child
-    continues from the parent's count, which is harmless because its holders
-    are its own.
+    Process-wide rather than per holder, so a holder's (one lock acquisition's)
+    writes are numbered in the order it issued them, whichever ``Fence`` object,
+    ``self.fence`` call or direct :meth:`RedisFence.set` they went through.
+
+    The number is the host's monotonic clock in microseconds (shared by every
+    process of the host), or the last number + 1 when that is higher. A counter
+    alone would be copied by ``fork``: two children of a holder (a fork-started
+    ``multiprocessing`` pool) would draw the same numbers, and each would
+    number its writes from the parent's count, not by when it wrote. With the
+    clock, writes of one holder from its forked children and from itself are
+    ordered by when they were issued (to the microsecond, across processes);
+    two processes that draw the same number in the same microsecond write
+    different values at most, and the fence refuses the second of those
+    (:class:`SupersededWrite`), never acknowledging it without writing.
     """
+    global _last_seq
     with _writes_mutex:
-        return next(_writes)
+        _last_seq = max(_last_seq + 1, time.monotonic_ns() // 1000)
+        return _last_seq
 
 
 #: The fence check, built once: accept a higher token, or an equal one from the same holder.
@@ -237,8 +261,10 @@ class RedisFence:
 
         Raises :class:`StaleFenceToken` for a lower token, or an equal one from
         another or an unknown holder; :class:`SupersededWrite` (a subclass) when
-        the same holder's later write (higher ``seq``) was accepted first. The
-        same token, holder and ``seq`` again (this call resent after a lost
+        the same holder's later write (higher ``seq``) was accepted first, or
+        one of its writes with the same ``seq`` and another value (two processes
+        or callers drew one number: the first to arrive keeps it). The same
+        token, holder, ``seq`` and value again (this call resent after a lost
         reply, or its first copy arriving late) is accepted and changes nothing.
 
         ``seq`` defaults to :func:`next_write_seq` (the order in which this

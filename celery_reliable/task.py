@@ -130,6 +130,9 @@ BUCKET_SLOT_HEADER = "reliable_bucket_slots"
 #: ``retry_backoff``, is a delay Celery computed, not one the caller wrote.
 _AUTORETRY_RUN = next((const for const in add_autoretry_behaviour.__code__.co_consts
                        if getattr(const, "co_name", None) == "run"), None)
+#: How many frames above ``retry()`` the autoretry wrapper is looked for: its
+#: own call, plus ``retry()`` overrides in a few base classes.
+_AUTORETRY_DEPTH = 8
 
 
 def _header(request: Any, name: str) -> Any:
@@ -299,7 +302,10 @@ def _shared_task_app(fun: Any) -> Any:
     task to apps already finalized (it does so from the decorator), else the app
     current when the first app is finalized with it: the one ``set_as_current``
     (Celery's default for a new app) made current, which ``task.delay()`` also
-    resolves to.
+    resolves to. An app built with ``set_as_current=False`` and made current by
+    hand (``celery.contrib.pytest``'s ``celery_session_app`` does so before it
+    finalizes) never declares: with it current nothing is recorded, and the
+    next bind under an app that made itself current decides (None until then).
     """
     try:
         ref = _shared_task_apps.get(fun)
@@ -308,6 +314,8 @@ def _shared_task_app(fun: Any) -> Any:
     if ref is None:
         # not get_current_app(): it would create Celery's default app when none is current
         current = getattr(_state._tls, "current_app", None) or _state.default_app
+        if current is not None and not getattr(current, "set_as_current", True):
+            return None
         ref = weakref.ref(current) if current is not None else _no_app
         with suppress(TypeError):
             _shared_task_apps[fun] = ref
@@ -1392,17 +1400,40 @@ class ReliableTask(Task):  # type: ignore[misc]
         A delay the caller did not write is the library's to cap: Celery's
         ``default_retry_delay`` (neither countdown nor eta) and the
         ``retry_backoff`` delay that Celery's ``autoretry_for`` wrapper computes
-        (``caller`` is that wrapper's frame). A countdown or eta the caller
+        (found above ``caller``, see :meth:`_from_autoretry`). A countdown or eta the caller
         passed (``retry_kwargs`` included) is kept, with a warning if beyond.
         """
         if countdown is None and not eta:
             default = self.default_retry_delay
             return None if default is None else min(float(default), cap)
-        if countdown is not None and caller.f_code is _AUTORETRY_RUN \
-                and getattr(self, "retry_backoff", False):
+        if countdown is not None and getattr(self, "retry_backoff", False) \
+                and self._from_autoretry(countdown, caller):
             return min(float(countdown), cap)
         self._warn_beyond_window(cap, countdown, eta)
         return countdown
+
+    def _from_autoretry(self, countdown: float, caller: FrameType) -> bool:
+        """``countdown`` is the ``retry_backoff`` delay Celery's autoretry wrapper computed.
+
+        The wrapper need not be ``retry()``'s direct caller: a base class or
+        subclass overriding ``retry()`` (logging, metrics) sits in between. So
+        look a few frames up for the wrapper's code, retrying *this* task and
+        holding the countdown it computed (``retry_kwargs_for_attempt``, bound
+        only once it caught the error: a body that calls ``self.retry()`` itself
+        runs under the wrapper too, before that). A countdown the override
+        changed on the way is then its own, and kept.
+        """
+        frame: FrameType | None = caller
+        for _ in range(_AUTORETRY_DEPTH):
+            if frame is None:
+                return False
+            if frame.f_code is _AUTORETRY_RUN:
+                local = frame.f_locals
+                computed = local.get("retry_kwargs_for_attempt")
+                return local.get("task") is self and isinstance(computed, dict) \
+                    and computed.get("countdown") == countdown
+            frame = frame.f_back
+        return False
 
     def _warn_beyond_window(self, cap: float, countdown: float | None, eta: Any) -> None:
         """The caller's own countdown is kept; say when the broker may redeliver it meanwhile."""

@@ -295,6 +295,69 @@ def test_autoretry_backoff_is_capped_and_retry_kwargs_countdown_kept(
     assert "beyond the broker's redelivery window" in caplog.text
 
 
+class _LoggingRetryTask(ReliableTask):  # type: ignore[misc]
+    """A house base class that wraps every retry (logging, metrics), then defers to ours."""
+
+    abstract = True
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        return super().retry(*args, **kwargs)
+
+
+class _RetryIn600Task(_LoggingRetryTask):  # type: ignore[misc]
+    """A base class whose retry() override sets its own countdown (kept: it wrote it)."""
+
+    abstract = True
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["countdown"] = 600
+        return super().retry(*args, **kwargs)
+
+
+def test_autoretry_backoff_through_a_subclass_retry_is_capped(
+    app: Celery, prefix: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An autoretry_for + retry_backoff delay is capped also through base classes' retry().
+
+    ``ReliableTask.retry`` used to recognise Celery's wrapper only as its
+    direct caller (``sys._getframe(1)``): with a base class that wraps
+    ``retry()`` that frame is the override, so the 4000 s countdown Celery
+    computed was kept (a warning only) and the broker (60 s visibility timeout)
+    redelivered the held ETA message meanwhile. A countdown the override itself
+    wrote, and one a body passes to ``self.retry()`` under the wrapper, stay
+    the caller's: kept, with a warning.
+    """
+    app.conf.broker_transport_options = {"visibility_timeout": 60}  # cap 54 s
+
+    @app.task(base=_LoggingRetryTask, bind=True, shared=False, name="cap.auto_backoff_sub",
+              autoretry_for=(KeyError,), retry_backoff=4000, retry_backoff_max=7200,
+              retry_jitter=False, max_retries=5)
+    def computed(self: Any) -> str:
+        raise KeyError("listed in autoretry_for")
+
+    @app.task(base=_RetryIn600Task, bind=True, shared=False, name="cap.auto_override",
+              autoretry_for=(KeyError,), retry_backoff=4000, retry_backoff_max=7200,
+              retry_jitter=False, max_retries=5)
+    def overridden(self: Any) -> str:
+        raise KeyError("listed in autoretry_for")
+
+    @app.task(base=_LoggingRetryTask, bind=True, shared=False, name="cap.auto_own",
+              autoretry_for=(KeyError,), retry_backoff=4000, max_retries=5)
+    def own(self: Any) -> str:
+        raise self.retry(countdown=4000)  # the body's own, under the autoretry wrapper
+
+    retry = deliver(computed, queue=f"q{prefix}")
+    assert isinstance(retry, Retry)
+    assert float(retry.when) == pytest.approx(54), \
+        f"autoretry countdown {retry.when}s beyond the 54 s cap"
+    with caplog.at_level(logging.WARNING, logger="celery_reliable"):
+        kept = deliver(overridden, queue=f"q{prefix}")
+        assert isinstance(kept, Retry) and float(kept.when) == 600
+        written = deliver(own, queue=f"q{prefix}")
+        assert isinstance(written, Retry) and float(written.when) == 4000
+    assert caplog.text.count("beyond the broker's redelivery window") == 2
+
+
 def test_breaker_wait_longer_than_the_window_is_capped(app: Celery, prefix: str) -> None:
     """A breaker open for 2 h defers its tasks by at most the cap, not by 2 h."""
     app.conf.reliable_redelivery_window = 600  # cap 540 s
@@ -512,6 +575,64 @@ def test_lowering_the_rate_spreads_the_queued_backlog(redis_client: redis.Redis,
     b = float(redis_client.hget(key, "b") or 0)
     gaps = [b * (later - earlier) for earlier, later in itertools.pairwise(slots)]
     assert all(990 <= gap <= 1010 for gap in gaps), gaps
+
+
+def test_raised_rate_speeds_up_only_the_backlog_deferred_at_the_cap(
+    app: Celery, redis_server: RedisServer, prefix: str,
+) -> None:
+    """1/s with 8 deferred tasks, redeployed at 100/s: only those deferred at the cap run sooner.
+
+    What the README says a raised rate does and does not do. The cap is 4 s
+    (8 s window), so of the tasks queued 1..8 s out, the first ones are
+    deferred with a countdown to their 1/s turns: they sleep in their ETA
+    messages, come back at those old turns and run then (the raise cannot
+    reach them), while a fresh arrival at 100/s runs at once, ahead of them.
+    The ones deferred at the cap come back at the cap and take their rescaled,
+    passed turn: they run at once, seconds before their old turn (at 1/s they
+    would be deferred again). Each deferral is replayed as the worker would:
+    redelivered after its countdown, with the slot header it was published with.
+    """
+    queue = f"q{prefix}"
+    window = {"visibility_timeout": 8}  # cap: 8 - 4 = 4 s
+    app.conf.broker_transport_options = window
+    app.conf.reliable_queue_rate_limits = {queue: "1/s"}
+    new = Celery("cap-new", broker=f"{redis_server.url}/3", set_as_current=False)
+    new.conf.update(reliable_redis_url=f"{redis_server.url}/0", reliable_key_prefix=prefix,
+                    reliable_idempotency_store="redis", task_default_queue=queue,
+                    broker_transport_options=window,
+                    reliable_queue_rate_limits={queue: "100/s"})
+
+    def body(self: Any) -> str:
+        return "ran"
+
+    old_task = app.task(base=ReliableTask, bind=True, shared=False, name="cap.raised")(body)
+    new_task = new.task(base=ReliableTask, bind=True, shared=False, name="cap.raised")(body)
+    start = time.monotonic()
+    assert deliver(old_task, queue=queue) == "ran"  # the token; the k-th queued turn is k s out
+    backlog = []
+    for k in range(1, 9):
+        deferred = deliver(old_task, queue=queue)
+        assert isinstance(deferred, Deferred)
+        when = float(deferred.when)
+        backlog.append((k, when >= 4.0 - 1e-6, time.monotonic() + when,
+                        published(app)[BUCKET_SLOT_HEADER]))
+    within = [k for k, capped, _, _ in backlog if not capped]
+    assert within[:2] == [1, 2] and [k for k, capped, _, _ in backlog if capped][-3:] == [6, 7, 8]
+    raised = time.monotonic()  # the redeploy: the workers now run the 100/s app
+    fresh = deliver(new_task, queue=queue)
+    fresh_wait = 0.0 if fresh == "ran" else float(fresh.when)
+    assert fresh_wait <= 0.5, f"a fresh arrival at 100/s waits {fresh_wait:.2f}s"
+    assert raised + fresh_wait < backlog[0][2], "the fresh arrival runs ahead of the sleepers"
+    for k, capped, comes_back, slots in backlog:
+        time.sleep(max(0.0, comes_back - time.monotonic()))
+        outcome = deliver(new_task, queue=queue, headers={BUCKET_SLOT_HEADER: slots})
+        waits = 0.0 if outcome == "ran" else float(outcome.when)
+        ran = time.monotonic() + waits - start
+        assert waits <= 0.5, f"task {k} came back and was deferred {waits:.2f}s more"
+        if capped and k >= 6:  # came back at the cap (~4 s), ran on its rescaled turn
+            assert ran <= k - 1.0, f"task {k} deferred at the cap ran {ran:.1f}s in, not sooner"
+        elif not capped:  # slept to its old 1/s turn: the raise did not bring it forward
+            assert ran >= k - 0.1, f"task {k} ran {ran:.1f}s in, before its old turn"
 
 
 def test_capped_backlog_keeps_its_order_and_drains_at_the_rate(redis_client: redis.Redis,

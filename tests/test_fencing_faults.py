@@ -7,6 +7,7 @@ kills them by PID. Tokens are minted both by ``FencedLock`` and by a task's admi
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -245,6 +246,9 @@ def test_a_holders_writes_are_ordered_by_their_write_number(
     assert (info.value.seq, info.value.current_seq, info.value.current) == (2, 3, 10)
     assert isinstance(info.value, StaleFenceToken)  # existing handlers still catch it
     fence.set(key, "a3", 10, holder="a", seq=3)  # a resend of a3 (or its delayed first copy)
+    with pytest.raises(SupersededWrite) as twin:  # another write drew number 3: refused, loud
+        fence.set(key, "a3 by another process", 10, holder="a", seq=3)
+    assert (twin.value.seq, twin.value.current_seq) == (3, 3)
     assert redis_client.hmget(key, ["v", "t", "h", "s"]) == [b"a3", b"10", b"a", b"3"]
     with pytest.raises(StaleFenceToken) as stale:  # another holder: its seq does not help
         fence.set(key, "b", 10, holder="b", seq=99)
@@ -265,6 +269,63 @@ def test_a_holders_writes_are_ordered_by_their_write_number(
     for n in range(3):
         fence.set(key, f"c{n}", 14, holder="c")
     assert fence.get(key) == (b"c2", 14)
+
+
+def _write_in_child(url: str, key: str, value: str, token: int, holder: str) -> int:
+    """Fork; the child writes ``value`` through RedisFence.set (default seq) and exits.
+
+    Returns the child's exit code: 0 the write returned (accepted), 1 it raised
+    StaleFenceToken/SupersededWrite, 2 anything else.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 2
+        try:
+            client = redis.Redis.from_url(url)
+            try:
+                RedisFence(client).set(key, value, token, holder=holder)
+                code = 0
+            except StaleFenceToken:
+                code = 1
+            finally:
+                client.close()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_forked_writers_of_one_holder_never_lose_a_write_silently(redis_url: str,
+                                                                 prefix: str) -> None:
+    """Forked children of one holder write in turn: each write is applied, none acked and dropped.
+
+    A body that holds a FencedLock and fans its writes out to a fork-started
+    ``multiprocessing`` pool: every child starts from the parent's copy of the
+    write-number state. With a plain counter two children drew the same ``seq``
+    and fenced_set.lua took the second write for a resend of the first
+    (success returned, value unchanged). Now numbers follow the host's
+    monotonic clock, so each child's write, issued after the previous one
+    finished, is newer and applied, and so is the parent's write after them.
+    """
+    client = redis.Redis.from_url(redis_url)
+    lock = FencedLock(client, f"{prefix}:res", prefix=prefix, ttl=30)
+    token = lock.acquire()
+    assert token is not None and lock.holder is not None
+    key = f"{prefix}:fenced"
+    fence = RedisFence(client)
+    try:
+        fence.set(key, "parent before", token, holder=lock.holder)
+        for child in ("first child", "second child", "third child"):
+            assert _write_in_child(redis_url, key, child, token, lock.holder) == 0, child
+            value, _ = fence.get(key)
+            assert value == child.encode(), (
+                f"{child}'s write returned success but the value is {value!r}")
+        fence.set(key, "parent after", token, holder=lock.holder)  # later: not superseded
+        assert fence.get(key) == (b"parent after", token)
+    finally:
+        lock.release()
+        client.delete(key)
+        client.close()
 
 
 def test_late_copy_of_a_tasks_first_fenced_write_is_refused(

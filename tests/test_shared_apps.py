@@ -278,3 +278,76 @@ def test_current_app_finalized_before_the_declaration_only_gets_a_copy() -> None
     assert "declared" in done.stdout, done.stdout + done.stderr
     assert "own option raised at declaration:" in done.stdout, done.stdout + done.stderr
     assert "names argument 'missing'" in done.stdout
+
+
+_SESSION_APP = """
+    # celery.contrib.pytest: celery_session_app, then celery_session_worker
+    test_app = Celery("celery.tests", set_as_current=False, broker="memory://",
+                      backend="cache+memory://")
+    test_app.conf.update(reliable_redis_url="redis://127.0.0.1:1/0",
+                         reliable_idempotency_store="redis")
+    test_app.set_default()
+    test_app.set_current()
+    try:
+        test_app.finalize()
+    except ConfigurationError as exc:
+        print("test app raised at bind:", exc)
+    else:
+        print("test app finalized")
+    try:
+        test_app.tasks["proj.job"].apply_async(args=(1,))
+    except ConfigurationError as exc:
+        print("test app raised on send:", exc)
+"""
+
+
+def test_celery_pytest_session_app_only_gets_a_copy_of_the_project_shared_tasks() -> None:
+    """Celery's own pytest session app, made current by hand, only receives a shared task's copy.
+
+    The usual order in a test run: the project's app (current) and its tasks
+    module are imported at collection; then ``celery_session_app`` builds
+    ``TestApp(set_as_current=False)``, calls ``set_default()``/``set_current()``
+    and ``celery_session_worker`` finalizes it. The shared task is first bound
+    in that finalize, with the test app current: it used to count as declared
+    there, so its bulkhead tier, which only the project's app configures,
+    raised ConfigurationError at fixture setup. An app built with
+    ``set_as_current=False`` never declares: the test app gets a copy (raising
+    if it sends the task), the project's app runs it.
+    """
+    done = run_clean(_PROJ + """
+    proj = make("proj", reliable_bulkheads=GOLD)
+    @shared_task(base=ReliableTask, bind=True, name="proj.job", bulkhead="gold")
+    def job(self, n):
+        return n
+    """ + _SESSION_APP + """
+    proj.finalize()
+    print("proj tier:", proj.tasks["proj.job"]._policy().tier.concurrent)
+    """)
+    assert done.returncode == 0, done.stderr
+    assert "proj tier: 2" in done.stdout, done.stdout + done.stderr
+    assert "test app finalized" in done.stdout, done.stdout + done.stderr
+    assert "test app raised on send: " in done.stdout, done.stdout + done.stderr
+
+
+def test_project_app_current_again_after_the_session_app_still_declares() -> None:
+    """The session app's bind records no declarer: the project's app, current again, declares.
+
+    So a tier the project's app lacks still fails at its bind (worker start),
+    as for any ``@shared_task`` of the current app.
+    """
+    done = run_clean(_PROJ + """
+    proj = make("proj")  # no tier "gold": bad configuration of the project
+    @shared_task(base=ReliableTask, bind=True, name="proj.job", bulkhead="gold")
+    def job(self, n):
+        return n
+    """ + _SESSION_APP + """
+    proj.set_current()
+    try:
+        proj.finalize()
+    except ConfigurationError as exc:
+        print("proj raised at bind:", exc)
+    """)
+    assert done.returncode == 0, done.stderr
+    assert "test app finalized" in done.stdout, done.stdout + done.stderr
+    assert "proj raised at bind: " in done.stdout, done.stdout + done.stderr
+    assert "option 'bulkhead' names tier 'gold'" in done.stdout

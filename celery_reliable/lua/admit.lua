@@ -212,9 +212,10 @@ for g = 1, n do
     -- va + vb * v (fields a, b; the identity until the rate changes). An
     -- arrival whose rate differs from the rate the queue was scheduled at
     -- (field r) rescales every distance still ahead by r / rate around now
-    -- (va, vb change; places do not): the backlog drains at the new rate, in
+    -- (va, vb change; places do not): turns still ahead follow the new rate, in
     -- the same order, and the slots already handed out follow, read through
-    -- the same clock. (Tasks sharing a key with different rates: the queue
+    -- the same clock, when their tasks ask again (one sleeping in an ETA
+    -- message to its old turn asks only then). (Tasks sharing a key with different rates: the queue
     -- runs at the rate of the latest arrival.)
     local va, vb = tonumber(b[5] or '0'), tonumber(b[6] or '1')
     local issued = tonumber(b[4] or '')

@@ -7,20 +7,24 @@ ARGV  [1] token (integer), [2] value, [3] holder (the acquisition's identity; ''
       [4] seq: the write's number, strictly increasing over one holder's writes; a resend of
           a write carries its number again (absent: that holder's writes are not ordered)
 Returns {1, token, seq}          accepted: written; or this very write again (same token,
-                                 holder and seq: a resend, or a delayed copy of its first
-                                 send), which changes nothing
+                                 holder, seq and value: a resend, or a delayed copy of its
+                                 first send), which changes nothing
         {0, current, cur_seq}    refused: a higher token was already accepted, or the same
                                  token by another or an unknown holder (after a failover two
                                  holders may carry one token; only the first to write keeps
                                  it); nothing changed
         {-1, current, cur_seq}   refused: the same holder's later write (higher seq) was
                                  already accepted; this one arrived out of order (a delayed
-                                 copy, or a thread that lost a race); nothing changed
+                                 copy, or a thread that lost a race); or another write of that
+                                 holder with the same seq and a different value was (two
+                                 processes drew one number: the first to arrive keeps it);
+                                 nothing changed
         (cur_seq: '' if the stored write has no number)
 The check and the write are one atomic step on the server. A copy of a write arriving late
 (the client resent it after a timeout, and the first send was only delayed) is accepted
 without effect if nothing newer was written, and refused if the holder wrote since: it never
-undoes a later write.
+undoes a later write. The value is part of a write's identity: a different write that carries
+the number of the stored one is refused, never acknowledged without being written.
 ]]
 local cur = redis.call('HMGET', KEYS[1], 't', 'h', 's')
 local token, seq = tonumber(ARGV[1]), tonumber(ARGV[4])
@@ -31,7 +35,7 @@ if cur[1] then
     return {0, cur[1], cur[3] or ''}
   end
   if last == token and seq and done then
-    if seq < done then
+    if seq < done or (seq == done and redis.call('HGET', KEYS[1], 'v') ~= ARGV[2]) then
       return {-1, cur[1], cur[3]}
     elseif seq == done then
       return {1, cur[1], cur[3]}
