@@ -21,15 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.connection import BlockingConnectionPool, ConnectionPool
-from redis.retry import Retry
 
 from .breaker import BreakerSpec
 from .bulkhead import TierSpec
 from .keys import KeySpace, hash_tag
 from .ratelimit import BucketSpec
-from .scripts import script
+from .scripts import own_connection, script
 
 __all__ = [
     "FENCE_TTL_MIN",
@@ -77,11 +74,13 @@ def _printable(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def lock_holder(owner: str, task: str = "", label: str = "") -> str:
+def lock_holder(owner: str, task: str = "", label: str = "", nonce: str = "") -> str:
     """What follows the fencing token in a lock's lease value.
 
     ``"<owner>\\n<task name>\\n<label>"``, or just ``"<owner>"`` (the format of
-    older versions) when there is neither. The task name and the label are for
+    older versions) when there is neither; ``nonce`` (a FencedLock's, one per
+    acquire) follows on a fourth line: the holder rollback.lua compares is then
+    one acquire's, even when callers reuse an owner. The task name and the label are for
     ``celery reliable locks``: kept in the lease itself, they are written by the
     same SET, renewed and released with it, and need no key of their own (their
     cost: their bytes, in the lease and in every admit, renew, release and
@@ -89,6 +88,8 @@ def lock_holder(owner: str, task: str = "", label: str = "") -> str:
     pipeline passes the ``lock`` template (argument names, not values).
     """
     task, label = _printable(task, LOCK_TASK_MAX), _printable(label, LOCK_LABEL_MAX)
+    if nonce:
+        return f"{owner}\n{task}\n{label}\n{nonce}"
     if not task and not label:
         return owner
     return f"{owner}\n{task}\n{label}"
@@ -214,10 +215,10 @@ class Plan:
 
     def add_lock_keys(
         self, lock_key: str, fence_key: str, owner: str, ttl: float, *, task: str = "",
-        label: str = "", fence_ttl: float | None = None,
+        label: str = "", fence_ttl: float | None = None, nonce: str = "",
     ) -> int:
         """:meth:`add_lock` with the keys already derived (a lock object reuses them)."""
-        holder = lock_holder(owner, task, label)
+        holder = lock_holder(owner, task, label, nonce)
         if fence_ttl is None:
             fence_ttl = max(FENCE_TTL_MIN, 10 * ttl)
         self.kinds.append("L")
@@ -388,21 +389,9 @@ def _call_within(
 
     A client that is not a plain ``redis.Redis`` (cluster, sentinel) keeps its own timeouts.
     """
-    pool = getattr(client, "connection_pool", None)
-    if not isinstance(client, redis.Redis) or type(pool) not in (ConnectionPool,
-                                                                  BlockingConnectionPool):
+    conn = own_connection(client, timeout)
+    if conn is None:
         return script(name)(client, keys, args)
-    assert pool is not None
-    kwargs = dict(pool.connection_kwargs)
-    # As runtime._Link: only the pool's own connections answer to its maintenance
-    # handler, and the send is never retried.
-    kwargs.pop("maint_notifications_pool_handler", None)
-    kwargs.pop("retry_on_timeout", None)
-    conn = pool.connection_class(**{
-        **kwargs, "retry": Retry(NoBackoff(), 0), "socket_timeout": timeout,
-        "socket_connect_timeout": timeout, "orig_socket_timeout": timeout,
-        "orig_socket_connect_timeout": timeout,
-    })
     try:
         return script(name).call_once(conn, keys, args)
     finally:

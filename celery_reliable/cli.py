@@ -181,10 +181,14 @@ class LockInfo:
 
     @classmethod
     def parse(cls, key: str, value: str, ttl_ms: int) -> LockInfo:
-        """From the lease value ``"<token> <owner>[\\n<task>\\n<label>]"`` (lock_holder)."""
+        """From the lease value ``"<token> <owner>[\\n<task>\\n<label>[\\n<nonce>]]"``.
+
+        (:func:`~celery_reliable.admission.lock_holder`; a FencedLock's nonce is not shown.)
+        """
         token, _, holder = value.partition(" ")
         owner, _, described = holder.partition("\n")
         task, _, label = described.partition("\n")
+        label = label.partition("\n")[0]
         task_id = owner.rpartition("/")[0] if "/" in owner else ""
         return cls(key=key, token=token, owner=owner, task_id=task_id, ttl_ms=ttl_ms,
                    task=task, label=label)

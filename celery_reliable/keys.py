@@ -49,8 +49,9 @@ class KeySpace:
     def lock(self, resource: str) -> str:
         """The lease of the lock on ``resource`` (a string ``"<token> <holder>"``).
 
-        ``holder``: the owner, then the task name and a label on lines of their
-        own (:func:`celery_reliable.admission.lock_holder`).
+        ``holder``: the owner, then the task name, a label and (a FencedLock's)
+        a nonce per acquire on lines of their own
+        (:func:`celery_reliable.admission.lock_holder`).
         """
         return f"{self.tag}:lock:{digest(resource)}"
 

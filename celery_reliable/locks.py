@@ -67,11 +67,18 @@ class FencedLock:
         request may reach Redis only later, when the undo makes it do nothing).
         The same undo, bounded to about two seconds, runs when the wait is
         interrupted (KeyboardInterrupt, a soft time limit), which then propagates.
+
+        ``owner``: who holds it (``celery reliable locks`` shows it; a ``/``
+        separates a task id from the rest), random by default; :attr:`holder`
+        is set to it. The lease also records a nonce of this call (not shown):
+        the undo compares the whole holder, so the undo of an earlier acquire
+        with the same owner, reaching Redis only after this one (every send of
+        it delayed in the network), leaves this one's lock alone.
         """
         owner = owner or secrets.token_hex(8)
         plan = Plan()
         index = plan.add_lock_keys(self._lock_key, self._fence_key, owner, self.ttl,
-                                   label=self.label or "")
+                                   label=self.label or "", nonce=secrets.token_hex(4))
         try:
             result = plan.admit(self.client)
         except redis.RedisError:

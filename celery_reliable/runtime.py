@@ -18,16 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.connection import BlockingConnectionPool, ConnectionPool
-from redis.retry import Retry
 
 from .classify import is_missing_table, sqlstate
 from .config import ReliableSettings
 from .errors import ConfigurationError
 from .health import StoreHealth
 from .keys import KeySpace
-from .scripts import script
+from .scripts import own_connection, plain_pool, script
 
 __all__ = ["Heartbeat", "Lease", "Runtime", "heartbeat_timeout", "lease_margin", "runtime_for"]
 
@@ -205,24 +202,32 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stopped:
-            self._wake.clear()  # before reading: an add() from now on interrupts the wait
-            with self._mutex:
-                leases = list(self._leases)
-            for lease in leases:
-                if lease.lost:  # the belief ended by the clock: never renew it again
-                    self._lose(lease, f"no renewal was confirmed within {lease.ttl:g}s "
-                                      f"- {lease.margin:g}s")
+            try:
+                self._beat()
+            except Exception:  # never let the thread die: leases would expire mid-run
+                log.exception("celery-reliable: heartbeat error; going on")
+                self._wake.wait(timeout=0.1)  # a bug: do not spin
+
+    def _beat(self) -> None:
+        """Once: drop leases whose belief ended, renew the due ones, wait for the next."""
+        self._wake.clear()  # before reading: an add() from now on interrupts the wait
+        with self._mutex:
+            leases = list(self._leases)
+        for lease in leases:
+            if lease.lost:  # the belief ended by the clock: never renew it again
+                self._lose(lease, f"no renewal was confirmed within {lease.ttl:g}s "
+                                  f"- {lease.margin:g}s")
+        now = self._clock()
+        due = [lease for lease in leases if not lease.lost and lease.next_due <= now]
+        if due:
+            self.renew(due)
+        with self._mutex:
+            # wake for the next renewal, or when a belief ends (to log it)
+            pending = [min(lease.next_due, lease.belief_ends) for lease in self._leases]
             now = self._clock()
-            due = [lease for lease in leases if not lease.lost and lease.next_due <= now]
-            if due:
-                self.renew(due)
-            with self._mutex:
-                # wake for the next renewal, or when a belief ends (to log it)
-                pending = [min(lease.next_due, lease.belief_ends) for lease in self._leases]
-                now = self._clock()
-                wait = max(0.01, min((min(pending) - now) if pending else 5.0, 5.0))
-                self._wake_at = now + wait
-            self._wake.wait(timeout=wait)
+            wait = max(0.01, min((min(pending) - now) if pending else 5.0, 5.0))
+            self._wake_at = now + wait
+        self._wake.wait(timeout=wait)
 
     def renew(self, leases: list[Lease]) -> None:
         """Renew ``leases`` now in one round trip, sent once; mark the ones that are gone."""
@@ -238,11 +243,20 @@ class Heartbeat:
                 results = self._link.call("renew", keys, args, timeout)
             else:  # a client without a plain pool: its own timeouts and retries
                 results = script("renew")(self._client, keys, args)
-        except redis.RedisError as exc:
+        except Exception as exc:
+            # Any error is a failed renewal, not only a RedisError: one escaping here
+            # (a TypeError from a redis-py version, a bug) would end the thread and
+            # every lease of the process would expire at its first TTL.
+            if self._link is not None:
+                self._link.close()  # maybe out of step: the next attempt starts afresh
             for lease in leases:
                 lease.next_due = sent + min(1.0, lease.ttl / 10)
-            log.info("celery-reliable: lease renewal failed (%r); next attempt on a new "
-                     "connection", exc)
+            if isinstance(exc, redis.RedisError):
+                log.info("celery-reliable: lease renewal failed (%r); next attempt on a new "
+                         "connection", exc)
+            else:
+                log.error("celery-reliable: lease renewal failed (%r); next attempt on a new "
+                          "connection", exc, exc_info=True)
             return
         for lease, ok in zip(leases, results, strict=True):
             with self._mutex:
@@ -269,17 +283,11 @@ class _Link:
     Separate from the process's script channel, so the task's own calls keep
     their fast path and a stalled renewal never holds them up (nor they it).
     Its socket timeouts (connect and read) follow the shortest held lease; a
-    changed timeout takes effect on a new connection.
+    changed timeout takes effect on a new connection (:func:`own_connection`).
     """
 
-    def __init__(self, pool: ConnectionPool) -> None:
-        self._factory = pool.connection_class
-        kwargs = dict(pool.connection_kwargs)
-        # Only the pool's own connections answer to its maintenance handler.
-        kwargs.pop("maint_notifications_pool_handler", None)
-        kwargs.pop("retry_on_timeout", None)
-        kwargs["retry"] = Retry(NoBackoff(), 0)  # a renewal is never resent, not even a connect
-        self._kwargs = kwargs
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
         self._conn: Any = None
         self._timeout = -1.0
 
@@ -289,25 +297,19 @@ class _Link:
         # timeout must shrink, or could grow more than twofold (leases come and go).
         if self._conn is None or not timeout / 2 <= self._timeout <= timeout:
             self.close()
-            self._conn = self._factory(**{
-                **self._kwargs, "socket_timeout": timeout, "socket_connect_timeout": timeout,
-                "orig_socket_timeout": timeout, "orig_socket_connect_timeout": timeout,
-            })
+            self._conn = own_connection(self._client, timeout)
             self._timeout = timeout
         return script(name).call_once(self._conn, keys, args)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.disconnect()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
 
 
 def _link(client: redis.Redis) -> _Link | None:
-    if not isinstance(client, redis.Redis):
-        return None
-    pool = client.connection_pool
-    if type(pool) not in (ConnectionPool, BlockingConnectionPool):
-        return None
-    return _Link(pool)
+    """A :class:`_Link` for ``client``, or None if it has no plain pool to copy settings from."""
+    return _Link(client) if plain_pool(client) is not None else None
 
 
 class Runtime:

@@ -39,9 +39,11 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.connection import BlockingConnectionPool, ConnectionPool
+from redis.retry import Retry
 
-__all__ = ["Script", "script"]
+__all__ = ["Script", "own_connection", "plain_pool", "script"]
 
 _PLAIN_POOLS = (ConnectionPool, BlockingConnectionPool)
 
@@ -99,6 +101,42 @@ class _Channel:
             raise
         self.pending = False
         return reply
+
+
+def plain_pool(client: Any) -> ConnectionPool | None:
+    """``client``'s connection pool if it is a ``redis.Redis`` on a plain (blocking) pool."""
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(client, redis.Redis) and type(pool) in _PLAIN_POOLS:
+        return pool
+    return None
+
+
+def own_connection(client: redis.Redis, timeout: float) -> Any:
+    """A new connection to ``client``'s server; its connect and each read take <= ``timeout`` s.
+
+    Built from the pool's own connection class and settings (host, TLS, auth,
+    database, RESP version), for a caller that must bound its wait below the
+    client's socket timeout (the heartbeat, an interrupted admission's
+    rollback); with no retries, not even of a connect: the caller decides what
+    to resend. Only keywords the pool already passes are set: each redis-py
+    version takes its own (redis-py 7's ``orig_socket_timeout``, which a
+    relaxed-timeout maintenance notification restores, is refused by 5 and 6).
+    None for a client that is not a ``redis.Redis`` on a plain pool (cluster,
+    sentinel): it keeps its own timeouts.
+    """
+    pool = plain_pool(client)
+    if pool is None:
+        return None
+    kwargs = dict(pool.connection_kwargs)
+    # Only the pool's own connections answer to its maintenance handler.
+    kwargs.pop("maint_notifications_pool_handler", None)
+    kwargs.pop("retry_on_timeout", None)
+    kwargs["retry"] = Retry(NoBackoff(), 0)
+    kwargs["socket_timeout"] = kwargs["socket_connect_timeout"] = timeout
+    for name in ("orig_socket_timeout", "orig_socket_connect_timeout"):
+        if name in kwargs:
+            kwargs[name] = timeout
+    return pool.connection_class(**kwargs)
 
 
 _channels: weakref.WeakKeyDictionary[redis.Redis, _Channel] = weakref.WeakKeyDictionary()

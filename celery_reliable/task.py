@@ -751,59 +751,79 @@ class ReliableTask(Task):  # type: ignore[misc]
             plan = self._plan(policy, args, kwargs, header_key, queue_bucket, execution,
                               runtime, counts_deliveries)
             started = time.monotonic()
+            # One guard from the request to the leases' registration: an interruption
+            # (Celery's soft time limit, SystemExit on SIGTERM, KeyboardInterrupt) or an
+            # error anywhere in between (metrics, the breaker's signal handlers: user
+            # code) must not leave what admission took held until its TTL. Until _hold
+            # has registered it all, it is undone by owner (rollback.lua: nothing of
+            # this execution's there, nothing changed); once registered, it is settled.
+            taken = held = False  # admission may have taken something; _hold registered it
             try:
-                outcome = plan.admit(runtime.redis)
-            except redis.RedisError as exc:
-                # The script may have run and only its reply been lost: undo what it
-                # may have taken (its lock, record, slot, probe and delivery count)
-                # before deferring, so the deferral is not behind its own lock and is
-                # not counted as a lost delivery. Then fail closed: an unguarded run
-                # could break the guarantee.
-                self._roll_back(plan, runtime)
-                runtime.health.redis.failed(exc)  # a WARNING per interval, and the gauge
-                self._defer(policy, "Redis unavailable", cause=exc)
-                continue
-            except BaseException:
-                # Interrupted while waiting for the reply (Celery's soft time limit,
-                # SystemExit on SIGTERM, KeyboardInterrupt): the script may have run all
-                # the same. Undo it, within a short bound (the task is being stopped),
-                # then let the interruption go on.
-                self._roll_back(plan, runtime, timeout=INTERRUPTED_ROLLBACK_TIMEOUT)
-                raise
-            runtime.health.redis.ok()
-            if isinstance(outcome, RolledBack):
-                # Only a request its sender gave up on and rolled back gets this reply, so
-                # it never comes here in practice; if it did, nothing was taken: defer.
-                self._defer(policy, "admission rolled back")
-                continue
-            if isinstance(outcome, Replay):
-                execution.replay = outcome
-                return execution
-            if isinstance(outcome, Mismatch):
-                assert execution.idem_digest is not None
-                raise IdempotencyKeyMismatch(self.name, execution.idem_digest)
-            if isinstance(outcome, Refused):
-                self._refused(policy, outcome, execution, plan)
-                continue
-            if isinstance(outcome, Rejected):
-                self._rejected(policy, outcome)
-            if isinstance(outcome, Poison):
-                runtime.redis.delete(runtime.keys.deliveries(str(self.request.id)))
-                error = PoisonMessage(self.name, outcome.deliveries)
-                self._dead_letter(policy, error, "worker lost")
-                raise error
-            self._bucket_slots().clear()  # admitted: the places were used
-            self._hold(policy, plan, outcome, execution, runtime, started)
-            try:
+                taken = True
+                try:
+                    outcome = plan.admit(runtime.redis)
+                except redis.RedisError as exc:
+                    # The script may have run and only its reply been lost: undo what it
+                    # may have taken (its lock, record, slot, probe and delivery count)
+                    # before deferring, so the deferral is not behind its own lock and is
+                    # not counted as a lost delivery. Then fail closed: an unguarded run
+                    # could break the guarantee.
+                    self._roll_back(plan, runtime)
+                    taken = False
+                    runtime.health.redis.failed(exc)  # a WARNING per interval, and the gauge
+                    self._defer(policy, "Redis unavailable", cause=exc)
+                    continue
+                if not isinstance(outcome, Admitted):
+                    taken = False  # a refusal, replay, rejection or poison took nothing
+                runtime.health.redis.ok()
+                if isinstance(outcome, RolledBack):
+                    # Only a request its sender gave up on and rolled back gets this reply,
+                    # so it never comes here in practice; if it did, nothing was taken: defer.
+                    self._defer(policy, "admission rolled back")
+                    continue
+                if isinstance(outcome, Replay):
+                    execution.replay = outcome
+                    return execution
+                if isinstance(outcome, Mismatch):
+                    assert execution.idem_digest is not None
+                    raise IdempotencyKeyMismatch(self.name, execution.idem_digest)
+                if isinstance(outcome, Refused):
+                    self._refused(policy, outcome, execution, plan)
+                    continue
+                if isinstance(outcome, Rejected):
+                    self._rejected(policy, outcome)
+                if isinstance(outcome, Poison):
+                    runtime.redis.delete(runtime.keys.deliveries(str(self.request.id)))
+                    error = PoisonMessage(self.name, outcome.deliveries)
+                    self._dead_letter(policy, error, "worker lost")
+                    raise error
+                self._bucket_slots().clear()  # admitted: the places were used
+                self._hold(policy, plan, outcome, execution, runtime, started)
+                held = True
                 if (execution.idem_digest is None
                         or runtime.settings.idempotency_store != "postgres"):
                     return execution
                 if self._claim_durably(policy, execution, runtime):
                     return execution
             except BaseException:
-                # Whatever went wrong, nothing admitted may outlive this delivery.
-                self._settle(execution, runtime, "X", "")
+                if held:  # nothing admitted may outlive this delivery
+                    self._settle(execution, runtime, "X", "")
+                elif taken:
+                    self._abandon(plan, execution, runtime)
                 raise
+
+    def _abandon(self, plan: Plan, execution: _Execution, runtime: Runtime) -> None:
+        """Undo an admission cut short before :meth:`_hold` registered all it took.
+
+        Whatever _hold did register is let go (no renewal, no completion); the
+        rollback is bounded (:data:`INTERRUPTED_ROLLBACK_TIMEOUT` per send, two
+        sends) and raises nothing, so the interruption is what propagates.
+        """
+        execution.done = True  # no completion: the rollback removes it all, by owner
+        for lease in execution.leases:
+            runtime.heartbeat.discard(lease)
+            lease.end()
+        self._roll_back(plan, runtime, timeout=INTERRUPTED_ROLLBACK_TIMEOUT)
 
     def _roll_back(self, plan: Plan, runtime: Runtime, timeout: float | None = None) -> None:
         """Undo a failed admission (:meth:`Plan.rollback`); on failure, leases expire by TTL.

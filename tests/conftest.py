@@ -509,3 +509,40 @@ def pg_proxy() -> Iterator[TcpProxy]:
     proxy.start()
     yield proxy
     proxy.stop()
+
+
+#: The keyword arguments redis-py 5.0's ``Connection`` takes (pyproject: ``redis>=5``);
+#: 6.4 takes the same that matter here: neither has ``orig_socket_timeout``.
+REDIS_50_CONNECTION_KWARGS = frozenset({
+    "client_name", "command_packer", "credential_provider", "db", "decode_responses",
+    "encoding", "encoding_errors", "health_check_interval", "host", "lib_name", "lib_version",
+    "parser_class", "password", "port", "protocol", "redis_connect_func", "retry",
+    "retry_on_error", "retry_on_timeout", "socket_connect_timeout", "socket_keepalive",
+    "socket_keepalive_options", "socket_read_size", "socket_timeout", "socket_type",
+    "username",
+})
+
+
+def redis50_client(url: str) -> redis.Redis:
+    """A client whose pool and connections take only what redis-py 5.0's take.
+
+    The installed redis-py is newer; this stands in for the oldest version
+    pyproject accepts: its pool's connection settings are what a 5.0 pool
+    holds (the newer keys it adds itself are left out), and a keyword 5.0's
+    ``Connection`` does not know raises TypeError, as it does there.
+    """
+
+    class Redis50Connection(redis.Connection):
+        def __init__(self, **kwargs: Any) -> None:
+            extra = sorted(set(kwargs) - REDIS_50_CONNECTION_KWARGS)
+            if extra:
+                raise TypeError("AbstractConnection.__init__() got an unexpected keyword "
+                                f"argument {extra[0]!r}")
+            super().__init__(**kwargs)
+
+    pool = redis.ConnectionPool.from_url(url, connection_class=Redis50Connection)
+    pool.connection_kwargs = {name: value for name, value in pool.connection_kwargs.items()
+                              if name in REDIS_50_CONNECTION_KWARGS}
+    client = redis.Redis(connection_pool=pool)
+    assert client.ping()  # the pool's own connections work
+    return client

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -30,10 +33,10 @@ from celery_reliable.breaker import BreakerSpec
 from celery_reliable.bulkhead import TierSpec
 from celery_reliable.keys import KeySpace
 from celery_reliable.ratelimit import BucketSpec
-from celery_reliable.runtime import Runtime
+from celery_reliable.runtime import Runtime, runtime_for
 from celery_reliable.scripts import _channel, script
 
-from .conftest import LateProxy, RedisServer, TcpProxy, free_port, wait_for
+from .conftest import LateProxy, RedisServer, TcpProxy, free_port, redis50_client, wait_for
 
 
 def evalsha_calls(client: redis.Redis) -> int:
@@ -229,6 +232,37 @@ def test_rollback_undoes_only_its_own_admission(redis_client: redis.Redis, prefi
     assert p.rollback(redis_client) == [0] and redis_client.hget(record, "s") == b"S"
 
 
+def test_a_rollback_sent_again_after_its_first_send_ran_changes_nothing(
+    redis_client: redis.Redis, prefix: str,
+) -> None:
+    """Only the first send of a rollback to arrive acts: a later one leaves a newer admission.
+
+    The same owner admits again after its rollback ran (a FencedLock retried
+    with a stable owner, a task whose owner a caller reuses); a second send of
+    the first rollback (a resend whose first send arrived, reaching Redis late)
+    finds its marker and takes nothing of the newer admission, whatever its
+    owner.
+    """
+    keys = KeySpace(prefix)
+    tier = TierSpec(concurrent=3, queue=3, timeout=60, policy="wait")
+
+    def plan() -> Plan:
+        p = Plan()
+        p.add_lock(keys, "res", "owner-1", 30)
+        p.add_bulkhead(keys, "tier", tier, "owner-1", "waiter")
+        return p
+
+    first = plan()
+    assert isinstance(first.admit(redis_client), Admitted)
+    assert first.rollback(redis_client) == [1, 1]
+    again = plan()
+    assert isinstance(again.admit(redis_client), Admitted)  # the owner's next admission
+    assert first.rollback(redis_client) == [0, 0]  # the first rollback, sent again
+    assert redis_client.exists(keys.lock("res")) == 1
+    assert redis_client.zcard(keys.bulkhead("tier")[0]) == 1
+    assert again.rollback(redis_client) == [1, 1]
+
+
 def test_an_older_delivery_counter_is_kept(redis_client: redis.Redis, prefix: str) -> None:
     """A counter left by an older version keeps its count; rollback leaves it alone."""
     key = KeySpace(prefix).deliveries("old")
@@ -415,6 +449,71 @@ def test_soft_time_limit_during_admission_still_rolls_back(
     direct.close()
 
 
+def _interrupt_at(module: str, function: str, caller: str | None = None) -> Any:
+    """Raise SoftTimeLimitExceeded when ``module``'s ``function`` is entered (from ``caller``).
+
+    Celery's soft time limit is a signal handler raising at whatever bytecode the
+    main thread is running; this delivers it at a chosen one, deterministically.
+    Returns the trace function it replaced (a coverage tracer), to put back.
+    """
+    previous = sys.gettrace()
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> None:
+        if (event == "call" and frame.f_code.co_name == function
+                and frame.f_globals.get("__name__") == module
+                and (caller is None or (frame.f_back is not None
+                                        and frame.f_back.f_code.co_name == caller))):
+            sys.settrace(previous)
+            raise SoftTimeLimitExceeded("soft time limit (test)")
+
+    sys.settrace(tracer)
+    return previous
+
+
+@pytest.mark.parametrize("where", [
+    ("celery_reliable.task", "_bucket_slots", "_admit"),  # admitted, before _hold
+    ("celery_reliable.task", "_hold", None),  # nothing registered yet
+    ("celery_reliable.metrics", "inc", "_hold"),  # mid-_hold: the record's lease registered
+], ids=["before-hold", "hold", "mid-hold"])
+def test_interruption_between_admission_and_hold_leaks_nothing(
+    redis_url: str, redis_client: redis.Redis, prefix: str,
+    where: tuple[str, str, str | None],
+) -> None:
+    """A soft time limit landing after admission and before its leases are registered leaks nothing.
+
+    Between admit.lua's reply and _hold's end run health bookkeeping, metrics and
+    the breaker's signal handlers (user code): an interruption there propagates,
+    and what admission took (lock, in-progress record, delivery entry) is undone
+    by owner first. Before, it was held until its TTL (300 s here): the next
+    delivery was deferred behind its predecessor's ghost lock, and the
+    heartbeat kept renewing what _hold had registered.
+    """
+    app = Celery("interrupted", broker="memory://", set_as_current=False)
+    app.conf.update(reliable_redis_url=redis_url, reliable_key_prefix=prefix,
+                    reliable_idempotency_store="redis")
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="adm.interrupted",
+              lock="acct:{n}", lock_ttl=300, idempotency_key="acct:{n}",
+              idempotency_lease=300)
+    def guarded(self: Any, n: int) -> str:
+        return "ran"
+
+    keys = KeySpace(prefix)
+    previous = _interrupt_at(*where)
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            deliver(guarded, 1)
+    finally:
+        sys.settrace(previous)
+    assert redis_client.exists(keys.fence("acct:1")) == 1  # it was admitted: a token minted
+    assert redis_client.exists(keys.lock("acct:1")) == 0, (
+        f"the lock leaked ({redis_client.pttl(keys.lock('acct:1'))} ms left)")
+    assert redis_client.exists(keys.idempotency("adm.interrupted", "acct:1")) == 0
+    assert runtime_for(app).heartbeat.held() == 0  # nothing renewed on behalf of it
+    again = deliver(guarded, 1)
+    assert again == "ran", f"the next delivery did not run: {again!r} (the lock leaked)"
+
+
 def test_interrupted_fenced_lock_acquire_rolls_back(
     private_redis: RedisServer, proxy: TcpProxy
 ) -> None:
@@ -444,6 +543,133 @@ def test_interrupted_fenced_lock_acquire_rolls_back(
     assert direct.exists(keys.lock("invoice:8")) == 0, "an interrupted acquire kept the lock"
     client.close()
     direct.close()
+
+
+def test_interrupted_rollback_works_with_the_oldest_supported_redis_py(redis_url: str,
+                                                                     prefix: str) -> None:
+    """With redis-py 5.0's connection keywords the bounded rollback undoes the admission.
+
+    ``Plan.rollback(timeout=...)`` (what ReliableTask._admit and FencedLock.acquire
+    run on SoftTimeLimitExceeded/SystemExit) builds its own connection from the
+    pool's settings, setting only keywords the pool passes: redis-py 7's
+    ``orig_*`` keywords made 5.0.8 and 6.4.0 raise TypeError (swallowed by the
+    callers: the lock stayed held until its TTL, no marker stopped a late request).
+    """
+    client = redis50_client(redis_url)
+    keys = KeySpace(prefix)
+    plan = Plan()
+    plan.add_lock(keys, "interrupted", "owner-1", 300)
+    try:
+        assert isinstance(plan.admit(client), Admitted)  # the lock is taken
+        try:
+            undone = plan.rollback(client, attempts=2, timeout=1.0)
+        except TypeError as exc:
+            raise AssertionError(f"the bounded rollback failed: {exc}") from exc
+        assert undone == [1]
+        assert client.exists(keys.lock("interrupted")) == 0
+    finally:
+        client.delete(keys.lock("interrupted"), keys.fence("interrupted"))
+        client.close()
+
+
+class LateAndLostProxy(LateProxy):
+    """LateProxy that can also lose replies (TcpProxy's ``lose_replies``) and hold every send.
+
+    ``hold(marker, every=True)``: each request containing ``marker`` (on each
+    new connection: a resend) is kept until ``release()``; ``delivered_count``
+    says how many reached the server since.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self._every = False
+        self.delivered_count = 0
+
+    def hold(self, marker: bytes, every: bool = False) -> None:
+        super().hold(marker)
+        self._every = every
+        self.delivered_count = 0
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        if src.getsockname()[1] != self.port:  # the server's replies: TcpProxy's, held or not
+            TcpProxy._pipe(self, src, dst)
+            return
+        replies = self._replies[src]
+        try:
+            while data := src.recv(65536):
+                marker = self._marker
+                if marker is not None and marker in data:
+                    replies.clear()  # this request runs; its reply is lost
+                late = self._late
+                if late is not None and late in data:
+                    if not self._every:
+                        self._late = None
+                    self._release.wait(30)
+                    dst.sendall(data)
+                    time.sleep(0.2)
+                    with self._lock:
+                        self.delivered_count += 1
+                    self.delivered.set()
+                    continue
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize("late", ["first send", "every send"])
+def test_late_rollback_never_frees_a_later_acquire_of_the_same_owner(
+    private_redis: RedisServer, prefix: str, late: str,
+) -> None:
+    """A rollback send arriving after the owner's next acquire (same owner) leaves its lock alone.
+
+    FencedLock.acquire(owner=...) with a stable owner (a host:pid). Acquire #1
+    runs but its reply is lost; its rollback's first send (or every send) is
+    delayed in the network. "first send": the resend gets through, undoes #1
+    and writes the request's marker; the late first send, arriving after
+    acquire #2 took the lock, finds the marker and does nothing. "every send":
+    nothing undoes #1 in time (its lease is let expire, here deleted by hand),
+    #2 takes the lock, and the late sends compare the whole holder, whose
+    per-acquire nonce is not #2's. Either way #2 keeps the lock: a third client
+    is refused.
+    """
+    direct = redis.Redis(port=private_redis.port)
+    for name in ("admit", "rollback", "complete", "renew"):
+        direct.script_load(script(name).source)
+    proxy = LateAndLostProxy(private_redis.port)
+    proxy.start()
+    client = redis.Redis(port=proxy.port, socket_timeout=0.5)
+    keys = KeySpace(prefix)
+    try:
+        lock = FencedLock(client, "account-7", prefix=prefix, ttl=60)
+        proxy.lose_replies(script("admit").sha.encode())
+        proxy.hold(script("rollback").sha.encode(), every=late == "every send")
+        with pytest.raises(redis.TimeoutError):
+            lock.acquire(owner="worker-a:4242")  # #1 ran; its rollback sends are late
+        proxy.resume()
+        sends = 1
+        if late == "every send":
+            sends = 3  # FencedLock's rollback: three sends, each timed out
+            assert direct.exists(keys.lock("account-7")) == 1  # #1's lock: nothing undid it
+            direct.delete(keys.lock("account-7"))  # #1's lease expires
+        token = lock.acquire(owner="worker-a:4242")  # the caller retries: #2 holds the lock
+        assert token is not None
+        proxy.release()  # the late rollback send(s) of #1 reach Redis
+        wait_for(lambda: proxy.delivered_count >= sends, timeout=10,
+                 what=f"{sends} late rollback send(s) delivered")
+        time.sleep(0.2)
+        other = FencedLock(direct, "account-7", prefix=prefix, ttl=60).acquire(owner="worker-b")
+        assert other is None, (
+            f"a second holder got the lock (token {other}) while acquire #2 (token {token}) "
+            "holds it: #1's late rollback deleted it")
+        assert lock.release()
+    finally:
+        proxy.stop()
+        client.close()
+        direct.close()
 
 
 def test_socket_timeout_setting_is_validated_and_used() -> None:

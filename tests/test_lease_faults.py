@@ -28,7 +28,7 @@ from celery_reliable.keys import KeySpace
 from celery_reliable.runtime import Heartbeat, Lease, runtime_for
 from celery_reliable.scripts import script
 
-from .conftest import RedisServer, TcpProxy, wait_for
+from .conftest import RedisServer, TcpProxy, redis50_client, wait_for
 
 LOCK_TTL = 3.0
 RENEW_SHA = script("renew").sha.encode("ascii")
@@ -191,7 +191,9 @@ def test_a_renewal_is_sent_once_and_abandoned_before_ttl_over_3(
     sent = time.monotonic()
     token = lock.acquire(owner="me")
     assert token is not None
-    lease = Lease("L", KeySpace(prefix).lock("r"), f"{token} me", LOCK_TTL, sent, "test lock")
+    value = direct.get(KeySpace(prefix).lock("r"))  # "<token> me\n\n\n<nonce>"
+    assert value is not None and value.startswith(f"{token} me".encode())
+    lease = Lease("L", KeySpace(prefix).lock("r"), value.decode(), LOCK_TTL, sent, "test lock")
     # the process's client, as the Runtime builds it (10 s socket timeout), through the proxy
     client = redis.Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=10)
     heartbeat = Heartbeat(client)
@@ -387,3 +389,71 @@ def test_released_lock_ends_the_belief(broker_app: Celery) -> None:
         assert seen[name].current is None  # refused locally, before any I/O
     assert store.hget(key, "v") == b"written while holding"
     store.close()
+
+
+def test_heartbeat_renews_with_the_oldest_supported_redis_py(redis_url: str,
+                                                            prefix: str) -> None:
+    """With redis-py 5.0's connection keywords the heartbeat renews: a 2 s lease lives past 4 s.
+
+    The heartbeat's own connection is built from the pool's settings, setting
+    only keywords the pool already passes: redis-py 7's ``orig_socket_timeout``
+    and ``orig_socket_connect_timeout`` made 5.0.8 and 6.4.0 (pyproject:
+    ``redis>=5``) raise TypeError, which killed the heartbeat thread, and every
+    lock, idempotency lease, bulkhead slot and probe expired at its first TTL.
+    """
+    client = redis50_client(redis_url)
+    key = f"{prefix}:lease"
+    client.set(key, "me", px=2000)
+    heartbeat = Heartbeat(client)
+    lease = Lease("L", key, "me", 2.0, time.monotonic(), "test lock")
+    try:
+        heartbeat.add(lease)
+        time.sleep(4.0)  # two TTLs: a live heartbeat renews at ttl/3
+        assert client.pttl(key) > 0 and not lease.lost, (
+            f"the lease was not renewed (PTTL {client.pttl(key)}, lost={lease.lost})")
+    finally:
+        heartbeat.stop()
+        client.delete(key)
+        client.close()
+
+
+def test_any_error_in_a_renewal_is_a_failed_renewal_and_the_heartbeat_goes_on(
+    redis_url: str, prefix: str, library_log: Recorder,
+) -> None:
+    """A renewal raising something other than a RedisError is retried; the thread never dies.
+
+    The heartbeat's connection class raises RuntimeError the first two times it
+    is built (a bug, an incompatible redis-py): each is logged as a failed
+    renewal, the next attempt follows ``min(1, ttl / 10)`` later on a new
+    connection, and the 3 s lease is still renewed before its belief ends.
+    """
+    failures: list[Exception] = []
+
+    class FlakyConnection(redis.Connection):
+        def __init__(self, **kwargs: Any) -> None:
+            if failures:
+                raise failures.pop(0)
+            super().__init__(**kwargs)
+
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=FlakyConnection)
+    client = redis.Redis(connection_pool=pool)
+    key = f"{prefix}:lease"
+    client.set(key, "me", px=3000)  # on the pool's connection, built before the failures
+    failures += [RuntimeError("first"), RuntimeError("second")]
+    heartbeat = Heartbeat(client)
+    started = time.monotonic()
+    lease = Lease("L", key, "me", 3.0, started, "test lock")
+    try:
+        heartbeat.add(lease)
+        wait_for(lambda: not failures and lease.confirmed > started, timeout=10,
+                 what="a renewal after the two failed ones")
+        time.sleep(3.5)  # past the first TTL: renewed since
+        assert not lease.lost and client.pttl(key) > 0, (
+            f"the lease was not renewed (PTTL {client.pttl(key)}, {lease.ended_why})")
+        assert heartbeat._thread is not None and heartbeat._thread.is_alive()
+        assert sum("lease renewal failed" in m for m in library_log.messages) == 2, (
+            library_log.messages)
+    finally:
+        heartbeat.stop()
+        client.delete(key)
+        client.close()

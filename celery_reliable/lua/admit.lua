@@ -15,6 +15,7 @@ ARGV  [1] plan: one letter per guard, e.g. "ILKB"
         I: fingerprint, owner, lease_ms, ttl_ms
         L: holder, lease_ms, fence_ttl_ms; the lock's value becomes
            "<token> <holder>", holder = "<owner>" or "<owner>\n<task name>\n<label>"
+           (then "\n<nonce>" for a FencedLock: one per acquire)
            (admission.lock_holder: what `reliable locks` shows, kept in the
            lease so it lives, renews and goes with it); fence_ttl_ms: the
            fencing counter's TTL, reset by every acquire

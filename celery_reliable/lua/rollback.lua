@@ -16,7 +16,11 @@ ARGV  [1] one letter per entry, e.g. "DILK"
 Returns {r1, r2, ...}: 1 removed, 0 nothing of ours there (admission did not
         run, or it was already undone, released or taken over)
 Safe to run twice, and safe when admission never ran: an entry goes only if it
-carries this owner.
+carries this owner. With a marker, only the first send to arrive does anything:
+the marker already there means another send of this rollback ran, and a send
+arriving late (Plan.rollback resends after a timeout; the first send may reach
+Redis after the second) must not take what the owner acquired since (a
+FencedLock retried with the same owner): all zeros, nothing written.
   I: only an in-progress record (s = P) of ours; a finished one is a result
   L: the lease value is "<token> <holder>"; the token is not known here, so the
      holder after the token is compared
@@ -34,7 +38,14 @@ least ten minutes.
 local kinds = ARGV[1]
 local out = {}
 if #KEYS > #kinds then
-  redis.call('SET', KEYS[#kinds + 1], 1, 'PX', ARGV[#kinds + 2])
+  local marker = KEYS[#kinds + 1]
+  if redis.call('EXISTS', marker) == 1 then
+    for g = 1, #kinds do
+      out[g] = 0
+    end
+    return out
+  end
+  redis.call('SET', marker, 1, 'PX', ARGV[#kinds + 2])
 end
 for g = 1, #kinds do
   local kind, key, owner = string.sub(kinds, g, g), KEYS[g], ARGV[g + 1]
