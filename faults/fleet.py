@@ -28,6 +28,8 @@ class Worker:
         self.concurrency = concurrency
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        #: killed on purpose (a nemesis restarts it): the supervisor leaves it down
+        self.held_down = False
 
     @property
     def pid(self) -> int | None:
@@ -38,6 +40,7 @@ class Worker:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
+        self.held_down = False
         self.starts += 1
         log = open(self.logs / f"{self.name}.log", "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
@@ -72,6 +75,7 @@ class Worker:
 
     def kill(self) -> None:
         """kill -9 of the whole worker: parent and pool children (its process group)."""
+        self.held_down = True
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -117,6 +121,22 @@ class Fleet:
             else:
                 w.start()
 
+    def supervise(self) -> list[str]:
+        """Restart every worker that died on its own (as systemd's Restart=always would).
+
+        Celery 5's worker can exit on a lost broker connection (kombu's Redis
+        transport raises AttributeError on 'hostname' while restoring unacked
+        messages): production runs workers under a supervisor, so does the fleet.
+        """
+        restarted = []
+        for w in self.workers:
+            if w.proc is not None and not w.alive and not w.held_down:
+                code, pid = w.proc.returncode, w.proc.pid
+                w.start()
+                restarted.append(f"{w.name} pid {pid} (exit {code})")
+        return restarted
+
     def stop(self) -> None:
         for w in self.workers:
+            w.held_down = True
             w.stop()

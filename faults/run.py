@@ -215,6 +215,20 @@ class Campaign:
         started = time.monotonic()
         thread = threading.Thread(target=produce, name="producer", daemon=True)
         thread.start()
+        supervising = threading.Event()
+
+        def supervise() -> None:
+            assert self.fleet is not None
+            while not supervising.wait(1.0):
+                for what in self.fleet.supervise():
+                    # not a planned fault: a worker exited on its own (see Fleet.supervise)
+                    for action in ("start", "stop"):
+                        self.recorder.emit("nemesis", name="worker-crash", action=action,
+                                           target=f"worker {what}",
+                                           detail="exited on its own; restarted by supervisor")
+                    self.log(f"supervisor: restarted {what}")
+
+        threading.Thread(target=supervise, name="supervisor", daemon=True).start()
         for step in self.steps:
             self.sleep_until(started + step.at)
             self.inject(ctx, step)
@@ -234,6 +248,7 @@ class Campaign:
         self.phase("quiesce", "start")
         states = self.quiesce()
         self.phase("quiesce", "stop")
+        supervising.set()
         self.record_final(app, states)
         self.fleet.stop()
         self.dump_tables()
@@ -260,16 +275,16 @@ class Campaign:
 
     def inject(self, ctx: Context, step: Step) -> None:
         nemesis = NEMESES[step.nemesis]
+        detail = json.dumps(step.plan)
         try:
-            target = nemesis.start(ctx, dict(step.plan))
+            target = nemesis.start(ctx, step.plan)  # may note what it did in the plan (a pid)
         except Exception as exc:
             target = f"failed to inject: {exc!r}"
-        plan = dict(step.plan)
-        self.active = (step, plan)
+        self.active = (step, step.plan)
         self.recorder.emit("nemesis", name=step.nemesis, action="start", target=target,
-                           detail=json.dumps(step.plan))
+                           detail=detail)
         self.log(f"nemesis {step.nemesis} start: {target}")
-        step.plan.setdefault("_target", target)
+        step.plan["_target"] = target
 
     def heal_step(self, ctx: Context) -> None:
         if self.active is None:

@@ -64,9 +64,12 @@ def produce(p: Producer) -> None:
         key = f"k{len(_recent)}-{p.rng.getrandbits(24):06x}"
         _recent.append(key)
         dup = False
-    amount = int(key.split("-")[1], 16) % 1000 + 1  # one amount per key, whatever the copy
-    task_id = p.send(NAME, TASK, kwargs={"key": key, "amount": amount,
-                                         "hold": round(p.rng.uniform(0.05, 0.4), 3)},
+    # every copy of a key has the same arguments (else it is a different request:
+    # IdempotencyKeyMismatch), so amount and hold derive from the key
+    digits = int(key.split("-")[1], 16)
+    amount = digits % 1000 + 1
+    hold = 0.05 + (digits % 350) / 1000
+    task_id = p.send(NAME, TASK, kwargs={"key": key, "amount": amount, "hold": hold},
                      key=key, duplicate_of=_first.get(key) if dup else None)
     _first.setdefault(key, task_id)
 
