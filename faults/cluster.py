@@ -3,8 +3,9 @@
 - a broker ``redis-server`` (append-only file fsynced on every write, so a
   ``kill -9`` loses no queued message: the broker is not what is under test);
 - the plugin's state: a primary ``redis-server`` with RDB snapshots and a
-  replica (``REPLICAOF``), reached by the workers through a :class:`TcpProxy`
-  whose target a failover switches to the promoted replica;
+  replica (``REPLICAOF``, through a proxy of its own so that replication can
+  be made to lag), reached by the workers through a :class:`TcpProxy` whose
+  target a failover switches to the promoted replica;
 - a private PostgreSQL cluster (``initdb`` / ``pg_ctl``), reached by the
   workers through another :class:`TcpProxy`.
 
@@ -172,7 +173,9 @@ class RedisServer:
     def start(self) -> None:
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", self.save, "--dir", str(self.folder), "--dbfilename", "dump.rdb",
-                "--logfile", str(self.folder / "redis.log")]
+                "--logfile", str(self.folder / "redis.log"),
+                # a replica's full sync starts at once, not after the default 5 s wait
+                "--repl-diskless-sync-delay", "0"]
         if self.appendonly:
             argv += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
@@ -195,6 +198,22 @@ class RedisServer:
             except redis.ResponseError:  # LOADING
                 time.sleep(0.05)
         client.close()
+
+    def wait_synced(self, timeout: float) -> bool:
+        """A replica: wait until its link to the primary is up (initial sync done)."""
+        deadline = time.monotonic() + timeout
+        client = self.client()
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    if client.info("replication").get("master_link_status") == "up":
+                        return True
+                except redis.RedisError:
+                    pass
+                time.sleep(0.1)
+            return False
+        finally:
+            client.close()
 
     def kill(self) -> None:
         """kill -9: nothing more is written; a restart loads the last snapshot (or AOF)."""
@@ -307,13 +326,18 @@ class Cluster:
         self.pg = PostgresCluster(folder)
         self.state_proxy: TcpProxy | None = None
         self.pg_proxy: TcpProxy | None = None
+        # the replica replicates through this proxy: stalling it makes replication lag
+        self.repl_proxy: TcpProxy | None = None
 
     def start(self) -> None:
         self.broker.start()
         self.state.start()
         if self.replica is not None:
-            self.replica.replicaof = self.state.port
+            self.repl_proxy = TcpProxy(self.state.port)
+            self.repl_proxy.start()
+            self.replica.replicaof = self.repl_proxy.port
             self.replica.start()
+            self.replica.wait_synced(30)
         self.pg.init()
         self.pg.start()
         self.state_proxy = TcpProxy(self.state.port)
@@ -344,33 +368,45 @@ class Cluster:
     def database_url(self) -> str:
         return self.pg.url
 
-    def failover(self) -> str:
+    def failover(self, lag: float = 0.0) -> str:
         """Promote the replica (REPLICAOF NO ONE) and point the workers' proxy at it.
 
-        The old primary is killed first (it is the one that failed); what it had
-        not yet replicated is lost. Returns a description. ``rejoin()`` brings the
-        old primary back as the new primary's replica.
+        Replication is stalled for ``lag`` seconds first, then the old primary is
+        killed (it is the one that failed): what it had not yet replicated, at
+        least the last ``lag`` seconds of writes, is lost. Returns a description.
+        ``rejoin()`` brings the old primary back as the new primary's replica.
         """
         assert self.replica is not None and self.state_proxy is not None
+        assert self.repl_proxy is not None
         old, new = self.state, self.replica
+        if lag > 0:
+            self.repl_proxy.stall()
+            time.sleep(lag)
         old.kill()
+        self.repl_proxy.retarget(new.port)  # for the old primary, once it rejoins
+        self.repl_proxy.resume()
         client = new.client()
         client.replicaof("NO", "ONE")
         client.close()
         new.replicaof = None
         self.state, self.replica = new, old
         self.state_proxy.retarget(new.port)
-        return f"{new.name} promoted (port {new.port}); {old.name} killed"
+        return (f"{new.name} promoted (port {new.port}) after {lag:.2f}s of replication lag; "
+                f"{old.name} killed")
 
     def rejoin(self) -> None:
         """Start the failed old primary again, empty, as a replica of the current primary."""
         if self.replica is not None and not self.replica.running:
-            self.replica.replicaof = self.state.port
+            assert self.repl_proxy is not None
+            self.repl_proxy.retarget(self.state.port)
+            self.replica.replicaof = self.repl_proxy.port
             self.replica.restart(empty=True)
+            # a failover right after this promotes what the replica has: wait for a full copy
+            self.replica.wait_synced(30)
 
     def heal(self) -> None:
         """Every server up and every path forwarding (idempotent)."""
-        for proxy in (self.state_proxy, self.pg_proxy):
+        for proxy in (self.state_proxy, self.pg_proxy, self.repl_proxy):
             if proxy is not None:
                 proxy.resume()
         if not self.broker.running:
@@ -382,7 +418,7 @@ class Cluster:
             self.pg.start()
 
     def stop(self) -> None:
-        for proxy in (self.state_proxy, self.pg_proxy):
+        for proxy in (self.state_proxy, self.pg_proxy, self.repl_proxy):
             if proxy is not None:
                 proxy.stop()
         for server in (self.broker, self.state, self.replica):

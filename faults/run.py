@@ -199,7 +199,7 @@ class Campaign:
         producer = Producer(app=app, rng=random.Random(self.args.seed * 7919 + 1),
                             recorder=self.recorder, submitted=self.submitted,
                             publish=lambda name, **kw: self.publish(app, stop, name, **kw))
-        ctx = Context(self.cluster, self.fleet, self.recorder)
+        ctx = Context(self.cluster, self.fleet, self.recorder, self.results)
 
         def produce() -> None:
             rng = random.Random(self.args.seed * 104729 + 2)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from faults.cluster import Cluster
@@ -15,6 +17,39 @@ class Context:
     cluster: Cluster
     fleet: Fleet
     recorder: Any
+    results: Path
+
+
+def running_task(results: Path, pid: int) -> str | None:
+    """The workload a pool child is executing now (its last event is a ``start``), or None."""
+    path = results / "history" / f"{pid}-worker.jsonl"
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            lines = f.read().splitlines()
+        event = json.loads(lines[-1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return str(event.get("workload")) if event.get("type") == "start" else None
+
+
+def pick_child(
+    ctx: Context, fraction: float, prefer: tuple[str, ...] = ()
+) -> tuple[str, int] | None:
+    """A pool child to hit: ``(worker name, pid)``, preferring one mid-task (in ``prefer``).
+
+    A fault that lands on an idle process shows nothing; ``fraction`` (drawn from the
+    seed) picks among the best candidates found now.
+    """
+    children = [(w.name, pid) for w in ctx.fleet.workers for pid in w.children()]
+    if not children:
+        return None
+    busy = [(c, running_task(ctx.results, c[1])) for c in children]
+    for tier in ([c for c, wl in busy if wl in prefer], [c for c, wl in busy if wl], children):
+        if tier:
+            return tier[min(int(fraction * len(tier)), len(tier) - 1)]
+    return None
 
 
 class Nemesis(Protocol):

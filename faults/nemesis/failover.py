@@ -1,6 +1,6 @@
-"""failover: the primary dies, the (possibly lagging) replica is promoted with
-REPLICAOF NO ONE, and the workers' proxy is pointed at it; at stop, the old
-primary comes back, empty, as the new primary's replica."""
+"""failover: replication lags (its link stalled 0-3 s), the primary dies, the
+replica is promoted with REPLICAOF NO ONE and the workers' proxy is pointed at
+it; at stop, the old primary comes back, empty, as the new primary's replica."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ class Failover:
     name = "failover"
 
     def plan(self, rng: random.Random) -> dict[str, Any]:
-        return {}
+        return {"lag": round(rng.uniform(0.0, 3.0), 2)}
 
     def start(self, ctx: Context, plan: dict[str, Any]) -> str:
         if ctx.cluster.replica is None or not ctx.cluster.replica.running:
             return "no replica running: skipped"
-        return ctx.cluster.failover()
+        return ctx.cluster.failover(lag=plan["lag"])
 
     def stop(self, ctx: Context, plan: dict[str, Any]) -> str:
         ctx.cluster.rejoin()

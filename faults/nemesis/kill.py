@@ -7,7 +7,7 @@ import random
 import signal
 from typing import Any
 
-from faults.nemesis.base import Context
+from faults.nemesis.base import Context, pick_child
 
 
 class Kill:
@@ -26,15 +26,15 @@ class Kill:
             pid = worker.pid
             worker.kill()
             return f"worker {worker.name} pid {pid}"
-        children = worker.children()
-        if not children:
-            return f"worker {worker.name}: no pool child"
-        pid = children[int(plan["child"] * len(children))]
+        picked = pick_child(ctx, plan["child"], prefer=("locked", "payments", "bulkhead"))
+        if picked is None:
+            return "no pool child"
+        name, pid = picked
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
-            return f"child of {worker.name} pid {pid} already gone"
-        return f"child of {worker.name} pid {pid}"
+            return f"child of {name} pid {pid} already gone"
+        return f"child of {name} pid {pid}"
 
     def stop(self, ctx: Context, plan: dict[str, Any]) -> str:
         restarted = [w.name for w in ctx.fleet.workers if not w.alive]

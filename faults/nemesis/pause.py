@@ -7,30 +7,27 @@ import random
 import signal
 from typing import Any
 
-from faults.nemesis.base import Context
+from faults.nemesis.base import Context, pick_child
 
 
 class Pause:
     name = "pause"
 
     def plan(self, rng: random.Random) -> dict[str, Any]:
-        return {"worker": rng.random(), "child": rng.random()}
+        return {"child": rng.random()}
 
     def start(self, ctx: Context, plan: dict[str, Any]) -> str:
-        alive = [w for w in ctx.fleet.workers if w.alive]
-        if not alive:
-            return "no worker alive"
-        worker = alive[int(plan["worker"] * len(alive))]
-        children = worker.children()
-        if not children:
-            return f"worker {worker.name}: no pool child"
-        pid = children[int(plan["child"] * len(children))]
+        # a child holding a lock or a slot is what a pause is for: its lease expires
+        picked = pick_child(ctx, plan["child"], prefer=("locked", "bulkhead", "payments"))
+        if picked is None:
+            return "no pool child"
+        name, pid = picked
         try:
             os.kill(pid, signal.SIGSTOP)
         except ProcessLookupError:
-            return f"child of {worker.name} pid {pid} already gone"
+            return f"child of {name} pid {pid} already gone"
         plan["pid"] = pid
-        return f"child of {worker.name} pid {pid}"
+        return f"child of {name} pid {pid}"
 
     def stop(self, ctx: Context, plan: dict[str, Any]) -> str:
         pid = plan.get("pid")
