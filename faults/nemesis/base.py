@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,21 +36,25 @@ def running_task(results: Path, pid: int) -> str | None:
 
 
 def pick_child(
-    ctx: Context, fraction: float, prefer: tuple[str, ...] = ()
+    ctx: Context, fraction: float, prefer: tuple[str, ...] = (), wait: float = 5.0
 ) -> tuple[str, int] | None:
     """A pool child to hit: ``(worker name, pid)``, preferring one mid-task (in ``prefer``).
 
-    A fault that lands on an idle process shows nothing; ``fraction`` (drawn from the
-    seed) picks among the best candidates found now.
+    A fault that lands on an idle process shows nothing: for up to ``wait`` seconds it
+    waits for a child running a ``prefer`` workload, then takes any busy child, then
+    any child. ``fraction`` (drawn from the seed) picks among the candidates found.
     """
-    children = [(w.name, pid) for w in ctx.fleet.workers for pid in w.children()]
-    if not children:
-        return None
-    busy = [(c, running_task(ctx.results, c[1])) for c in children]
-    for tier in ([c for c, wl in busy if wl in prefer], [c for c, wl in busy if wl], children):
-        if tier:
-            return tier[min(int(fraction * len(tier)), len(tier) - 1)]
-    return None
+    deadline = time.monotonic() + wait
+    while True:
+        children = [(w.name, pid) for w in ctx.fleet.workers for pid in w.children()]
+        busy = [(c, running_task(ctx.results, c[1])) for c in children]
+        tiers = [[c for c, wl in busy if wl in prefer], [c for c, wl in busy if wl], children]
+        if tiers[0] or time.monotonic() > deadline:
+            for tier in tiers:
+                if tier:
+                    return tier[min(int(fraction * len(tier)), len(tier) - 1)]
+            return None
+        time.sleep(0.02)
 
 
 class Nemesis(Protocol):
