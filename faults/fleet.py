@@ -47,7 +47,7 @@ class Worker:
             [sys.executable, "-m", "celery", "-A", "faults.app", "worker", "-P", "prefork",
              "-c", str(self.concurrency), "-Q", ",".join(QUEUES), "-n", f"{self.name}@%h",
              "--without-mingle", "--without-gossip", "--without-heartbeat",
-             "--prefetch-multiplier", "1", "-l", "warning"],
+             "--prefetch-multiplier", "1", "-l", self.env.get("FAULTS_LOG_LEVEL", "warning")],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

@@ -86,6 +86,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--rate", type=float, default=2.5, help="units of work submitted per second")
     ap.add_argument("--quiesce-timeout", type=float, default=180.0)
+    ap.add_argument("--log-level", default="warning",
+                    help="the workers' log level (info shows every received message)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.nemesis.split(",") if n.strip()]
     unknown = [n for n in names if n not in NEMESES]
@@ -156,6 +158,7 @@ class Campaign:
             FAULTS_DATABASE_URL=self.cluster.worker_database_url,
             FAULTS_PREFIX=prefix,
             FAULTS_RESULTS=str(self.results),
+            FAULTS_LOG_LEVEL=self.args.log_level,
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         )
         # this process (the producer) talks to the servers directly, not through the proxies
