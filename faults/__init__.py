@@ -1,6 +1,7 @@
 """A Jepsen-style fault campaign for celery-reliable (issue 13).
 
-A real fleet runs workloads under random, seeded faults (``faults.nemesis``), every process
-records what it saw as JSON lines (``faults.history``), and ``faults.checker`` checks the
-library's guarantees against that history and the workloads' own database rows.
+``python -m faults --minutes 3 --seed 1`` starts private servers and a fleet of
+``celery worker`` processes on loopback, runs workloads under a seeded schedule
+of faults, heals, waits for quiescence, records a history of JSON lines and
+checks the library's guarantees against it (``faults.checker``).
 """
