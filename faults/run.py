@@ -86,6 +86,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--rate", type=float, default=2.5, help="units of work submitted per second")
     ap.add_argument("--quiesce-timeout", type=float, default=180.0)
+    ap.add_argument("--kill-workers", action=argparse.BooleanOptionalAction, default=True,
+                    help="let the kill nemesis take down whole workers (--no-kill-workers: "
+                         "pool children only; see faults/README.md on kombu's lost messages)")
     ap.add_argument("--log-level", default="warning",
                     help="the workers' log level (info shows every received message)")
     args = ap.parse_args(argv)
@@ -202,7 +205,8 @@ class Campaign:
         producer = Producer(app=app, rng=random.Random(self.args.seed * 7919 + 1),
                             recorder=self.recorder, submitted=self.submitted,
                             publish=lambda name, **kw: self.publish(app, stop, name, **kw))
-        ctx = Context(self.cluster, self.fleet, self.recorder, self.results)
+        ctx = Context(self.cluster, self.fleet, self.recorder, self.results,
+                      kill_workers=self.args.kill_workers)
 
         def produce() -> None:
             rng = random.Random(self.args.seed * 104729 + 2)

@@ -22,7 +22,7 @@ class Kill:
         if not alive:
             return "no worker alive"
         worker = alive[int(plan["worker"] * len(alive))]
-        if plan["what"] == "worker":
+        if plan["what"] == "worker" and ctx.kill_workers:
             pid = worker.pid
             worker.kill()
             return f"worker {worker.name} pid {pid}"
