@@ -16,7 +16,9 @@ ARGV  [1] plan: one letter per guard, e.g. "IL"
         K: owner
         D: dead_ttl_ms: the delivery finished: forget the unfinished ones; unless
            0, the task id was dead-lettered: keep (or write) the mark '!dead'
-           for dead_ttl_ms, so a redelivery of it does not run (admit.lua)
+           for dead_ttl_ms, so a redelivery of it does not run (admit.lua).
+           With 0, a mark already there (another delivery of the task id,
+           running at the same time, dead-lettered it) stays as it is
         C: probe owner, outcome (s success | f failure | n neutral), window,
            failure_threshold, min_calls, success_threshold
 Returns {r1, r2, ...}: 1 settled, 0 not ours any more (expired or taken over;
@@ -56,10 +58,18 @@ for g = 1, #plan do
     out[g] = redis.call('ZREM', KEYS[ki], ARGV[ai])
     ki, ai = ki + 1, ai + 1
   elseif kind == 'D' then
-    out[g] = redis.call('DEL', KEYS[ki])
     if ARGV[ai] ~= '0' then  -- dead-lettered: only the mark stays, for its ttl
+      out[g] = redis.call('DEL', KEYS[ki])
       redis.call('SADD', KEYS[ki], '!dead')
       redis.call('PEXPIRE', KEYS[ki], ARGV[ai])
+    elseif redis.pcall('SISMEMBER', KEYS[ki], '!dead') == 1 then
+      -- another delivery of this task id, running at the same time (the broker
+      -- gave the message out again while this one ran), dead-lettered it
+      -- meanwhile: its mark stays, with its ttl (and nothing else is left in the
+      -- set: the mark replaced it)
+      out[g] = 0
+    else
+      out[g] = redis.call('DEL', KEYS[ki])
     end
     ki, ai = ki + 1, ai + 1
   elseif kind == 'C' then
