@@ -18,10 +18,16 @@ Tolerances (each stated again in the verdict's ``checked`` text):
   it, else by ``t``.
 - critical sections: an overlap of two executions of one resource is *explained* when the
   earlier holder lost its lease: its ``end`` says ``lost-lock``/``stale``, it had a refused
-  fenced write, or a lease-losing fault (:data:`LEASE_FAULTS`) that reaches it was active
+  fenced write, or a lease-losing fault (:func:`costs_lease`) that reaches it was active
   between its start (less :data:`FAULT_LEAD_S`) and the later holder's start. Explained
   overlaps are still violations if the earlier holder had a write *accepted* after the later
   holder's first accepted write.
+- clock faults (``faults/nemesis/clock.py``, the plan in the start event's ``detail``): a
+  ``suspend`` (stopped, its clock counting only part of the stop) or a forward ``jump`` can
+  cost the target its leases; a ``slow`` clock only below rate :data:`SLOW_CLOCK_LOSES_BELOW`
+  (the heartbeat renews every ``ttl / 3`` of the skewed clock, i.e. within ``ttl`` of real
+  time above it): an overlap or an excess holder is not explained by a slow clock at that
+  rate or faster. A ``suspend`` counts as a pause for the bucket's late starts.
 - buckets: every window ``[t_i, t_j]`` of starts holds ``count <= rate*(t_j-t_i) + burst +
   tolerance`` (checked for all windows at once, O(n)); ``tolerance`` comes from the config
   event, default :func:`default_bucket_tolerance` (half a second of tokens plus one: the
@@ -31,8 +37,10 @@ Tolerances (each stated again in the verdict's ``checked`` text):
   admission happened before the pause).
 - bulkheads: concurrent holders ``<= slots``, except that holders which had lost their slot
   lease at that moment are not counted: a pause/stall reaching them that began at least the
-  lease TTL earlier and lasted at least the TTL, a Redis state loss since they started, or an
-  ``end`` of ``lost-lock``.
+  lease TTL earlier and lasted at least the TTL, a lease-losing clock fault reaching them that
+  began at least 2/3 of the TTL earlier (the last renewal may have been ``ttl / 3`` before it;
+  its effect outlasts its stop: the clock stays behind or ahead), a Redis state loss since
+  they started, or an ``end`` of ``lost-lock``.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ __all__ = [
     "Verdict",
     "check",
     "check_history",
+    "costs_lease",
     "default_bucket_tolerance",
     "passed",
     "read_dumps",
@@ -80,6 +89,8 @@ TARGETED_FAULTS = frozenset({"kill", "pause", "clock"})
 FAULT_LEAD_S = 1.0
 # A process resumed after SIGSTOP records the start of a task admitted before the pause.
 PAUSE_LATE_S = 1.0
+# A clock slower than this rate renews a lease (every ttl/3 of its time) too late to keep it.
+SLOW_CLOCK_LOSES_BELOW = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,34 @@ class Fault:
 
     def overlaps(self, lo: float, hi: float) -> bool:
         return self.t0 <= hi and self.t1 >= lo
+
+
+def _plan(fault: Fault) -> dict[str, Any]:
+    """The plan a nemesis recorded in its start event's ``detail`` (JSON), or {}."""
+    try:
+        plan = json.loads(fault.detail)
+    except ValueError:
+        return {}
+    return plan if isinstance(plan, dict) else {}
+
+
+def costs_lease(fault: Fault) -> bool:
+    """Whether ``fault`` can make the holders it reaches lose a Redis lease (or their belief
+    outlive it): every :data:`LEASE_FAULTS` fault, except a ``slow`` clock fault at a rate
+    of at least :data:`SLOW_CLOCK_LOSES_BELOW` (a clock fault without a readable plan counts)."""
+    if fault.name not in LEASE_FAULTS:
+        return False
+    plan = _plan(fault)
+    if fault.name == "clock" and plan.get("mode") == "slow":
+        return float(plan.get("rate", 0.0)) < SLOW_CLOCK_LOSES_BELOW
+    return True
+
+
+def stops_process(fault: Fault) -> bool:
+    """A SIGSTOP of its target: a ``pause``, or a ``suspend`` clock fault."""
+    if fault.name == "clock":
+        return _plan(fault).get("mode") == "suspend"
+    return fault.name == "pause"
 
 
 @dataclass
@@ -293,6 +332,10 @@ class History:
             for f in self.faults
             if f.name in wanted and f.overlaps(lo, hi) and self.reaches(f, ex)
         ]
+
+    def lease_faults_reaching(self, ex: Execution, lo: float, hi: float) -> list[Fault]:
+        """The faults active in [lo, hi] that reach ``ex`` and can cost it a lease."""
+        return [f for f in self.faults_reaching(ex, lo, hi) if costs_lease(f)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +574,7 @@ def _lost_lease_evidence(h: History, a: Execution, until: float) -> str | None:
         return f"end {a.outcome}"
     if any(not w["accepted"] for w in a.writes):
         return "refused write"
-    faults = h.faults_reaching(a, a.t0 - FAULT_LEAD_S, until)
+    faults = h.lease_faults_reaching(a, a.t0 - FAULT_LEAD_S, until)
     if faults:
         return f"nemesis {faults[0].name}"
     return None
@@ -558,7 +601,11 @@ def critical_sections(h: History, db: Tables) -> Verdict:
     by_resource: dict[str, list[Execution]] = defaultdict(list)
     for ex in locked:
         by_resource[str(ex.field("resource"))].append(ex)
-    overlaps = explained = refused = no_write = violations = 0
+    overlaps = explained = violations = 0
+    # what the earlier (stale) holder did after the later one started: its write was refused
+    # with lock_lost true (its belief had ended) or by the fence while it still believed, or
+    # accepted before the successor's first write (order kept), or it wrote nothing
+    refused_lost = refused_believed = refused_other = wrote_first = no_write = by_clock = 0
     unended = sum(1 for ex in locked if ex.end is None)
     reasons: dict[str, int] = defaultdict(int)
     example = ""
@@ -577,11 +624,14 @@ def critical_sections(h: History, db: Tables) -> Verdict:
                     example = example or (
                         f"{resource}: {b.task_id} (token {b.field('token')}) started at "
                         f"{b.t0:.3f} while {a.task_id} (token {a.field('token')}) ran "
-                        f"[{a.t0:.3f}, {a.t1:.3f}] with no fault reaching it"
+                        f"[{a.t0:.3f}, {a.t1:.3f}] with no fault reaching it that can cost a lease"
                     )
                     continue
                 explained += 1
-                reasons[why.split(" ", 1)[0] if why.startswith("nemesis") else why] += 1
+                reasons[why] += 1
+                if any(f.name == "clock" for f in h.lease_faults_reaching(a, a.t0 - FAULT_LEAD_S,
+                                                                         b.t0)):
+                    by_clock += 1
                 if late_ok:
                     violations += 1
                     example = example or (
@@ -592,15 +642,27 @@ def critical_sections(h: History, db: Tables) -> Verdict:
                 elif any(not w["accepted"] and float(w["t"]) >= b.t0 for w in a.writes) or (
                     a.outcome == "stale"
                 ):
-                    refused += 1
+                    if a.outcome == "lost-lock":
+                        refused_lost += 1
+                    elif a.outcome == "stale":
+                        refused_believed += 1
+                    else:  # no end recorded (killed), or another outcome
+                        refused_other += 1
+                elif any(w["accepted"] and float(w["t"]) >= b.t0 for w in a.writes):
+                    wrote_first += 1
                 else:
                     no_write += 1
             active.append(b)
     why_text = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
     checked = (
         f"{len(locked)} lock executions on {len(by_resource)} resources ({unended} unended); "
-        f"{overlaps} overlaps, {explained} by a lost lease ({why_text or '-'}): "
-        f"{refused} stale writes refused, {no_write} made no write"
+        f"{overlaps} overlaps, {explained} by a lost lease ({why_text or '-'}; {by_clock} with "
+        f"a skewed clock): {refused_lost + refused_believed + refused_other} stale writes "
+        f"refused ({refused_lost} with lock_lost true, {refused_believed} by the fence while the "
+        f"holder still believed"
+        + (f", {refused_other} ended otherwise or not at all" if refused_other else "")
+        + f"), {wrote_first} accepted before the successor's first write, "
+        f"{no_write} made no write"
     )
     return Verdict(name, checked, violations, example)
 
@@ -752,8 +814,8 @@ def buckets(h: History, db: Tables) -> Verdict:
         )
         times: list[float] = []
         for ex in runs:
-            pauses = h.faults_reaching(ex, ex.t0 - PAUSE_LATE_S, ex.t0, names=("pause",))
-            if any(p.t1 <= ex.t0 <= p.t1 + PAUSE_LATE_S for p in pauses):
+            pauses = h.faults_reaching(ex, ex.t0 - PAUSE_LATE_S, ex.t0, names=("pause", "clock"))
+            if any(p.t1 <= ex.t0 <= p.t1 + PAUSE_LATE_S for p in pauses if stops_process(p)):
                 late += 1
                 continue
             times.append(ex.t0)
@@ -812,14 +874,16 @@ def _lost_slot(h: History, ex: Execution, at: float, ttl: float) -> bool:
     """Whether holder ``ex`` had lost its slot lease by time ``at``."""
     if ex.outcome == "lost-lock":
         return True
-    for fault in h.faults_reaching(ex, ex.t0 - FAULT_LEAD_S, at):
+    for fault in h.lease_faults_reaching(ex, ex.t0 - FAULT_LEAD_S, at):
         if fault.name in STATE_LOSS_FAULTS and fault.t0 <= at:
             return True
         if (
-            fault.name in ("pause", "stall", "clock")
+            fault.name in ("pause", "stall")
             and fault.t0 + ttl <= at
-            and (fault.t1 - fault.t0 >= ttl or fault.name == "clock")
+            and fault.t1 - fault.t0 >= ttl
         ):
+            return True
+        if fault.name == "clock" and fault.t0 + ttl * 2 / 3 <= at:
             return True
     return False
 

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from faults.clockskew import ENV as CLOCK_ENV
 from faults.workloads import QUEUES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,9 @@ class Worker:
         self.starts += 1
         log = open(self.logs / f"{self.name}.log", "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "faults.app", "worker", "-P", "prefork",
+            # faults.clockskew: celery with a skewable time.monotonic (the clock nemesis)
+            [sys.executable, "-m", "faults.clockskew" if self.env.get(CLOCK_ENV) else "celery",
+             "-A", "faults.app", "worker", "-P", "prefork",
              "-c", str(self.concurrency), "-Q", ",".join(QUEUES), "-n", f"{self.name}@%h",
              "--without-mingle", "--without-gossip", "--without-heartbeat",
              "--prefetch-multiplier", "1", "-l", self.env.get("FAULTS_LOG_LEVEL", "warning")],

@@ -39,7 +39,7 @@ TERMINAL = {"SUCCESS", "FAILURE", "SKIPPED", "DROPPED", "REVOKED"}
 DURATIONS: dict[str, tuple[float, float]] = {
     "kill": (1.0, 5.0), "pause": (4.5, 9.0), "stall": (2.0, 7.0), "redis-restart": (1.0, 4.0),
     "failover": (2.0, 5.0), "pg-restart": (1.0, 4.0), "broker-restart": (1.0, 4.0),
-    "clock": (0.0, 0.0),
+    "clock": (4.5, 9.0),
 }
 
 
@@ -56,12 +56,10 @@ def schedule(seed: int, seconds: float, names: list[str]) -> list[Step]:
     rng = random.Random(seed)
     order = list(names)
     rng.shuffle(order)
-    # clock injects nothing (see nemesis/clock.py): once is enough to record that
-    pool = [n for n in names if n != "clock"] or names
     steps: list[Step] = []
     t = rng.uniform(4.0, 8.0)
     while True:
-        name = order[len(steps)] if len(steps) < len(order) else rng.choice(pool)
+        name = order[len(steps)] if len(steps) < len(order) else rng.choice(names)
         low, high = DURATIONS[name]
         duration = round(rng.uniform(low, high), 2)
         plan = NEMESES[name].plan(rng)
@@ -182,6 +180,10 @@ class Campaign:
             FAULTS_LOG_LEVEL=self.args.log_level,
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         )
+        if "clock" in self.args.nemeses:  # the workers run under faults.clockskew
+            env["FAULTS_CLOCK_DIR"] = str(self.results / "clock")
+        else:
+            env.pop("FAULTS_CLOCK_DIR", None)
         # this process (the producer) talks to the servers directly, not through the proxies
         os.environ.update({k: v for k, v in env.items() if k.startswith("FAULTS_")})
         os.environ["FAULTS_STATE_URL"] = f"{self.cluster.state.url}/0"

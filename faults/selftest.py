@@ -257,6 +257,39 @@ def clean() -> Scenario:
     _task(s, "B5", "bulkhead", 135, 46.0, 48.0, tier="t")
     _task(s, "B6", "bulkhead", 136, 47.0, 49.0, tier="t")
 
+    # clock faults on r3: C1's child is stopped 51..55 while its clock stands still (a
+    # suspend): it resumes believing in its lock, and the fence refuses its write (stale); C2
+    # took the lock at 54.2. C3's clock runs at a quarter of real time 56..59 (its renewals
+    # come too late): C4 takes the lock at 58.2, C3 writes before C4 does (order kept)
+    suspend = json.dumps({"mode": "suspend", "rate": 0.0, "child": 0.5})
+    for action, t in (("start", 51.0), ("stop", 55.0)):
+        s.add(t, RUNNER, "nemesis", name="clock", action=action, detail=suspend,
+              target="child of w1 pid 151 (clock at rate 0, stopped)")
+    _task(s, "C1", "locked", 151, 50.9, 55.1, outcome="stale", writes=((55.05, False),),
+          resource="r3", token=1)
+    _task(s, "C2", "locked", 152, 54.2, 54.5, writes=((54.4, True),), resource="r3", token=2)
+    slow = json.dumps({"mode": "slow", "rate": 0.25, "child": 0.5})
+    for action, t in (("start", 56.0), ("stop", 59.0)):
+        s.add(t, RUNNER, "nemesis", name="clock", action=action, detail=slow,
+              target="child of w3 pid 153 (clock at rate 0.25)")
+    _task(s, "C3", "locked", 153, 55.9, 58.6, writes=((58.5, True),), resource="r3", token=3)
+    _task(s, "C4", "locked", 154, 58.2, 58.9, writes=((58.8, True),), resource="r3", token=4)
+    s.tables["fc_counter"].append({"resource": "r3", "value": 3, "token": 4})
+    s.tables["fc_counter_writes"] += [
+        {"seq": 5, "resource": "r3", "token": 2, "task_id": "C2", "value": 1},
+        {"seq": 6, "resource": "r3", "token": 3, "task_id": "C3", "value": 2},
+        {"seq": 7, "resource": "r3", "token": 4, "task_id": "C4", "value": 3},
+    ]
+    # bulkhead t: B7's clock steps 4 s forward at 56.2 (its belief ends, its slot is not
+    # renewed): from 2/3 of the 5 s lease later, B9 may take its slot
+    jump = json.dumps({"mode": "jump", "jump": 4.0, "child": 0.5})
+    for action, t in (("start", 56.2), ("stop", 58.0)):
+        s.add(t, RUNNER, "nemesis", name="clock", action=action, detail=jump,
+              target="child of w7 pid 137 (clock stepped 4 s forward)")
+    _task(s, "B7", "bulkhead", 137, 56.0, 59.8, tier="t")
+    _task(s, "B8", "bulkhead", 138, 56.1, 59.7, tier="t")
+    _task(s, "B9", "bulkhead", 139, 59.6, 59.9, tier="t")
+
     # a flaky task that exhausted its retries: dead-lettered, FAILURE, never run again
     _task(s, "D1", "breaker", 141, 55.0, 55.5, outcome="error", state="FAILURE")
     s.add(56.0, RUNNER, "deadletter", task_id="D1", reason="retries exhausted", at=T0 + 56.0)
@@ -361,6 +394,33 @@ def overlap_with_inert_nemesis(s: Scenario) -> None:
     _shift(s, "L2", 0.6)
     s.add(0.1, RUNNER, "nemesis", name="clock", action="start", target="none (skipped: no clock)")
     s.add(0.9, RUNNER, "nemesis", name="clock", action="stop", target="none (skipped: no clock)")
+
+
+def overlap_slow_clock_renewing(s: Scenario) -> None:
+    # C3's clock ran at 0.8: its renewals (every ttl/3 of its clock) kept the lock
+    for event in s.events:
+        if event["type"] == "nemesis" and "pid 153" in event["target"]:
+            event["detail"] = json.dumps({"mode": "slow", "rate": 0.8, "child": 0.5})
+
+
+def suspended_write_accepted(s: Scenario) -> None:
+    # C1 resumed believing in its lock and its write was accepted after C2's at 54.4
+    write = s.find("fenced_write", task_id="C1")
+    write["accepted"] = True
+    write["t"], write["mono"] = T0 + 54.45, 1054.45
+    s.find("end", task_id="C1")["outcome"] = "ok"
+
+
+def bulkhead_slow_clock(s: Scenario) -> None:
+    # B7's clock only ran slow (0.6): its slot was renewed in time, B9 made 3 holders
+    for event in s.events:
+        if event["type"] == "nemesis" and "pid 137" in event["target"]:
+            event["detail"] = json.dumps({"mode": "slow", "rate": 0.6, "child": 0.5})
+
+
+def bulkhead_early_after_clock(s: Scenario) -> None:
+    # B9 started 1.5 s after B7's clock jumped: its 5 s slot could not have expired yet
+    _shift(s, "B9", 57.7)
 
 
 def stale_write_accepted(s: Scenario) -> None:
@@ -471,6 +531,10 @@ CASES: tuple[Case, ...] = (
     Case("overlap, only a PostgreSQL stall", "locked critical sections", stall_of_postgres_only),
     Case("overlap, a skipped nemesis", "locked critical sections", overlap_with_inert_nemesis),
     Case("stale holder's write accepted", "locked critical sections", stale_write_accepted),
+    Case("overlap, slow clock still renewing", "locked critical sections",
+         overlap_slow_clock_renewing),
+    Case("suspended holder's write accepted late", "locked critical sections",
+         suspended_write_accepted),
     Case("two fc_payments rows for a key", "idempotent effects", duplicate_effect_row),
     Case("two effect events for a key", "idempotent effects", duplicate_effect_event),
     Case("SUCCESS without its effect row", "idempotent effects", success_without_effect),
@@ -483,6 +547,8 @@ CASES: tuple[Case, ...] = (
     Case("bucket ran without a config", "buckets", bucket_without_config),
     Case("3 holders in 2 slots, no fault", "bulkheads", bulkhead_overrun),
     Case("pause shorter than the slot lease", "bulkheads", bulkhead_short_pause),
+    Case("3 holders, one under a slow clock", "bulkheads", bulkhead_slow_clock),
+    Case("3 holders, 1.5 s after a clock jump", "bulkheads", bulkhead_early_after_clock),
     Case("lease remaining > ttl", "leases", lease_outlives_ttl),
     Case("lease without expiry", "leases", lease_never_expires),
     Case("started after its dead letter", "dead letters", run_after_dead_letter),
