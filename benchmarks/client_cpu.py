@@ -15,12 +15,16 @@ tracer: ``task.push_request(id=<new>, delivery_info={"routing_key": <staging lis
 Celery only the call; the difference is the guards' client cost. ``n`` is unique, so
 idempotent calls are first executions and locks never contend.
 
-Per contender and round: ``time.process_time()`` over ``--tasks`` calls (the whole
-process, so the lease heartbeat thread counts too), GC off inside a pass; rounds
-interleaved with the order rotating. Reports the median per call and the median of the
-same-round differences to plain. Also the reliable Redis's ``INFO commandstats`` delta
-per call: ``evalsha`` = round trips (only this process talks to that server), and all
-commands including those Lua ran. Prints one JSON object on stdout.
+Per contender and round: user + system CPU (``getrusage``) over ``--tasks`` calls (the
+whole process, so the lease heartbeat thread counts too), GC off inside a pass; rounds
+interleaved with the order rotating. Reports the median per call, the median of the
+same-round differences to plain, and the same for the user time alone: the system time
+(socket calls; on loopback presumably also the receiving side's packet processing) moved
+a lot between runs on a 2-core VM (115 and 190 µs for the same lock task in two runs a
+minute apart) while the user time stayed within about 10%. Also the reliable Redis's
+``INFO commandstats`` delta per call: ``evalsha`` = round trips (only this process talks
+to that server), and all commands including those Lua ran. Prints one JSON object on
+stdout.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ import argparse
 import gc
 import json
 import os
+import resource
 import statistics
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in args.contenders:
         caller.calls(c, args.warmup)
     cpu: dict[str, list[float]] = {c: [] for c in args.contenders}
+    user: dict[str, list[float]] = {c: [] for c in args.contenders}
     added: dict[str, list[float]] = {c: [] for c in args.contenders}
     cmds: dict[str, dict[str, int]] = {c: {} for c in args.contenders}
     for rnd in range(args.rounds):
@@ -121,16 +126,18 @@ def main(argv: list[str] | None = None) -> int:
             before = commandstats(reliable)
             gc.collect()
             gc.disable()
-            t0 = time.process_time()
+            t0 = resource.getrusage(resource.RUSAGE_SELF)
             caller.calls(c, args.tasks)
-            used = time.process_time() - t0
+            t1 = resource.getrusage(resource.RUSAGE_SELF)
             gc.enable()
+            used = (t1.ru_utime - t0.ru_utime) + (t1.ru_stime - t0.ru_stime)
+            user[c].append(1e6 * (t1.ru_utime - t0.ru_utime) / args.tasks)
             for cmd, v in delta(commandstats(reliable), before).items():
                 cmds[c][cmd] = cmds[c].get(cmd, 0) + v
             this[c] = 1e6 * used / args.tasks
             cpu[c].append(this[c])
             print(f"client cpu ({args.store}) round {rnd + 1}/{args.rounds} {c:>13}: "
-                  f"{this[c]:7.1f} µs/call", file=sys.stderr, flush=True)
+                  f"{this[c]:7.1f} µs/call (user {user[c][-1]:6.1f})", file=sys.stderr, flush=True)
         for c in args.contenders:
             added[c].append(this[c] - this["plain"])
     calls = args.tasks * args.rounds
@@ -140,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             c: {
                 "cpu_us": cpu[c], "median_us": statistics.median(cpu[c]),
                 "added_us": statistics.median(added[c]),
+                "user_us": user[c], "user_median_us": statistics.median(user[c]),
+                "user_added_us": statistics.median(
+                    [u - p for u, p in zip(user[c], user["plain"], strict=True)]),
                 "round_trips": cmds[c].get("evalsha", 0) / calls,
                 "commands": sum(cmds[c].values()) / calls,
                 "by_command": {k: v / calls for k, v in sorted(cmds[c].items())},

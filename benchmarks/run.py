@@ -339,6 +339,8 @@ class ClientRow:
     commands: float
     cpu_us: list[float]
     by_command: dict[str, float]
+    user_median_us: float
+    user_added_us: float
 
 
 #: client phase: (row name, client_cpu.py contender, store)
@@ -373,7 +375,7 @@ def phase_client(args: argparse.Namespace, ctx: dict[str, Any]) -> list[ClientRo
             r = result["contenders"][c]
             out.append(ClientRow(name, store, r["median_us"], r["added_us"],
                                  r["round_trips"], r["commands"], r["cpu_us"],
-                                 r["by_command"]))
+                                 r["by_command"], r["user_median_us"], r["user_added_us"]))
     return out
 
 
@@ -420,15 +422,17 @@ def roundtrip_lines(rows: list[Row]) -> str:
 
 def client_table(rows: list[ClientRow]) -> str:
     header = ["contender", "store", "client CPU µs/task (median)", "added vs plain µs",
-              "rounds min..max µs", "EVALSHA/task (in-process)", "Redis cmds/task (incl. Lua)"]
+              "rounds min..max µs", "user µs/task", "user added vs plain µs",
+              "EVALSHA/task (in-process)", "Redis cmds/task (incl. Lua)"]
     out = [[r.name, r.store, f"{r.median_us:,.0f}", f"{r.added_us:+,.0f}",
-            f"{min(r.cpu_us):,.0f}..{max(r.cpu_us):,.0f}", num(r.round_trips),
-            num(r.commands)] for r in rows]
+            f"{min(r.cpu_us):,.0f}..{max(r.cpu_us):,.0f}", f"{r.user_median_us:,.0f}",
+            f"{r.user_added_us:+,.0f}", num(r.round_trips), num(r.commands)] for r in rows]
     lines = ["", "Commands per task on the reliable redis-server (INFO commandstats, in-process):"]
     for r in rows:
-        cmds = ", ".join(f"{k} {num(v)}" for k, v in r.by_command.items()) or "-"
+        cmds = ", ".join(f"{k} {num(v)}" for k, v in r.by_command.items()
+                         if num(v) != "0") or "-"
         lines.append(f"  {r.name:<19} ({r.store}): {cmds}")
-    return fmt_table(header, out, right={2, 3, 4, 5, 6}) + "\n".join(lines)
+    return fmt_table(header, out, right={2, 3, 4, 5, 6, 7, 8}) + "\n".join(lines)
 
 
 def scale_table(rows: list[ScaleRow]) -> str:
