@@ -34,6 +34,7 @@ __all__ = [
     "LOCK_LABEL_MAX",
     "ROLLBACK_MARK_MIN",
     "Admitted",
+    "DeadLettered",
     "Mismatch",
     "Plan",
     "Poison",
@@ -43,6 +44,7 @@ __all__ = [
     "Replay",
     "RolledBack",
     "lock_holder",
+    "mark_dead",
 ]
 
 log = logging.getLogger("celery_reliable")
@@ -95,6 +97,20 @@ def lock_holder(owner: str, task: str = "", label: str = "", nonce: str = "") ->
     return f"{owner}\n{task}\n{label}"
 
 
+def mark_dead(client: redis.Redis, key: str, ttl: float) -> None:
+    """Mark a task id's deliveries set ``key`` dead-lettered for ``ttl`` seconds (one round trip).
+
+    The unfinished deliveries go (the task id is done: nothing of it is a lost
+    delivery any more); the member ``!dead`` stays, and admit.lua refuses a
+    redelivery of the task id while it is there. Safe to repeat.
+    """
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(key)
+    pipe.sadd(key, "!dead")
+    pipe.pexpire(key, max(1, int(ttl * 1000)))
+    pipe.execute()
+
+
 @dataclass(frozen=True)
 class Refused:
     """Guard ``index`` (0-based, plan order) refused; ``retry_after`` seconds or None.
@@ -141,6 +157,18 @@ class Poison:
 
     index: int
     deliveries: int
+
+
+@dataclass(frozen=True)
+class DeadLettered:
+    """Guard ``index`` (deliveries): the task id was dead-lettered; this is a redelivery.
+
+    Its last delivery's failure was final and recorded, but the broker
+    delivers it again (its ack was lost: the broker died or the connection
+    broke before the ack arrived). It must not run: nothing was taken.
+    """
+
+    index: int
 
 
 @dataclass(frozen=True)
@@ -299,7 +327,8 @@ class Plan:
 
     def admit(
         self, client: redis.Redis
-    ) -> Admitted | Refused | Replay | Mismatch | Rejected | Poison | RolledBack:
+    ) -> (Admitted | Refused | Replay | Mismatch | Rejected | Poison | DeadLettered
+          | RolledBack):
         """One round trip: everything admitted, or nothing changed.
 
         Each call is a new request with its own rollback marker (a random key in
@@ -325,6 +354,8 @@ class Plan:
             return Rejected(index, self.kinds[index], _text(reply[2]))
         if code == 5:
             return Poison(index, int(reply[2]))
+        if code == 7:
+            return DeadLettered(index)
         ms = int(reply[2])
         slot = int(reply[3]) if len(reply) > 3 else None
         return Refused(index, self.kinds[index], ms / 1000 if ms > 0 else None, slot)
@@ -438,7 +469,13 @@ class Release:
     def add_deliveries(self, key: str) -> None:
         self.kinds.append("D")
         self.keys.append(key)
-        self._args.append([])
+        self._args.append([0])
+
+    def mark_dead(self, ttl: float) -> None:
+        """The task id was dead-lettered: completion keeps its mark for ``ttl`` seconds."""
+        for kind, args in zip(self.kinds, self._args, strict=True):
+            if kind == "D":
+                args[0] = max(1, int(ttl * 1000))
 
     def add_breaker(self, keys: tuple[str, str], spec: BreakerSpec, owner: str) -> None:
         """Report the outcome to the breaker; neutral unless :meth:`settle_breaker` says."""

@@ -24,6 +24,9 @@ reliable_bulkhead_active               gauge      tier            Redis, on scra
 reliable_bulkhead_rejected_total       counter    tier            drop, fail, timeout, queue
 reliable_retries_total                 counter    task, reason    retries published
 reliable_dead_letters_total            counter    (none)          tasks dead-lettered
+reliable_dead_redeliveries_total       counter    task            redeliveries of a
+                                                                  dead-lettered task id,
+                                                                  not run
 reliable_idempotency_lease_lost_total  counter    task            completions that found the
                                                                   idempotency record no
                                                                   longer theirs
@@ -172,6 +175,9 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("reliable_retries_total", "counter",
           "Retries published, by task and exception class.", ("task", "reason")),
     _Spec("reliable_dead_letters_total", "counter", "Tasks dead-lettered."),
+    _Spec("reliable_dead_redeliveries_total", "counter",
+          "Redeliveries of a dead-lettered task id (its ack was lost) not run again.",
+          ("task",)),
     _Spec("reliable_circuit_transitions_total", "counter",
           "Circuit breaker transitions seen by this process, by new state.",
           ("breaker", "state")),

@@ -45,6 +45,7 @@ from . import deadletter, metrics
 from .admission import (
     INTERRUPTED_ROLLBACK_TIMEOUT,
     Admitted,
+    DeadLettered,
     Mismatch,
     Plan,
     Poison,
@@ -53,6 +54,7 @@ from .admission import (
     Release,
     Replay,
     RolledBack,
+    mark_dead,
 )
 from .breaker import HALF_OPEN, OPEN, STATE_NAMES
 from .canonical import NotCanonical, fingerprint
@@ -96,6 +98,12 @@ __all__ = [
 ]
 
 log = logging.getLogger("celery_reliable")
+
+#: How long (seconds) a task id's deliveries set lives after its last delivery started,
+#: and its dead-letter mark after it was dead-lettered: longer than any broker's
+#: redelivery window we know of (Redis visibility_timeout 1 h by default, RabbitMQ
+#: consumer_timeout 30 min).
+DELIVERIES_TTL = 24 * 3600.0
 
 #: Result state of a task dropped because its lock was busy (``lock_contention="skip"``).
 #: Like Celery's IGNORED it is not a ready state: do not ``.get()`` a skippable task.
@@ -691,7 +699,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         plan = Plan()
         if counts_deliveries:
             plan.add_deliveries(runtime.keys.deliveries(str(self.request.id)),
-                                policy.max_redeliveries, 24 * 3600.0, execution.owner)
+                                policy.max_redeliveries, DELIVERIES_TTL, execution.owner)
         arguments = self._arguments(policy, args, kwargs)
         idem = policy.idempotency
         if idem.spec is not None or header_key is not None:
@@ -792,8 +800,13 @@ class ReliableTask(Task):  # type: ignore[misc]
                     continue
                 if isinstance(outcome, Rejected):
                     self._rejected(policy, outcome)
+                if isinstance(outcome, DeadLettered):
+                    metrics.inc("reliable_dead_redeliveries_total", task=self.name)
+                    log.warning("celery-reliable: %s[%s] was dead-lettered; this redelivery "
+                                "of it (its ack was lost) is not run", self.name,
+                                self.request.id)
+                    raise Ignore()
                 if isinstance(outcome, Poison):
-                    runtime.redis.delete(runtime.keys.deliveries(str(self.request.id)))
                     error = PoisonMessage(self.name, outcome.deliveries)
                     self._dead_letter(policy, error, "worker lost")
                     raise error
@@ -1205,6 +1218,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         # retry), whether or not a letter is recorded.
         request._reliable_dead_lettered = True
         if not policy.dead_letter:
+            self._mark_dead()
             return
         metrics.inc("reliable_dead_letters_total", task=self.name, reason=reason)
         runtime = runtime_for(self.app)
@@ -1233,6 +1247,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         except Exception:
             log.error("celery-reliable: %s[%s] could not be dead-lettered (%s)", self.name,
                       request.id, reason, exc_info=True)
+        self._mark_dead()
         dlq = runtime.settings.dead_letter_queue
         if dlq:
             try:
@@ -1241,6 +1256,31 @@ class ReliableTask(Task):  # type: ignore[misc]
             except Exception:
                 log.error("celery-reliable: %s[%s] could not be published to the dead-letter "
                           "queue %r", self.name, request.id, dlq, exc_info=True)
+
+    def _mark_dead(self) -> None:
+        """This task id's failure is final: a redelivery of it must not run (admit.lua, D).
+
+        Where deliveries are counted (``acks_late``, ``max_redeliveries``), the
+        deliveries set of the task id gets the mark ``!dead`` for
+        :data:`DELIVERIES_TTL`, right after the letter is recorded (and again by
+        completion, which keeps it): if the broker never gets this delivery's
+        ack (it died first) and delivers the message again, admission ignores
+        it. A replay is a new task id. Never raises: the mark is best effort
+        (without it, such a redelivery runs again, as in plain Celery).
+        """
+        if not self._counts_deliveries(self._policy()):
+            return
+        runtime = runtime_for(self.app)
+        key = runtime.keys.deliveries(str(self.request.id))
+        execution = getattr(self.request, "_reliable_execution", None)
+        if execution is not None:
+            execution.release.mark_dead(DELIVERIES_TTL)
+        try:
+            mark_dead(runtime.redis, key, DELIVERIES_TTL)
+        except redis.RedisError:
+            log.warning("celery-reliable: %s[%s] could not mark its task id dead-lettered in "
+                        "Redis; a redelivery of it would run again", self.name,
+                        self.request.id, exc_info=True)
 
     def _complete(
         self,

@@ -603,3 +603,97 @@ def test_create_tables_upgrades_an_old_dead_letters_table(
         old.dispose()
         with engine.begin() as conn:
             conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+
+
+# ------------------------------------------- a redelivery of a dead-lettered task id
+
+
+def _redelivered(app: Celery, task: Any, task_id: str, *args: Any, retries: int = 0) -> None:
+    """The broker delivers ``task_id`` again: the same id, arguments and retry count.
+
+    What a broker does when the last delivery's ack never reached it (it was
+    killed right after the task finished, or the connection broke): the
+    message comes back, byte for byte (Redis after its visibility timeout,
+    RabbitMQ when the connection closes). Waits until the worker took it.
+    """
+    before = metrics.value("reliable_dead_redeliveries_total", task=task.name)
+    task.apply_async(args, task_id=task_id, retries=retries)
+    deadline = time.monotonic() + 15
+    while metrics.value("reliable_dead_redeliveries_total", task=task.name) == before:
+        assert time.monotonic() < deadline, "the redelivery was not taken in 15 s"
+        time.sleep(0.05)
+
+
+def test_a_redelivery_of_a_dead_lettered_task_does_not_run(
+    celery_app: Celery, celery_worker: TestWorkController
+) -> None:
+    """Dead-lettered is done, also when the broker delivers the message again.
+
+    Found by the fault campaign (24-minute soak, seed 7): a task dead-lettered
+    ("retries exhausted") 30 ms after the broker was killed; its ack was lost,
+    the broker put the message back, and the same delivery ran again and
+    succeeded. The dead letter now marks the task id in Redis (admit.lua, the
+    deliveries guard); admission ignores a redelivery of it. Only
+    ``DeadLetters.replay`` (a new task id) runs it again.
+    """
+    from celery_reliable.runtime import runtime_for
+
+    calls: list[str] = []
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.dead_redelivered",
+                     acks_late=True, backoff=Backoff.exponential(0.02, 0.05, max_attempts=2))
+    def down(self: Any, n: int) -> int:
+        calls.append(self.request.id)
+        if n < 0:
+            raise TimeoutError("partner timed out")
+        return n
+
+    celery_worker.reload()
+    first = down.delay(-7)
+    with pytest.raises(TimeoutError):
+        first.get(timeout=10)
+    assert calls == [first.id, first.id]  # the first delivery and its retry
+    [letter] = letters(celery_app, "r.dead_redelivered")
+    runtime = runtime_for(celery_app)
+    mark = runtime.keys.deliveries(first.id)
+    assert runtime.redis.smembers(mark) == {b"!dead"}
+    assert 0 < runtime.redis.ttl(mark) <= 24 * 3600
+
+    _redelivered(celery_app, down, first.id, -7, retries=1)
+    assert calls == [first.id, first.id], "a dead-lettered delivery ran again"
+    assert celery_app.AsyncResult(first.id).state == "FAILURE"
+    assert [d.id for d in letters(celery_app, "r.dead_redelivered")] == [letter.id]
+    # Only that task id: the same call under another id runs (a replay is one).
+    new_id = DeadLetters(celery_app).replay(letter.id)
+    with pytest.raises(TimeoutError):
+        celery_app.AsyncResult(new_id).get(timeout=10)
+    assert calls.count(new_id) == 2
+    assert down.delay(5).get(timeout=10) == 5
+
+
+def test_a_redelivery_after_a_poison_dead_letter_does_not_run_or_letter_again(
+    celery_app: Celery, celery_worker: TestWorkController
+) -> None:
+    """A task id dead-lettered as poison ("worker lost") comes back: no run, no second letter."""
+    from celery_reliable.runtime import runtime_for
+
+    calls: list[str] = []
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.poison_redelivered",
+                     acks_late=True, max_redeliveries=1)
+    def crashy(self: Any) -> None:
+        calls.append(self.request.id)
+
+    celery_worker.reload()
+    runtime = runtime_for(celery_app)
+    task_id = secrets.token_hex(8)
+    # two earlier deliveries whose workers died mid-task (never finished)
+    runtime.redis.sadd(runtime.keys.deliveries(task_id), "dead-worker-1", "dead-worker-2")
+    with pytest.raises(Exception, match="worker lost"):
+        crashy.apply_async(task_id=task_id).get(timeout=10)
+    assert calls == []
+    [letter] = letters(celery_app, "r.poison_redelivered")
+    assert letter.reason == "worker lost"
+    _redelivered(celery_app, crashy, task_id)
+    assert calls == []
+    assert len(letters(celery_app, "r.poison_redelivered")) == 1

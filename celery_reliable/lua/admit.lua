@@ -8,7 +8,8 @@ KEYS  the keys of each guard, in plan order, then LAST this request's rollback
         K (bulkhead):    slots zset, waiting zset, stats hash
         B (bucket):      bucket hash
         D (deliveries):  set of the execution owners of this task id's deliveries
-                         that started and never finished
+                         that started and never finished; '!dead' once the
+                         task id is dead-lettered (complete.lua keeps it)
         C (breaker):     breaker hash, probes zset
 ARGV  [1] plan: one letter per guard, e.g. "ILKB"
       then each guard's arguments, in plan order
@@ -45,6 +46,8 @@ Returns
                             drop | fail | queue (too many waiting) | timeout
   {5, i, deliveries}        guard i: the task was delivered and never finished more
                             than max_redeliveries times (its workers died): poison
+  {7, i}                    guard i (D): this task id was dead-lettered; a redelivery
+                            of its last delivery (its ack was lost) must not run
   {6}                       this request was rolled back before it arrived (it
                             was delayed in the network past its client's
                             timeout): nothing is checked or written
@@ -161,6 +164,13 @@ for g = 1, n do
     if type(count) == 'table' then
       count = tonumber(redis.call('GET', KEYS[ki]) or '0')
       seen[g] = count
+    end
+    -- A dead-lettered task id ('!dead', written with its dead letter): this is a
+    -- redelivery of a delivery whose failure was final (its ack was lost, e.g. the
+    -- broker died before it arrived). Only checked when the set exists: free for
+    -- a first delivery.
+    if count > 0 and seen[g] == nil and redis.call('SISMEMBER', KEYS[ki], '!dead') == 1 then
+      return {7, g}
     end
     if count > tonumber(ARGV[ai]) then
       return {5, g, count}

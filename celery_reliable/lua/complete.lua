@@ -14,7 +14,9 @@ ARGV  [1] plan: one letter per guard, e.g. "IL"
            delivery may run)
         L: lease value ("<token> <holder>") as admit.lua wrote it
         K: owner
-        D: (none) the delivery finished: forget the unfinished ones
+        D: dead_ttl_ms: the delivery finished: forget the unfinished ones; unless
+           0, the task id was dead-lettered: keep (or write) the mark '!dead'
+           for dead_ttl_ms, so a redelivery of it does not run (admit.lua)
         C: probe owner, outcome (s success | f failure | n neutral), window,
            failure_threshold, min_calls, success_threshold
 Returns {r1, r2, ...}: 1 settled, 0 not ours any more (expired or taken over;
@@ -55,7 +57,11 @@ for g = 1, #plan do
     ki, ai = ki + 1, ai + 1
   elseif kind == 'D' then
     out[g] = redis.call('DEL', KEYS[ki])
-    ki = ki + 1
+    if ARGV[ai] ~= '0' then  -- dead-lettered: only the mark stays, for its ttl
+      redis.call('SADD', KEYS[ki], '!dead')
+      redis.call('PEXPIRE', KEYS[ki], ARGV[ai])
+    end
+    ki, ai = ki + 1, ai + 1
   elseif kind == 'C' then
     local h, probes = KEYS[ki], KEYS[ki + 1]
     local was_probe = redis.call('ZREM', probes, ARGV[ai]) == 1
