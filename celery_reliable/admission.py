@@ -8,8 +8,10 @@ fails (its reply lost: it may or may not have run), :meth:`Plan.rollback`
 (``rollback.lua``) undoes whatever it may have taken, checked by owner, and
 leaves a marker that makes the request do nothing if it reaches Redis only
 later. New
-guards plug in here: a ``Plan.add_*`` method, a branch in each script, and a
-line in :meth:`celery_reliable.task.ReliableTask._plan`.
+guards plug in here: a ``Plan.add_*`` method, the guard's Lua fragment
+(``celery_reliable/guards/<name>.lua``: its part of each script) with one line
+in :data:`celery_reliable.guards.GUARDS`, and a line in
+:meth:`celery_reliable.task.ReliableTask._plan`.
 """
 
 from __future__ import annotations
