@@ -30,43 +30,33 @@ script lays them out one guard after another (admission and completion; rollback
 and renewal take one key per entry). The composed text is built once per process, at
 the first use of a script (``scripts.script``); admission stays ONE round trip.
 
-Adding a guard: its fragment file, and one line in :data:`GUARDS`.
+Each guard's Python side is ``celery_reliable/guards/<name>.py``: its :class:`Guard`
+(letter, fragment, layout) and what it puts in an admission plan and a release
+(``Plan.add_*`` and ``Release.add_*`` call it). Adding a guard: its module, its
+fragment file, and one line in :data:`GUARDS`.
 ``python -m celery_reliable.guards admit`` prints a composed script.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+
+from . import breaker, bucket, bulkhead, deliveries, idempotency, lock
+from .base import Guard
 
 __all__ = ["COMPOSED", "GUARDS", "SECTIONS", "Guard", "compose", "fragment", "sections"]
 
 
-@dataclass(frozen=True)
-class Guard:
-    """One guard: its plan letter, its fragment file and where its keys and arguments lie.
-
-    ``admit`` and ``complete``: how many keys and arguments the guard takes in
-    ``admit.lua`` and ``complete.lua`` (what ``Plan.add_*`` and ``Release.add_*`` pass);
-    the composed script steps past them to the next guard's.
-    """
-
-    letter: str
-    name: str
-    admit: tuple[int, int]
-    complete: tuple[int, int] = (0, 0)
-
-
 #: Every guard, in dispatch order. One line per guard.
 GUARDS: tuple[Guard, ...] = (
-    Guard("I", "idempotency", admit=(1, 4), complete=(1, 4)),
-    Guard("L", "lock", admit=(2, 3), complete=(1, 1)),
-    Guard("K", "bulkhead", admit=(3, 7), complete=(1, 1)),
-    Guard("D", "deliveries", admit=(1, 3), complete=(1, 1)),
-    Guard("C", "breaker", admit=(2, 4), complete=(2, 6)),
-    Guard("B", "bucket", admit=(1, 4)),
+    idempotency.GUARD,
+    lock.GUARD,
+    bulkhead.GUARD,
+    deliveries.GUARD,
+    breaker.GUARD,
+    bucket.GUARD,
 )
 
 #: Section -> the layout (``Guard`` field) its script steps through, or None where the
