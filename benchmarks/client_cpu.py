@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         for c in args.contenders:
             added[c].append(this[c] - this["plain"])
     calls = args.tasks * args.rounds
+    import celery_reliable
+
     out = {
+        "library": str(Path(celery_reliable.__file__).parent),
         "store": args.store, "tasks": args.tasks, "rounds": args.rounds,
         "contenders": {
             c: {

@@ -371,6 +371,7 @@ def phase_client(args: argparse.Namespace, ctx: dict[str, Any]) -> list[ClientRo
         if done.returncode != 0:
             raise BenchmarkError(f"client_cpu.py --store {store} exited {done.returncode}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
+        progress(f"client CPU ({store}): celery_reliable from {result['library']}")
         for name, c in wanted:
             r = result["contenders"][c]
             out.append(ClientRow(name, store, r["median_us"], r["added_us"],
