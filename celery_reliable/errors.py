@@ -14,7 +14,8 @@
         │   └── SupersededWrite     the same holder's later write was accepted first
         ├── IdempotencyKeyMismatch  an idempotency key reused with other arguments
         ├── ResultNotSerializable   an idempotent task returned a value JSON cannot store
-        ├── ReplayedFailure         a kept terminal failure, replayed to a duplicate
+        ├── ReplayedFailure         a kept terminal failure, replayed to a duplicate (or a
+        │                           dead-lettered task id's, to a redelivery)
         └── PoisonMessage           its workers died running it more than max_redeliveries times
 
 Refusals are translated into Celery's ``Retry``/``Ignore`` in one place
@@ -190,7 +191,12 @@ class ResultNotSerializable(ReliableFault):
 
 
 class ReplayedFailure(ReliableFault):
-    """A duplicate of a task whose terminal failure was kept (``idempotency_keep_failures``)."""
+    """A duplicate of a task whose terminal failure was kept (``idempotency_keep_failures``).
+
+    Also the failure stored for a redelivery of a dead-lettered task id when the
+    result backend no longer held that task id's final state (``exc_type``
+    ``"DeadLettered"``; the letter in ``reliable_dead_letters`` has the original).
+    """
 
     def __init__(self, task_name: str, exc_type: str, message: str) -> None:
         super().__init__(task_name, exc_type, message)

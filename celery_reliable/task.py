@@ -35,7 +35,7 @@ from typing import Any, ClassVar, NoReturn
 
 import celery.app
 import redis
-from celery import Task, _state
+from celery import Task, _state, states
 from celery.app.autoretry import add_autoretry_behaviour
 from celery.app.trace import LOG_RETRY
 from celery.exceptions import Ignore, Reject, Retry
@@ -100,9 +100,10 @@ __all__ = [
 log = logging.getLogger("celery_reliable")
 
 #: How long (seconds) a task id's deliveries set lives after its last delivery started,
-#: and its dead-letter mark after it was dead-lettered: longer than any broker's
-#: redelivery window we know of (Redis visibility_timeout 1 h by default, RabbitMQ
-#: consumer_timeout 30 min).
+#: and its dead-letter mark after it was dead-lettered: longer than the brokers' default
+#: redelivery windows (Redis visibility_timeout 1 h, RabbitMQ consumer_timeout 30 min);
+#: twice the app's redelivery window when that is longer (a visibility_timeout raised
+#: past a day): a redelivery comes at most one window after its delivery started.
 DELIVERIES_TTL = 24 * 3600.0
 
 #: Result state of a task dropped because its lock was busy (``lock_contention="skip"``).
@@ -141,6 +142,12 @@ _AUTORETRY_RUN = next((const for const in add_autoretry_behaviour.__code__.co_co
 #: How many frames above ``retry()`` the autoretry wrapper is looked for: its
 #: own call, plus ``retry()`` overrides in a few base classes.
 _AUTORETRY_DEPTH = 8
+
+
+def _deliveries_ttl(runtime: Runtime) -> float:
+    """Seconds a deliveries set and a dead-letter mark live (:data:`DELIVERIES_TTL`)."""
+    window = runtime.settings.redelivery_window
+    return max(DELIVERIES_TTL, 2 * window) if window is not None else DELIVERIES_TTL
 
 
 def _header(request: Any, name: str) -> Any:
@@ -580,6 +587,12 @@ class ReliableTask(Task):  # type: ignore[misc]
         """
         if isinstance(exc, (Retry, Ignore, Reject)):
             return exc  # type: ignore[no-any-return]  # Celery is untyped
+        if getattr(self.request, "_reliable_retried", False):
+            # self.retry(throw=False) already published this delivery's retry: the
+            # failure is not terminal (Celery records FAILURE now and the retry runs
+            # later, with its own guards), so neither retried twice nor dead-lettered,
+            # which would also mark the task id and stop that retry (_mark_dead).
+            return exc
         if getattr(self.request, "_reliable_dead_lettered", False):
             # retry() (called by autoretry_for) already made this failure
             # terminal; retrying now would run a dead-lettered task again.
@@ -699,7 +712,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         plan = Plan()
         if counts_deliveries:
             plan.add_deliveries(runtime.keys.deliveries(str(self.request.id)),
-                                policy.max_redeliveries, DELIVERIES_TTL, execution.owner)
+                                policy.max_redeliveries, _deliveries_ttl(runtime),
+                                execution.owner)
         arguments = self._arguments(policy, args, kwargs)
         idem = policy.idempotency
         if idem.spec is not None or header_key is not None:
@@ -801,11 +815,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                 if isinstance(outcome, Rejected):
                     self._rejected(policy, outcome)
                 if isinstance(outcome, DeadLettered):
-                    metrics.inc("reliable_dead_redeliveries_total", task=self.name)
-                    log.warning("celery-reliable: %s[%s] was dead-lettered; this redelivery "
-                                "of it (its ack was lost) is not run", self.name,
-                                self.request.id)
-                    raise Ignore()
+                    self._dead_redelivery()
                 if isinstance(outcome, Poison):
                     error = PoisonMessage(self.name, outcome.deliveries)
                     self._dead_letter(policy, error, "worker lost")
@@ -1257,13 +1267,51 @@ class ReliableTask(Task):  # type: ignore[misc]
                 log.error("celery-reliable: %s[%s] could not be published to the dead-letter "
                           "queue %r", self.name, request.id, dlq, exc_info=True)
 
+    def _dead_redelivery(self) -> NoReturn:
+        """Admission found this task id dead-lettered: this delivery must not run.
+
+        It is a redelivery of a delivery whose failure was final (its ack was
+        lost: the broker died, or the connection broke, before it arrived). It
+        ends with ``Ignore`` (acknowledged, nothing stored) when the result
+        backend holds the task id's final state; otherwise with
+        :class:`ReplayedFailure`, which Celery stores as ``FAILURE``: that
+        failure never reached the backend (the worker was killed after the
+        letter was recorded, or the backend was down), or Celery overwrote it
+        with ``STARTED`` as this delivery began (``track_started``).
+        """
+        request = self.request
+        metrics.inc("reliable_dead_redeliveries_total", task=self.name)
+        if request.ignore_result or self.ignore_result or self._result_ready():
+            log.warning("celery-reliable: %s[%s] was dead-lettered; this redelivery of it "
+                        "(its ack was lost) is not run", self.name, request.id)
+            raise Ignore()
+        log.warning("celery-reliable: %s[%s] was dead-lettered; this redelivery of it (its "
+                    "ack was lost) is not run, and stores FAILURE (the backend no longer held "
+                    "a final state)", self.name, request.id)
+        raise ReplayedFailure(
+            self.name, "DeadLettered",
+            f"task id {request.id} was dead-lettered (reliable_dead_letters); a redelivery "
+            "of it is not run, and its own failure was not in the result backend")
+
+    def _result_ready(self) -> bool:
+        """The result backend holds a final state of this task id (False if unreadable)."""
+        try:
+            meta = self.backend.get_task_meta(self.request.id, cache=False)
+        except Exception:  # disabled or unreachable: let Celery try to store the failure
+            log.debug("celery-reliable: %s[%s] could not read its result state", self.name,
+                      self.request.id, exc_info=True)
+            return False
+        return meta.get("status") in states.READY_STATES
+
     def _mark_dead(self) -> None:
         """This task id's failure is final: a redelivery of it must not run (admit.lua, D).
 
         Where deliveries are counted (``acks_late``, ``max_redeliveries``), the
         deliveries set of the task id gets the mark ``!dead`` for
-        :data:`DELIVERIES_TTL`, right after the letter is recorded (and again by
-        completion, which keeps it): if the broker never gets this delivery's
+        :data:`DELIVERIES_TTL` (or twice the redelivery window), right after the
+        letter is recorded (and again by completion, which keeps it, as does the
+        completion of another delivery of the task id running at the same
+        time): if the broker never gets this delivery's
         ack (it died first) and delivers the message again, admission ignores
         it. A replay is a new task id. Never raises: the mark is best effort
         (without it, such a redelivery runs again, as in plain Celery).
@@ -1272,11 +1320,12 @@ class ReliableTask(Task):  # type: ignore[misc]
             return
         runtime = runtime_for(self.app)
         key = runtime.keys.deliveries(str(self.request.id))
+        ttl = _deliveries_ttl(runtime)
         execution = getattr(self.request, "_reliable_execution", None)
         if execution is not None:
-            execution.release.mark_dead(DELIVERIES_TTL)
+            execution.release.mark_dead(ttl)
         try:
-            mark_dead(runtime.redis, key, DELIVERIES_TTL)
+            mark_dead(runtime.redis, key, ttl)
         except redis.RedisError:
             log.warning("celery-reliable: %s[%s] could not mark its task id dead-lettered in "
                         "Redis; a redelivery of it would run again", self.name,
@@ -1395,6 +1444,9 @@ class ReliableTask(Task):  # type: ignore[misc]
           ``idempotency_keep_failures``).
         * Once this delivery's failure is dead-lettered it is never retried
           (the call raises ``exc``); only ``DeadLetters.replay`` runs it again.
+        * With ``throw=False`` the retry is published and the body goes on; an
+          exception it raises afterwards is not terminal (Celery stores
+          ``FAILURE``, then the retry runs): neither dead-lettered nor retried again.
         """
         request = self.request
         policy = self._policy()
@@ -1450,8 +1502,13 @@ class ReliableTask(Task):  # type: ignore[misc]
                 log.warning("celery-reliable: %s[%s] could not release its guards before "
                             "retrying; they expire by their TTL", self.name, request.id,
                             exc_info=True)
-        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
-                             headers=headers, **options)
+        retried = super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
+                                headers=headers, **options)
+        # Only reached with throw=False: the retry is published (not in eager mode,
+        # where Celery runs no retry for throw=False), the body goes on.
+        if not request.is_eager:
+            request._reliable_retried = True
+        return retried
 
     def _retry_countdown(self, cap: float, countdown: float | None, eta: Any,
                          caller: FrameType) -> float | None:

@@ -1,7 +1,10 @@
 """Private servers on loopback for one campaign, each stopped by its PID.
 
-- a broker ``redis-server`` (append-only file fsynced on every write, so a
-  ``kill -9`` loses no queued message: the broker is not what is under test);
+- the broker (``--broker``): a ``redis-server`` (append-only file fsynced on
+  every write, so a ``kill -9`` loses no queued message: the broker is not
+  what is under test; the results live in its database 1), or a RabbitMQ node
+  (:class:`RabbitMQServer`, durable queues, persistent messages and publisher
+  confirms; the results then go to a ``redis-server`` of their own);
 - the plugin's state: a primary ``redis-server`` with RDB snapshots and a
   replica (``REPLICAOF``, through a proxy of its own so that replication can
   be made to lag), reached by the workers through a :class:`TcpProxy` whose
@@ -9,7 +12,8 @@
 - a private PostgreSQL cluster (``initdb`` / ``pg_ctl``), reached by the
   workers through another :class:`TcpProxy`.
 
-The machine's own services (127.0.0.1:6379, :5432) are never touched.
+The machine's own services (127.0.0.1:6379, :5432, RabbitMQ's :5672 and its
+node and ``epmd``) are never touched.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -25,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+import amqp  # type: ignore[import-untyped]  # py-amqp (kombu's AMQP client) has no hints
 import redis
 
 
@@ -312,12 +318,206 @@ class PostgresCluster:
         shutil.rmtree(self.data, ignore_errors=True)
 
 
+#: RabbitMQ's ``consumer_timeout`` on the private node, seconds: a consumer holding an
+#: unacknowledged delivery longer than this has its channel closed and the delivery
+#: requeued. RabbitMQ's own default (30 min), stated here so that the app can tell
+#: celery-reliable (``reliable_redelivery_window``) what the node really does.
+RABBITMQ_CONSUMER_TIMEOUT = 1800.0
+
+
+def rabbitmq_server_script() -> str:
+    """The start script of the rabbitmq-server package (raises RuntimeError if not installed)."""
+    # Debian's /usr/sbin/rabbitmq-server is a wrapper that, run as root, starts the
+    # node as the rabbitmq user under `su`: the real script runs as whoever we are
+    found = sorted(glob.glob("/usr/lib/rabbitmq/bin/rabbitmq-server")) or sorted(
+        glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin/rabbitmq-server"))
+    if found:
+        return found[-1]
+    path = shutil.which("rabbitmq-server")
+    if path is None:
+        raise RuntimeError("rabbitmq-server not found (apt-get install rabbitmq-server)")
+    return path
+
+
+def _epmd() -> str:
+    path = shutil.which("epmd")
+    found = sorted(glob.glob("/usr/lib/erlang/erts-*/bin/epmd"))
+    if path is None and not found:
+        raise RuntimeError("Erlang's epmd not found (apt-get install rabbitmq-server)")
+    return path or found[-1]
+
+
+class RabbitMQServer:
+    """A private RabbitMQ node on free ports, with an ``epmd`` of its own; stopped by PID.
+
+    Its node name (``faults<port>@localhost``), AMQP port, distribution port and
+    ``epmd`` port are its own, so the machine's node (``rabbit@...`` on :5672, and
+    the machine's ``epmd`` on :4369) is never reached. Its data (Mnesia, message
+    store), Erlang cookie and configuration live in a temporary folder that
+    :meth:`destroy` removes; its logs go to ``folder``. No plugin is enabled; the
+    default ``guest`` user connects from loopback. The VM runs without scheduler
+    busy-waiting (``+sbwt none``): it shares two cores with the fleet.
+
+    :meth:`kill` is ``kill -9`` of the Erlang VM (by its PID: the start script
+    execs it) and :meth:`start` starts it again on the same ports and data:
+    durable queues come back with their persistent messages (what publisher
+    confirms acknowledged is on disk).
+    """
+
+    def __init__(self, folder: Path, *, name: str = "broker",
+                 consumer_timeout: float = RABBITMQ_CONSUMER_TIMEOUT) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        ports: set[int] = set()
+        while len(ports) < 3:
+            ports.add(free_port())
+        self.port, self.dist_port, self.epmd_port = sorted(ports)
+        self.node = f"faults{self.port}@localhost"
+        self.home = Path(tempfile.mkdtemp(prefix="faults-rabbitmq-"))
+        (self.home / "enabled_plugins").write_text("[].\n")
+        (self.home / "rabbitmq-env.conf").write_text("")  # not the machine's /etc/rabbitmq one
+        (self.home / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
+            f"consumer_timeout = {int(consumer_timeout * 1000)}\n"
+            "log.console = false\n"
+            "log.file.level = info\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.epmd: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def env(self) -> dict[str, str]:
+        """The node's environment (``rabbitmqctl`` needs the same HOME and ERL_EPMD_PORT)."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("RABBITMQ_", "ERL_")) and k != "NOTIFY_SOCKET"}
+        env.update(
+            HOME=str(self.home),  # the Erlang cookie
+            ERL_EPMD_PORT=str(self.epmd_port),
+            ERL_EPMD_ADDRESS="127.0.0.1",
+            RABBITMQ_NODENAME=self.node,
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_CONF_ENV_FILE=str(self.home / "rabbitmq-env.conf"),
+            RABBITMQ_CONFIG_FILE=str(self.home / "rabbitmq.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.home / "advanced.config"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.home / "enabled_plugins"),
+            RABBITMQ_MNESIA_BASE=str(self.home / "mnesia"),
+            RABBITMQ_PID_FILE=str(self.home / "rabbitmq.pid"),
+            RABBITMQ_LOG_BASE=str(self.folder),
+            # the start script exec()s the VM (no signal-forwarding shell): its PID is the node's
+            RUNNING_UNDER_SYSTEMD="true",
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=(
+                "+sbwt none +sbwtdcpu none +sbwtdio none "
+                "-kernel inet_dist_use_interface {127,0,0,1}"
+            ),
+        )
+        return env
+
+    def _start_epmd(self) -> None:
+        if self.epmd is not None and self.epmd.poll() is None:
+            return
+        self.epmd = subprocess.Popen(
+            [_epmd(), "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        wait_port(self.epmd_port, 10)
+
+    def start(self, timeout: float = 120) -> None:
+        """Start the node and wait until it completes an AMQP handshake (raises if it cannot)."""
+        self._start_epmd()
+        log = self.folder / "rabbitmq-server.out"
+        for attempt in range(3):
+            with open(log, "ab") as out:
+                self.proc = subprocess.Popen(
+                    [rabbitmq_server_script()], cwd=self.home, env=self.env(), stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            if self._wait_amqp(timeout):
+                return
+            exited = not self.running
+            self.kill()
+            if not exited:
+                raise RuntimeError(f"{self.name}: RabbitMQ node {self.node} accepted no AMQP "
+                                   f"connection in {timeout:g} s (see {self.folder})")
+            # it exited: e.g. epmd had not yet dropped the name of the node just killed
+            time.sleep(1.0 + attempt)
+        raise RuntimeError(f"{self.name}: RabbitMQ node {self.node} did not start "
+                           f"(see {self.folder})")
+
+    def _wait_amqp(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            except OSError:
+                time.sleep(0.1)
+                continue
+            conn = amqp.Connection(f"127.0.0.1:{self.port}", userid="guest", password="guest",
+                                   connect_timeout=5)
+            try:
+                conn.connect()
+                return True
+            except Exception:  # the listener is up before the node accepts logins
+                time.sleep(0.2)
+            finally:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        return False
+
+    def kill(self) -> None:
+        """kill -9 of the node (its process group): what was not on disk is lost."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
+
+    def destroy(self) -> None:
+        """Kill the node and its epmd, and remove its data (the logs stay in ``folder``)."""
+        self.kill()
+        if self.epmd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.epmd.kill()
+            self.epmd.wait(10)
+            self.epmd = None
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+#: the brokers a campaign can run on (``--broker``)
+BROKERS = ("redis", "rabbitmq")
+
+
 class Cluster:
     """Every server of one campaign, and the proxies the workers go through."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, broker: str = "redis") -> None:
+        """``broker``: ``"redis"`` (a redis-server, results in its database 1) or
+        ``"rabbitmq"`` (a RabbitMQ node, results in a redis-server of their own)."""
+        if broker not in BROKERS:
+            raise ValueError(f"broker must be one of {', '.join(BROKERS)}, got {broker!r}")
         self.folder = folder
-        self.broker = RedisServer(folder / "broker", appendonly=True, name="broker")
+        self.broker_kind = broker
+        self.broker: RedisServer | RabbitMQServer
+        if broker == "rabbitmq":
+            self.broker = RabbitMQServer(folder / "broker")
+            self.results: RedisServer = RedisServer(folder / "results", appendonly=True,
+                                                    name="results")
+        else:
+            self.broker = self.results = RedisServer(folder / "broker", appendonly=True,
+                                                     name="broker")
         # snapshots every 2 s when anything changed: a kill -9 restarts from older state
         self.state = RedisServer(folder / "state-a", save="2 1", name="state-a")
         self.replica: RedisServer | None = RedisServer(
@@ -331,6 +531,8 @@ class Cluster:
 
     def start(self) -> None:
         self.broker.start()
+        if self.results is not self.broker:
+            self.results.start()
         self.state.start()
         if self.replica is not None:
             self.repl_proxy = TcpProxy(self.state.port)
@@ -348,11 +550,14 @@ class Cluster:
     # what the workers use (through the proxies) and what the runner uses (direct)
     @property
     def broker_url(self) -> str:
+        if isinstance(self.broker, RabbitMQServer):
+            return self.broker.url
         return f"{self.broker.url}/0"
 
     @property
     def result_url(self) -> str:
-        return f"{self.broker.url}/1"
+        # beside the queues (database 1) when the broker is Redis
+        return f"{self.results.url}/{1 if self.results is self.broker else 0}"
 
     @property
     def worker_state_url(self) -> str:
@@ -411,6 +616,8 @@ class Cluster:
                 proxy.resume()
         if not self.broker.running:
             self.broker.start()
+        if not self.results.running:
+            self.results.start()
         if not self.state.running:
             self.state.start()
         self.rejoin()
@@ -421,7 +628,9 @@ class Cluster:
         for proxy in (self.state_proxy, self.pg_proxy, self.repl_proxy):
             if proxy is not None:
                 proxy.stop()
-        for server in (self.broker, self.state, self.replica):
+        if isinstance(self.broker, RabbitMQServer):
+            self.broker.destroy()
+        for server in (self.broker, self.results, self.state, self.replica):
             if server is not None:
                 server.kill()
         self.pg.destroy()

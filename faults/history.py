@@ -105,6 +105,8 @@ SCHEMA: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
                 "retry_budget",
                 "prefix",
                 "database_url",
+                "broker",
+                "kill_workers",
             }
         ),
     ),

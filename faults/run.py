@@ -3,6 +3,8 @@
 ``python -m faults --minutes 3 --seed 1`` (or ``scripts/faults``). The same seed
 gives the same schedule (printed, and saved as ``schedule.json``); what the
 fleet does under it is timing-dependent. Exit 0 only when every invariant held.
+``--broker rabbitmq`` runs it on a private RabbitMQ node instead of a private
+redis-server (faults/README.md says what differs).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import random
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -25,7 +28,7 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
-from faults.cluster import Cluster
+from faults.cluster import BROKERS, Cluster
 from faults.fleet import Fleet
 from faults.history import Recorder
 from faults.nemesis import NEMESES, Context
@@ -86,9 +89,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--rate", type=float, default=2.5, help="units of work submitted per second")
     ap.add_argument("--quiesce-timeout", type=float, default=180.0)
+    ap.add_argument("--broker", default="redis", choices=BROKERS,
+                    help="the Celery broker: a private redis-server (default) or a private "
+                         "RabbitMQ node (its own ports, node name and epmd; results then go "
+                         "to a redis-server of their own)")
     ap.add_argument("--kill-workers", action=argparse.BooleanOptionalAction, default=True,
-                    help="let the kill nemesis take down whole workers (--no-kill-workers: "
-                         "pool children only; see faults/README.md on kombu's lost messages)")
+                    help="let the kill nemesis take down whole workers (default; "
+                         "--no-kill-workers: pool children only). With --broker redis a "
+                         "whole-worker kill can lose a message (kombu's Redis transport, see "
+                         "faults/README.md); with --broker rabbitmq the node requeues a dead "
+                         "worker's deliveries")
     ap.add_argument("--log-level", default="warning",
                     help="the workers' log level (info shows every received message)")
     args = ap.parse_args(argv)
@@ -118,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     for s in steps:
         print(f"  t+{s.at:7.2f}s {s.nemesis:<15} {s.duration:5.2f}s {json.dumps(s.plan)}")
     (results / "schedule.json").write_text(json.dumps([asdict(s) for s in steps], indent=1))
+    # SIGTERM, like Ctrl-C, unwinds through Campaign.run's cleanup: no server is left running
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     return Campaign(args, results, steps).run()
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 class Campaign:
@@ -127,7 +143,7 @@ class Campaign:
         self.results = results
         self.steps = steps
         self.recorder = Recorder(results, "runner")
-        self.cluster = Cluster(results / "servers")
+        self.cluster = Cluster(results / "servers", broker=args.broker)
         self.fleet: Fleet | None = None
         self.submitted: dict[str, str] = {}
         self.active: tuple[Step, Any] | None = None
@@ -141,8 +157,10 @@ class Campaign:
 
     def run(self) -> int:
         try:
+            began = time.monotonic()
             self.cluster.start()
-            self.log(f"servers up: broker :{self.cluster.broker.port}, state "
+            self.log(f"servers up in {time.monotonic() - began:.1f}s: "
+                     f"{self.cluster.broker_kind} broker :{self.cluster.broker.port}, state "
                      f":{self.cluster.state.port} (+replica), postgres :{self.cluster.pg.port}")
             self.setup()
             return self.campaign()
@@ -189,6 +207,7 @@ class Campaign:
             fields.update(module.CONFIG)
         self.recorder.emit("config", workload=self.args.workload, seed=self.args.seed,
                            nemeses=self.args.nemeses, minutes=self.args.minutes,
+                           broker=self.args.broker, kill_workers=self.args.kill_workers,
                            prefix=self.prefix, database_url=self.cluster.database_url, **fields)
 
     # ------------------------------------------------------------------ phases

@@ -735,3 +735,29 @@ def test_worker_drains_a_capped_backlog_in_order(celery_app: Celery,
     assert max(hops for _, hops, _ in starts) >= 3  # 2.25 s in hops of <= 0.5 s
     times = sorted(t for _, _, t in starts)
     assert times[-1] - times[0] >= 9 * 0.25 * 0.9  # one token's time apart
+
+
+@pytest.mark.parametrize("window", [60, 2 * 86400])
+def test_a_dead_letter_mark_outlives_the_redelivery_window(
+    app: Celery, prefix: str, window: int
+) -> None:
+    """The mark that stops a redelivery of a dead-lettered task id lasts past the window.
+
+    The broker redelivers a message whose ack was lost up to one redelivery window
+    after its delivery; the mark lived 24 h whatever the window, so with a
+    visibility_timeout raised to two days the redelivery came after it expired and
+    ran again. It now lives twice the window when that is longer than a day.
+    """
+    app.conf.broker_transport_options = {"visibility_timeout": window}
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="cap.dead_mark", acks_late=True)
+    def bad(self: Any) -> None:
+        raise ValueError("the partner said no")
+
+    task_id = secrets.token_hex(8)
+    with pytest.raises(ValueError):
+        deliver(bad, queue=f"q{prefix}", task_id=task_id)
+    runtime = runtime_for(app)
+    key = runtime.keys.deliveries(task_id)
+    assert runtime.redis.smembers(key) == {b"!dead"}
+    assert runtime.redis.ttl(key) >= max(24 * 3600, 2 * window) - 5

@@ -16,6 +16,8 @@ from celery.contrib.testing.worker import TestWorkController
 
 from celery_reliable import Backoff, DeadLetters, ReliableTask, metrics
 
+from .conftest import wait_for
+
 
 def letters(app: Celery, name: str) -> list[Any]:
     return DeadLetters(app).list(task_name=name)
@@ -697,3 +699,120 @@ def test_a_redelivery_after_a_poison_dead_letter_does_not_run_or_letter_again(
     _redelivered(celery_app, crashy, task_id)
     assert calls == []
     assert len(letters(celery_app, "r.poison_redelivered")) == 1
+
+
+@pytest.mark.parametrize("how", ["track_started", "result_lost"])
+def test_an_ignored_redelivery_leaves_a_final_failure(
+    celery_app: Celery, celery_worker: TestWorkController, how: str
+) -> None:
+    """The result of a dead-lettered task id ends FAILURE, also when its failure was not there.
+
+    ``track_started``: Celery stores STARTED as the redelivery begins, over the
+    stored FAILURE, before admission ignores it; it stayed STARTED for good.
+    ``result_lost``: the final delivery's FAILURE never reached the backend (its
+    worker was killed after the letter was recorded, or the backend, which the
+    fault campaign keeps on the broker's server, was down); it stayed PENDING.
+    Either way the caller's ``.get()`` waited forever. The redelivery now stores
+    FAILURE (``ReplayedFailure``) when the backend holds no final state.
+    """
+    from celery_reliable import ReplayedFailure
+
+    calls: list[str] = []
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=f"r.dead_final.{how}",
+                     acks_late=True, track_started=how == "track_started")
+    def bad(self: Any) -> None:
+        calls.append(self.request.id)
+        raise ValueError("invalid card number")
+
+    celery_worker.reload()
+    first = bad.delay()
+    with pytest.raises(ValueError):
+        first.get(timeout=10)
+    if how == "result_lost":
+        celery_app.backend.forget(first.id)
+    _redelivered(celery_app, bad, first.id)
+    with pytest.raises(ReplayedFailure, match="dead-lettered"):
+        celery_app.AsyncResult(first.id).get(timeout=10)
+    assert calls == [first.id]
+    assert len(letters(celery_app, f"r.dead_final.{how}")) == 1
+
+
+def test_a_delivery_running_alongside_does_not_wipe_the_mark(
+    celery_app: Celery, celery_worker: TestWorkController
+) -> None:
+    """Two deliveries of one task id run at once (the broker gave the message out again,
+    e.g. RabbitMQ requeues it when the connection closes while the first still runs).
+
+    The first fails for good and marks the task id dead; the second then finished
+    and its completion deleted the deliveries set, mark and all: the next
+    redelivery ran, after the dead letter. Completion now keeps a mark it finds.
+    """
+    from celery_reliable.runtime import runtime_for
+
+    calls: list[int] = []
+    release = [threading.Event(), threading.Event()]
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.dead_alongside",
+                     acks_late=True)
+    def both(self: Any) -> str:
+        calls.append(len(calls))
+        me = calls[-1]
+        if me < 2:
+            assert release[me].wait(10)
+        if me == 0:
+            raise ValueError("the first delivery fails for good")
+        return f"delivery {me}"
+
+    celery_worker.reload()
+    runtime = runtime_for(celery_app)
+    task_id = secrets.token_hex(8)
+    key = runtime.keys.deliveries(task_id)
+    both.apply_async(task_id=task_id)
+    wait_for(lambda: calls == [0], 10, "the first delivery to start")
+    both.apply_async(task_id=task_id)  # the broker delivers it again meanwhile
+    wait_for(lambda: calls == [0, 1], 10, "the second delivery to start")
+    release[0].set()
+    wait_for(lambda: letters(celery_app, "r.dead_alongside"), 10, "the dead letter")
+    wait_for(lambda: runtime.redis.smembers(key) == {b"!dead"}, 10, "the mark")
+    release[1].set()
+    wait_for(lambda: celery_app.AsyncResult(task_id).state == "SUCCESS", 10, "the second")
+    assert runtime.redis.smembers(key) == {b"!dead"}
+    _redelivered(celery_app, both, task_id)
+    assert calls == [0, 1], "a delivery started after the dead letter"
+
+
+@pytest.mark.parametrize("error", [ValueError, ConnectionError])
+def test_a_failure_after_retry_throw_false_lets_that_retry_run(
+    celery_app: Celery, celery_worker: TestWorkController, error: type[Exception]
+) -> None:
+    """``self.retry(throw=False)`` published the retry; the body then raised.
+
+    Celery's contract: the task is marked failed now and the retry runs later.
+    The failure was dead-lettered regardless (a letter for a task with a retry
+    in flight: a replay would run it twice), and the dead-letter mark of the
+    task id then made admission ignore the retry the body had asked for. A
+    failure after a published retry is now neither dead-lettered nor retried
+    again (a retryable error, ConnectionError, published a second retry of it).
+    """
+    calls: list[int] = []
+    name = f"r.throw_false.{error.__name__}"
+
+    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=name,
+                     acks_late=True, backoff=Backoff.exponential(0.02, 0.05, max_attempts=3))
+    def later(self: Any) -> str:
+        calls.append(self.request.retries)
+        if self.request.retries == 0:
+            self.retry(countdown=0.2, throw=False)
+            raise error("reported after scheduling the retry")
+        return "ran on retry"
+
+    celery_worker.reload()
+    result = later.delay()
+    # a fresh AsyncResult each time: one caches the FAILURE it saw first
+    wait_for(lambda: celery_app.AsyncResult(result.id).state == "SUCCESS", 10,
+             "the retry to run")
+    assert celery_app.AsyncResult(result.id).get(timeout=1) == "ran on retry"
+    time.sleep(0.3)  # a second retry (from the backoff) would have come by now
+    assert calls == [0, 1]
+    assert letters(celery_app, name) == []

@@ -16,8 +16,10 @@ complete.lua
   KEYS     the deliveries set
   ARGV     dead_ttl_ms: the delivery finished: forget the unfinished ones; unless
            0, the task id was dead-lettered: keep (or write) the mark '!dead'
-           for dead_ttl_ms, so a redelivery of it does not run (admit.lua)
-  result   1 forgotten, 0 nothing there
+           for dead_ttl_ms, so a redelivery of it does not run (admit.lua).
+           With 0, a mark already there (another delivery of the task id,
+           running at the same time, dead-lettered it) stays as it is
+  result   1 forgotten, 0 nothing there (or a mark that stays)
 rollback.lua
   KEY      the deliveries set; OWNER the owner given to admit.lua: its member goes
            (an older version's counter is a string: left alone)
@@ -55,10 +57,18 @@ redis.call('PEXPIRE', KEYS[ki], ARGV[ai + 1])
 out[#out + 1] = redis.call('SCARD', KEYS[ki])
 
 --@ complete
-out[g] = redis.call('DEL', KEYS[ki])
 if ARGV[ai] ~= '0' then  -- dead-lettered: only the mark stays, for its ttl
+  out[g] = redis.call('DEL', KEYS[ki])
   redis.call('SADD', KEYS[ki], '!dead')
   redis.call('PEXPIRE', KEYS[ki], ARGV[ai])
+elseif redis.pcall('SISMEMBER', KEYS[ki], '!dead') == 1 then
+  -- another delivery of this task id, running at the same time (the broker
+  -- gave the message out again while this one ran), dead-lettered it
+  -- meanwhile: its mark stays, with its ttl (and nothing else is left in the
+  -- set: the mark replaced it)
+  out[g] = 0
+else
+  out[g] = redis.call('DEL', KEYS[ki])
 end
 
 --@ rollback

@@ -19,9 +19,10 @@ class Context:
     fleet: Fleet
     recorder: Any
     results: Path
-    #: ``kill`` may take down a whole worker (``--kill-workers``). Off in CI: kombu's Redis
-    #: transport loses a message taken by BRPOP when the main process dies before recording
-    #: it as unacked (faults/README.md), an upstream limit that would make CI flaky.
+    #: ``kill`` may take down a whole worker (``--kill-workers``). Off in CI, which runs the
+    #: Redis broker: kombu's Redis transport loses a message taken by BRPOP when the main
+    #: process dies before recording it as unacked (faults/README.md), an upstream limit that
+    #: would make CI flaky. RabbitMQ requeues a dead worker's deliveries (``--broker rabbitmq``).
     kill_workers: bool = True
 
 
