@@ -13,6 +13,11 @@ client noise).
     git show main:celery_reliable/lua/admit.lua > /tmp/admit-main.lua
     python benchmarks/mint_ab.py /tmp/admit-main.lua celery_reliable/lua/admit.lua
     python benchmarks/mint_ab.py /tmp/admit-main.lua celery_reliable/lua/admit.lua --key-pool 100
+
+``celery_reliable/lua/admit.lua`` is now a frame that the guards' fragments are composed
+into (``celery_reliable.guards``); a frame given here is composed with THIS checkout's
+fragments. To compare whole scripts of two checkouts, write each one's composed text:
+``PYTHONPATH=<checkout> python -m celery_reliable.guards admit > /tmp/admit-<name>.lua``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import redis
 from _redis_server import throwaway_redis
 
 from celery_reliable.admission import FENCE_TTL_MIN, Release
+from celery_reliable.guards import compose
 from celery_reliable.keys import KeySpace
 from celery_reliable.scripts import Script
 
@@ -70,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if binary is None:
         print("error: redis-server is not installed", file=sys.stderr)
         return 2
-    scripts = {"A": Script("admit-a", args.a.read_text()),
-               "B": Script("admit-b", args.b.read_text())}
+    scripts = {"A": Script("admit-a", compose(args.a.read_text())),
+               "B": Script("admit-b", compose(args.b.read_text()))}
     n, pool = args.iterations, args.key_pool
     print(f"# reproduce: python benchmarks/mint_ab.py {args.a} {args.b} --iterations {n} "
           f"--rounds {args.rounds} --key-pool {pool}")

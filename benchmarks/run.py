@@ -31,6 +31,10 @@ Phases, each with its own worker fleets (stopped before the next phase starts):
 4. **Memory**: a plain fleet and an all-guards (PostgreSQL) fleet, 1 worker x 2 pool
    processes each; ``--memory-tasks`` tasks in 5 equal batches; VmRSS/VmHWM of the pool
    processes (``/proc/<pid>/status``) after each batch.
+5. **Client CPU** (phase ``client``, not in the default phases): ``client_cpu.py`` in a
+   subprocess per idempotency store, against the same reliable redis-server and
+   database: client CPU µs per task per guard, each bench task called in-process in a
+   loop under a pushed request, against plain Celery's task called the same way.
 
 Writes a table to stdout and a chart to ``benchmarks/results/run.png``.
 """
@@ -45,6 +49,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -324,6 +329,57 @@ def phase_memory(args: argparse.Namespace, ctx: dict[str, Any]) -> list[MemRow]:
     return out
 
 
+@dataclass
+class ClientRow:
+    name: str
+    store: str
+    median_us: float
+    added_us: float
+    round_trips: float
+    commands: float
+    cpu_us: list[float]
+    by_command: dict[str, float]
+    user_median_us: float
+    user_added_us: float
+
+
+#: client phase: (row name, client_cpu.py contender, store)
+CLIENT_CONTENDERS = (
+    ("plain", "plain", "postgres"),
+    ("lock", "lock", "postgres"),
+    ("idempotency (pg)", "idempotency", "postgres"),
+    ("queue bucket", "queue bucket", "postgres"),
+    ("bulkhead", "bulkhead", "postgres"),
+    ("backoff", "backoff", "postgres"),
+    ("all guards (pg)", "all guards", "postgres"),
+    ("plain", "plain", "redis"),
+    ("idempotency (redis)", "idempotency", "redis"),
+    ("all guards (redis)", "all guards", "redis"),
+)
+
+
+def phase_client(args: argparse.Namespace, ctx: dict[str, Any]) -> list[ClientRow]:
+    out = []
+    for store in ("postgres", "redis"):
+        wanted = [(name, c) for name, c, s in CLIENT_CONTENDERS if s == store]
+        cmd = [sys.executable, str(HERE / "client_cpu.py"), "--store", store,
+               "--tasks", str(args.client_tasks), "--rounds", str(args.client_rounds),
+               "--contenders", ",".join(c for _, c in wanted)]
+        progress("client CPU: " + " ".join(cmd[1:]))
+        done = subprocess.run(cmd, env=ctx["env"], stdout=subprocess.PIPE, text=True,
+                              check=False)
+        if done.returncode != 0:
+            raise BenchmarkError(f"client_cpu.py --store {store} exited {done.returncode}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        progress(f"client CPU ({store}): celery_reliable from {result['library']}")
+        for name, c in wanted:
+            r = result["contenders"][c]
+            out.append(ClientRow(name, store, r["median_us"], r["added_us"],
+                                 r["round_trips"], r["commands"], r["cpu_us"],
+                                 r["by_command"], r["user_median_us"], r["user_added_us"]))
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -363,6 +419,21 @@ def roundtrip_lines(rows: list[Row]) -> str:
         lua = ", ".join(f"{k} {num(v)}" for k, v in sorted(r.lua_cmds.items())) or "-"
         lines.append(f"  {r.contender.name:<19} client: {client:<28} inside Lua: {lua}")
     return "\n".join(lines)
+
+
+def client_table(rows: list[ClientRow]) -> str:
+    header = ["contender", "store", "client CPU µs/task (median)", "added vs plain µs",
+              "rounds min..max µs", "user µs/task", "user added vs plain µs",
+              "EVALSHA/task (in-process)", "Redis cmds/task (incl. Lua)"]
+    out = [[r.name, r.store, f"{r.median_us:,.0f}", f"{r.added_us:+,.0f}",
+            f"{min(r.cpu_us):,.0f}..{max(r.cpu_us):,.0f}", f"{r.user_median_us:,.0f}",
+            f"{r.user_added_us:+,.0f}", num(r.round_trips), num(r.commands)] for r in rows]
+    lines = ["", "Commands per task on the reliable redis-server (INFO commandstats, in-process):"]
+    for r in rows:
+        cmds = ", ".join(f"{k} {num(v)}" for k, v in r.by_command.items()
+                         if num(v) != "0") or "-"
+        lines.append(f"  {r.name:<19} ({r.store}): {cmds}")
+    return fmt_table(header, out, right={2, 3, 4, 5, 6, 7, 8}) + "\n".join(lines)
 
 
 def scale_table(rows: list[ScaleRow]) -> str:
@@ -457,7 +528,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2,
                         help="workers per fleet in phase 1 (default 2)")
     parser.add_argument("--phases", default="throughput,scale,memory",
-                        help="comma-separated subset of throughput,scale,memory")
+                        help="comma-separated subset of throughput,scale,memory,client")
+    parser.add_argument("--client-tasks", type=int, default=2000,
+                        help="client phase: calls per pass (default 2000)")
+    parser.add_argument("--client-rounds", type=int, default=5,
+                        help="client phase: interleaved rounds (default 5)")
     parser.add_argument("--contenders", type=lambda s: [x for x in s.split(",") if x],
                         default=[c.name for c in CONTENDERS],
                         help="comma-separated subset of: " + ",".join(c.name for c in CONTENDERS))
@@ -500,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     scale: list[ScaleRow] = []
     mem: list[MemRow] = []
+    client: list[ClientRow] = []
     header: dict[str, Any] = {}
     try:
         with Cleanup():
@@ -532,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
                     scale = phase_scale(args, ctx)
                 if "memory" in args.phases:
                     mem = phase_memory(args, ctx)
+                if "client" in args.phases:
+                    client = phase_client(args, ctx)
             except BenchmarkError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
@@ -557,11 +635,15 @@ def main(argv: list[str] | None = None) -> int:
     if mem:
         print("\n## 4. Memory (pool processes, max over 2 per worker)\n")
         print(memory_table(mem))
+    if client:
+        print("\n## 5. Client CPU per task, in-process (bench tasks called in a loop)\n")
+        print(client_table(client))
     print(f"\n(wall time {wall:.0f} s)")
     title = (f"celery-reliable benchmarks/run.py, {started:%Y-%m-%d %H:%M} UTC, "
              f"{os.cpu_count()} cores (noisy; ratios matter), {cmd.strip()}")
-    chart(args.chart, rows, scale, mem, title)
-    print(f"chart: {args.chart}")
+    if rows or scale or mem:
+        chart(args.chart, rows, scale, mem, title)
+        print(f"chart: {args.chart}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
@@ -571,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
                             "round_trips": r.round_trips, "commands": r.commands,
                             "pg_xacts": r.pg_xacts} for r in rows],
             "scale": [vars(s) for s in scale], "memory": [vars(m) for m in mem],
+            "client": [vars(c) for c in client],
         }, indent=2) + "\n")
     return 0
 

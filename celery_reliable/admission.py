@@ -8,8 +8,11 @@ fails (its reply lost: it may or may not have run), :meth:`Plan.rollback`
 (``rollback.lua``) undoes whatever it may have taken, checked by owner, and
 leaves a marker that makes the request do nothing if it reaches Redis only
 later. New
-guards plug in here: a ``Plan.add_*`` method, a branch in each script, and a
-line in :meth:`celery_reliable.task.ReliableTask._plan`.
+guards plug in here: the guard's module ``celery_reliable/guards/<name>.py`` (its
+letter, and the keys and arguments it passes the scripts) and Lua fragment
+``guards/<name>.lua`` (its part of each script), one line in
+:data:`celery_reliable.guards.GUARDS`, ``Plan.add_*`` / ``Release.add_*`` methods
+that call the module, and a line in :meth:`celery_reliable.task.ReliableTask._plan`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ import redis
 
 from .breaker import BreakerSpec
 from .bulkhead import TierSpec
+from .guards import breaker, bucket, bulkhead, deliveries, idempotency, lock
+from .guards.base import Guard
+from .guards.deliveries import mark_dead
+from .guards.lock import FENCE_TTL_MIN, LOCK_LABEL_MAX, LOCK_TASK_MAX, lock_holder
 from .keys import KeySpace, hash_tag
 from .ratelimit import BucketSpec
 from .scripts import own_connection, script
@@ -32,6 +39,7 @@ __all__ = [
     "FENCE_TTL_MIN",
     "INTERRUPTED_ROLLBACK_TIMEOUT",
     "LOCK_LABEL_MAX",
+    "LOCK_TASK_MAX",
     "ROLLBACK_MARK_MIN",
     "Admitted",
     "DeadLettered",
@@ -49,11 +57,6 @@ __all__ = [
 
 log = logging.getLogger("celery_reliable")
 
-#: Fencing counters live this long (seconds) after their last acquire, outliving every
-#: lease by far (at least 10x the lock ttl); tokens are floored at the
-#: server clock, so even an expired counter never lets tokens go backwards.
-FENCE_TTL_MIN = 7 * 24 * 3600.0
-
 #: Shortest life of a rollback marker (seconds): longer than any delay we know of
 #: for a request already sent (TCP retransmission of a closed socket's data, about
 #: 100 s on Linux; a stalled server or proxy), at little cost: one small key per
@@ -63,52 +66,6 @@ ROLLBACK_MARK_MIN = 600.0
 #: Seconds each rollback send may take when the admission was interrupted (a soft
 #: time limit, SIGTERM): short, since the caller is being stopped; two sends.
 INTERRUPTED_ROLLBACK_TIMEOUT = 1.0
-
-#: Longest resource label kept with a lock's lease (characters); a longer one ends in "…".
-LOCK_LABEL_MAX = 60
-#: Longest task name kept with a lock's lease (characters).
-LOCK_TASK_MAX = 200
-
-
-def _printable(text: str, limit: int) -> str:
-    """``text`` on one line (whitespace runs, newlines included, become one space), cut."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def lock_holder(owner: str, task: str = "", label: str = "", nonce: str = "") -> str:
-    """What follows the fencing token in a lock's lease value.
-
-    ``"<owner>\\n<task name>\\n<label>"``, or just ``"<owner>"`` (the format of
-    older versions) when there is neither; ``nonce`` (a FencedLock's, one per
-    acquire) follows on a fourth line: the holder rollback.lua compares is then
-    one acquire's, even when callers reuse an owner. The task name and the label are for
-    ``celery reliable locks``: kept in the lease itself, they are written by the
-    same SET, renewed and released with it, and need no key of their own (their
-    cost: their bytes, in the lease and in every admit, renew, release and
-    rollback call of it). The label must never carry a secret: the task
-    pipeline passes the ``lock`` template (argument names, not values).
-    """
-    task, label = _printable(task, LOCK_TASK_MAX), _printable(label, LOCK_LABEL_MAX)
-    if nonce:
-        return f"{owner}\n{task}\n{label}\n{nonce}"
-    if not task and not label:
-        return owner
-    return f"{owner}\n{task}\n{label}"
-
-
-def mark_dead(client: redis.Redis, key: str, ttl: float) -> None:
-    """Mark a task id's deliveries set ``key`` dead-lettered for ``ttl`` seconds (one round trip).
-
-    The unfinished deliveries go (the task id is done: nothing of it is a lost
-    delivery any more); the member ``!dead`` stays, and admit.lua refuses a
-    redelivery of the task id while it is there. Safe to repeat.
-    """
-    pipe = client.pipeline(transaction=True)
-    pipe.delete(key)
-    pipe.sadd(key, "!dead")
-    pipe.pexpire(key, max(1, int(ttl * 1000)))
-    pipe.execute()
 
 
 @dataclass(frozen=True)
@@ -206,10 +163,27 @@ class Plan:
     #: the marker key of the last :meth:`admit` request (a fresh random name per request)
     marker: str | None = None
 
-    def _undo(self, kind: str, key: str, owner: str) -> None:
-        self.undo_kinds.append(kind)
-        self.undo_keys.append(key)
-        self.undo_owners.append(owner)
+    def add(
+        self, guard: Guard, keys: list[str], args: list[Any], *,
+        undo: tuple[str, str] | None = None, lease: float = 0.0,
+    ) -> int:
+        """Append ``guard`` with its admit.lua ``keys`` and ``args``; returns its index.
+
+        ``undo``: the key and owner rollback.lua checks to undo it; ``lease``: the
+        seconds it holds a lease (the rollback marker outlives the longest).
+        A guard module's ``plan`` function calls it (``celery_reliable.guards``).
+        """
+        self.kinds.append(guard.letter)
+        self.offsets.append(len(self.keys))
+        self.keys += keys
+        self.admit_args += args
+        if undo is not None:
+            self.undo_kinds.append(guard.letter)
+            self.undo_keys.append(undo[0])
+            self.undo_owners.append(undo[1])
+        if lease > self.longest:
+            self.longest = lease
+        return len(self.kinds) - 1
 
     def add_idempotency(
         self, key: str, fingerprint: str, owner: str, lease: float, ttl: float
@@ -219,13 +193,7 @@ class Plan:
         Put it first in the plan: a finished record replays even when other
         guards (a busy lock, an empty bucket) would have refused.
         """
-        self.kinds.append("I")
-        self.offsets.append(len(self.keys))
-        self.keys.append(key)
-        self.admit_args += [fingerprint, owner, max(1, int(lease * 1000)), max(1, int(ttl * 1000))]
-        self._undo("I", key, owner)
-        self.longest = max(self.longest, lease)
-        return len(self.kinds) - 1
+        return idempotency.plan(self, key, fingerprint, owner, lease, ttl)
 
     def add_lock(
         self, keys: KeySpace, resource: str, owner: str, ttl: float, *, task: str = "",
@@ -246,17 +214,8 @@ class Plan:
         label: str = "", fence_ttl: float | None = None, nonce: str = "",
     ) -> int:
         """:meth:`add_lock` with the keys already derived (a lock object reuses them)."""
-        holder = lock_holder(owner, task, label, nonce)
-        if fence_ttl is None:
-            fence_ttl = max(FENCE_TTL_MIN, 10 * ttl)
-        self.kinds.append("L")
-        self.offsets.append(len(self.keys))
-        self.keys += [lock_key, fence_key]
-        self.admit_args += [holder, max(1, int(ttl * 1000)), max(1, int(fence_ttl * 1000))]
-        self._undo("L", lock_key, holder)
-        self.longest = max(self.longest, ttl)
-        self.lock_holders[len(self.kinds) - 1] = holder
-        return len(self.kinds) - 1
+        return lock.plan(self, lock_key, fence_key, owner, ttl, task=task, label=label,
+                         fence_ttl=fence_ttl, nonce=nonce)
 
     def lock_value(self, index: int, token: int) -> str:
         """The lease value lock guard ``index`` wrote with ``token`` (renew and release it)."""
@@ -266,21 +225,7 @@ class Plan:
         self, keys: KeySpace, tier: str, spec: TierSpec, owner: str, waiter: str
     ) -> int:
         """Take a slot of ``tier`` as a lease; ``waiter`` names the task while it waits."""
-        self.kinds.append("K")
-        self.offsets.append(len(self.keys))
-        self.keys += list(keys.bulkhead(tier))
-        self.admit_args += [
-            owner,
-            spec.concurrent,
-            max(1, int(spec.lease * 1000)),
-            waiter,
-            spec.queue,
-            max(1, int(spec.timeout * 1000)),
-            spec.policy,
-        ]
-        self._undo("K", self.keys[-3], owner)
-        self.longest = max(self.longest, spec.lease)
-        return len(self.kinds) - 1
+        return bulkhead.plan(self, keys, tier, spec, owner, waiter)
 
     def add_bucket(
         self, key: str, spec: BucketSpec, cost: float, *, slot: int | None = None,
@@ -294,12 +239,7 @@ class Plan:
         instead of taking the tokens meant for it. ``queue=False``: a plain take
         that neither queues nor waits behind a queue (the retry budget).
         """
-        self.kinds.append("B")
-        self.offsets.append(len(self.keys))
-        self.keys.append(key)
-        mode = max(1, int(slot)) if slot is not None and queue else (0 if queue else -1)
-        self.admit_args += [repr(spec.rate), repr(spec.burst), repr(float(cost)), mode]
-        return len(self.kinds) - 1
+        return bucket.plan(self, key, spec, cost, slot=slot, queue=queue)
 
     def add_deliveries(self, key: str, max_redeliveries: int, ttl: float, owner: str) -> int:
         """Count this delivery; refuse (poison) past ``max_redeliveries`` unfinished ones.
@@ -307,23 +247,11 @@ class Plan:
         The count is a set of execution owners (deliveries that started and never
         finished), so an admission that is rolled back takes its own entry out.
         """
-        self.kinds.append("D")
-        self.offsets.append(len(self.keys))
-        self.keys.append(key)
-        self.admit_args += [max_redeliveries, max(1, int(ttl * 1000)), owner]
-        self._undo("D", key, owner)
-        return len(self.kinds) - 1
+        return deliveries.plan(self, key, max_redeliveries, ttl, owner)
 
     def add_breaker(self, keys: tuple[str, str], spec: BreakerSpec, owner: str) -> int:
         """Pass the breaker: refused while open or while half-open probes are all taken."""
-        self.kinds.append("C")
-        self.offsets.append(len(self.keys))
-        self.keys += list(keys)
-        self.admit_args += [max(1, int(spec.open_seconds * 1000)), spec.half_open_max, owner,
-                            max(1, int(spec.probe_lease * 1000))]
-        self._undo("C", keys[1], owner)
-        self.longest = max(self.longest, spec.probe_lease)
-        return len(self.kinds) - 1
+        return breaker.plan(self, keys, spec, owner)
 
     def admit(
         self, client: redis.Redis
@@ -445,50 +373,45 @@ class Release:
         self.keys: list[str] = []
         self._args: list[list[Any]] = []
 
+    def add(self, guard: Guard, keys: list[str], args: list[Any]) -> None:
+        """Append ``guard`` with its complete.lua ``keys`` and ``args`` (a guard module's
+        ``release`` function calls it)."""
+        self.kinds.append(guard.letter)
+        self.keys += keys
+        self._args.append(args)
+
+    def entries(self, guard: Guard) -> list[list[Any]]:
+        """The argument lists of ``guard``'s entries, to settle in place."""
+        return [args for kind, args in zip(self.kinds, self._args, strict=True)
+                if kind == guard.letter]
+
     def add_idempotency(self, key: str, owner: str, ttl: float) -> None:
-        self.kinds.append("I")
-        self.keys.append(key)
-        self._args.append([owner, "X", "", max(1, int(ttl * 1000))])
+        idempotency.release(self, key, owner, ttl)
 
     def settle_idempotency(self, outcome: str, payload: str) -> None:
         """``S`` with result JSON, ``F`` with error JSON, or ``X`` (forget)."""
-        for kind, args in zip(self.kinds, self._args, strict=True):
-            if kind == "I":
-                args[1], args[2] = outcome, payload
+        idempotency.settle(self, outcome, payload)
 
     def add_lock(self, lock_key: str, lease_value: str) -> None:
-        self.kinds.append("L")
-        self.keys.append(lock_key)
-        self._args.append([lease_value])
+        lock.release(self, lock_key, lease_value)
 
     def add_bulkhead(self, slots_key: str, owner: str) -> None:
-        self.kinds.append("K")
-        self.keys.append(slots_key)
-        self._args.append([owner])
+        bulkhead.release(self, slots_key, owner)
 
     def add_deliveries(self, key: str) -> None:
-        self.kinds.append("D")
-        self.keys.append(key)
-        self._args.append([0])
+        deliveries.release(self, key)
 
     def mark_dead(self, ttl: float) -> None:
         """The task id was dead-lettered: completion keeps its mark for ``ttl`` seconds."""
-        for kind, args in zip(self.kinds, self._args, strict=True):
-            if kind == "D":
-                args[0] = max(1, int(ttl * 1000))
+        deliveries.mark_dead_on(self, ttl)
 
     def add_breaker(self, keys: tuple[str, str], spec: BreakerSpec, owner: str) -> None:
         """Report the outcome to the breaker; neutral unless :meth:`settle_breaker` says."""
-        self.kinds.append("C")
-        self.keys += list(keys)
-        self._args.append([owner, "n", spec.window, spec.failure_threshold, spec.min_calls,
-                           spec.success_threshold])
+        breaker.release(self, keys, spec, owner)
 
     def settle_breaker(self, outcome: str) -> None:
         """``s`` success, ``f`` a classified failure, ``n`` neutral."""
-        for kind, args in zip(self.kinds, self._args, strict=True):
-            if kind == "C":
-                args[1] = outcome
+        breaker.settle(self, outcome)
 
     def __bool__(self) -> bool:
         return bool(self.kinds)

@@ -1,6 +1,7 @@
 """The durable side of idempotent execution (PostgreSQL), and purging.
 
-The fast path lives in Redis (``admit.lua``/``complete.lua``, guard ``I``):
+The fast path lives in Redis (``admit.lua``/``complete.lua``, guard ``I``:
+``guards/idempotency.lua``):
 a finished key replays from Redis without touching PostgreSQL, and a key in
 progress defers its duplicates. PostgreSQL holds the durable record:
 

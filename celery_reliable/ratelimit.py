@@ -1,6 +1,6 @@
 """Token-bucket specifications: ``"50/s"``, ``"300/m"``, ``"1000/h"`` or ``{"rate", "burst"}``.
 
-The bucket itself is one branch of ``admit.lua`` (guard ``B``): fractional
+The bucket itself is guard ``B`` of ``admit.lua`` (``guards/bucket.lua``): fractional
 refill at ``rate`` tokens per second on the Redis server's clock, capped at
 ``burst``; a take of ``cost`` tokens either succeeds or reports how long until
 it would. Idle buckets expire once they would be full again.

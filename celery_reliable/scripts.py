@@ -43,6 +43,8 @@ from redis.backoff import NoBackoff
 from redis.connection import BlockingConnectionPool, ConnectionPool
 from redis.retry import Retry
 
+from . import guards
+
 __all__ = ["Script", "own_connection", "plain_pool", "script"]
 
 _PLAIN_POOLS = (ConnectionPool, BlockingConnectionPool)
@@ -304,6 +306,13 @@ _IDEMPOTENT = frozenset({"complete", "fenced_set", "throttle"})
 
 @cache
 def script(name: str) -> Script:
-    """The packaged script ``celery_reliable/lua/<name>.lua``."""
+    """The packaged script ``celery_reliable/lua/<name>.lua``.
+
+    Admission, completion, rollback and renewal are frames: the guards' Lua
+    fragments (``celery_reliable/guards/``) are composed into them here, once per
+    process (:func:`celery_reliable.guards.compose`).
+    """
     source = resources.files("celery_reliable").joinpath(f"lua/{name}.lua").read_text("utf-8")
+    if name in guards.COMPOSED:
+        source = guards.compose(source)
     return Script(name, source, idempotent=name in _IDEMPOTENT)

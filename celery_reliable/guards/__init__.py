@@ -1,0 +1,161 @@
+"""The guards, one unit each, and the composition of their Lua fragments into the scripts.
+
+A guard is a letter in an admission plan (``Plan.kinds``) and a Lua fragment,
+``celery_reliable/guards/<name>.lua``, holding that guard's part of each script it
+takes part in, one section per part, each opened by a line ``--@ <section>``:
+
+================  =============  =========================================================
+section           script         what it does
+================  =============  =========================================================
+``admit.check``   ``admit``      reads only (but for the bookkeeping its header lists);
+                                 refuses with a ``return``, or leaves what it read in
+                                 ``seen[g]`` for its apply
+``admit.apply``   ``admit``      runs once every guard's check admitted; appends its
+                                 result to ``out``
+``complete``      ``complete``   settles what admission took; sets ``out[g]``
+``rollback``      ``rollback``   undoes a lost admission's entry ``key`` of ``owner``;
+                                 sets ``removed``
+``renew``         ``renew``      extends the lease ``KEYS[g]`` of value ``ARGV[ai]`` by
+                                 ``ARGV[ai + 1]`` ms; sets ``out[g]``
+================  =============  =========================================================
+
+The fragment's header comment documents, per script, its KEYS, ARGV, result and
+refusals. The scripts themselves (``celery_reliable/lua/{admit,complete,rollback,
+renew}.lua``) are frames: the loop over the plan, what every guard shares (the
+rollback marker, the server clock), and one line ``--@guards <section>`` where the
+dispatch on the guard's letter goes. :func:`compose` replaces that line with an
+``if kind == 'I' then ... elseif ...`` chain of the registered guards' sections, each
+followed by the advance past the guard's keys and arguments (``ki``, ``ai``) where the
+script lays them out one guard after another (admission and completion; rollback
+and renewal take one key per entry). The composed text is built once per process, at
+the first use of a script (``scripts.script``); admission stays ONE round trip.
+
+Each guard's Python side is ``celery_reliable/guards/<name>.py``: its :class:`Guard`
+(letter, fragment, layout) and what it puts in an admission plan and a release
+(``Plan.add_*`` and ``Release.add_*`` call it). Adding a guard: its module, its
+fragment file, and one line in :data:`GUARDS`.
+``python -m celery_reliable.guards admit`` prints a composed script.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib import resources
+
+from . import breaker, bucket, bulkhead, deliveries, idempotency, lock
+from .base import Guard
+
+__all__ = ["COMPOSED", "GUARDS", "SECTIONS", "Guard", "compose", "fragment", "sections"]
+
+
+#: Every guard, in dispatch order. One line per guard.
+GUARDS: tuple[Guard, ...] = (
+    idempotency.GUARD,
+    lock.GUARD,
+    bulkhead.GUARD,
+    deliveries.GUARD,
+    breaker.GUARD,
+    bucket.GUARD,
+)
+
+#: Section -> the layout (``Guard`` field) its script steps through, or None where the
+#: frame indexes by entry (one key per entry).
+SECTIONS: dict[str, str | None] = {
+    "admit.check": "admit",
+    "admit.apply": "admit",
+    "complete": "complete",
+    "rollback": None,
+    "renew": None,
+}
+
+#: The scripts that are frames to compose (``celery_reliable/lua/<name>.lua``).
+COMPOSED = frozenset({"admit", "complete", "rollback", "renew"})
+
+_SECTION = re.compile(r"^--@ (\S+)[ \t]*$")
+_DIRECTIVE = re.compile(r"^([ \t]*)--@guards (\S+)(?: (.+))?$")
+
+
+def fragment(guard: Guard) -> str:
+    """The text of ``guard``'s fragment file, ``celery_reliable/guards/<name>.lua``."""
+    path = resources.files("celery_reliable.guards").joinpath(f"{guard.name}.lua")
+    return path.read_text("utf-8")
+
+
+@cache
+def sections(guard: Guard) -> dict[str, list[str]]:
+    """``guard``'s sections: name -> its lines (the header comment before the first is not code)."""
+    out: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in fragment(guard).splitlines():
+        match = _SECTION.match(line)
+        if match:
+            name = match.group(1)
+            if name not in SECTIONS:
+                raise ValueError(f"guards/{guard.name}.lua: unknown section {name!r}")
+            if name in out:
+                raise ValueError(f"guards/{guard.name}.lua: section {name!r} twice")
+            current = out[name] = []
+        elif current is not None:
+            current.append(line)
+    for lines in out.values():
+        while lines and not lines[-1].strip():
+            lines.pop()
+    return out
+
+
+def _advance(keys: int, args: int) -> str:
+    if args:
+        return f"ki, ai = ki + {keys}, ai + {args}"
+    return f"ki = ki + {keys}"
+
+
+def _dispatch(section: str, indent: str, unknown: str | None) -> list[str]:
+    """The ``if kind == ...`` chain of every guard with ``section`` (or its script's layout)."""
+    layout = SECTIONS[section]
+    out: list[str] = []
+    for guard in GUARDS:
+        body = sections(guard).get(section)
+        step = getattr(guard, layout) if layout is not None else (0, 0)
+        if body is None and step == (0, 0):
+            continue  # not in this script: its letter is unknown there
+        out.append(f"{indent}{'elseif' if out else 'if'} kind == '{guard.letter}' then")
+        out += [f"{indent}  {line}" if line.strip() else "" for line in body or ()]
+        if step != (0, 0):
+            out.append(f"{indent}  {_advance(*step)}")
+    if unknown is not None:
+        out += [f"{indent}else", f"{indent}  return redis.error_reply({unknown} .. kind)"]
+    if out:
+        out.append(f"{indent}end")
+    return out
+
+
+def compose(frame: str) -> str:
+    """``frame`` with each ``--@guards <section> [<lua string>]`` line made the dispatch.
+
+    The optional Lua string is the error reply's prefix for a letter no guard
+    handles in that section (followed by the letter); without it such a letter
+    is skipped (admission's apply: its check already refused it).
+    """
+    lines: list[str] = []
+    for line in frame.splitlines():
+        match = _DIRECTIVE.match(line)
+        if match is None:
+            lines.append(line)
+            continue
+        indent, section, unknown = match.groups()
+        if section not in SECTIONS:
+            raise ValueError(f"unknown guard section {section!r} in {line.strip()!r}")
+        lines += _dispatch(section, indent, unknown)
+    return "\n".join(lines) + "\n"
+
+
+def _check_registry() -> None:
+    letters = [g.letter for g in GUARDS]
+    if len(set(letters)) != len(letters) or not all(
+        len(x) == 1 and x.isalpha() and x.isupper() for x in letters
+    ):
+        raise ValueError(f"guard letters must be unique capital letters: {letters}")
+
+
+_check_registry()

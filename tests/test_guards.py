@@ -1,0 +1,145 @@
+"""The guards' Lua fragments, composed into the admit, complete, rollback and renew scripts."""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from celery_reliable import guards
+from celery_reliable.admission import Plan, Release
+from celery_reliable.breaker import BreakerSpec
+from celery_reliable.bulkhead import TierSpec
+from celery_reliable.keys import KeySpace
+from celery_reliable.ratelimit import BucketSpec
+from celery_reliable.scripts import script
+
+PACKAGE = Path(guards.__file__).resolve().parent.parent
+
+
+TIER = TierSpec(concurrent=2, queue=1, timeout=60, policy="wait")
+
+
+def _guard(letter: str) -> guards.Guard:
+    return next(g for g in guards.GUARDS if g.letter == letter)
+
+
+def test_every_guard_has_its_fragment_with_known_sections() -> None:
+    for guard in guards.GUARDS:
+        found = guards.sections(guard)
+        assert set(found) <= set(guards.SECTIONS), guard
+        assert "admit.check" in found and "admit.apply" in found, guard
+        assert guards.fragment(guard).startswith(f"--[[ guards/{guard.name}.lua: {guard.letter},")
+
+
+@pytest.mark.parametrize("name", sorted(guards.COMPOSED))
+def test_composed_script_dispatches_every_guard_of_its_sections(name: str) -> None:
+    source = script(name).source
+    assert "--@guards" not in source
+    for section in guards.SECTIONS:
+        if section.split(".")[0] != name:
+            continue
+        for guard in guards.GUARDS:
+            if section in guards.sections(guard):
+                assert f"kind == '{guard.letter}' then" in source, (name, guard.letter)
+    # the same text every time: one SHA across processes
+    frame = (PACKAGE / "lua" / f"{name}.lua").read_text("utf-8")
+    assert guards.compose(frame) == source
+
+
+@pytest.mark.parametrize(("name", "keys", "args", "message"), [
+    ("admit", ["marker"], ["Z"], "admit.lua: unknown guard Z"),
+    ("complete", ["k"], ["B"], "complete.lua: unknown guard B"),  # buckets complete nothing
+    ("rollback", ["k"], ["B", "owner"], "rollback.lua: unknown guard B"),
+    ("renew", ["k"], ["D", "v", 1000], "renew.lua: unknown lease D"),
+])
+def test_a_letter_no_guard_handles_there_is_an_error(
+    redis_client: redis.Redis, prefix: str, name: str, keys: list[str], args: list[object],
+    message: str,
+) -> None:
+    with pytest.raises(redis.ResponseError, match=message):
+        script(name)(redis_client, [f"{prefix}:{k}" for k in keys], args)
+
+
+def test_plan_and_release_arguments_match_each_guards_layout(prefix: str) -> None:
+    """What Plan.add_* / Release.add_* pass is what the composed scripts step past."""
+    keys = KeySpace(prefix)
+    plan, release = Plan(), Release()
+
+    def step(letter: str, add_admit: object, add_complete: object = None) -> None:
+        k, a = len(plan.keys), len(plan.admit_args)
+        rk, ra = len(release.keys), sum(len(x) for x in release._args)
+        add_admit()  # type: ignore[operator]
+        if add_complete is not None:
+            add_complete()  # type: ignore[operator]
+        guard = _guard(letter)
+        assert (len(plan.keys) - k, len(plan.admit_args) - a) == guard.admit, letter
+        got = (len(release.keys) - rk, sum(len(x) for x in release._args) - ra)
+        assert got == guard.complete, letter
+
+    breaker = keys.breaker("b")
+    step("I", lambda: plan.add_idempotency(f"{prefix}:i", "fp", "o", 5, 60),
+         lambda: release.add_idempotency(f"{prefix}:i", "o", 60))
+    step("L", lambda: plan.add_lock(keys, "r", "o", 5), lambda: release.add_lock("l", "1 o"))
+    step("K", lambda: plan.add_bulkhead(keys, "t", TIER, "o", "w"),
+         lambda: release.add_bulkhead("s", "o"))
+    step("D", lambda: plan.add_deliveries(f"{prefix}:d", 3, 60, "o"),
+         lambda: release.add_deliveries(f"{prefix}:d"))
+    step("C", lambda: plan.add_breaker(breaker, BreakerSpec(), "o"),
+         lambda: release.add_breaker(breaker, BreakerSpec(), "o"))
+    step("B", lambda: plan.add_bucket(f"{prefix}:b", BucketSpec(10, 10), 1))
+    assert "".join(plan.kinds) == "ILKDCB"
+
+
+def test_every_guard_together_admits_and_completes(redis_client: redis.Redis,
+                                                   prefix: str) -> None:
+    """One plan with every guard, through the composed scripts against a real Redis."""
+    keys = KeySpace(prefix)
+    breaker = keys.breaker("b")
+    plan = Plan()
+    plan.add_deliveries(keys.deliveries("t1"), 3, 60, "o")
+    plan.add_idempotency(f"{prefix}:i", "fp", "o", 5, 60)
+    plan.add_lock(keys, "r", "o", 5)
+    plan.add_bulkhead(keys, "t", TIER, "o", "w")
+    plan.add_breaker(breaker, BreakerSpec(), "o")
+    plan.add_bucket(keys.queue_bucket("q"), BucketSpec(10, 10), 1)
+    admitted = plan.admit(redis_client)
+    assert type(admitted).__name__ == "Admitted"
+    deliveries, existed, token, slots, probe, tokens = admitted.results  # type: ignore[union-attr]
+    assert (deliveries, existed, slots, probe, tokens) == (1, 0, 1, 0, 9)
+    assert token > 0
+    # a second plan on the same lock is refused by the lock (guard index 0 of its plan)
+    other = Plan()
+    other.add_lock(keys, "r", "o2", 5)
+    refused = other.admit(redis_client)
+    assert type(refused).__name__ == "Refused" and refused.kind == "L"  # type: ignore[union-attr]
+    release = Release()
+    release.add_deliveries(keys.deliveries("t1"))
+    release.add_idempotency(f"{prefix}:i", "o", 60)
+    release.add_lock(keys.lock("r"), plan.lock_value(2, token))
+    release.add_bulkhead(keys.bulkhead("t")[0], "o")
+    release.add_breaker(breaker, BreakerSpec(), "o")
+    assert release.run(redis_client) == [1, 1, 1, 1, 0]
+    assert release.run(redis_client) == [0, 0, 0, 0, 0]  # safe to run twice
+
+
+def test_package_data_ships_every_lua_file() -> None:
+    """pyproject's package-data covers every .lua file of the package (the wheel's content)."""
+    if sys.version_info < (3, 11):
+        pytest.skip("tomllib is 3.11+")
+    import tomllib
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text("utf-8"))
+    patterns = config["tool"]["setuptools"]["package-data"]["celery_reliable"]
+    files = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.lua"))
+    assert any(f.startswith("guards/") for f in files)
+    for f in files:
+        assert any(fnmatch.fnmatch(f, pattern) for pattern in patterns), f
+
+
+def test_compose_refuses_unknown_sections() -> None:
+    with pytest.raises(ValueError, match="unknown guard section"):
+        guards.compose("for g = 1, 2 do\n  --@guards admit.nothing\nend\n")
