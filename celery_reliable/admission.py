@@ -44,6 +44,7 @@ __all__ = [
     "Admitted",
     "DeadLettered",
     "Mismatch",
+    "Outcome",
     "Plan",
     "Poison",
     "Refused",
@@ -142,6 +143,10 @@ class Admitted:
     """Every guard admitted; ``results[i]`` is guard i's result (lock: its token)."""
 
     results: tuple[int, ...]
+
+
+#: What one admission request decides (:meth:`Plan.admit`).
+Outcome = Admitted | Refused | Replay | Mismatch | Rejected | Poison | DeadLettered | RolledBack
 
 
 @dataclass
@@ -253,10 +258,7 @@ class Plan:
         """Pass the breaker: refused while open or while half-open probes are all taken."""
         return breaker.plan(self, keys, spec, owner)
 
-    def admit(
-        self, client: redis.Redis
-    ) -> (Admitted | Refused | Replay | Mismatch | Rejected | Poison | DeadLettered
-          | RolledBack):
+    def admit(self, client: redis.Redis) -> Outcome:
         """One round trip: everything admitted, or nothing changed.
 
         Each call is a new request with its own rollback marker (a random key in

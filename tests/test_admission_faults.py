@@ -471,9 +471,9 @@ def _interrupt_at(module: str, function: str, caller: str | None = None) -> Any:
 
 
 @pytest.mark.parametrize("where", [
-    ("celery_reliable.task", "_bucket_slots", "_admit"),  # admitted, before _hold
-    ("celery_reliable.task", "_hold", None),  # nothing registered yet
-    ("celery_reliable.metrics", "inc", "_hold"),  # mid-_hold: the record's lease registered
+    ("celery_reliable.pipeline.call", "bucket_slots", "admit"),  # admitted, before hold
+    ("celery_reliable.pipeline", "hold", None),  # nothing registered yet
+    ("celery_reliable.metrics", "inc", "hold"),  # mid-hold: the record's lease registered
 ], ids=["before-hold", "hold", "mid-hold"])
 def test_interruption_between_admission_and_hold_leaks_nothing(
     redis_url: str, redis_client: redis.Redis, prefix: str,
@@ -481,12 +481,12 @@ def test_interruption_between_admission_and_hold_leaks_nothing(
 ) -> None:
     """A soft time limit landing after admission and before its leases are registered leaks nothing.
 
-    Between admit.lua's reply and _hold's end run health bookkeeping, metrics and
+    Between admit.lua's reply and hold's end run health bookkeeping, metrics and
     the breaker's signal handlers (user code): an interruption there propagates,
     and what admission took (lock, in-progress record, delivery entry) is undone
     by owner first. Before, it was held until its TTL (300 s here): the next
     delivery was deferred behind its predecessor's ghost lock, and the
-    heartbeat kept renewing what _hold had registered.
+    heartbeat kept renewing what hold had registered.
     """
     app = Celery("interrupted", broker="memory://", set_as_current=False)
     app.conf.update(reliable_redis_url=redis_url, reliable_key_prefix=prefix,

@@ -9,6 +9,7 @@ import pytest
 from celery import Celery
 
 from celery_reliable import ConfigurationError, ReliableTask
+from celery_reliable.pipeline.arguments import arguments
 
 
 def bind(app: Celery, name: str = "shop.charge", **options: Any) -> Any:
@@ -170,7 +171,7 @@ def test_bound_arguments_match_inspect(app: Celery, args: Any, kwargs: Any) -> N
     policy = task._policy()
     expected = policy.signature.bind_partial(*args, **kwargs)
     expected.apply_defaults()
-    got = task._arguments(policy, args, kwargs)
+    got = arguments(policy, args, kwargs)
     assert list(got.items()) == list(expected.arguments.items())  # same values, same order
 
 
@@ -183,4 +184,4 @@ def test_bad_arguments_raise_like_inspect(app: Celery, args: Any, kwargs: Any) -
 
     task = _three_args(app, "shop.bad")
     with pytest.raises(TypeError):
-        task._arguments(task._policy(), args, kwargs)
+        arguments(task._policy(), args, kwargs)

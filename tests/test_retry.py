@@ -15,6 +15,8 @@ from celery import Celery
 from celery.contrib.testing.worker import TestWorkController
 
 from celery_reliable import Backoff, DeadLetters, ReliableTask, metrics
+from celery_reliable.pipeline.call import Call
+from celery_reliable.pipeline.retrying import take_retry_budget
 
 from .conftest import wait_for
 
@@ -364,7 +366,7 @@ def test_dead_lettered_delivery_is_never_retried(
     celery_worker.reload()
     runtime = runtime_for(celery_app)
     budget_key = runtime.keys.retry_budget("r.dead_is_done")
-    assert once._take_retry_budget(once._policy())  # spend the only token
+    assert take_retry_budget(Call(once, once._policy()))  # spend the only token
 
     def refill(name: str, amount: float, labels: Any) -> None:
         if name == "reliable_dead_letters_total" and labels.get("task") == "r.dead_is_done":

@@ -15,6 +15,8 @@ from celery import Celery
 from celery.contrib.testing.worker import TestWorkController
 
 from celery_reliable import Backoff, ConfigurationError, DeadLetters, ReliableTask, RetryBudget
+from celery_reliable.pipeline.call import Call
+from celery_reliable.pipeline.retrying import take_retry_budget
 from celery_reliable.ratelimit import BucketSpec
 from celery_reliable.retrybudget import (
     Deposits,
@@ -183,10 +185,10 @@ def test_the_budget_fails_open_when_redis_is_down(private_redis: RedisServer) ->
     deposits = deposits_for(runtime)
     deposits.add(key, RetryBudget())
     private_redis.kill()
-    assert task._take_retry_budget(task._policy()) is True
+    assert take_retry_budget(Call(task, task._policy())) is True
     private_redis.start()
     assert deposits.take(key) == 0  # dropped, not credited late
-    assert task._take_retry_budget(task._policy()) is True  # and back to normal
+    assert take_retry_budget(Call(task, task._policy())) is True  # and back to normal
     assert redis.Redis.from_url(private_redis.url).exists(key)
 
 

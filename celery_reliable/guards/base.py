@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
-__all__ = ["Guard", "ms"]
+if TYPE_CHECKING:
+    from ..admission import Plan
+
+__all__ = ["HOOKS", "Guard", "Hooks", "ms", "register"]
 
 
 @dataclass(frozen=True)
@@ -26,3 +30,55 @@ class Guard:
 def ms(seconds: float) -> int:
     """``seconds`` as whole milliseconds for a script, at least 1."""
     return max(1, int(seconds * 1000))
+
+
+# ------------------------------------------------------------- pipeline hooks
+
+
+class Hooks:
+    """What a guard does in the task pipeline (:mod:`celery_reliable.pipeline`).
+
+    The pipeline calls every guard through these methods and never asks which
+    guard it is: a guard module subclasses this at its end and registers an
+    instance with :func:`register`. ``call`` is the delivery
+    (:class:`celery_reliable.pipeline.call.Call`: task, policy, runtime and the
+    services a guard uses: ``defer``, ``store_state``, ...), ``execution`` what
+    one admitted execution holds (``pipeline.call.Execution``).
+    """
+
+    #: Where the guard goes in a task's admission plan (lower first).
+    order: ClassVar[int] = 100
+    #: Its leases' lost belief is reported at completion (``finished after ...``).
+    reports_overrun: ClassVar[bool] = False
+
+    def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
+        """Add this guard to ``plan`` if the task's policy (or the delivery) asks for it."""
+
+    def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
+             started: float) -> None:
+        """Admitted with ``result``: register its leases and its release entry."""
+
+    def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
+        """Translate a refusal (``outcome``) into control flow.
+
+        Raises (defer, skip, drop, fail, dead-letter), returns None after an
+        eager deferral slept (admission tries again), or returns a
+        :class:`~celery_reliable.admission.Replay` to replay.
+        """
+        raise AssertionError(f"guard {type(self).__name__} cannot refuse: {outcome!r}")
+
+    def completing(self, call: Any, execution: Any, failure: BaseException | None) -> None:
+        """Before completion: put the run's outcome into this guard's release entry."""
+
+    def settled(self, call: Any, execution: Any, result: int) -> bool:
+        """After completion, with this guard's result; True if it reported its lease lost."""
+        return False
+
+
+#: Each guard's hooks, by letter (:func:`register`).
+HOOKS: dict[str, Hooks] = {}
+
+
+def register(guard: Guard, hooks: Hooks) -> None:
+    """Give ``guard`` its pipeline ``hooks`` (a guard module does so at its end)."""
+    HOOKS[guard.letter] = hooks

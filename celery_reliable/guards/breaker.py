@@ -5,9 +5,9 @@ Specs and states: ``celery_reliable.breaker``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .base import Guard, ms
+from .base import Guard, Hooks, ms, register
 
 if TYPE_CHECKING:
     from ..admission import Plan, Release
@@ -32,3 +32,78 @@ def settle(release: Release, outcome: str) -> None:
     """``s`` success, ``f`` a classified failure, ``n`` neutral."""
     for args in release.entries(GUARD):
         args[1] = outcome
+
+
+# ------------------------------------------------------------- pipeline hooks
+
+
+class _Hooks(Hooks):
+    """A circuit breaker in the task pipeline: a probe lease while half-open, the outcome."""
+
+    order = 40
+
+    def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
+        policy = call.policy
+        if policy.breaker is not None and policy.circuit_breaker is not None:
+            plan.add_breaker(call.runtime.keys.breaker(policy.circuit_breaker), policy.breaker,
+                             execution.owner)
+
+    def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
+             started: float) -> None:
+        from ..breaker import HALF_OPEN, OPEN
+        from ..runtime import Lease
+
+        policy = call.policy
+        release(execution.release, call.runtime.keys.breaker(policy.circuit_breaker),
+                policy.breaker, execution.owner)
+        if result == 2:
+            call.breaker_changed(policy.circuit_breaker, OPEN, HALF_OPEN)
+        if result in (1, 2):
+            # A half-open probe: renewed like any lease, so a probe slower than
+            # probe_lease stays the probe and its outcome still counts.
+            execution.leases.append(Lease(
+                "C", plan.keys[plan.offsets[index] + 1], execution.owner,
+                policy.breaker.probe_lease, started, f"breaker probe of {call.describe}"))
+
+    def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
+        from .. import metrics
+
+        name = call.policy.circuit_breaker
+        metrics.inc("reliable_circuit_deferrals_total", breaker=str(name))
+        call.defer(f"circuit {name!r} open", due=outcome.retry_after or 1.0,
+                   guard="circuit_breaker")
+        return None
+
+    def completing(self, call: Any, execution: Any, failure: BaseException | None) -> None:
+        settle(execution.release, _outcome(call, execution, failure))
+
+    def settled(self, call: Any, execution: Any, result: int) -> bool:
+        old, new = divmod(result, 10)
+        if old != new:
+            call.breaker_changed(str(call.policy.circuit_breaker), old, new)
+        return False
+
+
+def _outcome(call: Any, execution: Any, failure: BaseException | None) -> str:
+    """``s``, ``f`` (a classified failure, or a slow call) or ``n`` (does not count)."""
+    import time
+
+    from celery.exceptions import Retry
+
+    from ..pipeline.call import Deferred
+
+    if isinstance(failure, Deferred):
+        return "n"
+    if isinstance(failure, Retry):
+        failure = failure.exc if isinstance(failure.exc, BaseException) else None
+        if failure is None:
+            return "n"
+    if failure is not None:
+        return "f" if call.retryable(failure) else "n"
+    slow = call.policy.breaker.slow_call_seconds
+    if slow is not None and time.monotonic() - execution.started > slow:
+        return "f"
+    return "s"
+
+
+register(GUARD, _Hooks())

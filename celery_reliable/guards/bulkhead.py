@@ -5,9 +5,9 @@ Tiers and their stats: ``celery_reliable.bulkhead``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .base import Guard, ms
+from .base import Guard, Hooks, ms, register
 
 if TYPE_CHECKING:
     from ..admission import Plan, Release
@@ -29,3 +29,53 @@ def plan(plan: Plan, keys: KeySpace, tier: str, spec: TierSpec, owner: str,
 def release(release: Release, slots_key: str, owner: str) -> None:
     """Give the slot back."""
     release.add(GUARD, [slots_key], [owner])
+
+
+# ------------------------------------------------------------- pipeline hooks
+
+
+class _Hooks(Hooks):
+    """A bulkhead slot in the task pipeline: a lease; a full tier defers, drops or fails."""
+
+    order = 30
+    reports_overrun = True
+
+    def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
+        policy = call.policy
+        if policy.bulkhead is not None and policy.tier is not None:
+            plan.add_bulkhead(call.runtime.keys, policy.bulkhead, policy.tier, execution.owner,
+                              str(call.request.id))
+
+    def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
+             started: float) -> None:
+        from ..runtime import Lease
+
+        key = plan.keys[plan.offsets[index]]
+        execution.leases.append(Lease("K", key, execution.owner, call.policy.tier.lease,
+                                      started, f"bulkhead slot of {call.describe}"))
+        release(execution.release, key, execution.owner)
+
+    def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
+        from celery.exceptions import Ignore
+
+        from .. import metrics
+        from ..admission import Rejected
+        from ..errors import BulkheadFull
+        from ..pipeline.headers import DROPPED, log
+
+        tier = str(call.policy.bulkhead)
+        if not isinstance(outcome, Rejected):
+            metrics.inc("reliable_bulkhead_waits_total", tier=tier)
+            call.defer(f"bulkhead {tier!r} full", guard="bulkhead")
+            return None
+        # A full bulkhead said no for good: drop (Ignore) or raise BulkheadFull.
+        if outcome.reason == "drop":
+            metrics.inc("reliable_bulkhead_rejected_total", tier=tier, reason="drop")
+            log.info("celery-reliable: %s dropped: bulkhead %r is full", call.describe, tier)
+            call.store_state(DROPPED, {"reason": "bulkhead full", "tier": tier})
+            raise Ignore()
+        metrics.inc("reliable_bulkhead_rejected_total", tier=tier, reason=outcome.reason)
+        raise BulkheadFull(call.name, tier, outcome.reason)
+
+
+register(GUARD, _Hooks())

@@ -6,9 +6,9 @@ never finished; the member ``!dead`` marks a dead-lettered task id.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .base import Guard, ms
+from .base import Guard, Hooks, ms, register
 
 if TYPE_CHECKING:
     import redis
@@ -46,3 +46,40 @@ def mark_dead(client: redis.Redis, key: str, ttl: float) -> None:
     pipe.sadd(key, "!dead")
     pipe.pexpire(key, ms(ttl))
     pipe.execute()
+
+
+# ------------------------------------------------------------- pipeline hooks
+
+
+class _Hooks(Hooks):
+    """Poison-message counting in the task pipeline (``acks_late``, ``max_redeliveries``)."""
+
+    order = 0
+
+    def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
+        if not call.counts_deliveries:
+            return
+        from ..pipeline.headers import deliveries_ttl
+
+        runtime = call.runtime
+        plan.add_deliveries(runtime.keys.deliveries(str(call.request.id)),
+                            call.policy.max_redeliveries, deliveries_ttl(runtime),
+                            execution.owner)
+
+    def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
+             started: float) -> None:
+        release(execution.release, plan.keys[plan.offsets[index]])
+
+    def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
+        from ..admission import DeadLettered
+        from ..errors import PoisonMessage
+        from ..pipeline import failure
+
+        if isinstance(outcome, DeadLettered):
+            failure.dead_redelivery(call)
+        error = PoisonMessage(call.name, outcome.deliveries)
+        failure.dead_letter(call, error, "worker lost")
+        raise error
+
+
+register(GUARD, _Hooks())

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
-from .base import Guard, ms
+from .base import Guard, Hooks, ms, register
 
 if TYPE_CHECKING:
     from ..admission import Plan, Release
@@ -66,3 +67,67 @@ def plan(
 def release(release: Release, lock_key: str, lease_value: str) -> None:
     """Release the lock if the lease is still ``lease_value`` ("<token> <holder>")."""
     release.add(GUARD, [lock_key], [lease_value])
+
+
+# ------------------------------------------------------------- pipeline hooks
+
+
+class _Hooks(Hooks):
+    """The lock in the task pipeline: a lease renewed by the heartbeat, its token on hold."""
+
+    order = 20
+
+    def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
+        lock = call.policy.lock
+        if lock is None:
+            return
+        execution.resource = lock.resource(call.name, arguments)
+        plan.add_lock(call.runtime.keys, execution.resource, execution.owner, lock.ttl,
+                      task=call.name, label=lock.label(call.name, arguments))
+
+    def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
+             started: float) -> None:
+        from .. import metrics
+        from ..pipeline.headers import LOCK_WAIT_HEADER
+        from ..runtime import Lease
+
+        metrics.inc("reliable_lock_acquire_total", result="acquired")
+        since = call.header(LOCK_WAIT_HEADER)
+        metrics.observe("reliable_lock_wait_seconds",
+                        max(0.0, time.time() - float(since)) if since else 0.0)
+        execution.token = result
+        key, value = plan.keys[plan.offsets[index]], plan.lock_value(index, result)
+        execution.lease = Lease("L", key, value, call.policy.lock.ttl, started,
+                                f"lock of {call.describe}")
+        execution.leases.append(execution.lease)
+        release(execution.release, key, value)
+
+    def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
+        from celery.exceptions import Ignore
+
+        from .. import metrics
+        from ..errors import LockNotAcquired
+        from ..keys import digest
+        from ..pipeline.headers import SKIPPED, log
+
+        how = call.policy.lock.contention
+        metrics.inc("reliable_lock_acquire_total", result=f"busy-{how}")
+        if how == "skip":
+            log.info("celery-reliable: %s skipped: lock %s is busy", call.describe,
+                     digest(execution.resource))
+            call.store_state(SKIPPED, {"reason": "lock busy", "lock": digest(execution.resource)})
+            raise Ignore()
+        if how == "fail":
+            raise LockNotAcquired(call.name, execution.resource)
+        call.defer("lock busy", not_after=outcome.retry_after, lock_busy=True, guard="lock")
+        return None
+
+    def settled(self, call: Any, execution: Any, result: int) -> bool:
+        if not result:
+            from ..pipeline.headers import log
+
+            log.warning("celery-reliable: %s finished after its lock was lost", call.describe)
+        return False
+
+
+register(GUARD, _Hooks())
