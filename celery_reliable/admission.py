@@ -28,7 +28,7 @@ import redis
 from .breaker import BreakerSpec
 from .bulkhead import TierSpec
 from .guards import breaker, bucket, bulkhead, deliveries, idempotency, lock
-from .guards.base import Guard
+from .guards.base import HOOKS, Guard
 from .guards.deliveries import mark_dead
 from .guards.lock import FENCE_TTL_MIN, LOCK_LABEL_MAX, LOCK_TASK_MAX, lock_holder
 from .keys import KeySpace, hash_tag
@@ -276,19 +276,8 @@ class Plan:
         if code == 6:
             return RolledBack()
         index = int(reply[1]) - 1
-        if code == 2:
-            return Replay(index, _text(reply[2]), _text(reply[3]))
-        if code == 3:
-            return Mismatch(index)
-        if code == 4:
-            return Rejected(index, self.kinds[index], _text(reply[2]))
-        if code == 5:
-            return Poison(index, int(reply[2]))
-        if code == 7:
-            return DeadLettered(index)
-        ms = int(reply[2])
-        slot = int(reply[3]) if len(reply) > 3 else None
-        return Refused(index, self.kinds[index], ms / 1000 if ms > 0 else None, slot)
+        kind = self.kinds[index]
+        return HOOKS[kind].outcome(code, index, kind, reply)
 
 
     def rollback(
@@ -359,7 +348,8 @@ def _call_within(
         conn.disconnect()
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
+    """A script reply's string."""
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 

@@ -19,10 +19,8 @@ from contextlib import contextmanager
 from typing import Any, ClassVar, NoReturn
 
 from celery import Task
-from celery.app.trace import LOG_RETRY
 
 from . import pipeline
-from .classify import is_outage, sqlstate
 from .config import (
     TASK_OPTIONS,
     ReliableSettings,
@@ -35,10 +33,10 @@ from .config import (
 from .declared import Binding, declared_in
 from .errors import ConfigurationError
 from .fencing import Fence
-from .idempotency import PostgresRecord
 from .pipeline import failure, retrying
 from .pipeline.arguments import arguments, fingerprint_of, queue_bucket
 from .pipeline.call import Call, Deferred, Execution
+from .pipeline.failure import outage_in
 from .pipeline.headers import (
     BUCKET_SLOT_HEADER,
     DEFER_HEADER,
@@ -68,42 +66,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("celery_reliable")
-
-
-class _DeferralLogFilter(logging.Filter):
-    """Drops the tracer's ``Task ...[id] retry: ...`` line when the "retry" is a deferral.
-
-    Celery logs every ``Retry`` it handles with ``celery.app.trace.LOG_RETRY``, from
-    inside the ``except`` clause that caught it: a deferral is the ``Deferred`` being
-    handled then. Its own line (``pipeline.call.Call.defer``) already says "deferred",
-    why, which guard and when. A real retry keeps Celery's line.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg == LOG_RETRY and isinstance(sys.exc_info()[1], Deferred))
-
-
-_trace_log = logging.getLogger("celery.app.trace")
-if not any(isinstance(f, _DeferralLogFilter) for f in _trace_log.filters):
-    _trace_log.addFilter(_DeferralLogFilter())
-
-
-def _outage_in(exc: BaseException, record: PostgresRecord) -> bool:
-    """``exc``, or an exception it was raised from or while handling, is an outage of the
-    execution's own transaction: its connection was lost to one, or the server reported one.
-
-    A client-side failure (no SQLSTATE) of some other connection the body uses leaves the
-    execution's connection alive, and is the body's own failure.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if (isinstance(current, Exception) and is_outage(current)
-                and (record.lost or sqlstate(current) is not None)):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
 
 
 class ReliableTask(Task):  # type: ignore[misc]
@@ -353,7 +315,7 @@ class ReliableTask(Task):  # type: ignore[misc]
             with record.transaction() as handle:
                 yield handle
         except BaseException as exc:
-            if _outage_in(exc, record):
+            if outage_in(exc, record):
                 # The library's own transaction died with PostgreSQL (or the path to
                 # it): whatever the body makes of this error, the run defers like a
                 # failed commit (ReliableTask.__call__), and runs again once it is back.

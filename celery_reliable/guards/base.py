@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from ..admission import Plan
+    from ..admission import Outcome, Plan
 
 __all__ = ["HOOKS", "Guard", "Hooks", "ms", "register"]
 
@@ -50,6 +50,18 @@ class Hooks:
     order: ClassVar[int] = 100
     #: Its leases' lost belief is reported at completion (``finished after ...``).
     reports_overrun: ClassVar[bool] = False
+
+    def outcome(self, code: int, index: int, kind: str, reply: list[Any]) -> Outcome:
+        """What ``admit.lua``'s refusal ``reply`` (reply code ``code``) by this guard means.
+
+        By default a refusal for now (:class:`~celery_reliable.admission.Refused`:
+        ``reply[2]`` the milliseconds to wait, ``reply[3]`` a bucket's slot).
+        """
+        from ..admission import Refused
+
+        ms = int(reply[2])
+        slot = int(reply[3]) if len(reply) > 3 else None
+        return Refused(index, kind, ms / 1000 if ms > 0 else None, slot)
 
     def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
         """Add this guard to ``plan`` if the task's policy (or the delivery) asks for it."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .base import Guard, Hooks, ms, register
 
 if TYPE_CHECKING:
-    from ..admission import Plan, Release
+    from ..admission import Outcome, Plan, Release
     from ..bulkhead import TierSpec
     from ..keys import KeySpace
 
@@ -39,6 +39,13 @@ class _Hooks(Hooks):
 
     order = 30
     reports_overrun = True
+
+    def outcome(self, code: int, index: int, kind: str, reply: list[Any]) -> Outcome:
+        from ..admission import Rejected, text
+
+        if code == 4:  # full for good: the tier's policy (drop, fail, queue, timeout)
+            return Rejected(index, kind, text(reply[2]))
+        return super().outcome(code, index, kind, reply)
 
     def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
         policy = call.policy

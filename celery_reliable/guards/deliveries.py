@@ -13,7 +13,7 @@ from .base import Guard, Hooks, ms, register
 if TYPE_CHECKING:
     import redis
 
-    from ..admission import Plan, Release
+    from ..admission import Outcome, Plan, Release
 
 GUARD = Guard("D", "deliveries", admit=(1, 3), complete=(1, 1))
 
@@ -55,6 +55,15 @@ class _Hooks(Hooks):
     """Poison-message counting in the task pipeline (``acks_late``, ``max_redeliveries``)."""
 
     order = 0
+
+    def outcome(self, code: int, index: int, kind: str, reply: list[Any]) -> Outcome:
+        from ..admission import DeadLettered, Poison
+
+        if code == 5:  # delivered too often without finishing
+            return Poison(index, int(reply[2]))
+        if code == 7:  # the task id was dead-lettered: a redelivery
+            return DeadLettered(index)
+        return super().outcome(code, index, kind, reply)
 
     def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
         if not call.counts_deliveries:

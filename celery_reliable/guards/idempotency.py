@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .base import Guard, Hooks, ms, register
 
 if TYPE_CHECKING:
-    from ..admission import Plan, Release
+    from ..admission import Outcome, Plan, Release
 
 GUARD = Guard("I", "idempotency", admit=(1, 4), complete=(1, 4))
 
@@ -40,6 +40,15 @@ class _Hooks(Hooks):
 
     order = 10
     reports_overrun = True
+
+    def outcome(self, code: int, index: int, kind: str, reply: list[Any]) -> Outcome:
+        from ..admission import Mismatch, Replay, text
+
+        if code == 2:  # finished: replay its state (S/F) and payload
+            return Replay(index, text(reply[2]), text(reply[3]))
+        if code == 3:  # recorded with another fingerprint
+            return Mismatch(index)
+        return super().outcome(code, index, kind, reply)
 
     def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
         from ..keys import idempotency_digest

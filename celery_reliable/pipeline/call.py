@@ -3,11 +3,14 @@ given) and :class:`Execution` (what one admitted execution holds)."""
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from celery.app.trace import LOG_RETRY
 from celery.exceptions import Reject, Retry
 
 from .. import metrics
@@ -35,13 +38,31 @@ class Deferred(Retry):  # type: ignore[misc]
     Raised inside the worker only; Celery records the state RETRY, acks the
     message (the new one is already published) and does not count it
     against ``max_retries``. Its log line is celery-reliable's "deferred" line;
-    Celery's tracer's "retry:" line is dropped (``task._DeferralLogFilter``).
+    Celery's tracer's "retry:" line is dropped (:class:`_DeferralLogFilter`).
     """
 
 
 # Public as celery_reliable.Deferred / celery_reliable.task.Deferred: results (RETRY)
 # name the exception's module, which a client of another version imports.
 Deferred.__module__ = "celery_reliable.task"
+
+
+class _DeferralLogFilter(logging.Filter):
+    """Drops the tracer's ``Task ...[id] retry: ...`` line when the "retry" is a deferral.
+
+    Celery logs every ``Retry`` it handles with ``celery.app.trace.LOG_RETRY``, from
+    inside the ``except`` clause that caught it: a deferral is the ``Deferred`` being
+    handled then. Its own line (:meth:`Call.defer`) already says "deferred",
+    why, which guard and when. A real retry keeps Celery's line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == LOG_RETRY and isinstance(sys.exc_info()[1], Deferred))
+
+
+_trace_log = logging.getLogger("celery.app.trace")
+if not any(isinstance(f, _DeferralLogFilter) for f in _trace_log.filters):
+    _trace_log.addFilter(_DeferralLogFilter())
 
 
 class Execution:

@@ -9,14 +9,16 @@ from celery import states
 from celery.exceptions import Ignore, Reject, Retry
 
 from .. import deadletter, metrics
+from ..classify import is_outage, sqlstate
 from ..errors import ReplayedFailure, StorageError
 from .headers import FIRST_FAILURE_HEADER, IDEMPOTENCY_HEADER, deliveries_ttl, header, log
 
 if TYPE_CHECKING:
+    from ..idempotency import PostgresRecord
     from .call import Call, Execution
 
 __all__ = ["counts_deliveries", "dead_letter", "dead_redelivery", "defer_outage",
-           "mark_dead", "on_failure"]
+           "mark_dead", "on_failure", "outage_in"]
 
 
 def counts_deliveries(call: Call) -> bool:
@@ -187,3 +189,21 @@ def defer_outage(call: Call, execution: Execution) -> NoReturn:
     complete(call, execution, failure=Deferred())
     call.defer("PostgreSQL failed inside idempotent_transaction", cause=cause)
     raise StorageError(f"{call.name}: PostgreSQL failed") from cause  # pragma: no cover
+
+
+def outage_in(exc: BaseException, record: PostgresRecord) -> bool:
+    """``exc``, or an exception it was raised from or while handling, is an outage of the
+    execution's own transaction: its connection was lost to one, or the server reported one.
+
+    A client-side failure (no SQLSTATE) of some other connection the body uses leaves the
+    execution's connection alive, and is the body's own failure.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if (isinstance(current, Exception) and is_outage(current)
+                and (record.lost or sqlstate(current) is not None)):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
