@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from ..admission import Outcome, Plan
 
-__all__ = ["HOOKS", "Guard", "Hooks", "ms", "register"]
+__all__ = ["HOOKS", "Guard", "Hooks", "ms", "overriding", "register"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,12 @@ HOOKS: dict[str, Hooks] = {}
 def register(guard: Guard, hooks: Hooks) -> None:
     """Give ``guard`` its pipeline ``hooks`` (a guard module does so at its end)."""
     HOOKS[guard.letter] = hooks
+    overriding.cache_clear()
+
+
+@cache
+def overriding(method: str) -> frozenset[str]:
+    """The letters of the guards whose hooks override ``method`` (the others need no call)."""
+    default = getattr(Hooks, method)
+    return frozenset(letter for letter, hooks in HOOKS.items()
+                     if getattr(type(hooks), method) is not default)

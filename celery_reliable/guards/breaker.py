@@ -5,8 +5,13 @@ Specs and states: ``celery_reliable.breaker``.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
+from celery.exceptions import Retry
+
+from .. import metrics
+from ..breaker import HALF_OPEN, OPEN
 from .base import Guard, Hooks, ms, register
 
 if TYPE_CHECKING:
@@ -50,9 +55,6 @@ class _Hooks(Hooks):
 
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
              started: float) -> None:
-        from ..breaker import HALF_OPEN, OPEN
-        from ..runtime import Lease
-
         policy = call.policy
         release(execution.release, call.runtime.keys.breaker(policy.circuit_breaker),
                 policy.breaker, execution.owner)
@@ -61,13 +63,11 @@ class _Hooks(Hooks):
         if result in (1, 2):
             # A half-open probe: renewed like any lease, so a probe slower than
             # probe_lease stays the probe and its outcome still counts.
-            execution.leases.append(Lease(
+            execution.leases.append(call.lease(
                 "C", plan.keys[plan.offsets[index] + 1], execution.owner,
-                policy.breaker.probe_lease, started, f"breaker probe of {call.describe}"))
+                policy.breaker.probe_lease, started, "breaker probe"))
 
     def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
-        from .. import metrics
-
         name = call.policy.circuit_breaker
         metrics.inc("reliable_circuit_deferrals_total", breaker=str(name))
         call.defer(f"circuit {name!r} open", due=outcome.retry_after or 1.0,
@@ -86,10 +86,11 @@ class _Hooks(Hooks):
 
 def _outcome(call: Any, execution: Any, failure: BaseException | None) -> str:
     """``s``, ``f`` (a classified failure, or a slow call) or ``n`` (does not count)."""
-    import time
-
-    from celery.exceptions import Retry
-
+    if failure is None:
+        slow = call.policy.breaker.slow_call_seconds
+        if slow is not None and time.monotonic() - execution.started > slow:
+            return "f"
+        return "s"
     from ..pipeline.call import Deferred
 
     if isinstance(failure, Deferred):
@@ -98,12 +99,7 @@ def _outcome(call: Any, execution: Any, failure: BaseException | None) -> str:
         failure = failure.exc if isinstance(failure.exc, BaseException) else None
         if failure is None:
             return "n"
-    if failure is not None:
-        return "f" if call.retryable(failure) else "n"
-    slow = call.policy.breaker.slow_call_seconds
-    if slow is not None and time.monotonic() - execution.started > slow:
-        return "f"
-    return "s"
+    return "f" if call.retryable(failure) else "n"
 
 
 register(GUARD, _Hooks())

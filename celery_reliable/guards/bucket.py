@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics
 from .base import Guard, Hooks, register
 
 if TYPE_CHECKING:
@@ -53,8 +54,6 @@ class _Hooks(Hooks):
                             slot=call.bucket_slots().get(key))
 
     def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
-        from .. import metrics
-
         key, _, what = execution.buckets[plan.kinds[: outcome.index].count(GUARD.letter)]
         metrics.inc("reliable_rate_limited_total", bucket=what)
         if outcome.slot is not None:  # come back with it: keeps the task's place

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics
 from .base import Guard, Hooks, ms, register
 
 if TYPE_CHECKING:
@@ -55,17 +56,14 @@ class _Hooks(Hooks):
 
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
              started: float) -> None:
-        from ..runtime import Lease
-
         key = plan.keys[plan.offsets[index]]
-        execution.leases.append(Lease("K", key, execution.owner, call.policy.tier.lease,
-                                      started, f"bulkhead slot of {call.describe}"))
+        execution.leases.append(call.lease("K", key, execution.owner, call.policy.tier.lease,
+                                           started, "bulkhead slot"))
         release(execution.release, key, execution.owner)
 
     def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
         from celery.exceptions import Ignore
 
-        from .. import metrics
         from ..admission import Rejected
         from ..errors import BulkheadFull
         from ..pipeline.headers import DROPPED, log

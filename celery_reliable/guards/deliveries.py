@@ -51,6 +51,20 @@ def mark_dead(client: redis.Redis, key: str, ttl: float) -> None:
 # ------------------------------------------------------------- pipeline hooks
 
 
+#: How long (seconds) a task id's deliveries set lives after its last delivery started,
+#: and its dead-letter mark after it was dead-lettered: longer than the brokers' default
+#: redelivery windows (Redis visibility_timeout 1 h, RabbitMQ consumer_timeout 30 min);
+#: twice the app's redelivery window when that is longer (a visibility_timeout raised
+#: past a day): a redelivery comes at most one window after its delivery started.
+DELIVERIES_TTL = 24 * 3600.0
+
+
+def deliveries_ttl(runtime: Any) -> float:
+    """Seconds a deliveries set and a dead-letter mark live (:data:`DELIVERIES_TTL`)."""
+    window = runtime.settings.redelivery_window
+    return max(DELIVERIES_TTL, 2 * window) if window is not None else DELIVERIES_TTL
+
+
 class _Hooks(Hooks):
     """Poison-message counting in the task pipeline (``acks_late``, ``max_redeliveries``)."""
 
@@ -68,8 +82,6 @@ class _Hooks(Hooks):
     def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
         if not call.counts_deliveries:
             return
-        from ..pipeline.headers import deliveries_ttl
-
         runtime = call.runtime
         plan.add_deliveries(runtime.keys.deliveries(str(call.request.id)),
                             call.policy.max_redeliveries, deliveries_ttl(runtime),

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics
+from ..keys import idempotency_digest
 from .base import Guard, Hooks, ms, register
 
 if TYPE_CHECKING:
@@ -51,8 +53,6 @@ class _Hooks(Hooks):
         return super().outcome(code, index, kind, reply)
 
     def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
-        from ..keys import idempotency_digest
-
         idem = call.policy.idempotency
         if idem.spec is None and call.header_key is None:
             return
@@ -65,12 +65,10 @@ class _Hooks(Hooks):
 
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
              started: float) -> None:
-        from ..runtime import Lease
-
         idem = call.policy.idempotency
         key = plan.keys[plan.offsets[index]]
-        execution.leases.append(Lease("I", key, execution.owner, idem.lease, started,
-                                      f"idempotency lease of {call.describe}"))
+        execution.leases.append(call.lease("I", key, execution.owner, idem.lease, started,
+                                           "idempotency lease"))
         release(execution.release, key, execution.owner, idem.ttl)
 
     def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
@@ -90,7 +88,6 @@ class _Hooks(Hooks):
     def settled(self, call: Any, execution: Any, result: int) -> bool:
         if result:
             return False
-        from .. import metrics
         from ..pipeline.headers import log
 
         # The lease expired while this execution ran (a stalled worker, a

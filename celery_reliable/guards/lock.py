@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics
 from .base import Guard, Hooks, ms, register
 
 if TYPE_CHECKING:
@@ -72,6 +73,10 @@ def release(release: Release, lock_key: str, lease_value: str) -> None:
 # ------------------------------------------------------------- pipeline hooks
 
 
+#: Message header: when this task first found its lock busy (epoch seconds).
+LOCK_WAIT_HEADER = "reliable_lock_wait_since"
+
+
 class _Hooks(Hooks):
     """The lock in the task pipeline: a lease renewed by the heartbeat, its token on hold."""
 
@@ -87,25 +92,19 @@ class _Hooks(Hooks):
 
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
              started: float) -> None:
-        from .. import metrics
-        from ..pipeline.headers import LOCK_WAIT_HEADER
-        from ..runtime import Lease
-
         metrics.inc("reliable_lock_acquire_total", result="acquired")
         since = call.header(LOCK_WAIT_HEADER)
         metrics.observe("reliable_lock_wait_seconds",
                         max(0.0, time.time() - float(since)) if since else 0.0)
         execution.token = result
         key, value = plan.keys[plan.offsets[index]], plan.lock_value(index, result)
-        execution.lease = Lease("L", key, value, call.policy.lock.ttl, started,
-                                f"lock of {call.describe}")
+        execution.lease = call.lease("L", key, value, call.policy.lock.ttl, started, "lock")
         execution.leases.append(execution.lease)
         release(execution.release, key, value)
 
     def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
         from celery.exceptions import Ignore
 
-        from .. import metrics
         from ..errors import LockNotAcquired
         from ..keys import digest
         from ..pipeline.headers import SKIPPED, log

@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..admission import INTERRUPTED_ROLLBACK_TIMEOUT, Admitted, Plan, Replay, RolledBack
 from ..errors import IdempotencyKeyMismatch
-from ..guards.base import HOOKS, Hooks
+from ..guards.base import HOOKS, Hooks, overriding
 from ..idempotency import open_record
 from . import complete, failure
 from .arguments import arguments
@@ -162,9 +162,10 @@ def admit(call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Executio
 def hold(call: Call, plan: Plan, admitted: Admitted, execution: Execution,
          started: float) -> None:
     """Register what admission took (each guard's hook ``hold``), leases with the heartbeat."""
-    results = admitted.results
+    results, holding = admitted.results, overriding("hold")
     for index, kind in enumerate(plan.kinds):
-        HOOKS[kind].hold(call, plan, index, results[index], execution, started)
+        if kind in holding:
+            HOOKS[kind].hold(call, plan, index, results[index], execution, started)
     heartbeat = call.runtime.heartbeat
     for lease in execution.leases:
         heartbeat.add(lease)

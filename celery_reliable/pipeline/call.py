@@ -14,10 +14,11 @@ from celery.app.trace import LOG_RETRY
 from celery.exceptions import Reject, Retry
 
 from .. import metrics
+from ..admission import Release
 from ..breaker import STATE_NAMES
 from ..classify import is_retryable
 from ..errors import StorageError
-from ..runtime import runtime_for
+from ..runtime import Lease, runtime_for
 from ..storage import store_for
 from .arguments import fingerprint_of
 from .headers import BUCKET_SLOT_HEADER, DEFER_HEADER, LOCK_WAIT_HEADER, header, log
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from ..config import TaskPolicy
     from ..idempotency import PostgresRecord
     from ..ratelimit import BucketSpec
-    from ..runtime import Lease
 
 __all__ = ["Call", "Deferred", "Execution"]
 
@@ -86,8 +86,6 @@ class Execution:
     )
 
     def __init__(self, owner: str) -> None:
-        from ..admission import Release
-
         self.owner = owner
         self.resource: str | None = None
         self.token: int | None = None
@@ -108,37 +106,36 @@ class Execution:
 class Call:
     """One delivery of ``task`` under ``policy``: the services the guards' hooks use."""
 
-    __slots__ = ("counts_deliveries", "header_key", "policy", "queue_bucket", "request",
-                 "runtime", "store", "task")
+    __slots__ = ("counts_deliveries", "describe", "header_key", "name", "policy",
+                 "queue_bucket", "request", "runtime", "store", "task")
 
     def __init__(self, task: Any, policy: TaskPolicy, *, header_key: Any = None,
                  queue_bucket: tuple[str, BucketSpec] | None = None,
                  counts_deliveries: bool = False) -> None:
         self.task = task
         self.policy = policy
-        self.request = task.request
+        self.request = request = task.request
+        self.name: str = task.name
+        self.describe = f"{task.name}[{request.id}]"  # in log lines
         self.runtime = runtime_for(task.app)
         self.store = store_for(self.runtime)
         self.header_key = header_key
         self.queue_bucket = queue_bucket
         self.counts_deliveries = counts_deliveries
 
-    @property
-    def name(self) -> str:
-        return str(self.task.name)
-
-    @property
-    def describe(self) -> str:
-        return f"{self.task.name}[{self.request.id}]"
-
     def new_execution(self) -> Execution:
         return Execution(f"{self.request.id}/{secrets.token_hex(4)}")
+
+    def lease(self, kind: str, key: str, value: str, ttl: float, started: float,
+              what: str) -> Lease:
+        """A lease of guard ``kind`` taken at ``started`` (``what`` it is, for log lines)."""
+        return Lease(kind, key, value, ttl, started, f"{what} of {self.describe}")
 
     def header(self, name: str) -> Any:
         return header(self.request, name)
 
     def fingerprint(self, named: dict[str, Any]) -> str:
-        return fingerprint_of(str(self.task.name), named)
+        return fingerprint_of(self.name, named)
 
     def acks_late(self) -> bool:
         value = getattr(self.request, "acks_late", None)

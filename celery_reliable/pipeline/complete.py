@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .. import metrics
 from ..classify import is_outage
 from ..errors import ReplayedFailure, ResultNotSerializable
-from ..guards.base import HOOKS
+from ..guards.base import HOOKS, overriding
 from ..idempotency import dumps_result
 from .headers import log
 
@@ -33,8 +33,10 @@ def complete(call: Call, execution: Execution, *, result: Any = None,
     """
     if execution.done:
         return
+    completing = overriding("completing")
     for kind in execution.release.kinds:
-        HOOKS[kind].completing(call, execution, failure)
+        if kind in completing:
+            HOOKS[kind].completing(call, execution, failure)
     try:
         if execution.idem_digest is None:
             settle(call, execution, "X", "")
@@ -135,8 +137,9 @@ def settle(call: Call, execution: Execution, outcome: str, payload: str) -> list
                     "expire by their TTL", call.describe, exc_info=True)
         return []
     reported = set()
+    settling = overriding("settled")
     for kind, result in zip(release.kinds, results, strict=True):
-        if HOOKS[kind].settled(call, execution, result):
+        if kind in settling and HOOKS[kind].settled(call, execution, result):
             reported.add(kind)  # said just now: not again below
     for lease in overran:
         if lease.kind not in reported:
