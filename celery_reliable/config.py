@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +37,12 @@ from .guards.lock import Contention, LockPolicy
 from .options import (
     Option,
     OptionSet,
+    check_bound,
     err,
     flag,
     render,
     seconds,
+    task_signature,
     template_fields,
     text,
     whole,
@@ -61,8 +63,13 @@ __all__ = [
     "Option",
     "ReliableSettings",
     "TaskPolicy",
+    "build_policy",
+    "check_bound",
     "render",
+    "task_signature",
     "template_fields",
+    "unknown_options",
+    "unknown_settings",
 ]
 
 
@@ -89,93 +96,93 @@ TASK_OPTIONS: dict[str, Option] = {o.name: o for s in OPTION_SETS for o in s.opt
 
 #: The settings every guard shares: the stores, the broker's window, the key prefix.
 _SHARED_SETTINGS: tuple[Option, ...] = (
-        Option(
-            "reliable_redis_url",
-            "redis://127.0.0.1:6379/0",
-            "URL",
-            "Redis server holding locks, fencing counters and leases. Connections are opened "
-            "per worker process, after the fork.",
-            text(),
-        ),
-        Option(
-            "reliable_redis_socket_timeout",
-            10.0,
-            "seconds",
-            "Socket timeout of celery-reliable's Redis connections: a call whose reply has not "
-            "come back by then fails. An admission that fails so (its reply may be lost after "
-            "it ran) is never resent: what it may have taken is undone, owner-checked, and the "
-            "task is deferred. Keep it well above Redis' slowest expected reply; it also bounds "
-            "how long a worker waits on a stalled link.",
-            seconds(),
-        ),
-        Option(
-            "reliable_database_url",
-            None,
-            "URL",
-            "PostgreSQL database for durable records (SQLAlchemy URL; ``postgresql://`` is "
-            "read as ``postgresql+psycopg://``). Needed by idempotency and the fencing helpers "
-            "that take no explicit connection.",
-            text(optional=True),
-        ),
-        Option(
-            "reliable_database_pool_size",
-            10,
-            "connections",
-            "Connections per worker process in celery-reliable's PostgreSQL pool (as many "
-            "again may overflow). Each running idempotent task holds one for its whole run: "
-            "keep it at least the worker's concurrency per process (threads, gevent).",
-            whole(1),
-        ),
-        Option(
-            "reliable_database_lock_timeout",
-            5.0,
-            "seconds",
-            "PostgreSQL ``lock_timeout`` of celery-reliable's connections (also inside "
-            "``idempotent_transaction``): a duplicate blocked by a stalled execution's "
-            "uncommitted record gives up after this long and is deferred. Not the server's "
-            "``idle_in_transaction_session_timeout``: that one must exceed the longest "
-            "idempotent body (the transaction stays open while it runs), or the task fails "
-            "with 25P03.",
-            seconds(),
-        ),
-        Option(
-            "reliable_create_tables",
-            True,
-            "bool",
-            "Create celery-reliable's PostgreSQL tables that do not exist yet when a worker "
-            "process first needs them (one short transaction under an advisory lock: safe when "
-            "many workers start at once; tables that exist are left alone). ``False``: you "
-            "create them (``celery -A proj reliable migrate``, or your own migrations with "
-            "``celery_reliable.metadata``), and a task that finds one missing fails at once "
-            "with a ``ConfigurationError`` naming that command.",
-            flag,
-        ),
-        Option(
-            "reliable_redelivery_window",
-            None,
-            "seconds",
-            "How long the broker lets a worker hold an unacknowledged message before it "
-            "redelivers it. ``None`` derives it from the broker settings: Redis and SQS "
-            "transports ``broker_transport_options[\"visibility_timeout\"]`` (kombu's "
-            "defaults 3600 s and 1800 s), AMQP (RabbitMQ) 1800 s, the default "
-            "``consumer_timeout``; other transports: unknown, no cap. Set it for RabbitMQ "
-            "servers with another ``consumer_timeout`` and for other transports; with Redis "
-            "or SQS it may only shorten the window. No countdown "
-            "celery-reliable sets (deferral, bucket slot, breaker wait, backoff delay, and "
-            "Celery's own ``default_retry_delay`` and ``autoretry_for`` ``retry_backoff`` "
-            "delays) exceeds this window minus 10% (at least 5 s); a countdown the caller "
-            "wrote (``self.retry(countdown=...)``, ``eta``, ``retry_kwargs``) beyond it is "
-            "kept and logged as a warning.",
-            seconds(optional=True),
-        ),
-        Option(
-            "reliable_key_prefix",
-            "reliable",
-            "string",
-            "Prefix of every Redis key. All keys of one prefix share the Redis Cluster hash "
-            "tag ``{prefix}``, so one Lua script may touch any of them.",
-            _prefix,
-        ),
+    Option(
+        "reliable_redis_url",
+        "redis://127.0.0.1:6379/0",
+        "URL",
+        "Redis server holding locks, fencing counters and leases. Connections are opened "
+        "per worker process, after the fork.",
+        text(),
+    ),
+    Option(
+        "reliable_redis_socket_timeout",
+        10.0,
+        "seconds",
+        "Socket timeout of celery-reliable's Redis connections: a call whose reply has not "
+        "come back by then fails. An admission that fails so (its reply may be lost after "
+        "it ran) is never resent: what it may have taken is undone, owner-checked, and the "
+        "task is deferred. Keep it well above Redis' slowest expected reply; it also bounds "
+        "how long a worker waits on a stalled link.",
+        seconds(),
+    ),
+    Option(
+        "reliable_database_url",
+        None,
+        "URL",
+        "PostgreSQL database for durable records (SQLAlchemy URL; ``postgresql://`` is "
+        "read as ``postgresql+psycopg://``). Needed by idempotency and the fencing helpers "
+        "that take no explicit connection.",
+        text(optional=True),
+    ),
+    Option(
+        "reliable_database_pool_size",
+        10,
+        "connections",
+        "Connections per worker process in celery-reliable's PostgreSQL pool (as many "
+        "again may overflow). Each running idempotent task holds one for its whole run: "
+        "keep it at least the worker's concurrency per process (threads, gevent).",
+        whole(1),
+    ),
+    Option(
+        "reliable_database_lock_timeout",
+        5.0,
+        "seconds",
+        "PostgreSQL ``lock_timeout`` of celery-reliable's connections (also inside "
+        "``idempotent_transaction``): a duplicate blocked by a stalled execution's "
+        "uncommitted record gives up after this long and is deferred. Not the server's "
+        "``idle_in_transaction_session_timeout``: that one must exceed the longest "
+        "idempotent body (the transaction stays open while it runs), or the task fails "
+        "with 25P03.",
+        seconds(),
+    ),
+    Option(
+        "reliable_create_tables",
+        True,
+        "bool",
+        "Create celery-reliable's PostgreSQL tables that do not exist yet when a worker "
+        "process first needs them (one short transaction under an advisory lock: safe when "
+        "many workers start at once; tables that exist are left alone). ``False``: you "
+        "create them (``celery -A proj reliable migrate``, or your own migrations with "
+        "``celery_reliable.metadata``), and a task that finds one missing fails at once "
+        "with a ``ConfigurationError`` naming that command.",
+        flag,
+    ),
+    Option(
+        "reliable_redelivery_window",
+        None,
+        "seconds",
+        "How long the broker lets a worker hold an unacknowledged message before it "
+        "redelivers it. ``None`` derives it from the broker settings: Redis and SQS "
+        "transports ``broker_transport_options[\"visibility_timeout\"]`` (kombu's "
+        "defaults 3600 s and 1800 s), AMQP (RabbitMQ) 1800 s, the default "
+        "``consumer_timeout``; other transports: unknown, no cap. Set it for RabbitMQ "
+        "servers with another ``consumer_timeout`` and for other transports; with Redis "
+        "or SQS it may only shorten the window. No countdown "
+        "celery-reliable sets (deferral, bucket slot, breaker wait, backoff delay, and "
+        "Celery's own ``default_retry_delay`` and ``autoretry_for`` ``retry_backoff`` "
+        "delays) exceeds this window minus 10% (at least 5 s); a countdown the caller "
+        "wrote (``self.retry(countdown=...)``, ``eta``, ``retry_kwargs``) beyond it is "
+        "kept and logged as a warning.",
+        seconds(optional=True),
+    ),
+    Option(
+        "reliable_key_prefix",
+        "reliable",
+        "string",
+        "Prefix of every Redis key. All keys of one prefix share the Redis Cluster hash "
+        "tag ``{prefix}``, so one Lua script may touch any of them.",
+        _prefix,
+    ),
 )
 
 SETTINGS: dict[str, Option] = {
@@ -225,6 +232,7 @@ class ReliableSettings:
         for option_set in OPTION_SETS:
             if option_set.check_settings is not None:
                 option_set.check_settings(owner, values)
+        # The setting reliable_<name> is the field <name>.
         fields = {name.removeprefix("reliable_"): value for name, value in values.items()}
         fields["redelivery_window"] = redelivery_window(conf, values["reliable_redelivery_window"])
         return cls(**fields)
@@ -356,40 +364,6 @@ def unknown_options(task_name: str, attributes: Mapping[str, Any], known: set[st
                 f"{task_name}: unknown reliability option {name!r}{hint} "
                 f"(known options: {', '.join(sorted(TASK_OPTIONS))})"
             )
-
-
-def check_bound(task_name: str, run: Callable[..., Any], bound: bool) -> None:
-    """Refuse an unbound task whose function's first parameter is ``self``.
-
-    Without ``bind=True`` Celery passes the call's first argument as ``self``, so
-    the task would fail when it runs with a bare ``TypeError`` (a missing argument,
-    or ``'int' object has no attribute 'fence'``). A first parameter with another
-    name is not refused: it cannot be told from an ordinary argument.
-    """
-    if bound:
-        return
-    try:
-        params = list(inspect.signature(run).parameters.values())
-    except (TypeError, ValueError):
-        return
-    if params and params[0].name == "self" and params[0].kind in (
-            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
-        raise ConfigurationError(
-            f"{task_name}: the task function takes 'self' but the task is not bound, so "
-            "'self' would receive the call's first argument; add bind=True to the decorator "
-            "(@app.task(base=ReliableTask, bind=True, ...))"
-        )
-
-
-def task_signature(run: Callable[..., Any], bound: bool) -> inspect.Signature | None:
-    try:
-        sig = inspect.signature(run)
-    except (TypeError, ValueError):
-        return None
-    if bound:
-        params = list(sig.parameters.values())[1:]
-        sig = sig.replace(parameters=params)
-    return sig
 
 
 def build_policy(

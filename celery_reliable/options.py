@@ -1,15 +1,18 @@
-"""The machinery of options and settings: :class:`Option`, its validators, and what a
-guard declares (:class:`OptionSet`).
+"""The machinery of options and settings: :class:`Option`, its validators, what a
+guard declares (:class:`OptionSet`), and the checks of a task's function at bind
+(its signature, which templates are checked against; a forgotten ``bind=True``).
 
 Each guard declares its own task options and app settings at the top of its module
-(``celery_reliable/guards/<name>.py``, and ``celery_reliable/failures.py`` for retries
-and dead letters); :mod:`celery_reliable.config` composes them into ``TASK_OPTIONS``
+(``celery_reliable/guards/<name>.py``; retries and dead letters in
+``celery_reliable/failures.py``, deferral in ``celery_reliable/deferral.py``);
+:mod:`celery_reliable.config` composes them into ``TASK_OPTIONS``
 and ``SETTINGS`` and assembles a task's policy from their parts. This module imports
 no guard, so every guard may import it.
 """
 
 from __future__ import annotations
 
+import inspect
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,12 +27,14 @@ if TYPE_CHECKING:
 __all__ = [
     "Option",
     "OptionSet",
+    "check_bound",
     "choice",
     "err",
     "flag",
     "optional_flag",
     "render",
     "seconds",
+    "task_signature",
     "template_fields",
     "template_spec",
     "text",
@@ -197,3 +202,37 @@ def template_fields(task_name: str, template: str, option: str = "lock") -> list
             )
         names.append(root)
     return names
+
+
+def check_bound(task_name: str, run: Callable[..., Any], bound: bool) -> None:
+    """Refuse an unbound task whose function's first parameter is ``self``.
+
+    Without ``bind=True`` Celery passes the call's first argument as ``self``, so
+    the task would fail when it runs with a bare ``TypeError`` (a missing argument,
+    or ``'int' object has no attribute 'fence'``). A first parameter with another
+    name is not refused: it cannot be told from an ordinary argument.
+    """
+    if bound:
+        return
+    try:
+        params = list(inspect.signature(run).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if params and params[0].name == "self" and params[0].kind in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        raise ConfigurationError(
+            f"{task_name}: the task function takes 'self' but the task is not bound, so "
+            "'self' would receive the call's first argument; add bind=True to the decorator "
+            "(@app.task(base=ReliableTask, bind=True, ...))"
+        )
+
+
+def task_signature(run: Callable[..., Any], bound: bool) -> inspect.Signature | None:
+    try:
+        sig = inspect.signature(run)
+    except (TypeError, ValueError):
+        return None
+    if bound:
+        params = list(sig.parameters.values())[1:]
+        sig = sig.replace(parameters=params)
+    return sig
