@@ -38,6 +38,7 @@ from .options import (
     Option,
     OptionSet,
     check_bound,
+    collect,
     err,
     flag,
     render,
@@ -92,7 +93,7 @@ OPTION_SETS: tuple[OptionSet, ...] = (
     deferral.CONFIG,
 )
 
-TASK_OPTIONS: dict[str, Option] = {o.name: o for s in OPTION_SETS for o in s.options}
+TASK_OPTIONS: dict[str, Option] = collect(o for s in OPTION_SETS for o in s.options)
 
 #: The settings every guard shares: the stores, the broker's window, the key prefix.
 _SHARED_SETTINGS: tuple[Option, ...] = (
@@ -185,9 +186,8 @@ _SHARED_SETTINGS: tuple[Option, ...] = (
     ),
 )
 
-SETTINGS: dict[str, Option] = {
-    o.name: o for o in _SHARED_SETTINGS + tuple(o for s in OPTION_SETS for o in s.settings)
-}
+SETTINGS: dict[str, Option] = collect(
+    _SHARED_SETTINGS + tuple(o for s in OPTION_SETS for o in s.settings))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,7 @@ __all__ = [
     "OptionSet",
     "check_bound",
     "choice",
+    "collect",
     "err",
     "flag",
     "optional_flag",
@@ -84,6 +85,16 @@ class OptionSet:
     build: PolicyBuilder
     settings: tuple[Option, ...] = ()
     check_settings: Callable[[str, Mapping[str, Any]], None] | None = None
+
+
+def collect(options: Iterable[Option]) -> dict[str, Option]:
+    """``options`` by name, refusing a name two guards both declare."""
+    out: dict[str, Option] = {}
+    for option in options:
+        if option.name in out:
+            raise ValueError(f"option {option.name!r} is declared twice")
+        out[option.name] = option
+    return out
 
 
 def err(owner: str, name: str, message: str) -> ConfigurationError:

@@ -1,6 +1,7 @@
 """Guard ``C``: a circuit breaker, passed at admission and told the outcome (``breaker.lua``).
 
-Specs and states: ``celery_reliable.breaker``.
+Specs and states: ``celery_reliable.breaker``. The option ``circuit_breaker`` and the
+setting ``reliable_circuit_breakers`` (:data:`CONFIG`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """Guard ``B``: a token bucket with a queue of the refused tasks (``bucket.lua``).
 
-Specs: ``celery_reliable.ratelimit``. Nothing to complete, roll back or renew.
+Specs: ``celery_reliable.ratelimit``. Nothing to complete, roll back or renew. Options
+``rate_limit_key``, ``rate_limit_key_spec``, ``rate_cost`` and the setting
+``reliable_queue_rate_limits`` (:data:`CONFIG`); ``TaskPolicy.key_bucket`` is a
+:class:`KeyBucketPolicy`.
 """
 
 from __future__ import annotations

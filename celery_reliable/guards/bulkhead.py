@@ -1,6 +1,7 @@
 """Guard ``K``: a slot of a bulkhead tier, held as a lease (``bulkhead.lua``).
 
-Tiers and their stats: ``celery_reliable.bulkhead``.
+Tiers and their stats: ``celery_reliable.bulkhead``. The option ``bulkhead`` and the
+setting ``reliable_bulkheads`` (:data:`CONFIG`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Guard ``D``: poison-message counting, and the dead-letter mark (``deliveries.lua``).
 
 The key is a set of the execution owners of one task id's deliveries that started and
-never finished; the member ``!dead`` marks a dead-lettered task id.
+never finished; the member ``!dead`` marks a dead-lettered task id. The option
+``max_redeliveries`` (:data:`CONFIG`).
 """
 
 from __future__ import annotations

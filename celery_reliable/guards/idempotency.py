@@ -1,6 +1,8 @@
 """Guard ``I``: the idempotency record of one call, in Redis (``idempotency.lua``).
 
-The durable side (PostgreSQL) is ``celery_reliable.idempotency``.
+The durable side (PostgreSQL) is ``celery_reliable.idempotency``. Options
+``idempotency_*``, settings ``reliable_idempotency_store`` and ``reliable_django_database``
+(:data:`CONFIG`); ``TaskPolicy.idempotency`` is an :class:`IdempotencyPolicy`.
 """
 
 from __future__ import annotations

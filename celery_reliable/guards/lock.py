@@ -1,4 +1,8 @@
-"""Guard ``L``: a lock that mints fencing tokens (``lock.lua``); its lease value."""
+"""Guard ``L``: a lock that mints fencing tokens (``lock.lua``); its lease value.
+
+Options ``lock``, ``lock_ttl``, ``lock_contention``, ``lock_label`` (:data:`CONFIG`);
+``TaskPolicy.lock`` is a :class:`LockPolicy`.
+"""
 
 from __future__ import annotations
 
