@@ -3,8 +3,9 @@
 ``python -m faults --minutes 3 --seed 1`` (or ``scripts/faults``). The same seed
 gives the same schedule (printed, and saved as ``schedule.json``); what the
 fleet does under it is timing-dependent. Exit 0 only when every invariant held.
-``--broker rabbitmq`` runs it on a private RabbitMQ node instead of a private
-redis-server (faults/README.md says what differs).
+The broker is a private RabbitMQ node (``--broker redis``: a private
+redis-server, where a whole-worker kill can lose a message in kombu's Redis
+transport; faults/README.md says what differs).
 """
 
 from __future__ import annotations
@@ -87,10 +88,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--rate", type=float, default=2.5, help="units of work submitted per second")
     ap.add_argument("--quiesce-timeout", type=float, default=180.0)
-    ap.add_argument("--broker", default="redis", choices=BROKERS,
-                    help="the Celery broker: a private redis-server (default) or a private "
-                         "RabbitMQ node (its own ports, node name and epmd; results then go "
-                         "to a redis-server of their own)")
+    ap.add_argument("--broker", default="rabbitmq", choices=BROKERS,
+                    help="the Celery broker: a private RabbitMQ node (default; its own ports, "
+                         "node name and epmd; results go to a redis-server of their own) or a "
+                         "private redis-server (results in its database 1)")
     ap.add_argument("--kill-workers", action=argparse.BooleanOptionalAction, default=True,
                     help="let the kill nemesis take down whole workers (default; "
                          "--no-kill-workers: pool children only). With --broker redis a "

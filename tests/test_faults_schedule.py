@@ -71,9 +71,9 @@ def test_proxy_stall_holds_bytes_and_retarget_switches_server(tmp_path: Path) ->
         b.kill()
 
 
-def test_broker_option_defaults_to_redis_and_refuses_others() -> None:
-    assert parse([]).broker == "redis"
-    assert parse(["--broker", "rabbitmq"]).broker == "rabbitmq"
+def test_broker_option_defaults_to_rabbitmq_and_refuses_others() -> None:
+    assert parse([]).broker == "rabbitmq"
+    assert parse(["--broker", "redis"]).broker == "redis"
     with pytest.raises(SystemExit):
         parse(["--broker", "kafka"])
     with pytest.raises(ValueError, match="broker must be one of"):
