@@ -9,10 +9,11 @@ fails (its reply lost: it may or may not have run), :meth:`Plan.rollback`
 leaves a marker that makes the request do nothing if it reaches Redis only
 later. New
 guards plug in here: the guard's module ``celery_reliable/guards/<name>.py`` (its
-letter, and the keys and arguments it passes the scripts) and Lua fragment
-``guards/<name>.lua`` (its part of each script), one line in
-:data:`celery_reliable.guards.GUARDS`, ``Plan.add_*`` / ``Release.add_*`` methods
-that call the module, and a line in :meth:`celery_reliable.task.ReliableTask._plan`.
+letter, the keys and arguments it passes the scripts, and its pipeline hooks,
+:class:`celery_reliable.guards.base.Hooks`, which also decode its refusals) and Lua
+fragment ``guards/<name>.lua`` (its part of each script), one line in
+:data:`celery_reliable.guards.GUARDS`, and ``Plan.add_*`` / ``Release.add_*`` methods
+that call the module.
 """
 
 from __future__ import annotations
