@@ -28,6 +28,7 @@ from .backoff import Backoff
 from .breaker import BreakerSpec, parse_breakers
 from .bulkhead import TierSpec, parse_bulkheads
 from .errors import ConfigurationError
+from .guards import window as _window
 from .ratelimit import BucketSpec, parse_bucket, parse_queue_limits
 from .redelivery import countdown_cap, redelivery_window
 from .retrybudget import RetryBudget, parse_retry_budget
@@ -287,6 +288,37 @@ TASK_OPTIONS: dict[str, Option] = {
             "Tokens one execution takes from each of its buckets (queue and key).",
             _seconds(),
         ),
+        # -- guard W, the sliding window (celery_reliable/guards/window.py)
+        Option(
+            "rate_limit_window",
+            None,
+            'limit such as "1000/d"',
+            "A sliding-window limit: at most N executions start in any window (strict "
+            'quotas): ``"60/m"``, ``"1000/d"``, ``"10/s"``, ``"100/h"``, ``"20/10s"`` '
+            "(N admissions per window of s, m, h or d). Per ``rate_limit_window_key``, or "
+            "per task name without it. A refused task is deferred to when a slot frees "
+            "(capped by the redelivery window), without consuming a retry.",
+            lambda owner, name, raw: raw,  # parsed with its key and mode in build_policy
+        ),
+        Option(
+            "rate_limit_window_key",
+            None,
+            "template or callable",
+            "The key of ``rate_limit_window`` (per-tenant quotas): a format template over "
+            'the bound arguments (``"tenant:{tenant_id}"``) or a callable receiving them as '
+            "one mapping. Windows are shared by every task that uses the same key.",
+            _lock_spec,
+        ),
+        Option(
+            "rate_limit_window_mode",
+            "exact",
+            "exact or approximate",
+            "``exact``: a log of admissions (a sorted set of up to N entries per key), never "
+            "more than N in any window. ``approximate``: two counters per key (O(1) memory), "
+            "at most floor(N * (1 + d / w)) in any interval d <= the window w (up to 2N in "
+            "a whole window when the previous one's admissions came at its very end).",
+            _window.parse_mode,
+        ),
         Option(
             "bulkhead",
             None,
@@ -471,6 +503,16 @@ SETTINGS: dict[str, Option] = {
             "by the bucket's retry-after plus jitter, without consuming a retry.",
             parse_queue_limits,
         ),
+        Option(  # guard W (celery_reliable/guards/window.py)
+            "reliable_queue_window_limits",
+            None,
+            "queue → limit",
+            'Fleet-wide sliding window per queue: ``{"reports": "1000/d", "exports": '
+            '{"limit": "60/m", "mode": "approximate"}}`` (see ``rate_limit_window`` and '
+            "``rate_limit_window_mode``; mode exact by default). Every ReliableTask taken from "
+            "the queue counts once; a refused task is deferred to when a slot frees.",
+            _window.parse_queue_windows,
+        ),
         Option(
             "reliable_bulkheads",
             None,
@@ -557,6 +599,7 @@ class ReliableSettings:
     database_pool_size: int = 10
     create_tables: bool = True
     queue_rate_limits: Mapping[str, BucketSpec] = field(default_factory=dict)
+    queue_window_limits: Mapping[str, _window.WindowSpec] = field(default_factory=dict)
     bulkheads: Mapping[str, TierSpec] = field(default_factory=dict)
     retry_budget: BucketSpec | RetryBudget | None = None
     dead_letter_queue: str | None = None
@@ -608,6 +651,7 @@ class ReliableSettings:
             database_pool_size=values["reliable_database_pool_size"],
             create_tables=values["reliable_create_tables"],
             queue_rate_limits=values["reliable_queue_rate_limits"],
+            queue_window_limits=values["reliable_queue_window_limits"],
             bulkheads=values["reliable_bulkheads"],
             retry_budget=values["reliable_retry_budget"],
             dead_letter_queue=values["reliable_dead_letter_queue"],
@@ -781,6 +825,7 @@ class TaskPolicy:
     parameters: tuple[str, ...]
     takes_var_kwargs: bool
     signature: inspect.Signature | None
+    window: _window.WindowPolicy | None = None  # guard W
 
     @functools.cached_property
     def plain_parameters(self) -> tuple[tuple[str, ...], dict[str, Any]] | None:
@@ -800,7 +845,7 @@ class TaskPolicy:
         """True if any task-level guard is configured (queue buckets come per delivery)."""
         return (self.lock is not None or self.idempotency.spec is not None
                 or self.key_bucket is not None or self.bulkhead is not None
-                or self.circuit_breaker is not None)
+                or self.circuit_breaker is not None or self.window is not None)
 
 
 # Names that are ours in spirit: an attribute starting with one of these that
@@ -814,6 +859,7 @@ _OUR_PREFIXES = (
     "bulkhead",
     "rate_cost",
     "rate_limit_key",
+    "rate_limit_window",
     "backoff",
     "circuit",
     "retry_budget",
@@ -941,7 +987,8 @@ def build_policy(
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         )
         var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    for option in ("lock", "lock_label", "idempotency_key", "rate_limit_key"):
+    for option in ("lock", "lock_label", "idempotency_key", "rate_limit_key",
+                   "rate_limit_window_key"):
         spec = opts[option]
         if isinstance(spec, str) and not var_kw:
             for field_name in template_fields(task_name, spec, option):
@@ -1042,6 +1089,7 @@ def build_policy(
         parameters=params,
         takes_var_kwargs=var_kw,
         signature=signature,
+        window=_window.policy(task_name, opts),
     )
 
 
