@@ -826,6 +826,8 @@ class TaskPolicy:
     takes_var_kwargs: bool
     signature: inspect.Signature | None
     window: _window.WindowPolicy | None = None  # guard W
+    #: The app has queue windows (reliable_queue_window_limits): look at each delivery's queue.
+    queue_windows: bool = False
 
     @functools.cached_property
     def plain_parameters(self) -> tuple[tuple[str, ...], dict[str, Any]] | None:
@@ -1090,6 +1092,7 @@ def build_policy(
         takes_var_kwargs=var_kw,
         signature=signature,
         window=_window.policy(task_name, opts),
+        queue_windows=bool(settings is not None and settings.queue_window_limits),
     )
 
 

@@ -546,8 +546,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         queue_bucket = self._queue_bucket(request)
         counts_deliveries = self._counts_deliveries(policy)
         if not (policy.guarded or header_key is not None or queue_bucket is not None
-                or counts_deliveries or window.queue_window(
-                    runtime_for(self.app).settings.queue_window_limits, request)):
+                or counts_deliveries or (policy.queue_windows and window.queue_window(
+                    runtime_for(self.app).settings.queue_window_limits, request))):
             if policy.backoff is None and not policy.dead_letter:
                 return self.run(*args, **kwargs)
             try:
