@@ -76,7 +76,10 @@ def write_verdicts(results_dir: Path, verdicts: Sequence[Verdict]) -> Path:
 
 def _step(intervals: list[tuple[float, float]]) -> tuple[list[float], list[int]]:
     """Concurrency over time of the given intervals, as step-plot points."""
-    points = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    # at one instant, starts before ends: a zero-length run (killed as it started) must
+    # not dip the level below zero
+    points = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals],
+                    key=lambda p: (p[0], -p[1]))
     xs: list[float] = []
     ys: list[int] = []
     level = 0

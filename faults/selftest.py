@@ -483,10 +483,18 @@ def bulkhead_overrun(s: Scenario) -> None:
 
 
 def bulkhead_short_pause(s: Scenario) -> None:
-    # B4's pause is shorter than its lease: its slot was still held when B5 and B6 ran
+    # B4's pause is shorter than 2/3 of its lease (renewed every lease / 3): its slot was
+    # still held when B5 and B6 ran
     s.find("nemesis", name="pause", action="stop", target="worker w4 child pid 134")["t"] = (
-        T0 + 44.0
+        T0 + 43.5
     )
+
+
+def bulkhead_early_after_pause(s: Scenario) -> None:
+    # B5 and B6 started 2-2.5 s into B4's pause: B4's 5 s slot, renewed at most 5/3 s
+    # before the pause, could not have run out yet
+    _shift(s, "B5", 42.5)
+    _shift(s, "B6", 43.0)
 
 
 def lease_outlives_ttl(s: Scenario) -> None:
@@ -546,7 +554,8 @@ CASES: tuple[Case, ...] = (
     Case("7 starts in 0.03 s, no pause", "buckets", bucket_late_starts_without_pause),
     Case("bucket ran without a config", "buckets", bucket_without_config),
     Case("3 holders in 2 slots, no fault", "bulkheads", bulkhead_overrun),
-    Case("pause shorter than the slot lease", "bulkheads", bulkhead_short_pause),
+    Case("pause shorter than 2/3 of the slot lease", "bulkheads", bulkhead_short_pause),
+    Case("3 holders, 2.5 s into a pause (5 s lease)", "bulkheads", bulkhead_early_after_pause),
     Case("3 holders, one under a slow clock", "bulkheads", bulkhead_slow_clock),
     Case("3 holders, 1.5 s after a clock jump", "bulkheads", bulkhead_early_after_clock),
     Case("lease remaining > ttl", "leases", lease_outlives_ttl),

@@ -131,6 +131,27 @@ def test_every_option_is_a_documented_class_attribute() -> None:
         assert name.startswith("reliable_") and option.doc and option.unit, name
 
 
+def test_guards_declare_their_options_once_and_settings_fill_every_field() -> None:
+    """The registry is composed from each guard's OptionSet: a name declared by two guards
+    is refused, and every setting reliable_<x> is the ReliableSettings field <x>."""
+    import dataclasses
+
+    from celery_reliable.config import OPTION_SETS, SETTINGS, TASK_OPTIONS, ReliableSettings
+    from celery_reliable.guards import lock
+    from celery_reliable.options import collect
+
+    declared = [o.name for s in OPTION_SETS for o in s.options]
+    assert sorted(declared) == sorted(TASK_OPTIONS)
+    assert "lock_ttl" in {o.name for o in lock.CONFIG.options}
+    with pytest.raises(ValueError, match="'lock' is declared twice"):
+        collect(lock.CONFIG.options + lock.CONFIG.options[:1])
+    fields = {f.name for f in dataclasses.fields(ReliableSettings)}
+    assert {name.removeprefix("reliable_") for name in SETTINGS} == fields
+    settings = ReliableSettings.from_conf({"reliable_bulkheads": {"bulk": {"concurrent": 2}}})
+    assert settings.bulkheads["bulk"].concurrent == 2
+    assert settings.idempotency_store == "postgres" and settings.key_prefix == "reliable"
+
+
 def test_readme_reference_matches_the_code() -> None:
     """The README's option tables are generated from the registry; regenerate on change."""
     from pathlib import Path

@@ -70,7 +70,7 @@ def test_bad_queue_windows_name_the_queue(raw: Any, fragment: str) -> None:
     [
         ({"rate_limit_window_key": "t:{tenant}"}, "'rate_limit_window_key' is set but"),
         ({"rate_limit_window": "1/s", "rate_limit_window_mode": "fixed"},
-         "'rate_limit_window_mode' must be one of exact, approximate"),
+         "'rate_limit_window_mode' must be one of 'exact', 'approximate'"),
         ({"rate_limit_window": "1/s", "rate_limit_window_key": "t:{account}"},
          "names argument 'account'"),
         ({"rate_limit_window": "fast"}, "'rate_limit_window'.*expected a limit"),

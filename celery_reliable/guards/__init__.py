@@ -32,8 +32,10 @@ the first use of a script (``scripts.script``); admission stays ONE round trip.
 
 Each guard's Python side is ``celery_reliable/guards/<name>.py``: its :class:`Guard`
 (letter, fragment, layout) and what it puts in an admission plan and a release
-(``Plan.add_*`` and ``Release.add_*`` call it). Adding a guard: its module, its
-fragment file, and one line in :data:`GUARDS`.
+(``Plan.add_*`` and ``Release.add_*`` call it), and at its top its task options, app
+settings and part of a task's policy (``CONFIG``, an ``options.OptionSet``). Adding a
+guard: its module, its fragment file, one line in :data:`GUARDS`, and one line in
+``config.OPTION_SETS`` (which composes the options reference).
 ``python -m celery_reliable.guards admit`` prints a composed script.
 """
 

@@ -1,17 +1,107 @@
 """Guard ``B``: a token bucket with a queue of the refused tasks (``bucket.lua``).
 
-Specs: ``celery_reliable.ratelimit``. Nothing to complete, roll back or renew.
+Specs: ``celery_reliable.ratelimit``. Nothing to complete, roll back or renew. Options
+``rate_limit_key``, ``rate_limit_key_spec``, ``rate_cost`` and the setting
+``reliable_queue_rate_limits`` (:data:`CONFIG`); ``TaskPolicy.key_bucket`` is a
+:class:`KeyBucketPolicy`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigurationError
+from ..options import Option, OptionSet, render, seconds, template_spec
+from ..ratelimit import BucketSpec, parse_bucket, parse_queue_limits
 from .base import Guard
 
 if TYPE_CHECKING:
     from ..admission import Plan
-    from ..ratelimit import BucketSpec
+    from ..config import ReliableSettings
+
+
+@dataclass(frozen=True)
+class KeyBucketPolicy:
+    """A per-key token bucket (``rate_limit_key`` + ``rate_limit_key_spec``)."""
+
+    spec: Any  # template str or callable
+    bucket: BucketSpec
+
+    def key(self, task_name: str, arguments: Mapping[str, Any]) -> str:
+        return render(self.spec, task_name, "rate_limit_key", arguments)
+
+
+def policy_part(task_name: str, opts: Mapping[str, Any],
+                settings: ReliableSettings | None) -> dict[str, Any]:
+    """``TaskPolicy.key_bucket`` (None without ``rate_limit_key``) and ``rate_cost``."""
+    key_bucket = None
+    if opts["rate_limit_key"] is not None:
+        if opts["rate_limit_key_spec"] is None:
+            raise ConfigurationError(
+                f"{task_name}: option 'rate_limit_key' needs 'rate_limit_key_spec' (e.g. \"10/s\")"
+            )
+        bucket = parse_bucket(
+            f"{task_name}: option 'rate_limit_key_spec'", opts["rate_limit_key_spec"]
+        )
+        if opts["rate_cost"] > bucket.burst:
+            raise ConfigurationError(
+                f"{task_name}: option 'rate_cost' ({opts['rate_cost']}) exceeds the "
+                f"'rate_limit_key_spec' burst ({bucket.burst}); the task could never run"
+            )
+        key_bucket = KeyBucketPolicy(spec=opts["rate_limit_key"], bucket=bucket)
+    elif opts["rate_limit_key_spec"] is not None:
+        raise ConfigurationError(
+            f"{task_name}: option 'rate_limit_key_spec' is set but 'rate_limit_key' is not"
+        )
+    return {"key_bucket": key_bucket, "rate_cost": opts["rate_cost"]}
+
+
+CONFIG = OptionSet(
+    options=(
+        Option(
+            "rate_limit_key",
+            None,
+            "template or callable",
+            "A token bucket per key on top of the queue's (per-tenant quotas): a format "
+            'template over the bound arguments (``"tenant:{tenant_id}"``) or a callable '
+            "receiving them as one mapping. Needs ``rate_limit_key_spec``. Buckets are shared "
+            "by every task that uses the same key.",
+            template_spec,
+            template=True,
+        ),
+        Option(
+            "rate_limit_key_spec",
+            None,
+            'rate such as "10/s", or {rate, burst}',
+            'The bucket of ``rate_limit_key``: ``"10/s"``, ``"300/m"``, ``"1000/h"``, or '
+            '``{"rate": 25, "burst": 50}`` (rate in tokens per second); burst defaults to '
+            "max(1, rate per second).",
+            lambda owner, name, raw: raw,  # parsed with the key in policy_part
+        ),
+        Option(
+            "rate_cost",
+            1.0,
+            "tokens",
+            "Tokens one execution takes from each of its buckets (queue and key).",
+            seconds(),
+        ),
+    ),
+    settings=(
+        Option(
+            "reliable_queue_rate_limits",
+            None,
+            "queue → rate",
+            'Fleet-wide token bucket per queue: ``{"emails": "50/s", "stripe": '
+            '{"rate": 25, "burst": 50}}``. Every ReliableTask taken from the queue (by '
+            "its message's routing key) draws ``rate_cost`` tokens; a denied task is deferred "
+            "by the bucket's retry-after plus jitter, without consuming a retry.",
+            parse_queue_limits,
+        ),
+    ),
+    build=policy_part,
+)
 
 GUARD = Guard("B", "bucket", admit=(1, 4))
 

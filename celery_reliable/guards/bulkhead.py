@@ -1,18 +1,67 @@
 """Guard ``K``: a slot of a bulkhead tier, held as a lease (``bulkhead.lua``).
 
-Tiers and their stats: ``celery_reliable.bulkhead``.
+Tiers and their stats: ``celery_reliable.bulkhead``. The option ``bulkhead`` and the
+setting ``reliable_bulkheads`` (:data:`CONFIG`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+from ..bulkhead import parse_bulkheads
+from ..errors import ConfigurationError
+from ..options import Option, OptionSet, text
 from .base import Guard, ms
 
 if TYPE_CHECKING:
     from ..admission import Plan, Release
     from ..bulkhead import TierSpec
+    from ..config import ReliableSettings
     from ..keys import KeySpace
+
+
+def policy_part(task_name: str, opts: Mapping[str, Any],
+                settings: ReliableSettings | None) -> dict[str, Any]:
+    """``TaskPolicy.bulkhead`` (the tier's name) and ``tier`` (its spec, once configured)."""
+    tier = None
+    if opts["bulkhead"] is not None and settings is not None:
+        tier = settings.bulkheads.get(opts["bulkhead"])
+        if tier is None:
+            raise ConfigurationError(
+                f"{task_name}: option 'bulkhead' names tier {opts['bulkhead']!r}, which is not "
+                f"configured (tiers: {', '.join(sorted(settings.bulkheads))}; define it in "
+                "reliable_bulkheads)"
+            )
+    return {"bulkhead": opts["bulkhead"], "tier": tier}
+
+
+CONFIG = OptionSet(
+    options=(
+        Option(
+            "bulkhead",
+            None,
+            "tier name",
+            'Bulkhead tier whose fleet-wide slot the task holds while it runs (``"critical"``, '
+            '``"standard"``, ``"optional"`` or one defined in ``reliable_bulkheads``).',
+            text(optional=True),
+        ),
+    ),
+    settings=(
+        Option(
+            "reliable_bulkheads",
+            None,
+            "tier → {concurrent, queue, timeout, policy, lease}",
+            "Bulkhead tiers, merged over the defaults critical 5/10/180 s (wait), standard "
+            "8/12/120 s (wait), optional 4/6/60 s (drop); lease 30 s. ``concurrent`` slots "
+            "fleet-wide, ``queue`` tasks waiting at most, each for ``timeout`` seconds; "
+            "``policy`` wait|drop|fail. Environment variables "
+            "``RELIABLE_BULKHEAD_<TIER>_CONCURRENT``/``_QUEUE``/``_TIMEOUT`` override.",
+            parse_bulkheads,
+        ),
+    ),
+    build=policy_part,
+)
 
 GUARD = Guard("K", "bulkhead", admit=(3, 7), complete=(1, 1))
 

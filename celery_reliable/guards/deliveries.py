@@ -1,19 +1,45 @@
 """Guard ``D``: poison-message counting, and the dead-letter mark (``deliveries.lua``).
 
 The key is a set of the execution owners of one task id's deliveries that started and
-never finished; the member ``!dead`` marks a dead-lettered task id.
+never finished; the member ``!dead`` marks a dead-lettered task id. The option
+``max_redeliveries`` (:data:`CONFIG`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+from ..options import Option, OptionSet, whole
 from .base import Guard, ms
 
 if TYPE_CHECKING:
     import redis
 
     from ..admission import Plan, Release
+    from ..config import ReliableSettings
+
+
+def policy_part(task_name: str, opts: Mapping[str, Any],
+                settings: ReliableSettings | None) -> dict[str, Any]:
+    """``TaskPolicy.max_redeliveries``."""
+    return {"max_redeliveries": opts["max_redeliveries"]}
+
+
+CONFIG = OptionSet(
+    options=(
+        Option(
+            "max_redeliveries",
+            3,
+            "deliveries",
+            "With ``acks_late``: how many times a task whose worker died while running it "
+            "(kill -9, out of memory) is redelivered; the next delivery is dead-lettered with "
+            "reason \"worker lost\" instead of killing another worker.",
+            whole(0),
+        ),
+    ),
+    build=policy_part,
+)
 
 GUARD = Guard("D", "deliveries", admit=(1, 3), complete=(1, 1))
 

@@ -1,16 +1,173 @@
 """Guard ``I``: the idempotency record of one call, in Redis (``idempotency.lua``).
 
-The durable side (PostgreSQL) is ``celery_reliable.idempotency``.
+The durable side (PostgreSQL) is ``celery_reliable.idempotency``. Options
+``idempotency_*``, settings ``reliable_idempotency_store`` and ``reliable_django_database``
+(:data:`CONFIG`); ``TaskPolicy.idempotency`` is an :class:`IdempotencyPolicy`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigurationError
+from ..options import Option, OptionSet, choice, flag, render, seconds, template_spec, text
 from .base import Guard, ms
 
 if TYPE_CHECKING:
     from ..admission import Plan, Release
+    from ..config import ReliableSettings
+
+
+@dataclass(frozen=True)
+class IdempotencyPolicy:
+    """How one task derives and keeps its idempotency key."""
+
+    spec: Any  # template str, callable, True, or None (header keys only)
+    ttl: float
+    lease: float
+    keep_failures: bool
+
+    def key(
+        self, task_name: str, arguments: Mapping[str, Any], header: Any, fingerprint: str
+    ) -> str | None:
+        """The key for one call: the header's if given, else the option's; None if neither."""
+        if header is not None:
+            if not isinstance(header, str) or not header:
+                raise ConfigurationError(
+                    f"{task_name}: header 'idempotency_key' must be a non-empty string, "
+                    f"got {header!r}"
+                )
+            return header
+        if self.spec is None:
+            return None
+        if self.spec is True:
+            return fingerprint
+        return render(self.spec, task_name, "idempotency_key", arguments)
+
+
+def _key_spec(owner: str, name: str, raw: Any) -> Any:
+    if raw is None or raw is True or callable(raw):
+        return raw
+    if raw is False:
+        return None
+    return template_spec(owner, name, raw)
+
+
+def policy_part(task_name: str, opts: Mapping[str, Any],
+                settings: ReliableSettings | None) -> dict[str, Any]:
+    """``TaskPolicy.idempotency`` (its ``spec`` is None without the option)."""
+    if opts["idempotency_ttl"] < opts["idempotency_lease"]:
+        raise ConfigurationError(
+            f"{task_name}: option 'idempotency_ttl' ({opts['idempotency_ttl']}) must be >= "
+            f"'idempotency_lease' ({opts['idempotency_lease']})"
+        )
+    if (opts["idempotency_key"] is not None and settings is not None
+            and settings.idempotency_store == "postgres" and not settings.database_url):
+        raise ConfigurationError(
+            f"{task_name}: option 'idempotency_key' needs 'reliable_database_url' (durable "
+            "records), or reliable_idempotency_store='redis' (Redis only, weaker)"
+        )
+    return {"idempotency": IdempotencyPolicy(
+        spec=opts["idempotency_key"],
+        ttl=opts["idempotency_ttl"],
+        lease=opts["idempotency_lease"],
+        keep_failures=opts["idempotency_keep_failures"],
+    )}
+
+
+def check_settings(owner: str, values: Mapping[str, Any]) -> None:
+    """``reliable_django_database`` needs the PostgreSQL store (and imports its record)."""
+    if values["reliable_django_database"] is None:
+        return
+    if values["reliable_idempotency_store"] != "postgres":
+        raise ConfigurationError(
+            f"{owner}: reliable_django_database needs reliable_idempotency_store='postgres' "
+            "(records kept in Redis only have no transaction to share with the ORM)"
+        )
+    # Imported now, in the thread that binds the task, rather than on the first
+    # task's first use, inside a pool thread: CPython 3.11 keeps its AST depth
+    # counter in state shared between threads, so an import through pytest's
+    # assertion rewriter (it rewrites every module of a pytest11 plugin's package)
+    # racing another thread's ast.parse (Celery formatting a deferral's traceback)
+    # fails with "AST constructor recursion depth mismatch" (seen in test_django).
+    # Without Django installed the task refuses to run later, as before.
+    with contextlib.suppress(ImportError):
+        importlib.import_module("celery_reliable.contrib.django.record")
+
+
+CONFIG = OptionSet(
+    options=(
+        Option(
+            "idempotency_key",
+            None,
+            "template, callable or True",
+            "Makes the task's effect happen once per key. A format template over the bound "
+            'arguments (``"charge:{order_id}"``), a callable receiving them as one mapping, or '
+            "``True`` for the task name plus the canonical JSON of all arguments. A producer "
+            'may pass the key per call instead: ``apply_async(headers={"idempotency_key": '
+            "k})``. Duplicates replay the stored result; the same key with other arguments "
+            "raises ``IdempotencyKeyMismatch``.",
+            _key_spec,
+            template=True,
+        ),
+        Option(
+            "idempotency_ttl",
+            24 * 3600.0,
+            "seconds",
+            "How long a finished record (result, or a kept failure) is kept and replayed.",
+            seconds(),
+        ),
+        Option(
+            "idempotency_lease",
+            30.0,
+            "seconds",
+            "Lease of an execution in progress, renewed by the heartbeat about every "
+            "``idempotency_lease / 3``. Duplicates arriving meanwhile are deferred; if the "
+            "worker dies, one duplicate takes over at most this long after the last renewal.",
+            seconds(),
+        ),
+        Option(
+            "idempotency_keep_failures",
+            False,
+            "bool",
+            "Keep terminal failures: a duplicate of a task that raised (not retried) raises "
+            "``ReplayedFailure`` instead of running again. Off by default: a later delivery "
+            "may run.",
+            flag,
+        ),
+    ),
+    settings=(
+        Option(
+            "reliable_idempotency_store",
+            "postgres",
+            "one of postgres, redis",
+            "Where idempotency records are durable. ``postgres`` (default): each first "
+            "execution holds one PostgreSQL transaction, committed with the result; a Redis "
+            "miss consults PostgreSQL. ``redis``: records live in Redis only, which is faster "
+            "but loses them (and may run a key again) if Redis loses data: use it only with "
+            "a persistent Redis (AOF ``appendfsync always`` or ``everysec`` with its window).",
+            choice(("postgres", "redis")),
+        ),
+        Option(
+            "reliable_django_database",
+            None,
+            "Django database alias",
+            "Keep each first execution's idempotency record on Django's connection for this "
+            "alias (``\"default\"``) instead of celery-reliable's own pool: the record, the "
+            "task body's ORM writes on that alias (``idempotent_transaction()`` is a "
+            "``transaction.atomic`` block) and the result commit in one transaction. Needs "
+            "``celery_reliable.contrib.django``, and ``reliable_database_url`` on the same "
+            "database (``database_url_from_django(alias)``); a task refuses to run otherwise.",
+            text(optional=True),
+        ),
+    ),
+    build=policy_part,
+    check_settings=check_settings,
+)
 
 GUARD = Guard("I", "idempotency", admit=(1, 4), complete=(1, 4))
 

@@ -1,13 +1,118 @@
-"""Guard ``L``: a lock that mints fencing tokens (``lock.lua``); its lease value."""
+"""Guard ``L``: a lock that mints fencing tokens (``lock.lua``); its lease value.
+
+Options ``lock``, ``lock_ttl``, ``lock_contention``, ``lock_label`` (:data:`CONFIG`);
+``TaskPolicy.lock`` is a :class:`LockPolicy`.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
+from ..errors import ConfigurationError
+from ..options import Option, OptionSet, choice, render, seconds, template_spec
 from .base import Guard, ms
 
 if TYPE_CHECKING:
     from ..admission import Plan, Release
+    from ..config import ReliableSettings
+
+Contention = Literal["defer", "skip", "fail"]
+
+
+@dataclass(frozen=True)
+class LockPolicy:
+    """How one task locks its resource."""
+
+    spec: str | Callable[[Mapping[str, Any]], str]
+    ttl: float
+    contention: Contention
+    label_spec: str | Callable[[Mapping[str, Any]], str] | None = None  # option lock_label
+
+    def resource(self, task_name: str, arguments: Mapping[str, Any]) -> str:
+        """The resource name for one call; raises ConfigurationError if it cannot be built."""
+        return render(self.spec, task_name, "lock", arguments)
+
+    def label(self, task_name: str, arguments: Mapping[str, Any]) -> str:
+        """What ``reliable locks`` shows for one call (kept with the lease)."""
+        if self.label_spec is None:
+            return self.default_label
+        return render(self.label_spec, task_name, "lock_label", arguments)
+
+    @functools.cached_property
+    def default_label(self) -> str:
+        """Without ``lock_label``: the ``lock`` template, or a callable's name.
+
+        Argument names, never their values: a formatted resource is user data
+        (an e-mail address, a token) and would sit readable in Redis and on screen.
+        """
+        if callable(self.spec):
+            name = getattr(self.spec, "__qualname__", type(self.spec).__name__)
+            return f"{name.rsplit('<locals>.', 1)[-1]}(...)"  # "f.<locals>.g": "g"
+        return self.spec
+
+
+def policy_part(task_name: str, opts: Mapping[str, Any],
+                settings: ReliableSettings | None) -> dict[str, Any]:
+    """``TaskPolicy.lock``: a LockPolicy, or None without the option ``lock``."""
+    if opts["lock"] is not None:
+        return {"lock": LockPolicy(spec=opts["lock"], ttl=opts["lock_ttl"],
+                                   contention=opts["lock_contention"],
+                                   label_spec=opts["lock_label"])}
+    if opts["lock_label"] is not None:
+        raise ConfigurationError(f"{task_name}: option 'lock_label' is set but 'lock' is not")
+    return {"lock": None}
+
+
+CONFIG = OptionSet(
+    options=(
+        Option(
+            "lock",
+            None,
+            "template or callable",
+            "Resource the task locks while it runs. A format template over the task's bound "
+            'arguments (``"order:{order_id}"``) or a callable that receives the bound '
+            "arguments as one mapping and returns the resource name. ``None`` means no lock.",
+            template_spec,
+            template=True,
+        ),
+        Option(
+            "lock_ttl",
+            30.0,
+            "seconds",
+            "Lease time of the lock. A heartbeat renews it about every ``lock_ttl / 3`` while "
+            "the task runs; if the worker dies, the lock frees itself at most this long after "
+            "the last renewal. The holder's ``self.lock_lost`` turns true 1 % + 50 ms before "
+            "``lock_ttl`` has passed since the last renewal Redis confirmed.",
+            seconds(),
+        ),
+        Option(
+            "lock_contention",
+            "defer",
+            "one of defer, skip, fail",
+            'What a task does when its lock is held by another execution: ``"defer"`` '
+            're-publishes it with a jittered countdown (no retry consumed), ``"skip"`` drops '
+            'it and stores the result state ``SKIPPED``, ``"fail"`` raises ``LockNotAcquired``.',
+            choice(("defer", "skip", "fail")),
+        ),
+        Option(
+            "lock_label",
+            None,
+            "template or callable",
+            "What ``celery reliable locks`` shows for this task's lock (at most 60 characters "
+            "are kept, with the lease). ``None`` shows the ``lock`` template itself, argument "
+            "names and not their values (a callable ``lock``: its name), since a formatted "
+            "resource may carry a secret. A template over the bound arguments "
+            '(``"order {order_id}"``) or a callable receiving them shows those values, '
+            "readable in Redis: name only arguments that are not secret.",
+            template_spec,
+            template=True,
+        ),
+    ),
+    build=policy_part,
+)
 
 GUARD = Guard("L", "lock", admit=(2, 3), complete=(1, 1))
 

@@ -32,9 +32,9 @@ Two modes, chosen per limit:
     refund could take back one that did run; keeping it errs toward admitting
     fewer, by one per lost reply, for at most two windows.
 
-Options: the app setting ``reliable_queue_window_limits`` (per queue) and the
-task options ``rate_limit_window``, ``rate_limit_window_key`` and
-``rate_limit_window_mode`` (per key; declared in :mod:`celery_reliable.config`).
+Options (:data:`CONFIG`): the app setting ``reliable_queue_window_limits`` (per queue)
+and the task options ``rate_limit_window``, ``rate_limit_window_key`` and
+``rate_limit_window_mode`` (per key); ``TaskPolicy.window`` is a :class:`WindowPolicy`.
 An admission counts once, whatever its ``rate_cost`` (that is the buckets').
 Nothing to complete or renew: an admission is a start, and stays counted.
 """
@@ -49,13 +49,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
 from ..keys import digest
+from ..options import Option, OptionSet, choice, render, template_spec
 from .base import Guard, ms
 
 if TYPE_CHECKING:
     from ..admission import Plan, Refused
+    from ..config import ReliableSettings
     from ..keys import KeySpace
 
-__all__ = ["GUARD", "MODES", "WindowPolicy", "WindowSpec", "parse_queue_windows",
+__all__ = ["CONFIG", "GUARD", "MODES", "WindowPolicy", "WindowSpec", "parse_queue_windows",
            "parse_window"]
 
 GUARD = Guard("W", "window", admit=(1, 4))
@@ -136,15 +138,6 @@ def parse_queue_windows(owner: str, name: str, raw: Any) -> dict[str, WindowSpec
     return out
 
 
-def parse_mode(owner: str, name: str, raw: Any) -> str:
-    """``rate_limit_window_mode``: exact | approximate."""
-    if raw not in MODES:
-        raise ConfigurationError(
-            f"{owner}: option {name!r} must be one of {', '.join(MODES)}, got {raw!r}"
-        )
-    return str(raw)
-
-
 @dataclass(frozen=True)
 class WindowPolicy:
     """A per-key window (``rate_limit_window`` [+ ``rate_limit_window_key``])."""
@@ -155,23 +148,74 @@ class WindowPolicy:
     def key(self, task_name: str, arguments: Mapping[str, Any]) -> str:
         if self.spec is None:
             return f"task:{task_name}"
-        from ..config import render  # config imports this module
-
         return render(self.spec, task_name, "rate_limit_window_key", arguments)
 
 
-def policy(task_name: str, opts: Mapping[str, Any]) -> WindowPolicy | None:
-    """The task's per-key window from its validated options, or None."""
-    if opts["rate_limit_window"] is None:
-        if opts["rate_limit_window_key"] is not None:
-            raise ConfigurationError(
-                f"{task_name}: option 'rate_limit_window_key' is set but 'rate_limit_window' "
-                "is not (e.g. \"1000/d\")"
-            )
-        return None
-    spec = parse_window(f"{task_name}: option 'rate_limit_window'", opts["rate_limit_window"],
-                        opts["rate_limit_window_mode"])
-    return WindowPolicy(opts["rate_limit_window_key"], spec)
+def policy_part(task_name: str, opts: Mapping[str, Any],
+                settings: ReliableSettings | None) -> dict[str, Any]:
+    """``TaskPolicy.window`` (None without ``rate_limit_window``) and ``queue_windows``."""
+    window = None
+    if opts["rate_limit_window"] is not None:
+        spec = parse_window(f"{task_name}: option 'rate_limit_window'",
+                            opts["rate_limit_window"], opts["rate_limit_window_mode"])
+        window = WindowPolicy(opts["rate_limit_window_key"], spec)
+    elif opts["rate_limit_window_key"] is not None:
+        raise ConfigurationError(
+            f"{task_name}: option 'rate_limit_window_key' is set but 'rate_limit_window' "
+            "is not (e.g. \"1000/d\")"
+        )
+    queue_windows = bool(settings is not None and settings.queue_window_limits)
+    return {"window": window, "queue_windows": queue_windows}
+
+
+CONFIG = OptionSet(
+    options=(
+        Option(
+            "rate_limit_window",
+            None,
+            'limit such as "1000/d"',
+            "A sliding-window limit: at most N executions start in any window (strict "
+            'quotas): ``"60/m"``, ``"1000/d"``, ``"10/s"``, ``"100/h"``, ``"20/10s"`` '
+            "(N admissions per window of s, m, h or d). Per ``rate_limit_window_key``, or "
+            "per task name without it. A refused task is deferred to when a slot frees "
+            "(capped by the redelivery window), without consuming a retry.",
+            lambda owner, name, raw: raw,  # parsed with its mode in policy_part
+        ),
+        Option(
+            "rate_limit_window_key",
+            None,
+            "template or callable",
+            "The key of ``rate_limit_window`` (per-tenant quotas): a format template over "
+            'the bound arguments (``"tenant:{tenant_id}"``) or a callable receiving them as '
+            "one mapping. Windows are shared by every task that uses the same key.",
+            template_spec,
+            template=True,
+        ),
+        Option(
+            "rate_limit_window_mode",
+            "exact",
+            "exact or approximate",
+            "``exact``: a log of admissions (a sorted set of up to N entries per key), never "
+            "more than N in any window. ``approximate``: two counters per key (O(1) memory), "
+            "at most floor(N * (1 + d / w)) in any interval d <= the window w (up to 2N in "
+            "a whole window when the previous one's admissions came at its very end).",
+            choice(tuple(MODES)),
+        ),
+    ),
+    settings=(
+        Option(
+            "reliable_queue_window_limits",
+            None,
+            "queue → limit",
+            'Fleet-wide sliding window per queue: ``{"reports": "1000/d", "exports": '
+            '{"limit": "60/m", "mode": "approximate"}}`` (see ``rate_limit_window`` and '
+            "``rate_limit_window_mode``; mode exact by default). Every ReliableTask taken from "
+            "the queue counts once; a refused task is deferred to when a slot frees.",
+            parse_queue_windows,
+        ),
+    ),
+    build=policy_part,
+)
 
 
 def queue_window(limits: Mapping[str, WindowSpec], request: Any) -> tuple[str, WindowSpec] | None:
