@@ -80,6 +80,7 @@ from .errors import (
     StorageError,
 )
 from .fencing import Fence
+from .guards import window
 from .idempotency import PostgresRecord, dumps_result, open_record
 from .keys import digest, idempotency_digest
 from .ratelimit import BucketSpec
@@ -373,6 +374,10 @@ class ReliableTask(Task):  # type: ignore[misc]
     rate_limit_key_spec: ClassVar[Any] = TASK_OPTIONS["rate_limit_key_spec"].default
     #: Tokens one execution takes from each bucket.
     rate_cost: ClassVar[Any] = TASK_OPTIONS["rate_cost"].default
+    #: Sliding-window limit ("1000/d"), its key and mode (guards/window.py).
+    rate_limit_window: ClassVar[Any] = TASK_OPTIONS["rate_limit_window"].default
+    rate_limit_window_key: ClassVar[Any] = TASK_OPTIONS["rate_limit_window_key"].default
+    rate_limit_window_mode: ClassVar[Any] = TASK_OPTIONS["rate_limit_window_mode"].default
     #: Bulkhead tier holding a fleet-wide slot while the task runs.
     bulkhead: ClassVar[Any] = TASK_OPTIONS["bulkhead"].default
     #: Retry delay policy (celery_reliable.Backoff); None keeps Celery's own.
@@ -541,7 +546,8 @@ class ReliableTask(Task):  # type: ignore[misc]
         queue_bucket = self._queue_bucket(request)
         counts_deliveries = self._counts_deliveries(policy)
         if not (policy.guarded or header_key is not None or queue_bucket is not None
-                or counts_deliveries):
+                or counts_deliveries or (policy.queue_windows and window.queue_window(
+                    runtime_for(self.app).settings.queue_window_limits, request))):
             if policy.backoff is None and not policy.dead_letter:
                 return self.run(*args, **kwargs)
             try:
@@ -750,6 +756,8 @@ class ReliableTask(Task):  # type: ignore[misc]
             execution.buckets.append((key, policy.key_bucket.bucket, "rate_limit_key"))
             plan.add_bucket(key, policy.key_bucket.bucket, policy.rate_cost,
                             slot=self._bucket_slots().get(key))
+        window.plan_task(plan, runtime.keys, runtime.settings.queue_window_limits, self.request,
+                         policy.window, self.name, arguments, execution.owner)
         return plan
 
     def _admit(
@@ -1099,6 +1107,12 @@ class ReliableTask(Task):  # type: ignore[misc]
                 self._bucket_slots()[bucket[0]] = refusal.slot
             self._defer(policy, f"rate limited ({bucket[2]})", scheduled=refusal.retry_after or 0.0,
                         guard="rate limit")
+            return
+        if refusal.kind == window.GUARD.letter:
+            what = window.refused(plan, refusal, self.request)
+            metrics.inc("reliable_rate_limited_total", bucket=what)
+            self._defer(policy, f"window full ({what})", scheduled=refusal.retry_after or 0.0,
+                        guard="rate limit window")
             return
         if refusal.kind == "C":
             metrics.inc("reliable_circuit_deferrals_total", breaker=str(policy.circuit_breaker))
