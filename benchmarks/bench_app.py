@@ -128,6 +128,13 @@ def bucket(run: str, n: int) -> None:
     """Only the queue bucket (published to LIMITED_STAGING, whose bucket is 1,000,000/s)."""
 
 
+@app.task(name="bench.window", base=ReliableTask, ignore_result=True,
+          rate_limit_window="100000000/m")
+def window(run: str, n: int) -> None:
+    """Only an exact sliding window per task name, far above any offered rate (its log
+    holds every admission of the last minute)."""
+
+
 @app.task(name="bench.bulkhead", base=ReliableTask, ignore_result=True, bulkhead="bench")
 def bulkhead(run: str, n: int) -> None:
     """Only a bulkhead tier of 64 slots (above the fleet's concurrency)."""

@@ -55,6 +55,7 @@ CONTENDERS = {
     "lock": ("bench.lock", STAGING),
     "idempotency": ("bench.idempotent", STAGING),
     "queue bucket": ("bench.bucket", LIMITED),
+    "window": ("bench.window", STAGING),
     "bulkhead": ("bench.bulkhead", STAGING),
     "backoff": ("bench.backoff", STAGING),
     "all guards": ("bench.all", LIMITED),

@@ -30,10 +30,11 @@ from .breaker import BreakerSpec
 from .bulkhead import TierSpec
 from .deferral import DeferPolicy
 from .errors import ConfigurationError
-from .guards import breaker, bucket, bulkhead, deliveries, idempotency, lock
+from .guards import breaker, bucket, bulkhead, deliveries, idempotency, lock, window
 from .guards.bucket import KeyBucketPolicy
 from .guards.idempotency import IdempotencyPolicy
 from .guards.lock import Contention, LockPolicy
+from .guards.window import WindowPolicy, WindowSpec
 from .options import (
     Option,
     OptionSet,
@@ -86,6 +87,7 @@ OPTION_SETS: tuple[OptionSet, ...] = (
     lock.CONFIG,
     idempotency.CONFIG,
     bucket.CONFIG,
+    window.CONFIG,
     bulkhead.CONFIG,
     failures.CONFIG,
     deliveries.CONFIG,
@@ -205,6 +207,7 @@ class ReliableSettings:
     database_pool_size: int = 10
     create_tables: bool = True
     queue_rate_limits: Mapping[str, BucketSpec] = field(default_factory=dict)
+    queue_window_limits: Mapping[str, WindowSpec] = field(default_factory=dict)
     bulkheads: Mapping[str, TierSpec] = field(default_factory=dict)
     retry_budget: BucketSpec | RetryBudget | None = None
     dead_letter_queue: str | None = None
@@ -260,6 +263,9 @@ class TaskPolicy:
     parameters: tuple[str, ...]
     takes_var_kwargs: bool
     signature: inspect.Signature | None
+    window: WindowPolicy | None = None  # guard W
+    #: The app has queue windows (reliable_queue_window_limits): look at each delivery's queue.
+    queue_windows: bool = False
 
     @functools.cached_property
     def plain_parameters(self) -> tuple[tuple[str, ...], dict[str, Any]] | None:
@@ -279,7 +285,7 @@ class TaskPolicy:
         """True if any task-level guard is configured (queue buckets come per delivery)."""
         return (self.lock is not None or self.idempotency.spec is not None
                 or self.key_bucket is not None or self.bulkhead is not None
-                or self.circuit_breaker is not None)
+                or self.circuit_breaker is not None or self.window is not None)
 
 
 # Names that are ours in spirit: an attribute starting with one of these that
@@ -293,6 +299,7 @@ _OUR_PREFIXES = (
     "bulkhead",
     "rate_cost",
     "rate_limit_key",
+    "rate_limit_window",
     "backoff",
     "circuit",
     "retry_budget",

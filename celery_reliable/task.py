@@ -33,6 +33,7 @@ from .config import (
 from .declared import Binding, declared_in
 from .errors import ConfigurationError
 from .fencing import Fence
+from .guards import window
 from .pipeline import failure, retrying
 from .pipeline.arguments import arguments, fingerprint_of, queue_bucket
 from .pipeline.call import Call, Deferred, Execution
@@ -50,6 +51,7 @@ from .pipeline.headers import (
     header,
 )
 from .retrybudget import RetryBudget
+from .runtime import runtime_for
 
 __all__ = [
     "BUCKET_SLOT_HEADER",
@@ -100,6 +102,10 @@ class ReliableTask(Task):  # type: ignore[misc]
     rate_limit_key_spec: ClassVar[Any] = TASK_OPTIONS["rate_limit_key_spec"].default
     #: Tokens one execution takes from each bucket.
     rate_cost: ClassVar[Any] = TASK_OPTIONS["rate_cost"].default
+    #: Sliding-window limit ("1000/d"), its key and mode (guards/window.py).
+    rate_limit_window: ClassVar[Any] = TASK_OPTIONS["rate_limit_window"].default
+    rate_limit_window_key: ClassVar[Any] = TASK_OPTIONS["rate_limit_window_key"].default
+    rate_limit_window_mode: ClassVar[Any] = TASK_OPTIONS["rate_limit_window_mode"].default
     #: Bulkhead tier holding a fleet-wide slot while the task runs.
     bulkhead: ClassVar[Any] = TASK_OPTIONS["bulkhead"].default
     #: Retry delay policy (celery_reliable.Backoff); None keeps Celery's own.
@@ -222,7 +228,9 @@ class ReliableTask(Task):  # type: ignore[misc]
         bucket = queue_bucket(self.app, request)
         counts = bool(policy.max_redeliveries is not None and self._acks_late()
                       and not request.is_eager)
-        if policy.guarded or header_key is not None or bucket is not None or counts:
+        if (policy.guarded or header_key is not None or bucket is not None or counts
+                or (policy.queue_windows and window.queue_window(
+                    runtime_for(self.app).settings.queue_window_limits, request))):
             return pipeline.run(self, policy, args, kwargs, header_key, bucket, counts)
         if policy.backoff is None and not policy.dead_letter:
             return self.run(*args, **kwargs)

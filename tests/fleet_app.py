@@ -70,6 +70,8 @@ def build_app() -> Celery:
     }
     if env("FLEET_RATE"):
         app.conf.reliable_queue_rate_limits = {env("FLEET_QUEUE", "fleet"): env("FLEET_RATE")}
+    if env("FLEET_WINDOW"):
+        app.conf.reliable_queue_window_limits = {env("FLEET_QUEUE", "fleet"): env("FLEET_WINDOW")}
     register(app)
     return app
 

@@ -45,7 +45,7 @@ import re
 from functools import cache
 from importlib import resources
 
-from . import breaker, bucket, bulkhead, deliveries, idempotency, lock
+from . import breaker, bucket, bulkhead, deliveries, idempotency, lock, window
 from .base import Guard
 
 __all__ = ["COMPOSED", "GUARDS", "SECTIONS", "Guard", "compose", "fragment", "sections"]
@@ -59,6 +59,7 @@ GUARDS: tuple[Guard, ...] = (
     deliveries.GUARD,
     breaker.GUARD,
     bucket.GUARD,
+    window.GUARD,
 )
 
 #: Section -> the layout (``Guard`` field) its script steps through, or None where the

@@ -1,0 +1,291 @@
+"""Guard ``W``: a sliding-window limit, at most N admissions in any window (``window.lua``).
+
+For strict quotas ("1000 reports a day per tenant"), which a token bucket does
+not give (it refills continuously) and a fixed window gives only loosely (it
+admits 2N within moments around a window's boundary: N at the end of one
+window, N at the start of the next).
+
+Two modes, chosen per limit:
+
+``exact``
+    A log of admissions: a Redis sorted set per key, one member per admission
+    (the execution's owner) scored by the server's time of admission. Never
+    more than N admissions in any window of ``w`` seconds, however they are
+    timed. Memory: up to N members per key (about 60-100 bytes each); each
+    admission costs O(log N). A refused task is deferred to the moment the
+    window's oldest admission that matters leaves it (when a slot frees).
+    A rolled-back admission (its reply lost) takes its own member out.
+
+``approximate``
+    The weighted two-window counter: two fixed-window counts (the current
+    window ``c`` and the one before, ``p``), O(1) memory per key; an execution
+    is admitted while ``p * (w - e) / w + c + 1 <= N`` (``e``: time elapsed
+    in the current fixed window), which assumes the previous window's
+    admissions were spread evenly. Its error, derived in ``window.lua`` and
+    tested (tests/test_window.py): any interval of length ``d <= w`` holds at
+    most ``floor(N * (1 + d / w))`` admissions; a whole window (``d = w``) may
+    thus hold up to 2N when the previous window's admissions all came at its
+    very end, but never 2N within a short interval as a fixed window does
+    (``N + floor(N * d / w)``: for d = 1% of w, 1.01 N). Within a fixed
+    window, at most N. A rolled-back admission is not refunded (as bucket
+    tokens are not): a counter does not know which admission was whose, so a
+    refund could take back one that did run; keeping it errs toward admitting
+    fewer, by one per lost reply, for at most two windows.
+
+Options (:data:`CONFIG`): the app setting ``reliable_queue_window_limits`` (per queue)
+and the task options ``rate_limit_window``, ``rate_limit_window_key`` and
+``rate_limit_window_mode`` (per key); ``TaskPolicy.window`` is a :class:`WindowPolicy`.
+An admission counts once, whatever its ``rate_cost`` (that is the buckets').
+Nothing to complete or renew: an admission is a start, and stays counted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .. import metrics
+from ..errors import ConfigurationError
+from ..keys import digest
+from ..options import Option, OptionSet, choice, render, template_spec
+from .base import Guard, Hooks, ms, register
+
+if TYPE_CHECKING:
+    from ..admission import Plan, Refused
+    from ..config import ReliableSettings
+    from ..keys import KeySpace
+
+__all__ = ["CONFIG", "GUARD", "MODES", "WindowPolicy", "WindowSpec", "parse_queue_windows",
+           "parse_window"]
+
+GUARD = Guard("W", "window", admit=(1, 4))
+
+#: The modes, and the letter ``window.lua`` is given for each.
+MODES: dict[str, str] = {"exact": "e", "approximate": "a"}
+
+_UNITS = {
+    "s": 1.0, "sec": 1.0, "second": 1.0,
+    "m": 60.0, "min": 60.0, "minute": 60.0,
+    "h": 3600.0, "hour": 3600.0,
+    "d": 86400.0, "day": 86400.0,
+}
+_LIMIT = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$")
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """At most ``limit`` admissions in any ``window`` seconds; ``mode`` exact or approximate."""
+
+    limit: int
+    window: float
+    mode: str = "exact"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise ValueError(f"the limit must be a whole number >= 1, got {self.limit!r}")
+        if not (self.window >= 0.001 and math.isfinite(self.window)):
+            raise ValueError(f"the window must be >= 1 ms, got {self.window!r} s")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+
+def _limit(raw: Any) -> tuple[int, float]:
+    if isinstance(raw, str):
+        match = _LIMIT.match(raw.lower())
+        if match and match.group(3) in _UNITS:
+            count = float(match.group(2)) if match.group(2) else 1.0
+            return int(match.group(1)), count * _UNITS[match.group(3)]
+    raise ValueError(
+        f"expected a limit such as '60/m', '1000/d', '10/s', '100/h' or '20/10s', got {raw!r}"
+    )
+
+
+def parse_window(owner: str, raw: Any, mode: str = "exact") -> WindowSpec:
+    """A window from ``"1000/d"`` or ``{"limit": "1000/d", "mode": "approximate"}``.
+
+    Raises ConfigurationError whose message starts with ``owner``.
+    """
+    try:
+        if isinstance(raw, Mapping):
+            unknown = set(raw) - {"limit", "mode"}
+            if unknown:
+                raise ValueError(f"unknown keys {sorted(unknown)}; expected 'limit' and 'mode'")
+            if "limit" not in raw:
+                raise ValueError("missing 'limit'")
+            mode = raw.get("mode", mode)
+            raw = raw["limit"]
+        limit, window = _limit(raw)
+        return WindowSpec(limit, window, mode)
+    except ValueError as exc:
+        raise ConfigurationError(f"{owner}: {exc}") from None
+
+
+def parse_queue_windows(owner: str, name: str, raw: Any) -> dict[str, WindowSpec]:
+    """``reliable_queue_window_limits``: queue name -> window."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(
+            f"{owner}: option {name!r} must be a mapping of queue name to limit, got {raw!r}"
+        )
+    out = {}
+    for queue, spec in raw.items():
+        if not isinstance(queue, str) or not queue:
+            raise ConfigurationError(f"{owner}: option {name!r} has a bad queue name {queue!r}")
+        out[queue] = parse_window(f"{owner}: option {name!r} queue {queue!r}", spec)
+    return out
+
+
+@dataclass(frozen=True)
+class WindowPolicy:
+    """A per-key window (``rate_limit_window`` [+ ``rate_limit_window_key``])."""
+
+    spec: str | Callable[..., Any] | None  # template, callable, or None: the task's name
+    window: WindowSpec
+
+    def key(self, task_name: str, arguments: Mapping[str, Any]) -> str:
+        if self.spec is None:
+            return f"task:{task_name}"
+        return render(self.spec, task_name, "rate_limit_window_key", arguments)
+
+
+def policy_part(task_name: str, opts: Mapping[str, Any],
+                settings: ReliableSettings | None) -> dict[str, Any]:
+    """``TaskPolicy.window`` (None without ``rate_limit_window``) and ``queue_windows``."""
+    window = None
+    if opts["rate_limit_window"] is not None:
+        spec = parse_window(f"{task_name}: option 'rate_limit_window'",
+                            opts["rate_limit_window"], opts["rate_limit_window_mode"])
+        window = WindowPolicy(opts["rate_limit_window_key"], spec)
+    elif opts["rate_limit_window_key"] is not None:
+        raise ConfigurationError(
+            f"{task_name}: option 'rate_limit_window_key' is set but 'rate_limit_window' "
+            "is not (e.g. \"1000/d\")"
+        )
+    queue_windows = bool(settings is not None and settings.queue_window_limits)
+    return {"window": window, "queue_windows": queue_windows}
+
+
+CONFIG = OptionSet(
+    options=(
+        Option(
+            "rate_limit_window",
+            None,
+            'limit such as "1000/d"',
+            "A sliding-window limit: at most N executions start in any window (strict "
+            'quotas): ``"60/m"``, ``"1000/d"``, ``"10/s"``, ``"100/h"``, ``"20/10s"`` '
+            "(N admissions per window of s, m, h or d). Per ``rate_limit_window_key``, or "
+            "per task name without it. A refused task is deferred to when a slot frees "
+            "(capped by the redelivery window), without consuming a retry.",
+            lambda owner, name, raw: raw,  # parsed with its mode in policy_part
+        ),
+        Option(
+            "rate_limit_window_key",
+            None,
+            "template or callable",
+            "The key of ``rate_limit_window`` (per-tenant quotas): a format template over "
+            'the bound arguments (``"tenant:{tenant_id}"``) or a callable receiving them as '
+            "one mapping. Windows are shared by every task that uses the same key.",
+            template_spec,
+            template=True,
+        ),
+        Option(
+            "rate_limit_window_mode",
+            "exact",
+            "exact or approximate",
+            "``exact``: a log of admissions (a sorted set of up to N entries per key), never "
+            "more than N in any window. ``approximate``: two counters per key (O(1) memory), "
+            "at most floor(N * (1 + d / w)) in any interval d <= the window w (up to 2N in "
+            "a whole window when the previous one's admissions came at its very end).",
+            choice(tuple(MODES)),
+        ),
+    ),
+    settings=(
+        Option(
+            "reliable_queue_window_limits",
+            None,
+            "queue → limit",
+            'Fleet-wide sliding window per queue: ``{"reports": "1000/d", "exports": '
+            '{"limit": "60/m", "mode": "approximate"}}`` (see ``rate_limit_window`` and '
+            "``rate_limit_window_mode``; mode exact by default). Every ReliableTask taken from "
+            "the queue counts once; a refused task is deferred to when a slot frees.",
+            parse_queue_windows,
+        ),
+    ),
+    build=policy_part,
+)
+
+
+def queue_window(limits: Mapping[str, WindowSpec], request: Any) -> tuple[str, WindowSpec] | None:
+    """The queue this delivery came from (its routing key) and its window, if it has one."""
+    if not limits:
+        return None
+    info = getattr(request, "delivery_info", None) or {}
+    queue = info.get("routing_key") or info.get("queue")
+    if queue is None or queue not in limits:
+        return None
+    return queue, limits[queue]
+
+
+def queue_key(keys: KeySpace, queue: str) -> str:
+    return f"{keys.tag}:window:q:{digest(queue)}"
+
+
+def key_key(keys: KeySpace, name: str) -> str:
+    return f"{keys.tag}:window:k:{digest(name)}"
+
+
+def plan(plan: Plan, key: str, spec: WindowSpec, owner: str) -> int:
+    """Count one admission in the window at ``key`` (exact mode: as ``owner``, undone by
+    rollback.lua if the admission's reply is lost)."""
+    undo = (key, owner) if spec.mode == "exact" else None
+    return plan.add(GUARD, [key], [spec.limit, ms(spec.window), MODES[spec.mode], owner],
+                    undo=undo)
+
+
+def plan_task(plan_: Plan, keys: KeySpace, limits: Mapping[str, WindowSpec], request: Any,
+              task_policy: WindowPolicy | None, task_name: str,
+              arguments: Mapping[str, Any], owner: str) -> None:
+    """Add the delivery's queue window and the task's key window, if any."""
+    queued = queue_window(limits, request)
+    if queued is not None:
+        plan(plan_, queue_key(keys, queued[0]), queued[1], owner)
+    if task_policy is not None:
+        name = task_policy.key(task_name, arguments)
+        plan(plan_, key_key(keys, name), task_policy.window, owner)
+
+
+def refused(plan_: Plan, refusal: Refused, request: Any) -> str:
+    """What refused (for the log and ``reliable_rate_limited_total``'s label)."""
+    key = plan_.keys[plan_.offsets[refusal.index]]
+    if ":window:q:" in key:
+        info = getattr(request, "delivery_info", None) or {}
+        return f"queue {info.get('routing_key') or info.get('queue')!r}"
+    return "rate_limit_window"
+
+
+# ------------------------------------------------------------- pipeline hooks
+
+
+class _Hooks(Hooks):
+    """Sliding windows in the task pipeline: the delivery's queue's and the task's key's."""
+
+    order = 60
+
+    def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
+        runtime = call.runtime
+        plan_task(plan, runtime.keys, runtime.settings.queue_window_limits, call.request,
+                  call.policy.window, call.name, arguments, execution.owner)
+
+    def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
+        what = refused(plan, outcome, call.request)
+        metrics.inc("reliable_rate_limited_total", bucket=what)
+        call.defer(f"window full ({what})", scheduled=outcome.retry_after or 0.0,
+                   guard="rate limit window")
+        return None
+
+
+register(GUARD, _Hooks())

@@ -1,0 +1,411 @@
+"""Guard W, the sliding window: at most N admissions in any window, exact or approximate."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.exceptions import Retry
+
+from celery_reliable import ConfigurationError, ReliableTask
+from celery_reliable.admission import Admitted, Plan, Refused
+from celery_reliable.guards import window
+from celery_reliable.guards.window import WindowSpec, parse_window
+from celery_reliable.keys import KeySpace
+from celery_reliable.runtime import runtime_for
+from celery_reliable.task import DEFER_HEADER, Deferred
+
+from .conftest import Fleet, RedisServer, wait_for
+from .test_countdown_cap import published
+from .test_fleet import fleet_app
+
+# ------------------------------------------------------------------ the options
+
+
+@pytest.mark.parametrize(
+    ("raw", "limit", "seconds", "mode"),
+    [
+        ("60/m", 60, 60.0, "exact"),
+        ("1000/d", 1000, 86400.0, "exact"),
+        ("10/s", 10, 1.0, "exact"),
+        ("100/h", 100, 3600.0, "exact"),
+        ("20/10s", 20, 10.0, "exact"),
+        (" 5 / 2 day ", 5, 172800.0, "exact"),
+        ({"limit": "60/m", "mode": "approximate"}, 60, 60.0, "approximate"),
+    ],
+)
+def test_window_specs(raw: Any, limit: int, seconds: float, mode: str) -> None:
+    assert parse_window("x", raw) == WindowSpec(limit, seconds, mode)
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ("1.5/s", "expected a limit"),  # admissions are whole
+        ("0/m", "whole number >= 1"),
+        ("10/y", "expected a limit"),
+        (10, "expected a limit"),
+        ({"limit": "1/s", "mode": "fuzzy"}, "mode must be one of exact, approximate"),
+        ({"limit": "1/s", "burst": 3}, "unknown keys ['burst']"),
+        ({"mode": "exact"}, "missing 'limit'"),
+    ],
+)
+def test_bad_queue_windows_name_the_queue(raw: Any, fragment: str) -> None:
+    app = Celery("w", set_as_current=False)
+    app.conf.reliable_queue_window_limits = {"reports": raw}
+    with pytest.raises(ConfigurationError,
+                       match=r"reliable_queue_window_limits.*'reports'") as info:
+        runtime_for(app)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"rate_limit_window_key": "t:{tenant}"}, "'rate_limit_window_key' is set but"),
+        ({"rate_limit_window": "1/s", "rate_limit_window_mode": "fixed"},
+         "'rate_limit_window_mode' must be one of 'exact', 'approximate'"),
+        ({"rate_limit_window": "1/s", "rate_limit_window_key": "t:{account}"},
+         "names argument 'account'"),
+        ({"rate_limit_window": "fast"}, "'rate_limit_window'.*expected a limit"),
+        ({"rate_limit_windw": "1/s"}, "did you mean 'rate_limit_window'"),
+    ],
+)
+def test_bad_window_options_fail_at_bind(options: dict[str, Any], fragment: str) -> None:
+    app = Celery("w", broker="memory://", set_as_current=False)
+
+    def job(tenant: str) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match=fragment):
+        app.task(base=ReliableTask, shared=False, name="w1", **options)(
+            job)._get_current_object()
+
+
+# --------------------------------------------------------------- the Lua guard
+
+
+def _admit(client: redis.Redis, key: str, spec: WindowSpec,
+           owner: str | None = None) -> tuple[Admitted | Refused, float, float]:
+    """One admission; returns its outcome and the wall-clock times around it."""
+    plan = Plan()
+    window.plan(plan, key, spec, owner or secrets.token_hex(6))
+    before = time.time()
+    outcome = plan.admit(client)
+    after = time.time()
+    assert isinstance(outcome, (Admitted, Refused))
+    return outcome, before, after
+
+
+def _wait_until_fraction(client: redis.Redis, seconds: float, fraction: float) -> None:
+    """Sleep until the server clock is ``fraction`` into a fixed window of ``seconds``."""
+    sec, usec = client.time()
+    now = sec + usec / 1e6
+    into = now % seconds
+    target = fraction * seconds
+    time.sleep((target - into) % seconds)
+
+
+def _most_in_any_window(times: list[float], seconds: float) -> int:
+    """The most of ``times`` in any half-open interval (t - seconds, t]."""
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - seconds:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def _fixed_window(attempts: list[float], limit: int, seconds: float) -> list[float]:
+    """What a fixed-window counter (INCR per window floor(t / seconds)) admits of ``attempts``."""
+    counts: dict[int, int] = {}
+    admitted = []
+    for t in attempts:
+        index = math.floor(t / seconds)
+        if counts.get(index, 0) < limit:
+            counts[index] = counts.get(index, 0) + 1
+            admitted.append(t)
+    return admitted
+
+
+def test_exact_window_admits_n_where_a_fixed_window_admits_2n_at_the_boundary(
+        redis_client: redis.Redis, prefix: str) -> None:
+    """A burst across a fixed-window boundary: the fixed window would admit 2N, ours N.
+
+    N = 10 per 2 s. Attempts as fast as they come from 0.5 s before a fixed
+    window's boundary to 0.5 s after it: a fixed counter on the same attempt
+    times admits 10 before the boundary and 10 after (20 within a second);
+    the sliding log admits the first 10 and refuses the rest, each with a
+    retry-after pointing at when the first admission leaves the window.
+    """
+    spec = WindowSpec(10, 2.0)
+    key = window.queue_key(KeySpace(prefix), "reports")
+    _wait_until_fraction(redis_client, 2.0, 0.75)
+    attempts, admitted, refusals = [], [], []
+    end = time.time() + 1.0
+    while time.time() < end:
+        outcome, before, after = _admit(redis_client, key, spec)
+        attempts.append((before + after) / 2)
+        if isinstance(outcome, Admitted):
+            admitted.append((before, after))
+        else:
+            refusals.append((outcome, before, after))
+        time.sleep(0.005)
+    fixed = _fixed_window(attempts, 10, 2.0)
+    ours = [(b + a) / 2 for b, a in admitted]
+    print(f"boundary burst: {len(attempts)} attempts in 1 s across the boundary; fixed window "
+          f"admits {len(fixed)} (most in any 2 s: {_most_in_any_window(fixed, 2.0)}), "
+          f"the sliding window {len(ours)} (most in any 2 s: {_most_in_any_window(ours, 2.0)})")
+    assert len(attempts) > 40
+    assert len(fixed) == 20 and _most_in_any_window(fixed, 2.0) == 20  # 2N across the boundary
+    assert max(fixed) - min(fixed) < 1.0  # ... within one second
+    assert len(ours) == 10 and _most_in_any_window(ours, 2.0) == 10
+    first = admitted[0][0]
+    for refusal, sent, got in refusals:
+        assert isinstance(refusal, Refused) and refusal.kind == "W"
+        assert refusal.retry_after is not None
+        # the slot frees when the first admission leaves the window, 2 s after it
+        # (server times lie within [before, after] of each call; retry_after is whole ms)
+        latest = admitted[0][1] + 2.0 - sent + 0.002
+        assert first + 2.0 - got - 0.002 <= refusal.retry_after <= latest
+
+
+def test_exact_window_never_holds_more_than_n(redis_client: redis.Redis, prefix: str) -> None:
+    """Attempts at random moments for 5 windows: no window of 1 s holds more than 5 admissions,
+    and a refused attempt that waits out its retry-after is admitted."""
+    import random
+
+    spec = WindowSpec(5, 1.0)
+    key = window.key_key(KeySpace(prefix), "tenant:a")
+    brackets: list[tuple[float, float]] = []
+    end = time.time() + 5.0
+    while time.time() < end:
+        outcome, before, after = _admit(redis_client, key, spec)
+        if isinstance(outcome, Admitted):
+            brackets.append((before, after))
+            assert 0 <= outcome.results[0] <= 4  # admissions left in the window
+        elif random.random() < 0.3:
+            assert outcome.retry_after is not None and 0 < outcome.retry_after <= 1.0
+            time.sleep(outcome.retry_after)
+            again, _, _ = _admit(redis_client, key, spec)
+            assert isinstance(again, Admitted)
+            brackets.append((after + outcome.retry_after, time.time()))
+        time.sleep(random.uniform(0, 0.08))
+    # admission i and i + 5 are at least 1 s apart (on the server's clock, in whole ms);
+    # their server times lie in [before, after] of their calls
+    for (before_i, _), (_, after_j) in zip(brackets, brackets[5:], strict=False):
+        assert after_j - before_i >= 1.0 - 0.001
+    assert len(brackets) >= 5 * 5 - 2  # and the window keeps admitting at its limit
+
+
+def test_approximate_window_stays_within_its_bound(redis_client: redis.Redis,
+                                                   prefix: str) -> None:
+    """The weighted two-window counter, driven to its worst case, stays within
+    floor(N * (1 + d / w)) in any interval d <= w, and is not exact.
+
+    N = 10 per 2 s: 10 admissions at the very end of one fixed window, then
+    attempts every 5 ms through the next: the counter lets the next window
+    fill at the rate the first one's weight decays, so a whole 2 s window
+    holds 19 (= N + floor(N * 1.8 / 2)), the bound's worst case; but within
+    0.2 s of the boundary at most N + 1 (a fixed window: 2N).
+    """
+    n, w = 10, 2.0
+    spec = WindowSpec(n, w, "approximate")
+    key = window.queue_key(KeySpace(prefix), "exports")
+    _wait_until_fraction(redis_client, w, 0.9)
+    times: list[float] = []
+    lag = 0.0
+    end = time.time() + 0.1 + w - 0.05  # through the next fixed window, short of its end
+    while time.time() < end:
+        outcome, before, after = _admit(redis_client, key, spec)
+        lag = max(lag, after - before)
+        if isinstance(outcome, Admitted):
+            times.append((before + after) / 2)
+        else:
+            assert outcome.retry_after is not None and outcome.retry_after > 0
+        time.sleep(0.005 if len(times) >= n else 0)
+    # every interval [t_i, t_j] of length d < w holds j - i + 1 <= floor(n * (1 + d / w))
+    worst = 0.0
+    for i, ti in enumerate(times):
+        for j in range(i, len(times)):
+            d = times[j] - ti + lag  # the interval's length, made no shorter than it was
+            if d >= w:
+                break
+            assert j - i + 1 <= math.floor(n * (1 + d / w)), (i, j, d)
+            worst = max(worst, (j - i + 1) / n)
+    most = _most_in_any_window(times, w)
+    near = _most_in_any_window(times, 0.2)
+    print(f"approximate 10/2s at its worst: {most} admissions in one 2 s window, "
+          f"{near} within 0.2 s (bound {n + math.floor(n * 0.2 / w)})")
+    assert most > n  # the error is real ...
+    assert most <= 2 * n - 1
+    assert near <= n + 1  # ... but not the fixed window's 2N at the boundary
+    assert times[n - 1] - times[0] < 0.1  # the burst was admitted at once
+
+
+def test_exact_rollback_takes_out_its_entry_and_approximate_keeps_its_count(
+        redis_client: redis.Redis, prefix: str) -> None:
+    """A lost reply's rollback: exact mode removes this owner's entry (and only it); an
+    approximate window is not refunded (no record of whose admission was which)."""
+    keys = KeySpace(prefix)
+    exact, approx = WindowSpec(2, 60.0), WindowSpec(2, 60.0, "approximate")
+    ek, ak = window.key_key(keys, "e"), window.key_key(keys, "a")
+    other, _, _ = _admit(redis_client, ek, exact, "someone-else")
+    assert isinstance(other, Admitted) and other.results == (1,)
+    plan = Plan()
+    window.plan(plan, ek, exact, "mine")
+    window.plan(plan, ak, approx, "mine")
+    outcome = plan.admit(redis_client)
+    assert outcome == Admitted((0, 1))
+    assert redis_client.zcard(ek) == 2
+    assert plan.rollback(redis_client) == [1]  # only the exact window is undone
+    assert redis_client.zrange(ek, 0, -1) == [b"someone-else"]
+    assert int(redis_client.hget(ak, "c") or 0) == 1
+    assert plan.rollback(redis_client) == [0]  # safe to repeat
+    # freed: the next admission of the exact window gets the slot back
+    again, _, _ = _admit(redis_client, ek, exact)
+    assert isinstance(again, Admitted)
+
+
+def test_a_refusal_takes_nothing(redis_client: redis.Redis, prefix: str) -> None:
+    """All-or-nothing: a full key window refuses, and the queue window takes no entry."""
+    keys = KeySpace(prefix)
+    queue_key, key_key = window.queue_key(keys, "q"), window.key_key(keys, "k")
+    full, _, _ = _admit(redis_client, key_key, WindowSpec(1, 60.0))
+    assert isinstance(full, Admitted)
+    plan = Plan()
+    window.plan(plan, queue_key, WindowSpec(5, 60.0), "x")
+    window.plan(plan, key_key, WindowSpec(1, 60.0), "x")
+    refused = plan.admit(redis_client)
+    assert isinstance(refused, Refused) and refused.index == 1 and refused.kind == "W"
+    assert redis_client.exists(queue_key) == 0
+
+
+# ------------------------------------------------------------- tasks, for real
+
+
+@pytest.fixture
+def app(redis_server: RedisServer, prefix: str) -> Iterator[Celery]:
+    """An app on the private Redis (broker db 3); its Redis broker's window is kombu's 3600 s."""
+    app = Celery("win", broker=f"{redis_server.url}/3", set_as_current=False)
+    app.conf.reliable_redis_url = f"{redis_server.url}/0"
+    app.conf.reliable_key_prefix = prefix
+    app.conf.task_default_queue = f"q{prefix}"
+    yield app
+    broker = redis.Redis.from_url(f"{redis_server.url}/3")
+    broker.delete(f"q{prefix}")
+    broker.close()
+
+
+def deliver(task: Any, *, queue: str, retries: int = 0, **kwargs: Any) -> Any:
+    """Run ``task`` as a worker would for one delivery from ``queue``; returns the outcome."""
+    task.push_request(id=secrets.token_hex(8), args=[], kwargs=kwargs, called_directly=False,
+                      is_eager=False, retries=retries,
+                      delivery_info={"exchange": "", "routing_key": queue}, headers={})
+    try:
+        return task(**kwargs)
+    except Retry as retry:  # a deferral (Deferred) or a retry
+        return retry
+    finally:
+        task.pop_request()
+
+
+def test_refused_task_defers_until_a_slot_frees_consuming_no_retry(
+        app: Celery, prefix: str) -> None:
+    """A "3/m" queue window: the 4th delivery is deferred to when the 1st admission leaves
+    the window (60 s after it, plus at most 1 s of jitter), as a deferral: retries unchanged."""
+    queue = f"q{prefix}"
+    app.conf.reliable_queue_window_limits = {queue: "3/m"}
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="win.report")
+    def report(self: Any) -> str:
+        return "ran"
+
+    first = time.time()
+    assert [deliver(report, queue=queue, retries=2) for _ in range(3)] == ["ran"] * 3
+    deferred = deliver(report, queue=queue, retries=2)
+    waited = time.time() - first
+    assert isinstance(deferred, Deferred)
+    assert 60.0 - waited - 0.05 <= float(deferred.when) <= 60.0 + 1.0
+    message = published(app)
+    assert message["retries"] == 2 and message[DEFER_HEADER] == 1  # no retry consumed
+    # another queue is not limited
+    assert deliver(report, queue="elsewhere") == "ran"
+
+
+def test_day_quota_per_key_defers_at_most_the_cap(app: Celery, prefix: str) -> None:
+    """A "2/d" per-tenant window: the third call of tenant a waits for a slot a day away,
+    deferred at the redelivery window's cap (3240 s for Redis); tenant b is not held back."""
+    queue = f"q{prefix}"
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="win.tenant",
+              rate_limit_window="2/d", rate_limit_window_key="tenant:{tenant}")
+    def tenant_report(self: Any, tenant: str) -> str:
+        return tenant
+
+    cap = runtime_for(app).settings.countdown_cap
+    assert cap == pytest.approx(3240)
+    assert [deliver(tenant_report, queue=queue, tenant="a") for _ in range(2)] == ["a", "a"]
+    deferred = deliver(tenant_report, queue=queue, tenant="a")
+    assert isinstance(deferred, Deferred) and float(deferred.when) == pytest.approx(cap)
+    assert deliver(tenant_report, queue=queue, tenant="b") == "b"
+    key = window.key_key(KeySpace(prefix), "tenant:a")
+    assert runtime_for(app).redis.zcard(key) == 2
+
+
+def test_approximate_mode_task_option(app: Celery, prefix: str) -> None:
+    """``rate_limit_window_mode="approximate"`` without a key: one window per task name."""
+    queue = f"q{prefix}"
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="win.approx",
+              rate_limit_window="2/m", rate_limit_window_mode="approximate")
+    def approx(self: Any) -> str:
+        return "ran"
+
+    assert [deliver(approx, queue=queue) for _ in range(2)] == ["ran"] * 2
+    deferred = deliver(approx, queue=queue)
+    assert isinstance(deferred, Deferred) and 0 < float(deferred.when) <= 121.0
+    key = window.key_key(KeySpace(prefix), "task:win.approx")
+    assert int(runtime_for(app).redis.hget(key, "c") or 0) == 2
+
+
+# ------------------------------------------------------------------ the fleet
+
+
+@pytest.mark.slow
+def test_fleet_of_4_never_starts_more_than_60_in_any_minute(
+        fleet: Fleet, redis_client: redis.Redis) -> None:
+    """A "60/m" queue window over 4 worker processes, 150 tasks: checked on the recorded
+    start times, no 60-second window holds more than 60 starts; the deferred ones start
+    as the first minute's admissions leave the window.
+
+    Start times are recorded by the task body just after admission, so two of them
+    may be closer together than their admissions by the difference of those two
+    delays (milliseconds): windows are checked 0.25 s shorter than 60 s.
+    """
+    queue = fleet.env["FLEET_QUEUE"]
+    fleet.env["FLEET_WINDOW"] = "60/m"
+    module, app = fleet_app()
+    fleet.start(n=4, concurrency=1)
+    for _ in range(150):
+        app.send_task("fleet.tick", queue=queue)
+    key = module.rkey("ticks")
+    wait_for(lambda: redis_client.llen(key) >= 60, 30, "the first minute's 60 starts")
+    first = min(float(v) for v in redis_client.lrange(key, 0, -1))
+    time.sleep(max(0.0, first + 72.0 - time.time()))
+    starts = sorted(float(v) for v in redis_client.lrange(key, 0, -1))
+    most = _most_in_any_window(starts, 60.0)
+    shortened = _most_in_any_window(starts, 60.0 - 0.25)
+    print(f"60/m window, 4 workers, 150 tasks, {starts[-1] - starts[0]:.1f} s: {len(starts)} "
+          f"started; most in any 60 s window: {most} (in any 59.75 s: {shortened}); "
+          f"second minute began {starts[60] - starts[0]:.2f} s after the first start")
+    assert shortened <= 60
+    assert len(starts) >= 110  # the deferred came back when slots freed, not a minute late
+    assert starts[60] - starts[0] < 62.0
