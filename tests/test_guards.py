@@ -143,3 +143,30 @@ def test_package_data_ships_every_lua_file() -> None:
 def test_compose_refuses_unknown_sections() -> None:
     with pytest.raises(ValueError, match="unknown guard section"):
         guards.compose("for g = 1, 2 do\n  --@guards admit.nothing\nend\n")
+
+
+def test_a_guard_registered_after_the_first_plan_is_planned() -> None:
+    """Found in review (issue 14): the planners were cached apart from ``register``.
+
+    A guard registered after a task already ran in the process got its hold,
+    refused and settled hooks called, but never ``plan``.
+    """
+    from typing import Any
+
+    from celery_reliable.guards.base import HOOKS, Guard, Hooks, overriding, planners, register
+
+    class Late(Hooks):
+        order = 5
+
+        def plan(self, call: Any, plan: Any, execution: Any, arguments: dict[str, Any]) -> None:
+            pass
+
+    planners()  # a task already ran in this process
+    register(Guard("Z", "late", admit=(0, 0)), Late())
+    try:
+        assert any(isinstance(hooks, Late) for hooks in planners())
+    finally:
+        del HOOKS["Z"]
+        overriding.cache_clear()
+        planners.cache_clear()
+    assert not any(isinstance(hooks, Late) for hooks in planners())

@@ -96,6 +96,13 @@ def register(guard: Guard, hooks: Hooks) -> None:
     """Give ``guard`` its pipeline ``hooks`` (a guard module does so at its end)."""
     HOOKS[guard.letter] = hooks
     overriding.cache_clear()
+    planners.cache_clear()
+
+
+@cache
+def planners() -> tuple[Hooks, ...]:
+    """Every guard's hooks in planning order (``Hooks.order``); :func:`register` refreshes it."""
+    return tuple(sorted(HOOKS.values(), key=lambda hooks: hooks.order))
 
 
 @cache

@@ -26,7 +26,6 @@ and the store only through :class:`~celery_reliable.storage.Store`.
 from __future__ import annotations
 
 import time
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, Reject, Retry
@@ -34,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..admission import INTERRUPTED_ROLLBACK_TIMEOUT, Admitted, Plan, Replay, RolledBack
 from ..errors import IdempotencyKeyMismatch
-from ..guards.base import HOOKS, Hooks, overriding
+from ..guards.base import HOOKS, overriding, planners
 from ..idempotency import open_record
 from . import complete, failure
 from .arguments import arguments
@@ -75,11 +74,6 @@ def run(task: Any, policy: TaskPolicy, args: tuple[Any, ...], kwargs: dict[str, 
     return result
 
 
-@cache
-def _planners() -> tuple[Hooks, ...]:
-    return tuple(sorted(HOOKS.values(), key=lambda hooks: hooks.order))
-
-
 def make_plan(call: Call, args: tuple[Any, ...], kwargs: dict[str, Any],
               execution: Execution) -> Plan:
     """Every guard of this call, as one admission plan (each guard's hook ``plan``).
@@ -89,7 +83,7 @@ def make_plan(call: Call, args: tuple[Any, ...], kwargs: dict[str, Any],
     """
     plan = Plan()
     named = arguments(call.policy, args, kwargs)
-    for hooks in _planners():
+    for hooks in planners():
         hooks.plan(call, plan, execution, named)
     return plan
 
