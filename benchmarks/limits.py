@@ -177,7 +177,7 @@ def ours_bulkhead(prefix: str) -> Binder:
         spec = TierSpec(concurrent=1000, queue=100, timeout=60.0, policy="wait")
 
         def cycle(task_id: str) -> bool:
-            owner = f"{task_id}/{secrets.token_hex(4)}"  # as ReliableTask._admit
+            owner = f"{task_id}/{secrets.token_hex(4)}"  # as pipeline.admit
             plan = Plan()
             plan.add_bulkhead(keys, TIER, spec, owner, task_id)
             outcome = plan.admit(client)

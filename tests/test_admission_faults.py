@@ -301,7 +301,7 @@ def test_admission_arriving_after_its_rollback_leaves_nothing_behind(
     task_id = secrets.token_hex(8)
     tier = TierSpec(concurrent=3, queue=3, timeout=60, policy="wait")
 
-    def plan(owner: str) -> Plan:  # as ReliableTask._plan builds it
+    def plan(owner: str) -> Plan:  # as pipeline.make_plan builds it
         p = Plan()
         p.add_deliveries(keys.deliveries(task_id), 3, 24 * 3600.0, owner)
         p.add_idempotency(keys.idempotency("t", "k"), "fp", owner, 30, 3600)
@@ -309,11 +309,11 @@ def test_admission_arriving_after_its_rollback_leaves_nothing_behind(
         p.add_bulkhead(keys, "tier", tier, owner, task_id)
         return p
 
-    late = plan(f"{task_id}/{secrets.token_hex(4)}")  # an owner as ReliableTask._admit makes
+    late = plan(f"{task_id}/{secrets.token_hex(4)}")  # an owner as pipeline.admit makes
     late_proxy.hold(script("admit").sha.encode())
     with pytest.raises(redis.TimeoutError):
         late.admit(client)
-    # What ReliableTask._admit does next: undo by owner (nothing there yet), then defer.
+    # What pipeline.admit does next: undo by owner (nothing there yet), then defer.
     assert late.rollback(client) == [0, 0, 0, 0]
     assert late.marker is not None
     assert direct.pttl(late.marker) > (ROLLBACK_MARK_MIN - 60) * 1000
@@ -549,7 +549,7 @@ def test_interrupted_rollback_works_with_the_oldest_supported_redis_py(redis_url
                                                                      prefix: str) -> None:
     """With redis-py 5.0's connection keywords the bounded rollback undoes the admission.
 
-    ``Plan.rollback(timeout=...)`` (what ReliableTask._admit and FencedLock.acquire
+    ``Plan.rollback(timeout=...)`` (what pipeline.admit and FencedLock.acquire
     run on SoftTimeLimitExceeded/SystemExit) builds its own connection from the
     pool's settings, setting only keywords the pool passes: redis-py 7's
     ``orig_*`` keywords made 5.0.8 and 6.4.0 raise TypeError (swallowed by the

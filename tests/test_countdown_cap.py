@@ -442,7 +442,7 @@ def test_fresh_arrival_takes_no_token_meant_for_the_queue(redis_client: redis.Re
 
 def bucket_take(client: redis.Redis, key: str, spec: BucketSpec,
                 slot: int | None = None) -> Admitted | Refused:
-    """One arrival at a queue bucket (cost 1), as ReliableTask._plan adds it."""
+    """One arrival at a queue bucket (cost 1), as pipeline.make_plan adds it (the bucket hook)."""
     plan = Plan()
     plan.add_bucket(key, spec, 1, slot=slot)
     outcome = plan.admit(client)
