@@ -28,7 +28,7 @@ import redis
 
 from .breaker import BreakerSpec
 from .bulkhead import TierSpec
-from .guards import breaker, bucket, bulkhead, deliveries, idempotency, lock
+from .guards import breaker, bucket, bulkhead, deliveries, idempotency, lock, window
 from .guards.base import HOOKS, Guard
 from .guards.deliveries import mark_dead
 from .guards.lock import FENCE_TTL_MIN, LOCK_LABEL_MAX, LOCK_TASK_MAX, lock_holder
@@ -405,6 +405,11 @@ class Release:
     def settle_breaker(self, outcome: str) -> None:
         """``s`` success, ``f`` a classified failure, ``n`` neutral."""
         breaker.settle(self, outcome)
+
+    def deferred(self) -> None:
+        """The execution is deferred after its body ran but before it had an effect (its
+        commit failed): what counts only runs (a sliding window's admission) is given back."""
+        window.refund(self)
 
     def __bool__(self) -> bool:
         return bool(self.kinds)

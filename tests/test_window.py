@@ -21,7 +21,7 @@ from celery_reliable.keys import KeySpace
 from celery_reliable.runtime import runtime_for
 from celery_reliable.task import DEFER_HEADER, Deferred
 
-from .conftest import Fleet, RedisServer, wait_for
+from .conftest import Fleet, RedisServer, free_port, wait_for
 from .test_countdown_cap import published
 from .test_fleet import fleet_app
 
@@ -374,6 +374,107 @@ def test_approximate_mode_task_option(app: Celery, prefix: str) -> None:
     assert isinstance(deferred, Deferred) and 0 < float(deferred.when) <= 121.0
     key = window.key_key(KeySpace(prefix), "task:win.approx")
     assert int(runtime_for(app).redis.hget(key, "c") or 0) == 2
+
+
+def test_a_deferral_after_admission_gives_the_slot_back_and_a_run_keeps_it(
+        app: Celery, prefix: str) -> None:
+    """Exact mode: an execution admitted by the window, then deferred by ``self.throttle()``
+    before its body had an effect, uses no slot (5 throttled deliveries of one task under a
+    "2/m" window leave its count at 0); a run that returns and one that fails each keep
+    theirs (they ran)."""
+    queue = f"q{prefix}"
+    app.conf.reliable_queue_rate_limits = {queue: "1000/s"}  # throttle() needs a bucket
+    calls: list[str] = []
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="win.throttled",
+              rate_limit_window="2/m")
+    def throttled(self: Any, what: str) -> str:
+        calls.append(what)
+        if what == "throttle":
+            self.throttle(0.0)
+        if what == "fail":
+            raise ValueError("the body ran and failed")
+        return "ran"
+
+    key = window.key_key(KeySpace(prefix), "task:win.throttled")
+    client = runtime_for(app).redis
+    for n in range(5):
+        deferred = deliver(throttled, queue=queue, what="throttle")
+        assert isinstance(deferred, Deferred), deferred
+        assert client.zcard(key) == 0, n  # the admission was given back
+        time.sleep(0.01)  # the bucket's 1 ms pause
+    assert calls == ["throttle"] * 5  # admitted each time: the body did start
+    assert deliver(throttled, queue=queue, what="ok") == "ran"
+    assert client.zcard(key) == 1
+    with pytest.raises(ValueError, match="ran and failed"):
+        deliver(throttled, queue=queue, what="fail")
+    assert client.zcard(key) == 2  # a failed run used its slot
+    # the window is full now: a third run of any kind is refused before its body starts
+    refused = deliver(throttled, queue=queue, what="ok")
+    assert isinstance(refused, Deferred) and calls[-1] == "fail"
+    assert client.zcard(key) == 2
+
+
+def test_postgres_unavailable_after_admission_gives_the_slot_back(app: Celery,
+                                                                   prefix: str) -> None:
+    """An idempotent task (durable records) admitted by a "1/m" window while PostgreSQL is
+    unreachable: each delivery is deferred in ``claim_durably`` before its body runs, and
+    the window's count stays 0 (3 deliveries, all admitted: none was refused by it)."""
+    queue = f"q{prefix}"
+    app.conf.reliable_database_url = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    ran: list[int] = []
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="win.durable",
+              rate_limit_window="1/m", idempotency_key="order:{order_id}")
+    def durable(self: Any, order_id: int) -> int:
+        ran.append(order_id)
+        return order_id
+
+    key = window.key_key(KeySpace(prefix), "task:win.durable")
+    for n in range(3):
+        deferred = deliver(durable, queue=queue, order_id=n)
+        assert isinstance(deferred, Deferred) and "PostgreSQL" in str(deferred), deferred
+        assert runtime_for(app).redis.zcard(key) == 0
+    assert ran == []
+
+
+def test_a_retry_counts_as_a_run(app: Celery, prefix: str) -> None:
+    """``self.retry()`` after the body ran: the admission stays counted (not a deferral)."""
+    queue = f"q{prefix}"
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="win.retried",
+              rate_limit_window="5/m", max_retries=3)
+    def retried(self: Any) -> str:
+        raise self.retry(countdown=60)
+
+    key = window.key_key(KeySpace(prefix), "task:win.retried")
+    outcome = deliver(retried, queue=queue)
+    assert isinstance(outcome, Retry) and not isinstance(outcome, Deferred)
+    assert runtime_for(app).redis.zcard(key) == 1
+
+
+def test_completion_gives_back_or_keeps_only_its_own_entry(redis_client: redis.Redis,
+                                                          prefix: str) -> None:
+    """complete.lua's W section: 'r' takes out this owner's member (and only it; safe to
+    repeat), 'k' keeps it; an approximate window has no release entry."""
+    from celery_reliable.admission import Release
+
+    spec = WindowSpec(3, 60.0)
+    key = window.key_key(KeySpace(prefix), "t")
+    for owner in ("other", "deferred", "ran"):
+        outcome, _, _ = _admit(redis_client, key, spec, owner)
+        assert isinstance(outcome, Admitted)
+    refund, keep = Release(), Release()
+    window.release(refund, key, "deferred")  # the default: given back
+    window.release(keep, key, "ran")
+    window.count(keep)
+    assert refund.run(redis_client) == [1]
+    assert refund.run(redis_client) == [0]
+    assert keep.run(redis_client) == [0]
+    assert sorted(redis_client.zrange(key, 0, -1)) == [b"other", b"ran"]
+    window.refund(keep)  # a deferral after the body ran (its commit failed)
+    assert keep.run(redis_client) == [1]
+    assert redis_client.zrange(key, 0, -1) == [b"other"]
 
 
 # ------------------------------------------------------------------ the fleet

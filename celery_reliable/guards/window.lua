@@ -36,6 +36,13 @@ admit.lua
            when the weighted count, with no further admissions, allows one
   writes on a refusal: none
   seen[g]  mode 'e': nothing; mode 'a': {p, c} as of now (window i)
+complete.lua (mode 'e' only; mode 'a' gets no release entry: a count does not
+know whose its admissions were, so nothing is refunded)
+  KEYS     the sorted set
+  ARGV     owner, 'r' | 'k': 'r' the execution was deferred before its body ran
+           to an effect (PostgreSQL down, throttle(), ...): its admission is
+           given back (owner's member goes); 'k' it ran: it stays counted
+  result   1 given back, 0 kept (or already gone from the window)
 rollback.lua (mode 'e' only; Plan.add gets no undo in mode 'a': a count does not
 know whose its admissions were, so nothing is refunded, as bucket tokens are not)
   KEY      the sorted set: takes out owner's member
@@ -91,6 +98,13 @@ else
   redis.call('PEXPIRE', KEYS[ki], 2 * win + 1000)
   local e = now_ms - math.floor(now_ms / win) * win
   out[#out + 1] = math.floor((lim * win - p * (win - e) - c * win) / win)
+end
+
+--@ complete
+if ARGV[ai + 1] == 'r' then
+  out[g] = redis.call('ZREM', KEYS[ki], ARGV[ai])
+else
+  out[g] = 0
 end
 
 --@ rollback

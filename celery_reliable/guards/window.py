@@ -36,7 +36,22 @@ Options (:data:`CONFIG`): the app setting ``reliable_queue_window_limits`` (per 
 and the task options ``rate_limit_window``, ``rate_limit_window_key`` and
 ``rate_limit_window_mode`` (per key); ``TaskPolicy.window`` is a :class:`WindowPolicy`.
 An admission counts once, whatever its ``rate_cost`` (that is the buckets').
-Nothing to complete or renew: an admission is a start, and stays counted.
+
+An admission counts only if the execution ran (its body started and ended, with
+a result or a failure: a run that failed used its slot). One deferred after it
+was admitted but before its body ran to an effect gives its slot back at
+completion, in exact mode: PostgreSQL unavailable (or its tables missing) when
+the durable record is opened, its record found finished there (a replay), an
+outage under ``idempotent_transaction()``, a failed commit of the task's own
+rows, ``self.throttle()``, or an admission interrupted before the body
+started. Completion's release entry (``complete.lua``, its ``complete``
+section) takes the execution's own member out; it is ``refund`` until
+:meth:`_Hooks.completing` sees the body ran (any outcome but a
+:class:`~celery_reliable.pipeline.call.Deferred`), and a deferral after that
+(a failed commit) sets it back with :func:`refund`. No extra round trip: the
+entry rides on completion's. In approximate mode nothing is given back (as
+for a rolled-back admission): a deferred admission stays counted for at most
+two fixed windows.
 """
 
 from __future__ import annotations
@@ -54,14 +69,17 @@ from ..options import Option, OptionSet, choice, render, template_spec
 from .base import Guard, Hooks, ms, register
 
 if TYPE_CHECKING:
-    from ..admission import Plan, Refused
+    from ..admission import Plan, Refused, Release
     from ..config import ReliableSettings
     from ..keys import KeySpace
 
 __all__ = ["CONFIG", "GUARD", "MODES", "WindowPolicy", "WindowSpec", "parse_queue_windows",
-           "parse_window"]
+           "parse_window", "refund"]
 
-GUARD = Guard("W", "window", admit=(1, 4))
+GUARD = Guard("W", "window", admit=(1, 4), complete=(1, 2))
+
+#: The release entry's flag: give the admission back (the default), or keep it counted.
+REFUND, KEEP = "r", "k"
 
 #: The modes, and the letter ``window.lua`` is given for each.
 MODES: dict[str, str] = {"exact": "e", "approximate": "a"}
@@ -246,6 +264,23 @@ def plan(plan: Plan, key: str, spec: WindowSpec, owner: str) -> int:
                     undo=undo)
 
 
+def release(release: Release, key: str, owner: str) -> None:
+    """Exact mode: completion gives ``owner``'s admission back unless :func:`count` says it ran."""
+    release.add(GUARD, [key], [owner, REFUND])
+
+
+def count(release: Release) -> None:
+    """The body ran (to a result or a failure): its admissions stay counted."""
+    for args in release.entries(GUARD):
+        args[1] = KEEP
+
+
+def refund(release: Release) -> None:
+    """The execution was deferred before its body ran to an effect: give its admissions back."""
+    for args in release.entries(GUARD):
+        args[1] = REFUND
+
+
 def plan_task(plan_: Plan, keys: KeySpace, limits: Mapping[str, WindowSpec], request: Any,
               task_policy: WindowPolicy | None, task_name: str,
               arguments: Mapping[str, Any], owner: str) -> None:
@@ -279,6 +314,18 @@ class _Hooks(Hooks):
         runtime = call.runtime
         plan_task(plan, runtime.keys, runtime.settings.queue_window_limits, call.request,
                   call.policy.window, call.name, arguments, execution.owner)
+
+    def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
+             started: float) -> None:
+        key = plan.keys[plan.offsets[index]]
+        if key in plan.undo_keys:  # exact mode (plan() gives only it an undo): a log entry
+            release(execution.release, key, execution.owner)
+
+    def completing(self, call: Any, execution: Any, failure: BaseException | None) -> None:
+        from ..pipeline.call import Deferred
+
+        if not isinstance(failure, Deferred):  # it ran: a result, a failure, a retry
+            count(execution.release)
 
     def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
         what = refused(plan, outcome, call.request)

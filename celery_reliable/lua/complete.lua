@@ -7,10 +7,10 @@ whose header documents its KEYS, ARGV and result.
 
 KEYS  the keys of each guard, in plan order
 ARGV  [1] plan: one letter per guard, e.g. "IL" (I idempotency, L lock,
-          K bulkhead, D deliveries, C breaker)
+          K bulkhead, D deliveries, C breaker, W window)
       then each guard's arguments, in plan order
 Returns {r1, r2, ...}: 1 settled, 0 not ours any more (expired or taken over;
-        left untouched); C: 10 * old state + new state
+        left untouched); C: 10 * old state + new state; W: 1 given back, 0 kept
 Safe to run twice: the second run finds nothing of ours and changes nothing.
 
 What a guard's section sees: g, its keys KEYS[ki], ... and arguments ARGV[ai], ...

@@ -93,10 +93,12 @@ def _complete_success(call: Call, execution: Execution, result: Any) -> None:
             if pg.session_used:
                 # The task's own rows were in this transaction: they did not
                 # commit (or PostgreSQL will tell the redelivery they did).
-                settle(call, execution, "X", "")
                 if is_outage(exc) or execution.outage is not None:
+                    execution.release.deferred()  # nothing of it happened: not a run
+                    settle(call, execution, "X", "")
                     call.defer("PostgreSQL commit failed", cause=exc)
                     return
+                settle(call, execution, "X", "")
                 # PostgreSQL refused the task's own rows (a deferred constraint):
                 # the task failed, as if its body had raised this.
                 final = failure.on_failure(call, exc)

@@ -18,7 +18,7 @@ from ..declared import from_autoretry
 from ..errors import ConfigurationError
 from ..retrybudget import RetryBudget, deposits_for
 from ..runtime import runtime_for
-from .call import Call
+from .call import Call, Deferred
 from .complete import complete
 from .failure import dead_letter
 from .headers import (
@@ -203,7 +203,8 @@ def throttle(call: Call, seconds: float, direct_call: str | None) -> NoReturn:
         args += [repr(spec.burst), repr(spec.rate)]  # throttle.lua's order
     call.store.throttle([key for key, _, _ in execution.buckets], args)
     metrics.inc("reliable_throttles_total", task=name)
-    complete(call, execution, failure=Retry())
+    # a deferral (not a run: a sliding window gives its admission back), like defer_outage
+    complete(call, execution, failure=Deferred())
     call.defer(f"throttled for {seconds:g}s", not_before=float(seconds), guard="throttle")
     raise AssertionError("unreachable")  # pragma: no cover - defer raises in a worker
 
