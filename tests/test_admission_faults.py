@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import shutil
@@ -572,54 +571,6 @@ def test_interrupted_rollback_works_with_the_oldest_supported_redis_py(redis_url
         client.close()
 
 
-class LateAndLostProxy(LateProxy):
-    """LateProxy that can also lose replies (TcpProxy's ``lose_replies``) and hold every send.
-
-    ``hold(marker, every=True)``: each request containing ``marker`` (on each
-    new connection: a resend) is kept until ``release()``; ``delivered_count``
-    says how many reached the server since.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        super().__init__(target_port)
-        self._every = False
-        self.delivered_count = 0
-
-    def hold(self, marker: bytes, every: bool = False) -> None:
-        super().hold(marker)
-        self._every = every
-        self.delivered_count = 0
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        if src.getsockname()[1] != self.port:  # the server's replies: TcpProxy's, held or not
-            TcpProxy._pipe(self, src, dst)
-            return
-        replies = self._replies[src]
-        try:
-            while data := src.recv(65536):
-                marker = self._marker
-                if marker is not None and marker in data:
-                    replies.clear()  # this request runs; its reply is lost
-                late = self._late
-                if late is not None and late in data:
-                    if not self._every:
-                        self._late = None
-                    self._release.wait(30)
-                    dst.sendall(data)
-                    time.sleep(0.2)
-                    with self._lock:
-                        self.delivered_count += 1
-                    self.delivered.set()
-                    continue
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
 @pytest.mark.parametrize("late", ["first send", "every send"])
 def test_late_rollback_never_frees_a_later_acquire_of_the_same_owner(
     private_redis: RedisServer, prefix: str, late: str,
@@ -639,7 +590,7 @@ def test_late_rollback_never_frees_a_later_acquire_of_the_same_owner(
     direct = redis.Redis(port=private_redis.port)
     for name in ("admit", "rollback", "complete", "renew"):
         direct.script_load(script(name).source)
-    proxy = LateAndLostProxy(private_redis.port)
+    proxy = LateProxy(private_redis.port)
     proxy.start()
     client = redis.Redis(port=proxy.port, socket_timeout=0.5)
     keys = KeySpace(prefix)

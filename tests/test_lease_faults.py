@@ -7,7 +7,6 @@ stalls (connections stay open, nothing is forwarded), as a dropped-packet link.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import socket
@@ -44,25 +43,15 @@ class CountingProxy(TcpProxy):
     def __init__(self, target_port: int) -> None:
         super().__init__(target_port)
         self.renewals: list[float] = []  # monotonic times
+        self._seen: dict[socket.socket, bytes] = {}  # per connection: its last requests' bytes
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        from_client = src.getsockname()[1] == self.port
-        seen = b""
-        try:
-            while data := src.recv(65536):
-                if from_client:
-                    # a command may arrive in pieces: count on the stream, not per chunk
-                    before = seen.count(RENEW_SHA)
-                    seen = (seen + data)[-4096:]
-                    self.renewals += [time.monotonic()] * (seen.count(RENEW_SHA) - before)
-                self._flowing.wait()
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+    def _forward(self, request: bool, data: bytes, src: socket.socket, dst: socket.socket) -> None:
+        if request:
+            # a command may arrive in pieces: count on the stream, not per chunk
+            before = self._seen.get(src, b"")
+            seen = self._seen[src] = (before + data)[-4096:]
+            self.renewals += [time.monotonic()] * (seen.count(RENEW_SHA) - before.count(RENEW_SHA))
+        super()._forward(request, data, src, dst)
 
 
 @pytest.fixture
