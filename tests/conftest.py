@@ -171,6 +171,40 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
 
 
 @pytest.fixture
+def schema_engine(engine: sa.Engine) -> Iterator[sa.Engine]:
+    """An engine whose search_path is a schema of this test's own (empty; dropped after),
+    where a test creates tables of an older shape to see them upgraded."""
+    schema = f"old_{secrets.token_hex(4)}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    scoped = sa.create_engine(engine.url, connect_args={"options": f"-csearch_path={schema}"})
+    yield scoped
+    scoped.dispose()
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+
+
+def create_tables_at_once(engine: sa.Engine, threads: int = 4) -> list[BaseException]:
+    """Run ``create_tables(engine)`` from ``threads`` threads at once; what they raised."""
+    from celery_reliable import create_tables
+
+    errors: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            create_tables(engine)
+        except BaseException as exc:  # returned to the caller, who asserts on it
+            errors.append(exc)
+
+    workers = [threading.Thread(target=migrate) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(60)
+    return errors
+
+
+@pytest.fixture
 def prefix() -> str:
     """A key prefix of this test's own."""
     return f"t{secrets.token_hex(4)}"

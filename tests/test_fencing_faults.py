@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -33,7 +32,7 @@ from celery_reliable.runtime import runtime_for
 from celery_reliable.schema import create_tables
 from celery_reliable.scripts import script
 
-from .conftest import LateProxy, RedisServer, wait_for
+from .conftest import LateProxy, RedisServer, create_tables_at_once, wait_for
 
 RESOURCE = "order:7"
 
@@ -406,20 +405,13 @@ CREATE TABLE reliable_fences (
 
 
 @pytest.fixture
-def old_schema_engine(engine: sa.Engine) -> Iterator[sa.Engine]:
+def old_schema_engine(schema_engine: sa.Engine) -> sa.Engine:
     """An engine whose search_path is a schema of this test's own holding an OLD-shape
     reliable_fences (as created by celery-reliable before the holder column), with a row."""
-    schema = f"old_{secrets.token_hex(4)}"
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    old = sa.create_engine(engine.url, connect_args={"options": f"-csearch_path={schema}"})
-    with old.begin() as conn:
+    with schema_engine.begin() as conn:
         conn.execute(sa.text(OLD_FENCES))
         conn.execute(sa.text("INSERT INTO reliable_fences (resource, token) VALUES ('r', 5)"))
-    yield old
-    old.dispose()
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    return schema_engine
 
 
 def test_create_tables_upgrades_an_old_fences_table(old_schema_engine: sa.Engine) -> None:
@@ -428,20 +420,7 @@ def test_create_tables_upgrades_an_old_fences_table(old_schema_engine: sa.Engine
     with pytest.raises(ConfigurationError, match="reliable migrate"), \
             old_schema_engine.begin() as conn:
         check_postgres(conn, "r", 6, holder="h")  # before: a clear message, not SQL
-    errors: list[BaseException] = []
-
-    def migrate() -> None:
-        try:
-            create_tables(old_schema_engine)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=migrate) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
+    assert create_tables_at_once(old_schema_engine) == []
     create_tables(old_schema_engine)  # and again: idempotent
     with old_schema_engine.connect() as conn:
         columns = [c["name"] for c in sa.inspect(conn).get_columns("reliable_fences")]

@@ -18,7 +18,7 @@ from celery_reliable import Backoff, DeadLetters, ReliableTask, metrics
 from celery_reliable.pipeline.call import Call
 from celery_reliable.pipeline.retrying import take_retry_budget
 
-from .conftest import wait_for
+from .conftest import create_tables_at_once, wait_for
 
 
 def letters(app: Celery, name: str) -> list[Any]:
@@ -553,60 +553,39 @@ CREATE TABLE reliable_dead_letters (
 
 
 def test_create_tables_upgrades_an_old_dead_letters_table(
-    celery_app: Celery, engine: sa.Engine
+    celery_app: Celery, schema_engine: sa.Engine
 ) -> None:
     """create_tables adds the headers and key columns to an existing dead-letter table (4
     threads at once); before that a letter is still recorded, without them; old letters
     read back without them, new ones keep them."""
-    from celery_reliable import create_tables, deadletter
+    from celery_reliable import deadletter
 
-    schema = f"old_{secrets.token_hex(4)}"
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    old = sa.create_engine(engine.url, connect_args={"options": f"-csearch_path={schema}"})
-    try:
-        with old.begin() as conn:
-            conn.execute(sa.text(OLD_DEAD_LETTERS))
-            conn.execute(sa.text(
-                "INSERT INTO reliable_dead_letters (task_name, task_id, args_json, kwargs_json,"
-                " replayable, exc_type, exc_message, traceback, attempts, reason,"
-                " first_failure_at) VALUES ('r.old', 'id-1', '[1]', '{}', true, 'ValueError',"
-                " 'bad', '', 1, 'failed', now())"))
-        # Not migrated yet (reliable_create_tables off): the letter is kept, without them.
-        deadletter.record(old, task_name="r.early", task_id="id-0", args=[0], kwargs={},
-                          exc=ValueError("bad"), attempts=1, reason="failed", queue=None,
-                          first_failure_at=None, headers={"idempotency_key": "k0"},
-                          idempotency_digest="e" * 32)
-        errors: list[BaseException] = []
-
-        def migrate() -> None:
-            try:
-                create_tables(old)
-            except BaseException as exc:  # reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=migrate) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert errors == []
-        with old.connect() as conn:
-            columns = [c["name"] for c in sa.inspect(conn).get_columns("reliable_dead_letters")]
-        assert columns.count("headers_json") == 1 and columns.count("idempotency_digest") == 1
-        deadletter.record(old, task_name="r.new", task_id="id-2", args=[2], kwargs={},
-                          exc=ValueError("bad"), attempts=1, reason="failed", queue=None,
-                          first_failure_at=None, headers={"idempotency_key": "k"},
-                          idempotency_digest="d" * 32)
-        found = {letter.task_name: letter for letter in DeadLetters(celery_app, old).list()}
-        assert (found["r.old"].headers, found["r.old"].idempotency_digest) == ({}, None)
-        assert (found["r.early"].headers, found["r.early"].idempotency_digest) == ({}, None)
-        assert found["r.new"].headers == {"idempotency_key": "k"}
-        assert found["r.new"].idempotency_digest == "d" * 32
-    finally:
-        old.dispose()
-        with engine.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    old = schema_engine
+    with old.begin() as conn:
+        conn.execute(sa.text(OLD_DEAD_LETTERS))
+        conn.execute(sa.text(
+            "INSERT INTO reliable_dead_letters (task_name, task_id, args_json, kwargs_json,"
+            " replayable, exc_type, exc_message, traceback, attempts, reason,"
+            " first_failure_at) VALUES ('r.old', 'id-1', '[1]', '{}', true, 'ValueError',"
+            " 'bad', '', 1, 'failed', now())"))
+    # Not migrated yet (reliable_create_tables off): the letter is kept, without them.
+    deadletter.record(old, task_name="r.early", task_id="id-0", args=[0], kwargs={},
+                      exc=ValueError("bad"), attempts=1, reason="failed", queue=None,
+                      first_failure_at=None, headers={"idempotency_key": "k0"},
+                      idempotency_digest="e" * 32)
+    assert create_tables_at_once(old) == []
+    with old.connect() as conn:
+        columns = [c["name"] for c in sa.inspect(conn).get_columns("reliable_dead_letters")]
+    assert columns.count("headers_json") == 1 and columns.count("idempotency_digest") == 1
+    deadletter.record(old, task_name="r.new", task_id="id-2", args=[2], kwargs={},
+                      exc=ValueError("bad"), attempts=1, reason="failed", queue=None,
+                      first_failure_at=None, headers={"idempotency_key": "k"},
+                      idempotency_digest="d" * 32)
+    found = {letter.task_name: letter for letter in DeadLetters(celery_app, old).list()}
+    assert (found["r.old"].headers, found["r.old"].idempotency_digest) == ({}, None)
+    assert (found["r.early"].headers, found["r.early"].idempotency_digest) == ({}, None)
+    assert found["r.new"].headers == {"idempotency_key": "k"}
+    assert found["r.new"].idempotency_digest == "d" * 32
 
 
 # ------------------------------------------- a redelivery of a dead-lettered task id
