@@ -184,6 +184,13 @@ def schema_engine(engine: sa.Engine) -> Iterator[sa.Engine]:
         conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
 
 
+def reliable_task(app: Any, name: str, **options: Any) -> Any:
+    """``app.task`` for a bound ReliableTask of ``app`` only (not shared), named ``name``."""
+    from celery_reliable import ReliableTask
+
+    return app.task(base=ReliableTask, bind=True, shared=False, name=name, **options)
+
+
 def create_tables_at_once(engine: sa.Engine, threads: int = 4) -> list[BaseException]:
     """Run ``create_tables(engine)`` from ``threads`` threads at once; what they raised."""
     from celery_reliable import create_tables
