@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import shutil
@@ -663,6 +664,26 @@ class Monitor:
 
 
 @pytest.fixture
+def admit_monitor(private_redis: RedisServer) -> Iterator[Monitor]:
+    """Counts the admissions (EVALSHA of admit.lua) the server executes."""
+    monitor = Monitor(private_redis.port, script("admit").sha)
+    yield monitor
+    monitor.close()
+
+
+@contextlib.contextmanager
+def worker_losing_admit_replies(app: Celery, proxy: TcpProxy) -> Iterator[None]:
+    """An embedded worker for ``app`` whose admissions' replies are lost until
+    ``proxy.resume()`` (resumed on the way out in any case)."""
+    try:
+        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
+            proxy.lose_replies(script("admit").sha.encode())
+            yield
+    finally:
+        proxy.resume()
+
+
+@pytest.fixture
 def worker_app(
     private_redis: RedisServer, proxy: TcpProxy, redis_server: RedisServer, database_url: str
 ) -> Iterator[tuple[Celery, KeySpace]]:
@@ -688,7 +709,8 @@ def worker_app(
 
 
 def test_lost_admission_reply_leaves_nothing_and_defers(
-    worker_app: tuple[Celery, KeySpace], proxy: TcpProxy, private_redis: RedisServer
+    worker_app: tuple[Celery, KeySpace], proxy: TcpProxy, private_redis: RedisServer,
+    admit_monitor: Monitor,
 ) -> None:
     """The reply is lost after admission took everything: all undone, deferred, runs once."""
     app, keys = worker_app
@@ -703,7 +725,6 @@ def test_lost_admission_reply_leaves_nothing_and_defers(
         return int(self.request.get("reliable_deferrals") or 0)
 
     direct = redis.Redis(port=private_redis.port)
-    monitor = Monitor(private_redis.port, script("admit").sha)
     messages: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
@@ -712,10 +733,9 @@ def test_lost_admission_reply_leaves_nothing_and_defers(
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
-        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
-            proxy.lose_replies(script("admit").sha.encode())
+        with worker_losing_admit_replies(app, proxy):
             result = guarded.delay(1)
-            wait_for(lambda: monitor.seen >= 1, 20, "the admission to run on the server")
+            wait_for(lambda: admit_monitor.seen >= 1, 20, "the admission to run on the server")
             wait_for(lambda: result.state == "RETRY", 20, "the deferral")
             # deferred because Redis failed, not "lock busy" behind its own lock
             assert any("deferred" in m and "Redis unavailable" in m for m in messages)
@@ -731,17 +751,16 @@ def test_lost_admission_reply_leaves_nothing_and_defers(
             deferrals = result.get(timeout=60)
             assert ran == [result.id]
             assert deferrals >= 1
-            assert monitor.seen == deferrals + 1  # one admission per delivery, never resent
+            assert admit_monitor.seen == deferrals + 1  # one admission per delivery, never resent
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-        proxy.resume()
-        monitor.close()
         direct.close()
 
 
 def test_five_lost_replies_do_not_dead_letter(
-    worker_app: tuple[Celery, KeySpace], proxy: TcpProxy, private_redis: RedisServer
+    worker_app: tuple[Celery, KeySpace], proxy: TcpProxy, private_redis: RedisServer,
+    admit_monitor: Monitor,
 ) -> None:
     """Five admissions in a row lose their reply; max_redeliveries=2; it still runs, once."""
     app, keys = worker_app
@@ -753,16 +772,10 @@ def test_five_lost_replies_do_not_dead_letter(
         ran.append(self.request.id)
         return "ok"
 
-    monitor = Monitor(private_redis.port, script("admit").sha)
-    try:
-        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
-            proxy.lose_replies(script("admit").sha.encode())
-            result = counted.delay()
-            wait_for(lambda: monitor.seen >= 5, 90, "five admissions with lost replies")
-            proxy.resume()
-            assert result.get(timeout=60) == "ok"
-            assert ran == [result.id]
-            assert not redis.Redis(port=private_redis.port).exists(keys.deliveries(result.id))
-    finally:
+    with worker_losing_admit_replies(app, proxy):
+        result = counted.delay()
+        wait_for(lambda: admit_monitor.seen >= 5, 90, "five admissions with lost replies")
         proxy.resume()
-        monitor.close()
+        assert result.get(timeout=60) == "ok"
+        assert ran == [result.id]
+        assert not redis.Redis(port=private_redis.port).exists(keys.deliveries(result.id))
