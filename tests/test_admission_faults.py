@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from celery_reliable import ConfigurationError, FencedLock, ReliableTask
+from celery_reliable import ConfigurationError, FencedLock
 from celery_reliable.admission import ROLLBACK_MARK_MIN, Admitted, Plan, Poison
 from celery_reliable.breaker import BreakerSpec
 from celery_reliable.bulkhead import TierSpec
@@ -36,7 +36,15 @@ from celery_reliable.ratelimit import BucketSpec
 from celery_reliable.runtime import Runtime, runtime_for
 from celery_reliable.scripts import _channel, script
 
-from .conftest import LateProxy, RedisServer, TcpProxy, free_port, redis50_client, wait_for
+from .conftest import (
+    LateProxy,
+    RedisServer,
+    TcpProxy,
+    free_port,
+    redis50_client,
+    reliable_task,
+    wait_for,
+)
 
 
 def evalsha_calls(client: redis.Redis) -> int:
@@ -405,8 +413,8 @@ def test_soft_time_limit_during_admission_still_rolls_back(
     app.conf.update(reliable_redis_url=f"redis://127.0.0.1:{proxy.port}/0",
                     reliable_key_prefix=prefix, reliable_idempotency_store="redis")
 
-    @app.task(base=ReliableTask, bind=True, shared=False, name="adm.soft", lock="report:{n}",
-              lock_ttl=60, idempotency_key="report:{n}", soft_time_limit=1)
+    @reliable_task(app, name="adm.soft", lock="report:{n}",
+                   lock_ttl=60, idempotency_key="report:{n}", soft_time_limit=1)
     def report(self: Any, n: int) -> str:
         return "ran"
 
@@ -492,9 +500,9 @@ def test_interruption_between_admission_and_hold_leaks_nothing(
     app.conf.update(reliable_redis_url=redis_url, reliable_key_prefix=prefix,
                     reliable_idempotency_store="redis")
 
-    @app.task(base=ReliableTask, bind=True, shared=False, name="adm.interrupted",
-              lock="acct:{n}", lock_ttl=300, idempotency_key="acct:{n}",
-              idempotency_lease=300)
+    @reliable_task(app, name="adm.interrupted",
+                   lock="acct:{n}", lock_ttl=300, idempotency_key="acct:{n}",
+                   idempotency_lease=300)
     def guarded(self: Any, n: int) -> str:
         return "ran"
 
@@ -716,10 +724,10 @@ def test_lost_admission_reply_leaves_nothing_and_defers(
     app, keys = worker_app
     ran: list[str] = []
 
-    @app.task(base=ReliableTask, bind=True, shared=False, name="t.guarded",
-              lock="acct:{n}", idempotency_key="pay:{n}", bulkhead="critical",
-              rate_limit_key="k:{n}", rate_limit_key_spec={"rate": 1 / 3600, "burst": 10},
-              max_redeliveries=2, defer_delay=4.0, defer_max_delay=4.0)
+    @reliable_task(app, name="t.guarded",
+                   lock="acct:{n}", idempotency_key="pay:{n}", bulkhead="critical",
+                   rate_limit_key="k:{n}", rate_limit_key_spec={"rate": 1 / 3600, "burst": 10},
+                   max_redeliveries=2, defer_delay=4.0, defer_max_delay=4.0)
     def guarded(self: Any, n: int) -> int:
         ran.append(self.request.id)
         return int(self.request.get("reliable_deferrals") or 0)
@@ -766,8 +774,7 @@ def test_five_lost_replies_do_not_dead_letter(
     app, keys = worker_app
     ran: list[str] = []
 
-    @app.task(base=ReliableTask, bind=True, shared=False, name="t.counted",
-              max_redeliveries=2, defer_delay=0.1, defer_max_delay=0.2)
+    @reliable_task(app, name="t.counted", max_redeliveries=2, defer_delay=0.1, defer_max_delay=0.2)
     def counted(self: Any) -> str:
         ran.append(self.request.id)
         return "ok"

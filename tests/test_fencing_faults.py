@@ -23,7 +23,6 @@ from celery_reliable import (
     ConfigurationError,
     FencedLock,
     RedisFence,
-    ReliableTask,
     StaleFenceToken,
     SupersededWrite,
     check_postgres,
@@ -32,7 +31,7 @@ from celery_reliable.runtime import runtime_for
 from celery_reliable.schema import create_tables
 from celery_reliable.scripts import script
 
-from .conftest import LateProxy, RedisServer, create_tables_at_once, wait_for
+from .conftest import LateProxy, RedisServer, create_tables_at_once, reliable_task, wait_for
 
 RESOURCE = "order:7"
 
@@ -47,8 +46,7 @@ class Minter:
         self.app.conf.reliable_redis_url = url
         self.app.conf.reliable_key_prefix = prefix
 
-        @self.app.task(base=ReliableTask, bind=True, shared=False, name="ff.locked",
-                       lock="order:{n}")
+        @reliable_task(self.app, name="ff.locked", lock="order:{n}")
         def locked(self: Any, n: int) -> int:
             return int(self.fence_token)
 
@@ -197,8 +195,7 @@ def test_task_and_fenced_lock_holders_write_twice_and_an_equal_token_of_another_
     rkey = f"{prefix}:value"
     outcomes: list[str] = []
 
-    @minter.app.task(base=ReliableTask, bind=True, shared=False, name="ff.writer",
-                     lock="order:{n}")
+    @reliable_task(minter.app, name="ff.writer", lock="order:{n}")
     def writer(self: Any, n: int) -> int:
         for attempt in range(2):  # a task may write twice under one acquisition
             with engine.begin() as conn:
@@ -336,7 +333,7 @@ def test_late_copy_of_a_tasks_first_fenced_write_is_refused(
     rkey = f"{prefix}:task-value"
     fields: list[list[Any]] = []
 
-    @minter.app.task(base=ReliableTask, bind=True, shared=False, name="ff.seq", lock="seq:{n}")
+    @reliable_task(minter.app, name="ff.seq", lock="seq:{n}")
     def writer(self: Any, n: int) -> int:
         for attempt in range(2):  # a fresh Fence each time: the numbering is not per object
             self.fence.redis_set(minter.client, rkey, f"w{attempt}")
