@@ -7,6 +7,7 @@ database created for this run and dropped at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -141,26 +142,35 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    """A database created for this run on the local PostgreSQL, dropped afterwards."""
-    name = f"reliable_test_{secrets.token_hex(4)}"
+@contextlib.contextmanager
+def new_database(prefix: str) -> Iterator[str]:
+    """The URL of a database of its own (no tables) on the local PostgreSQL, dropped on the
+    way out; skips (fails in CI) when PostgreSQL is not reachable."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except sa.exc.OperationalError as exc:
         _missing(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A database created for this run on the local PostgreSQL, dropped afterwards."""
     from celery_reliable import create_tables
 
-    engine = sa.create_engine(url)
-    create_tables(engine)
-    engine.dispose()
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with new_database("reliable_test") as url:
+        engine = sa.create_engine(url)
+        create_tables(engine)
+        engine.dispose()
+        yield url
 
 
 @pytest.fixture
