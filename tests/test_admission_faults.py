@@ -52,6 +52,22 @@ def evalsha_calls(client: redis.Redis) -> int:
     return int(stats["calls"]) if stats else 0
 
 
+def sends_losing_replies(
+    proxy: TcpProxy, direct: redis.Redis, name: str, call: Any,
+    error: type[Exception] = redis.TimeoutError,
+) -> int:
+    """How many times script ``name`` ran on the server (``direct``) during ``call()``, which
+    must raise ``error``, while ``proxy`` loses the replies to it."""
+    direct.config_resetstat()
+    proxy.lose_replies(script(name).sha.encode())
+    try:
+        with pytest.raises(error):
+            call()
+    finally:
+        proxy.resume()
+    return evalsha_calls(direct)
+
+
 @pytest.fixture
 def proxy(private_redis: RedisServer) -> Iterator[TcpProxy]:
     tcp = TcpProxy(private_redis.port)
@@ -73,14 +89,7 @@ def test_admission_is_sent_once_on_every_path(
     keys = KeySpace("once")
 
     def lost(name: str, call: Any) -> int:
-        direct.config_resetstat()
-        proxy.lose_replies(script(name).sha.encode())
-        try:
-            with pytest.raises(redis.TimeoutError):
-                call()
-        finally:
-            proxy.resume()
-        return evalsha_calls(direct)
+        return sends_losing_replies(proxy, direct, name, call)
 
     def admit() -> Any:
         plan = Plan()
@@ -127,14 +136,8 @@ def test_admission_is_sent_once_on_redis_cluster(tmp_path: Path) -> None:
         cluster = RedisCluster(host="127.0.0.1", port=proxy.port, socket_timeout=0.5)
         plan = Plan()
         plan.add_lock(KeySpace("cl"), "res", "owner", 30)
-        direct.config_resetstat()
-        proxy.lose_replies(script("admit").sha.encode())
-        try:
-            with pytest.raises(redis.RedisError):
-                plan.admit(cluster)
-        finally:
-            proxy.resume()
-        assert evalsha_calls(direct) == 1
+        assert sends_losing_replies(
+            proxy, direct, "admit", lambda: plan.admit(cluster), redis.RedisError) == 1
         assert plan.rollback(cluster) == [1]  # it ran: its lock is undone
     finally:
         if cluster is not None:
@@ -179,14 +182,7 @@ def test_rollback_is_resent_a_few_times_then_gives_up(
     client = redis.Redis(port=proxy.port, socket_timeout=0.3)
     plan = Plan()
     plan.add_lock(KeySpace("rb"), "r", "owner", 30)
-    direct.config_resetstat()
-    proxy.lose_replies(script("rollback").sha.encode())
-    try:
-        with pytest.raises(redis.TimeoutError):
-            plan.rollback(client)
-    finally:
-        proxy.resume()
-    assert evalsha_calls(direct) == 3
+    assert sends_losing_replies(proxy, direct, "rollback", lambda: plan.rollback(client)) == 3
     assert plan.rollback(client) == [0]
     client.close()
 
