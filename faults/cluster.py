@@ -53,14 +53,22 @@ def wait_port(port: int, timeout: float) -> None:
 
 
 class TcpProxy:
-    """A loopback TCP proxy (ported from tests/conftest.py) to cut or freeze a network path.
+    """A loopback TCP proxy to a real server, to cut, freeze or slow a network path.
 
-    ``stall()`` keeps every connection open but forwards nothing (a frozen
-    link: clients block until their socket timeout); ``resume()`` forwards
-    again, delivering what was held. ``stop()`` closes the listener and every
-    connection; ``start()`` brings the same address back. ``retarget(port)``
-    closes every connection and forwards new ones to another server (how
-    clients are pointed at a promoted replica).
+    ``stop()`` closes the listener and every live connection (the server looks
+    down to its clients); ``start()`` brings the same address back.
+    ``stall()`` keeps every connection open but forwards nothing (packets
+    dropped on a live link: clients block until their socket timeout);
+    ``lose_replies(marker)`` forwards every request but holds what the server
+    answers on a connection from its first request containing ``marker`` on
+    (the command runs, its reply is lost: the client times out, and a new
+    connection works until it sends ``marker`` again); ``resume()`` delivers
+    what was held and forwards again. ``retarget(port)`` closes every
+    connection and forwards new ones to another server (how clients are
+    pointed at a promoted replica).
+
+    Subclasses change what happens to each chunk read by overriding
+    :meth:`_forward`; :meth:`_pipe` owns reading and closing.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -71,6 +79,13 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._flowing = threading.Event()
         self._flowing.set()
+        self._marker: bytes | None = None
+        # per connection (both its sockets): may the server's replies pass?
+        self._replies: dict[socket.socket, threading.Event] = {}
+
+    @property
+    def running(self) -> bool:
+        return self._listener is not None
 
     @property
     def stalled(self) -> bool:
@@ -79,8 +94,15 @@ class TcpProxy:
     def stall(self) -> None:
         self._flowing.clear()
 
+    def lose_replies(self, marker: bytes) -> None:
+        self._marker = marker
+
     def resume(self) -> None:
+        self._marker = None
         self._flowing.set()
+        with self._lock:
+            for replies in self._replies.values():
+                replies.set()
 
     def start(self) -> None:
         listener = socket.socket()
@@ -106,16 +128,19 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            replies = threading.Event()
+            replies.set()
             with self._lock:
                 self._conns += [client, upstream]
+                self._replies[client] = self._replies[upstream] = replies
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        request = src.getsockname()[1] == self.port  # the client's side of the proxy
         try:
             while data := src.recv(65536):
-                self._flowing.wait()  # stalled: hold the bytes, keep the connection
-                dst.sendall(data)
+                self._forward(request, data, src, dst)
         except OSError:
             pass
         finally:
@@ -124,9 +149,34 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
             with self._lock:
                 for s in (src, dst):
+                    replies = self._replies.pop(s, None)
+                    if replies is not None:
+                        replies.set()  # a reply held for a closed connection: let it fail
                     if s in self._conns:
                         self._conns.remove(s)
                         s.close()
+
+    def _forward(self, request: bool, data: bytes, src: socket.socket, dst: socket.socket) -> None:
+        """Send one chunk read from ``src`` on to ``dst``; ``request``: it came from the client."""
+        self._flowing.wait()  # stalled: hold the bytes, keep the connection
+        if request:
+            self._watch_marker(data, src)
+        else:
+            self._replies_of(src).wait()
+        dst.sendall(data)
+
+    def _watch_marker(self, request: bytes, src: socket.socket) -> None:
+        """A request holding the ``lose_replies`` marker: hold its connection's replies."""
+        marker = self._marker
+        if marker is not None and marker in request:
+            self._replies_of(src).clear()  # before the server can answer it
+
+    def _replies_of(self, sock: socket.socket) -> threading.Event:
+        with self._lock:
+            replies = self._replies.get(sock)
+        if replies is None:  # the connection was dropped meanwhile
+            raise OSError("connection closed")
+        return replies
 
     def drop_connections(self) -> None:
         with self._lock:
@@ -139,6 +189,8 @@ class TcpProxy:
     def stop(self) -> None:
         self.resume()  # let stalled pipes see their sockets close
         if self._listener is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone
+            # would leave the socket accepting one more connection.
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()

@@ -25,16 +25,15 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+# One proxy and one free_port for the tests and the fault campaign (re-exported: tests import
+# both from here).
+from faults.cluster import TcpProxy as TcpProxy
+from faults.cluster import free_port as free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get(
     "RELIABLE_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _missing(what: str) -> None:
@@ -143,26 +142,35 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    """A database created for this run on the local PostgreSQL, dropped afterwards."""
-    name = f"reliable_test_{secrets.token_hex(4)}"
+@contextlib.contextmanager
+def new_database(prefix: str) -> Iterator[str]:
+    """The URL of a database of its own (no tables) on the local PostgreSQL, dropped on the
+    way out; skips (fails in CI) when PostgreSQL is not reachable."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except sa.exc.OperationalError as exc:
         _missing(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A database created for this run on the local PostgreSQL, dropped afterwards."""
     from celery_reliable import create_tables
 
-    engine = sa.create_engine(url)
-    create_tables(engine)
-    engine.dispose()
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with new_database("reliable_test") as url:
+        engine = sa.create_engine(url)
+        create_tables(engine)
+        engine.dispose()
+        yield url
 
 
 @pytest.fixture
@@ -170,6 +178,47 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(database_url)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def schema_engine(engine: sa.Engine) -> Iterator[sa.Engine]:
+    """An engine whose search_path is a schema of this test's own (empty; dropped after),
+    where a test creates tables of an older shape to see them upgraded."""
+    schema = f"old_{secrets.token_hex(4)}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    scoped = sa.create_engine(engine.url, connect_args={"options": f"-csearch_path={schema}"})
+    yield scoped
+    scoped.dispose()
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+
+
+def reliable_task(app: Any, name: str, **options: Any) -> Any:
+    """``app.task`` for a bound ReliableTask of ``app`` only (not shared), named ``name``."""
+    from celery_reliable import ReliableTask
+
+    return app.task(base=ReliableTask, bind=True, shared=False, name=name, **options)
+
+
+def create_tables_at_once(engine: sa.Engine, threads: int = 4) -> list[BaseException]:
+    """Run ``create_tables(engine)`` from ``threads`` threads at once; what they raised."""
+    from celery_reliable import create_tables
+
+    errors: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            create_tables(engine)
+        except BaseException as exc:  # returned to the caller, who asserts on it
+            errors.append(exc)
+
+    workers = [threading.Thread(target=migrate) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(60)
+    return errors
 
 
 @pytest.fixture
@@ -335,115 +384,8 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) 
         time.sleep(interval)
 
 
-class TcpProxy:
-    """A loopback TCP proxy to a real server, to cut and restore the network path.
-
-    ``stop()`` closes the listener and every live connection (the server looks
-    down to its clients); ``start()`` brings the same address back.
-    ``stall()`` keeps every connection open but forwards nothing (packets
-    dropped on a live link: clients block until their socket timeout);
-    ``lose_replies(marker)`` forwards every request but holds what the server
-    answers on a connection from its first request containing ``marker`` on
-    (the command runs, its reply is lost: the client times out, and a new
-    connection works until it sends ``marker`` again); ``resume()`` delivers
-    what was held and forwards again.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self._listener: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._flowing = threading.Event()
-        self._flowing.set()
-        self._marker: bytes | None = None
-        # per connection (both its sockets): may the server's replies pass?
-        self._replies: dict[socket.socket, threading.Event] = {}
-
-    def stall(self) -> None:
-        self._flowing.clear()
-
-    def lose_replies(self, marker: bytes) -> None:
-        self._marker = marker
-
-    def resume(self) -> None:
-        self._marker = None
-        self._flowing.set()
-        with self._lock:
-            for replies in self._replies.values():
-                replies.set()
-
-    @property
-    def running(self) -> bool:
-        return self._listener is not None
-
-    def start(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
-            replies = threading.Event()
-            replies.set()
-            with self._lock:
-                self._conns += [client, upstream]
-                self._replies[client] = self._replies[upstream] = replies
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        replies = self._replies[src]
-        request = src.getsockname()[1] == self.port  # the client's side of the proxy
-        try:
-            while data := src.recv(65536):
-                self._flowing.wait()  # stalled: hold the bytes, keep the connection
-                if request:
-                    marker = self._marker
-                    if marker is not None and marker in data:
-                        replies.clear()  # before the server can answer it
-                else:
-                    replies.wait()
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def stop(self) -> None:
-        self.resume()  # let stalled pipes see their sockets close
-        if self._listener is not None:
-            # shutdown() wakes the thread blocked in accept(); close() alone
-            # would leave the socket accepting one more connection.
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-
 class LateProxy(TcpProxy):
-    """A TcpProxy that delivers one request late, on its own connection only.
+    """A TcpProxy that delivers a request late, on its own connection only.
 
     ``hold(marker)``: the next request containing ``marker`` is kept until
     ``release()``, then reaches the server even if its client has given up and
@@ -451,18 +393,25 @@ class LateProxy(TcpProxy):
     lost TCP segment in retransmission backoff (RTO doubles: 0.2, 0.4, ...,
     3.2 s): data already written to the socket is still delivered after the
     client's ``close()``, followed by the FIN, while a new connection made after
-    the network healed gets through at once.
+    the network healed gets through at once. ``hold(marker, every=True)``: each
+    request containing ``marker`` (on each new connection: a resend) is kept
+    until ``release()``; ``delivered_count`` says how many reached the server
+    since the ``hold``. TcpProxy's ``lose_replies`` works on held requests too.
     """
 
     def __init__(self, target_port: int) -> None:
         super().__init__(target_port)
         self._late: bytes | None = None
+        self._every = False
         self._release = threading.Event()
         self.delivered = threading.Event()
+        self.delivered_count = 0
 
-    def hold(self, marker: bytes) -> None:
+    def hold(self, marker: bytes, every: bool = False) -> None:
         self._release.clear()
         self.delivered.clear()
+        self._every = every
+        self.delivered_count = 0
         self._late = marker
 
     def release(self) -> None:
@@ -472,27 +421,20 @@ class LateProxy(TcpProxy):
         self._release.set()
         super().stop()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        if src.getsockname()[1] != self.port:  # the server's replies: as usual
-            super()._pipe(src, dst)
+    def _forward(self, request: bool, data: bytes, src: socket.socket, dst: socket.socket) -> None:
+        late = self._late
+        if not request or late is None or late not in data:
+            super()._forward(request, data, src, dst)
             return
-        try:
-            while data := src.recv(65536):
-                late = self._late
-                if late is not None and late in data:
-                    self._late = None
-                    self._release.wait(30)
-                    dst.sendall(data)
-                    time.sleep(0.2)  # let the server read it before the FIN follows
-                    self.delivered.set()
-                    continue
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+        if not self._every:
+            self._late = None
+        self._watch_marker(data, src)  # this request runs; with lose_replies its reply is lost
+        self._release.wait(30)
+        dst.sendall(data)
+        time.sleep(0.2)  # let the server read it before the FIN follows
+        with self._lock:
+            self.delivered_count += 1
+        self.delivered.set()
 
 
 @pytest.fixture

@@ -95,16 +95,12 @@ def rkey(*parts: Any) -> str:
 
 
 def register(app: Celery) -> None:
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="fleet.exclusive",
-        lock="excl:{key}",
-        lock_ttl=10,
-        defer_delay=0.05,
-        defer_max_delay=0.3,
-    )
+    def reliable(name: str, **options: Any) -> Any:
+        """``app.task`` for a bound ReliableTask of this app only, named ``name``."""
+        return app.task(base=ReliableTask, bind=True, shared=False, name=name, **options)
+
+    @reliable(name="fleet.exclusive", lock="excl:{key}", lock_ttl=10, defer_delay=0.05,
+              defer_max_delay=0.3)
     def exclusive(self: ReliableTask, key: str, hold: float) -> int:
         start = time.time()
         time.sleep(hold)
@@ -123,30 +119,15 @@ def register(app: Celery) -> None:
         )
         return self.fence_token
 
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="fleet.long_holder",
-        lock="long:{key}",
-        lock_ttl=60,
-        idempotency_key="long:{key}",
-        idempotency_lease=60,
-    )
+    @reliable(name="fleet.long_holder", lock="long:{key}", lock_ttl=60,
+              idempotency_key="long:{key}", idempotency_lease=60)
     def long_holder(self: ReliableTask, key: str, hold: float) -> None:
         # Holds its lock for ``hold`` seconds (revoke tests).
         client().set(rkey("pid", key), os.getpid())
         time.sleep(hold)
 
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="fleet.fenced_writer",
-        lock="acct:{account}",
-        lock_ttl=2,
-        acks_late=True,
-    )  # the paused holder keeps its prefetch slot
+    # acks_late: the paused holder keeps its prefetch slot
+    @reliable(name="fleet.fenced_writer", lock="acct:{account}", lock_ttl=2, acks_late=True)
     def fenced_writer(self: ReliableTask, account: str, label: str) -> dict[str, Any]:
         r = client()
         r.set(rkey("pid", label), os.getpid())
@@ -180,18 +161,8 @@ def register(app: Celery) -> None:
         r.set(rkey("outcome", label), json.dumps(outcome))
         return outcome
 
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="fleet.crashy",
-        lock="crash:{key}",
-        lock_ttl=3,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        defer_delay=0.2,
-        defer_max_delay=1.0,
-    )
+    @reliable(name="fleet.crashy", lock="crash:{key}", lock_ttl=3, acks_late=True,
+              reject_on_worker_lost=True, defer_delay=0.2, defer_max_delay=1.0)
     def crashy(self: ReliableTask, key: str) -> str:
         r = client()
         r.rpush(
@@ -209,33 +180,17 @@ def register(app: Celery) -> None:
             time.sleep(60)  # the test kills this process meanwhile
         return "done"
 
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="fleet.charge",
-        idempotency_key="charge:{order_id}",
-        defer_delay=0.05,
-        defer_max_delay=0.3,
-    )
+    @reliable(name="fleet.charge", idempotency_key="charge:{order_id}", defer_delay=0.05,
+              defer_max_delay=0.3)
     def charge(self: ReliableTask, order_id: str, amount: int) -> dict[str, Any]:
         with self.idempotent_transaction() as session:
             session.execute(sa.insert(effects).values(order_id=order_id, pid=os.getpid()))
         time.sleep(0.2)
         return {"order": order_id, "amount": amount, "pid": os.getpid(), "at": time.time()}
 
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="fleet.charge_slow",
-        acks_late=True,
-        reject_on_worker_lost=True,
-        idempotency_key="slow:{order_id}",
-        idempotency_lease=2,
-        defer_delay=0.2,
-        defer_max_delay=1.0,
-    )
+    @reliable(name="fleet.charge_slow", acks_late=True, reject_on_worker_lost=True,
+              idempotency_key="slow:{order_id}", idempotency_lease=2, defer_delay=0.2,
+              defer_max_delay=1.0)
     def charge_slow(self: ReliableTask, order_id: str, transactional: bool) -> str:
         r = client()
         r.rpush(rkey("attempts", order_id), json.dumps({"pid": os.getpid()}))
@@ -249,15 +204,7 @@ def register(app: Celery) -> None:
             time.sleep(60)  # the test kills this process meanwhile
         return "done"
 
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="fleet.tick",
-        ignore_result=True,
-        defer_delay=0.25,
-        defer_max_delay=2.0,
-    )
+    @reliable(name="fleet.tick", ignore_result=True, defer_delay=0.25, defer_max_delay=2.0)
     def tick(self: ReliableTask) -> None:
         client().rpush(rkey("ticks"), time.time())
 
@@ -270,15 +217,7 @@ def register(app: Celery) -> None:
     def plain_tick() -> None:
         client().rpush(rkey("plain_ticks"), time.time())
 
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="fleet.bulk",
-        bulkhead="tier3",
-        defer_delay=0.1,
-        defer_max_delay=0.5,
-    )
+    @reliable(name="fleet.bulk", bulkhead="tier3", defer_delay=0.1, defer_max_delay=0.5)
     def bulk(self: ReliableTask, hold: float) -> int:
         r = client()
         now = r.eval(_ENTER, 2, rkey("active"), rkey("max_active"))
@@ -291,27 +230,13 @@ def register(app: Celery) -> None:
         r.rpush(rkey("bulk_starts"), json.dumps({"at": time.time() - hold, "pid": os.getpid()}))
         return int(now)
 
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="fleet.suicide",
-        acks_late=True,
-        reject_on_worker_lost=True,
-        max_redeliveries=2,
-        defer_delay=0.1,
-    )
+    @reliable(name="fleet.suicide", acks_late=True, reject_on_worker_lost=True, max_redeliveries=2,
+              defer_delay=0.1)
     def suicide(self: ReliableTask, key: str) -> None:
         client().rpush(rkey("suicide", key), os.getpid())
         os.kill(os.getpid(), signal.SIGKILL)  # out of memory, a segfault: the worker is lost
 
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="fleet.flaky",
-        backoff=Backoff.exponential(0.05, 0.2, max_attempts=6),
-    )
+    @reliable(name="fleet.flaky", backoff=Backoff.exponential(0.05, 0.2, max_attempts=6))
     def flaky(self: ReliableTask, key: str, k: int) -> dict[str, Any]:
         r = client()
         r.rpush(rkey("flaky", key), os.getpid())
@@ -322,15 +247,7 @@ def register(app: Celery) -> None:
             "pids": [int(p) for p in r.lrange(rkey("flaky", key), 0, -1)],
         }
 
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="fleet.partner",
-        circuit_breaker="partner",
-        defer_delay=0.2,
-        defer_max_delay=0.5,
-    )
+    @reliable(name="fleet.partner", circuit_breaker="partner", defer_delay=0.2, defer_max_delay=0.5)
     def partner(self: ReliableTask, mode: str) -> dict[str, Any]:
         client().rpush(
             rkey("partner"),

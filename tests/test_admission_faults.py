@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from celery_reliable import ConfigurationError, FencedLock, ReliableTask
+from celery_reliable import ConfigurationError, FencedLock
 from celery_reliable.admission import ROLLBACK_MARK_MIN, Admitted, Plan, Poison
 from celery_reliable.breaker import BreakerSpec
 from celery_reliable.bulkhead import TierSpec
@@ -36,12 +36,36 @@ from celery_reliable.ratelimit import BucketSpec
 from celery_reliable.runtime import Runtime, runtime_for
 from celery_reliable.scripts import _channel, script
 
-from .conftest import LateProxy, RedisServer, TcpProxy, free_port, redis50_client, wait_for
+from .conftest import (
+    LateProxy,
+    RedisServer,
+    TcpProxy,
+    free_port,
+    redis50_client,
+    reliable_task,
+    wait_for,
+)
 
 
 def evalsha_calls(client: redis.Redis) -> int:
     stats = client.info("commandstats").get("cmdstat_evalsha")
     return int(stats["calls"]) if stats else 0
+
+
+def sends_losing_replies(
+    proxy: TcpProxy, direct: redis.Redis, name: str, call: Any,
+    error: type[Exception] = redis.TimeoutError,
+) -> int:
+    """How many times script ``name`` ran on the server (``direct``) during ``call()``, which
+    must raise ``error``, while ``proxy`` loses the replies to it."""
+    direct.config_resetstat()
+    proxy.lose_replies(script(name).sha.encode())
+    try:
+        with pytest.raises(error):
+            call()
+    finally:
+        proxy.resume()
+    return evalsha_calls(direct)
 
 
 @pytest.fixture
@@ -65,14 +89,7 @@ def test_admission_is_sent_once_on_every_path(
     keys = KeySpace("once")
 
     def lost(name: str, call: Any) -> int:
-        direct.config_resetstat()
-        proxy.lose_replies(script(name).sha.encode())
-        try:
-            with pytest.raises(redis.TimeoutError):
-                call()
-        finally:
-            proxy.resume()
-        return evalsha_calls(direct)
+        return sends_losing_replies(proxy, direct, name, call)
 
     def admit() -> Any:
         plan = Plan()
@@ -119,14 +136,8 @@ def test_admission_is_sent_once_on_redis_cluster(tmp_path: Path) -> None:
         cluster = RedisCluster(host="127.0.0.1", port=proxy.port, socket_timeout=0.5)
         plan = Plan()
         plan.add_lock(KeySpace("cl"), "res", "owner", 30)
-        direct.config_resetstat()
-        proxy.lose_replies(script("admit").sha.encode())
-        try:
-            with pytest.raises(redis.RedisError):
-                plan.admit(cluster)
-        finally:
-            proxy.resume()
-        assert evalsha_calls(direct) == 1
+        assert sends_losing_replies(
+            proxy, direct, "admit", lambda: plan.admit(cluster), redis.RedisError) == 1
         assert plan.rollback(cluster) == [1]  # it ran: its lock is undone
     finally:
         if cluster is not None:
@@ -171,14 +182,7 @@ def test_rollback_is_resent_a_few_times_then_gives_up(
     client = redis.Redis(port=proxy.port, socket_timeout=0.3)
     plan = Plan()
     plan.add_lock(KeySpace("rb"), "r", "owner", 30)
-    direct.config_resetstat()
-    proxy.lose_replies(script("rollback").sha.encode())
-    try:
-        with pytest.raises(redis.TimeoutError):
-            plan.rollback(client)
-    finally:
-        proxy.resume()
-    assert evalsha_calls(direct) == 3
+    assert sends_losing_replies(proxy, direct, "rollback", lambda: plan.rollback(client)) == 3
     assert plan.rollback(client) == [0]
     client.close()
 
@@ -405,8 +409,8 @@ def test_soft_time_limit_during_admission_still_rolls_back(
     app.conf.update(reliable_redis_url=f"redis://127.0.0.1:{proxy.port}/0",
                     reliable_key_prefix=prefix, reliable_idempotency_store="redis")
 
-    @app.task(base=ReliableTask, bind=True, shared=False, name="adm.soft", lock="report:{n}",
-              lock_ttl=60, idempotency_key="report:{n}", soft_time_limit=1)
+    @reliable_task(app, name="adm.soft", lock="report:{n}",
+                   lock_ttl=60, idempotency_key="report:{n}", soft_time_limit=1)
     def report(self: Any, n: int) -> str:
         return "ran"
 
@@ -492,9 +496,9 @@ def test_interruption_between_admission_and_hold_leaks_nothing(
     app.conf.update(reliable_redis_url=redis_url, reliable_key_prefix=prefix,
                     reliable_idempotency_store="redis")
 
-    @app.task(base=ReliableTask, bind=True, shared=False, name="adm.interrupted",
-              lock="acct:{n}", lock_ttl=300, idempotency_key="acct:{n}",
-              idempotency_lease=300)
+    @reliable_task(app, name="adm.interrupted",
+                   lock="acct:{n}", lock_ttl=300, idempotency_key="acct:{n}",
+                   idempotency_lease=300)
     def guarded(self: Any, n: int) -> str:
         return "ran"
 
@@ -572,54 +576,6 @@ def test_interrupted_rollback_works_with_the_oldest_supported_redis_py(redis_url
         client.close()
 
 
-class LateAndLostProxy(LateProxy):
-    """LateProxy that can also lose replies (TcpProxy's ``lose_replies``) and hold every send.
-
-    ``hold(marker, every=True)``: each request containing ``marker`` (on each
-    new connection: a resend) is kept until ``release()``; ``delivered_count``
-    says how many reached the server since.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        super().__init__(target_port)
-        self._every = False
-        self.delivered_count = 0
-
-    def hold(self, marker: bytes, every: bool = False) -> None:
-        super().hold(marker)
-        self._every = every
-        self.delivered_count = 0
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        if src.getsockname()[1] != self.port:  # the server's replies: TcpProxy's, held or not
-            TcpProxy._pipe(self, src, dst)
-            return
-        replies = self._replies[src]
-        try:
-            while data := src.recv(65536):
-                marker = self._marker
-                if marker is not None and marker in data:
-                    replies.clear()  # this request runs; its reply is lost
-                late = self._late
-                if late is not None and late in data:
-                    if not self._every:
-                        self._late = None
-                    self._release.wait(30)
-                    dst.sendall(data)
-                    time.sleep(0.2)
-                    with self._lock:
-                        self.delivered_count += 1
-                    self.delivered.set()
-                    continue
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
 @pytest.mark.parametrize("late", ["first send", "every send"])
 def test_late_rollback_never_frees_a_later_acquire_of_the_same_owner(
     private_redis: RedisServer, prefix: str, late: str,
@@ -639,7 +595,7 @@ def test_late_rollback_never_frees_a_later_acquire_of_the_same_owner(
     direct = redis.Redis(port=private_redis.port)
     for name in ("admit", "rollback", "complete", "renew"):
         direct.script_load(script(name).source)
-    proxy = LateAndLostProxy(private_redis.port)
+    proxy = LateProxy(private_redis.port)
     proxy.start()
     client = redis.Redis(port=proxy.port, socket_timeout=0.5)
     keys = KeySpace(prefix)
@@ -712,6 +668,26 @@ class Monitor:
 
 
 @pytest.fixture
+def admit_monitor(private_redis: RedisServer) -> Iterator[Monitor]:
+    """Counts the admissions (EVALSHA of admit.lua) the server executes."""
+    monitor = Monitor(private_redis.port, script("admit").sha)
+    yield monitor
+    monitor.close()
+
+
+@contextlib.contextmanager
+def worker_losing_admit_replies(app: Celery, proxy: TcpProxy) -> Iterator[None]:
+    """An embedded worker for ``app`` whose admissions' replies are lost until
+    ``proxy.resume()`` (resumed on the way out in any case)."""
+    try:
+        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
+            proxy.lose_replies(script("admit").sha.encode())
+            yield
+    finally:
+        proxy.resume()
+
+
+@pytest.fixture
 def worker_app(
     private_redis: RedisServer, proxy: TcpProxy, redis_server: RedisServer, database_url: str
 ) -> Iterator[tuple[Celery, KeySpace]]:
@@ -737,22 +713,22 @@ def worker_app(
 
 
 def test_lost_admission_reply_leaves_nothing_and_defers(
-    worker_app: tuple[Celery, KeySpace], proxy: TcpProxy, private_redis: RedisServer
+    worker_app: tuple[Celery, KeySpace], proxy: TcpProxy, private_redis: RedisServer,
+    admit_monitor: Monitor,
 ) -> None:
     """The reply is lost after admission took everything: all undone, deferred, runs once."""
     app, keys = worker_app
     ran: list[str] = []
 
-    @app.task(base=ReliableTask, bind=True, shared=False, name="t.guarded",
-              lock="acct:{n}", idempotency_key="pay:{n}", bulkhead="critical",
-              rate_limit_key="k:{n}", rate_limit_key_spec={"rate": 1 / 3600, "burst": 10},
-              max_redeliveries=2, defer_delay=4.0, defer_max_delay=4.0)
+    @reliable_task(app, name="t.guarded",
+                   lock="acct:{n}", idempotency_key="pay:{n}", bulkhead="critical",
+                   rate_limit_key="k:{n}", rate_limit_key_spec={"rate": 1 / 3600, "burst": 10},
+                   max_redeliveries=2, defer_delay=4.0, defer_max_delay=4.0)
     def guarded(self: Any, n: int) -> int:
         ran.append(self.request.id)
         return int(self.request.get("reliable_deferrals") or 0)
 
     direct = redis.Redis(port=private_redis.port)
-    monitor = Monitor(private_redis.port, script("admit").sha)
     messages: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
@@ -761,10 +737,9 @@ def test_lost_admission_reply_leaves_nothing_and_defers(
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
-        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
-            proxy.lose_replies(script("admit").sha.encode())
+        with worker_losing_admit_replies(app, proxy):
             result = guarded.delay(1)
-            wait_for(lambda: monitor.seen >= 1, 20, "the admission to run on the server")
+            wait_for(lambda: admit_monitor.seen >= 1, 20, "the admission to run on the server")
             wait_for(lambda: result.state == "RETRY", 20, "the deferral")
             # deferred because Redis failed, not "lock busy" behind its own lock
             assert any("deferred" in m and "Redis unavailable" in m for m in messages)
@@ -780,38 +755,30 @@ def test_lost_admission_reply_leaves_nothing_and_defers(
             deferrals = result.get(timeout=60)
             assert ran == [result.id]
             assert deferrals >= 1
-            assert monitor.seen == deferrals + 1  # one admission per delivery, never resent
+            assert admit_monitor.seen == deferrals + 1  # one admission per delivery, never resent
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-        proxy.resume()
-        monitor.close()
         direct.close()
 
 
 def test_five_lost_replies_do_not_dead_letter(
-    worker_app: tuple[Celery, KeySpace], proxy: TcpProxy, private_redis: RedisServer
+    worker_app: tuple[Celery, KeySpace], proxy: TcpProxy, private_redis: RedisServer,
+    admit_monitor: Monitor,
 ) -> None:
     """Five admissions in a row lose their reply; max_redeliveries=2; it still runs, once."""
     app, keys = worker_app
     ran: list[str] = []
 
-    @app.task(base=ReliableTask, bind=True, shared=False, name="t.counted",
-              max_redeliveries=2, defer_delay=0.1, defer_max_delay=0.2)
+    @reliable_task(app, name="t.counted", max_redeliveries=2, defer_delay=0.1, defer_max_delay=0.2)
     def counted(self: Any) -> str:
         ran.append(self.request.id)
         return "ok"
 
-    monitor = Monitor(private_redis.port, script("admit").sha)
-    try:
-        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
-            proxy.lose_replies(script("admit").sha.encode())
-            result = counted.delay()
-            wait_for(lambda: monitor.seen >= 5, 90, "five admissions with lost replies")
-            proxy.resume()
-            assert result.get(timeout=60) == "ok"
-            assert ran == [result.id]
-            assert not redis.Redis(port=private_redis.port).exists(keys.deliveries(result.id))
-    finally:
+    with worker_losing_admit_replies(app, proxy):
+        result = counted.delay()
+        wait_for(lambda: admit_monitor.seen >= 5, 90, "five admissions with lost replies")
         proxy.resume()
-        monitor.close()
+        assert result.get(timeout=60) == "ok"
+        assert ran == [result.id]
+        assert not redis.Redis(port=private_redis.port).exists(keys.deliveries(result.id))

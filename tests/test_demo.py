@@ -32,7 +32,7 @@ from demo_project.checks import (
 )
 from demo_project.ui import PlainUI
 
-from .conftest import PG_ADMIN_URL, RedisServer, _missing, free_port
+from .conftest import RedisServer, _missing, free_port, new_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -419,17 +419,8 @@ def rabbitmq_url() -> str:
 @pytest.fixture
 def empty_database() -> Iterator[str]:
     """A database of this test's own with no tables at all (``database_url`` has ours)."""
-    name = f"reliable_demo_{secrets.token_hex(4)}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError as exc:
-        _missing(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
-    yield admin.url.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with new_database("reliable_demo") as url:
+        yield url
 
 
 def _tables(engine: sa.Engine) -> dict[str, str | None]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -24,7 +23,6 @@ from celery_reliable import (
     ConfigurationError,
     FencedLock,
     RedisFence,
-    ReliableTask,
     StaleFenceToken,
     SupersededWrite,
     check_postgres,
@@ -33,7 +31,7 @@ from celery_reliable.runtime import runtime_for
 from celery_reliable.schema import create_tables
 from celery_reliable.scripts import script
 
-from .conftest import LateProxy, RedisServer, wait_for
+from .conftest import LateProxy, RedisServer, create_tables_at_once, reliable_task, wait_for
 
 RESOURCE = "order:7"
 
@@ -48,8 +46,7 @@ class Minter:
         self.app.conf.reliable_redis_url = url
         self.app.conf.reliable_key_prefix = prefix
 
-        @self.app.task(base=ReliableTask, bind=True, shared=False, name="ff.locked",
-                       lock="order:{n}")
+        @reliable_task(self.app, name="ff.locked", lock="order:{n}")
         def locked(self: Any, n: int) -> int:
             return int(self.fence_token)
 
@@ -198,8 +195,7 @@ def test_task_and_fenced_lock_holders_write_twice_and_an_equal_token_of_another_
     rkey = f"{prefix}:value"
     outcomes: list[str] = []
 
-    @minter.app.task(base=ReliableTask, bind=True, shared=False, name="ff.writer",
-                     lock="order:{n}")
+    @reliable_task(minter.app, name="ff.writer", lock="order:{n}")
     def writer(self: Any, n: int) -> int:
         for attempt in range(2):  # a task may write twice under one acquisition
             with engine.begin() as conn:
@@ -337,7 +333,7 @@ def test_late_copy_of_a_tasks_first_fenced_write_is_refused(
     rkey = f"{prefix}:task-value"
     fields: list[list[Any]] = []
 
-    @minter.app.task(base=ReliableTask, bind=True, shared=False, name="ff.seq", lock="seq:{n}")
+    @reliable_task(minter.app, name="ff.seq", lock="seq:{n}")
     def writer(self: Any, n: int) -> int:
         for attempt in range(2):  # a fresh Fence each time: the numbering is not per object
             self.fence.redis_set(minter.client, rkey, f"w{attempt}")
@@ -406,20 +402,13 @@ CREATE TABLE reliable_fences (
 
 
 @pytest.fixture
-def old_schema_engine(engine: sa.Engine) -> Iterator[sa.Engine]:
+def old_schema_engine(schema_engine: sa.Engine) -> sa.Engine:
     """An engine whose search_path is a schema of this test's own holding an OLD-shape
     reliable_fences (as created by celery-reliable before the holder column), with a row."""
-    schema = f"old_{secrets.token_hex(4)}"
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    old = sa.create_engine(engine.url, connect_args={"options": f"-csearch_path={schema}"})
-    with old.begin() as conn:
+    with schema_engine.begin() as conn:
         conn.execute(sa.text(OLD_FENCES))
         conn.execute(sa.text("INSERT INTO reliable_fences (resource, token) VALUES ('r', 5)"))
-    yield old
-    old.dispose()
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    return schema_engine
 
 
 def test_create_tables_upgrades_an_old_fences_table(old_schema_engine: sa.Engine) -> None:
@@ -428,20 +417,7 @@ def test_create_tables_upgrades_an_old_fences_table(old_schema_engine: sa.Engine
     with pytest.raises(ConfigurationError, match="reliable migrate"), \
             old_schema_engine.begin() as conn:
         check_postgres(conn, "r", 6, holder="h")  # before: a clear message, not SQL
-    errors: list[BaseException] = []
-
-    def migrate() -> None:
-        try:
-            create_tables(old_schema_engine)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=migrate) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
+    assert create_tables_at_once(old_schema_engine) == []
     create_tables(old_schema_engine)  # and again: idempotent
     with old_schema_engine.connect() as conn:
         columns = [c["name"] for c in sa.inspect(conn).get_columns("reliable_fences")]

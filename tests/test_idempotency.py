@@ -14,7 +14,6 @@ from celery.contrib.testing.worker import TestWorkController
 from celery_reliable import (
     ArgumentsNotCanonical,
     IdempotencyKeyMismatch,
-    ReliableTask,
     ReplayedFailure,
     ResultNotSerializable,
     metrics,
@@ -22,7 +21,7 @@ from celery_reliable import (
 from celery_reliable.idempotency import purge_expired
 from celery_reliable.schema import idempotency
 
-from .conftest import TcpProxy, wait_for
+from .conftest import TcpProxy, reliable_task, wait_for
 
 effects = sa.Table(
     "test_effects",
@@ -46,15 +45,7 @@ def count(engine: sa.Engine, tag: str) -> int:
 def charge_task(app: Celery, tag: str, **options: Any) -> Any:
     options.setdefault("idempotency_key", "charge:{order_id}")
 
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name=f"t.charge.{tag}",
-        defer_delay=0.05,
-        defer_max_delay=0.2,
-        **options,
-    )
+    @reliable_task(app, name=f"t.charge.{tag}", defer_delay=0.05, defer_max_delay=0.2, **options)
     def charge(self: Any, order_id: int, amount: int, sleep: float = 0.0) -> dict[str, Any]:
         with self.idempotent_transaction() as session:
             session.execute(sa.insert(effects).values(tag=tag))
@@ -110,9 +101,7 @@ def test_non_json_result_is_an_error_naming_the_task(
     run the body again (its other effects may already have happened)."""
     runs: list[int] = []
 
-    @celery_app.task(
-        base=ReliableTask, bind=True, shared=False, name=f"t.setret.{tag}", idempotency_key=True
-    )
+    @reliable_task(celery_app, name=f"t.setret.{tag}", idempotency_key=True)
     def weird(self: Any, n: int) -> Any:
         runs.append(n)
         with self.idempotent_transaction() as session:
@@ -129,9 +118,7 @@ def test_non_json_result_is_an_error_naming_the_task(
 
 
 def test_uncanonical_argument_fails_in_the_caller(celery_app: Celery) -> None:
-    @celery_app.task(
-        base=ReliableTask, bind=True, shared=False, name="t.canon", idempotency_key=True
-    )
+    @reliable_task(celery_app, name="t.canon", idempotency_key=True)
     def canon(self: Any, thing: Any) -> None:
         return None
 
@@ -194,14 +181,8 @@ def test_kept_failure_replays_and_default_forgets(
     runs: list[str] = []
 
     def make(keep: bool) -> Any:
-        @celery_app.task(
-            base=ReliableTask,
-            bind=True,
-            shared=False,
-            name=f"t.fail{keep}.{tag}",
-            idempotency_key="k:{n}",
-            idempotency_keep_failures=keep,
-        )
+        @reliable_task(celery_app, name=f"t.fail{keep}.{tag}", idempotency_key="k:{n}",
+                       idempotency_keep_failures=keep)
         def failing(self: Any, n: int) -> None:
             runs.append(f"{keep}")
             raise ValueError("card declined")

@@ -12,10 +12,10 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import TestWorkController
 
-from celery_reliable import ReliableTask, metrics
+from celery_reliable import metrics
 from celery_reliable.runtime import runtime_for
 
-from .conftest import wait_for
+from .conftest import reliable_task, wait_for
 
 
 def test_stalled_execution_losing_its_lease_is_reported(
@@ -34,16 +34,8 @@ def test_stalled_execution_losing_its_lease_is_reported(
     held: dict[str, str] = {}
     stalled, release = threading.Event(), threading.Event()
 
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name=name,
-        idempotency_key="pay:{order_id}",
-        idempotency_lease=1.0,
-        defer_delay=0.05,
-        defer_max_delay=0.2,
-    )
+    @reliable_task(celery_app, name=name, idempotency_key="pay:{order_id}", idempotency_lease=1.0,
+                   defer_delay=0.05, defer_max_delay=0.2)
     def pay(self: Any, order_id: int) -> int:
         runs.append(order_id)
         if len(runs) == 1:

@@ -7,7 +7,6 @@ stalls (connections stay open, nothing is forwarded), as a dropped-packet link.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import socket
@@ -23,12 +22,12 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Retry
 
-from celery_reliable import FencedLock, ReliableTask, StaleFenceToken
+from celery_reliable import FencedLock, StaleFenceToken
 from celery_reliable.keys import KeySpace
 from celery_reliable.runtime import Heartbeat, Lease, runtime_for
 from celery_reliable.scripts import script
 
-from .conftest import RedisServer, TcpProxy, redis50_client, wait_for
+from .conftest import RedisServer, TcpProxy, redis50_client, reliable_task, wait_for
 
 LOCK_TTL = 3.0
 RENEW_SHA = script("renew").sha.encode("ascii")
@@ -44,25 +43,15 @@ class CountingProxy(TcpProxy):
     def __init__(self, target_port: int) -> None:
         super().__init__(target_port)
         self.renewals: list[float] = []  # monotonic times
+        self._seen: dict[socket.socket, bytes] = {}  # per connection: its last requests' bytes
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        from_client = src.getsockname()[1] == self.port
-        seen = b""
-        try:
-            while data := src.recv(65536):
-                if from_client:
-                    # a command may arrive in pieces: count on the stream, not per chunk
-                    before = seen.count(RENEW_SHA)
-                    seen = (seen + data)[-4096:]
-                    self.renewals += [time.monotonic()] * (seen.count(RENEW_SHA) - before)
-                self._flowing.wait()
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+    def _forward(self, request: bool, data: bytes, src: socket.socket, dst: socket.socket) -> None:
+        if request:
+            # a command may arrive in pieces: count on the stream, not per chunk
+            before = self._seen.get(src, b"")
+            seen = self._seen[src] = (before + data)[-4096:]
+            self.renewals += [time.monotonic()] * (seen.count(RENEW_SHA) - before.count(RENEW_SHA))
+        super()._forward(request, data, src, dst)
 
 
 @pytest.fixture
@@ -113,8 +102,7 @@ def test_stalled_link_ends_the_belief_before_the_server_lease_can_expire(
     marks: dict[str, Any] = {}
     started, done = threading.Event(), threading.Event()
 
-    @app.task(base=ReliableTask, bind=True, shared=False, name="lf.holder", lock="acct:{k}",
-              lock_ttl=LOCK_TTL)
+    @reliable_task(app, name="lf.holder", lock="acct:{k}", lock_ttl=LOCK_TTL)
     def holder(self: Any, k: str) -> None:
         fence = self.fence  # built while the belief holds: it must still refuse later
         marks["fence"] = fence
@@ -255,8 +243,8 @@ def test_slow_half_open_probe_stays_the_probe_and_closes_the_breaker(
     app = make_app(f"{redis_server.url}/0", reliable_circuit_breakers={"slowdep": breaker})
     runs: dict[str, tuple[float, float]] = {}
 
-    @app.task(base=ReliableTask, bind=True, shared=False, name="lf.probe",
-              circuit_breaker="slowdep", defer_delay=0.1, defer_max_delay=0.3)
+    @reliable_task(app, name="lf.probe",
+                   circuit_breaker="slowdep", defer_delay=0.1, defer_max_delay=0.3)
     def call(self: Any, label: str, seconds: float) -> str:
         began = time.monotonic()
         runs[label] = (began, 0.0)
@@ -292,8 +280,7 @@ def test_body_outliving_its_idempotency_lease_belief_is_reported(
     app = make_app(f"redis://127.0.0.1:{proxy.port}/0", reliable_idempotency_store="redis")
     started, go = threading.Event(), threading.Event()
 
-    @app.task(base=ReliableTask, bind=True, shared=False, name="lf.idem",
-              idempotency_key="k:{n}", idempotency_lease=1.5)
+    @reliable_task(app, name="lf.idem", idempotency_key="k:{n}", idempotency_lease=1.5)
     def idem(self: Any, n: int) -> int:
         started.set()
         assert go.wait(30)
@@ -354,9 +341,9 @@ def test_released_lock_ends_the_belief(broker_app: Celery) -> None:
     store = redis.Redis.from_url(broker_app.conf.reliable_redis_url)
     key = "balance"
 
-    @broker_app.task(base=ReliableTask, bind=True, shared=False, name="rel.release",
-                     lock="account:1", lock_ttl=60, idempotency_key="acct:1",
-                     idempotency_lease=60, bulkhead="standard")
+    @reliable_task(broker_app, name="rel.release",
+                   lock="account:1", lock_ttl=60, idempotency_key="acct:1",
+                   idempotency_lease=60, bulkhead="standard")
     def job(self: Any) -> str:
         early = self.fence  # obtained while the lock was held
         early.redis_set(store, key, "written while holding")

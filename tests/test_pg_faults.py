@@ -21,7 +21,7 @@ from celery_reliable import ConfigurationError, ReliableTask
 from celery_reliable.classify import is_missing_table, is_outage
 from celery_reliable.schema import dead_letters, metadata
 
-from .conftest import PG_ADMIN_URL, Fleet, TcpProxy, free_port, wait_for
+from .conftest import PG_ADMIN_URL, Fleet, TcpProxy, free_port, reliable_task, wait_for
 
 effects = sa.Table(
     "pgfault_effects",
@@ -70,15 +70,8 @@ def charge_task(app: Celery, tag: str, gate: Any = None, wrap: bool = False) -> 
     """An idempotent task whose effect row commits with its record (``wrap``: the body turns
     a database error into an error of its own)."""
 
-    @app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name=f"t.pgfault.{tag}",
-        idempotency_key="charge:{order_id}",
-        defer_delay=0.1,
-        defer_max_delay=0.5,
-    )
+    @reliable_task(app, name=f"t.pgfault.{tag}", idempotency_key="charge:{order_id}",
+                   defer_delay=0.1, defer_max_delay=0.5)
     def charge(self: Any, order_id: int) -> dict[str, Any]:
         with self.idempotent_transaction() as session:
             if gate is not None:

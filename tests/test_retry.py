@@ -18,7 +18,7 @@ from celery_reliable import Backoff, DeadLetters, ReliableTask, metrics
 from celery_reliable.pipeline.call import Call
 from celery_reliable.pipeline.retrying import take_retry_budget
 
-from .conftest import wait_for
+from .conftest import create_tables_at_once, reliable_task, wait_for
 
 
 def letters(app: Celery, name: str) -> list[Any]:
@@ -31,13 +31,8 @@ def test_flaky_task_succeeds_after_k_failures(
     """Retryable errors are retried automatically with backoff delays (no countdown given)."""
     seen: list[float] = []
 
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="r.flaky",
-        backoff=Backoff.exponential(0.05, 0.2, max_attempts=5),
-    )
+    @reliable_task(celery_app, name="r.flaky",
+                   backoff=Backoff.exponential(0.05, 0.2, max_attempts=5))
     def flaky(self: Any) -> int:
         seen.append(time.monotonic())
         if len(seen) <= 3:
@@ -56,13 +51,7 @@ def test_not_retryable_is_dead_lettered_and_replay_runs_again(
 ) -> None:
     calls: list[int] = []
 
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="r.bad",
-        backoff=Backoff.exponential(0.05, 0.2, max_attempts=5),
-    )
+    @reliable_task(celery_app, name="r.bad", backoff=Backoff.exponential(0.05, 0.2, max_attempts=5))
     def bad(self: Any, n: int, note: str = "") -> int:
         calls.append(n)
         if len(calls) == 1:
@@ -87,13 +76,8 @@ def test_not_retryable_is_dead_lettered_and_replay_runs_again(
 def test_exhausted_retries_are_dead_lettered(
     celery_app: Celery, celery_worker: TestWorkController
 ) -> None:
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="r.down",
-        backoff=Backoff.exponential(0.02, 0.05, max_attempts=3),
-    )
+    @reliable_task(celery_app, name="r.down",
+                   backoff=Backoff.exponential(0.02, 0.05, max_attempts=3))
     def down(self: Any) -> None:
         raise TimeoutError("partner timed out")
 
@@ -108,14 +92,9 @@ def test_retry_budget_stops_a_storm(celery_app: Celery, celery_worker: TestWorkC
     """Budget of 1 retry (refilling very slowly): the second failing task is not retried."""
     before = metrics.value("reliable_retry_budget_exhausted_total", task="r.storm")
 
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="r.storm",
-        backoff=Backoff.exponential(0.02, 0.05, max_attempts=3),
-        retry_budget={"rate": 0.001, "burst": 1},
-    )
+    @reliable_task(celery_app, name="r.storm",
+                   backoff=Backoff.exponential(0.02, 0.05, max_attempts=3),
+                   retry_budget={"rate": 0.001, "burst": 1})
     def storm(self: Any, n: int) -> None:
         raise ConnectionError("partner down")
 
@@ -138,13 +117,8 @@ def test_retry_after_is_the_floor_of_the_next_delay(
 ) -> None:
     seen: list[float] = []
 
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="r.429",
-        backoff=Backoff.exponential(0.01, 0.02, max_attempts=3),
-    )
+    @reliable_task(celery_app, name="r.429",
+                   backoff=Backoff.exponential(0.01, 0.02, max_attempts=3))
     def limited(self: Any) -> str:
         seen.append(time.monotonic())
         if len(seen) == 1:
@@ -164,13 +138,8 @@ def test_explicit_retry_and_autoretry_use_the_backoff(
 ) -> None:
     seen: list[float] = []
 
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="r.explicit",
-        backoff=Backoff.exponential(0.3, 0.3, jitter="none", max_attempts=3),
-    )
+    @reliable_task(celery_app, name="r.explicit",
+                   backoff=Backoff.exponential(0.3, 0.3, jitter="none", max_attempts=3))
     def explicit(self: Any) -> int:
         seen.append(time.monotonic())
         if len(seen) < 2:
@@ -179,14 +148,8 @@ def test_explicit_retry_and_autoretry_use_the_backoff(
 
     auto_calls: list[int] = []
 
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="r.auto",
-        autoretry_for=(KeyError,),
-        backoff=Backoff.exponential(0.05, 0.05, jitter="none", max_attempts=3),
-    )
+    @reliable_task(celery_app, name="r.auto", autoretry_for=(KeyError,),
+                   backoff=Backoff.exponential(0.05, 0.05, jitter="none", max_attempts=3))
     def auto(self: Any) -> int:
         auto_calls.append(1)
         if len(auto_calls) < 3:
@@ -200,14 +163,9 @@ def test_explicit_retry_and_autoretry_use_the_backoff(
 
 
 def test_deadline_ends_retrying(celery_app: Celery, celery_worker: TestWorkController) -> None:
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="r.deadline",
-        backoff=Backoff.exponential(0.2, 0.2, jitter="none", deadline=0.3),
-        max_retries=50,
-    )
+    @reliable_task(celery_app, name="r.deadline",
+                   backoff=Backoff.exponential(0.2, 0.2, jitter="none", deadline=0.3),
+                   max_retries=50)
     def slow(self: Any) -> None:
         raise ConnectionError("down")
 
@@ -238,7 +196,7 @@ def test_dead_letter_queue_gets_a_copy(celery_app: Celery,
 
     celery_app.conf.reliable_dead_letter_queue = "dead-letters-test"
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.dlq")
+    @reliable_task(celery_app, name="r.dlq")
     def broken(self: Any, n: int) -> None:
         raise ValueError("bad")
 
@@ -266,8 +224,7 @@ def test_fence_and_lock_metrics(celery_app: Celery, celery_worker: TestWorkContr
         RedisFence(redis_client).set("metric-fence", "b", 9)
     assert metrics.value("reliable_fence_rejections_total", store="redis") == before + 1
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.skip", lock="m",
-                     lock_contention="skip")
+    @reliable_task(celery_app, name="r.skip", lock="m", lock_contention="skip")
     def skip(self: Any) -> None:
         return None
 
@@ -294,9 +251,9 @@ def test_dont_autoretry_for_wins(celery_app: Celery, celery_worker: TestWorkCont
     class Refused(ConnectionRefusedError):
         pass
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.never",
-                     dont_autoretry_for=(Refused,),
-                     backoff=Backoff.exponential(0.02, 0.05, max_attempts=4))
+    @reliable_task(celery_app, name="r.never",
+                   dont_autoretry_for=(Refused,),
+                   backoff=Backoff.exponential(0.02, 0.05, max_attempts=4))
     def never(self: Any) -> None:
         calls.append(1)
         raise Refused("the partner said no")
@@ -348,15 +305,9 @@ def test_dead_lettered_delivery_is_never_retried(
 
     calls: list[int] = []
 
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="r.dead_is_done",
-        autoretry_for=(ConnectionError,),
-        backoff=Backoff.exponential(0.02, 0.05, max_attempts=5),
-        retry_budget={"rate": 0.001, "burst": 1},
-    )
+    @reliable_task(celery_app, name="r.dead_is_done", autoretry_for=(ConnectionError,),
+                   backoff=Backoff.exponential(0.02, 0.05, max_attempts=5),
+                   retry_budget={"rate": 0.001, "burst": 1})
     def once(self: Any, n: int) -> int:
         calls.append(n)
         if len(calls) == 1:
@@ -408,8 +359,7 @@ def test_replay_of_a_dead_letter_runs_the_task_even_with_kept_failures(
     calls: list[int] = []
     name = f"r.kept.{secrets.token_hex(3)}"
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=name,
-                     idempotency_key=True, idempotency_keep_failures=True)
+    @reliable_task(celery_app, name=name, idempotency_key=True, idempotency_keep_failures=True)
     def charge(self: Any, n: int) -> int:
         calls.append(n)
         if len(calls) == 1:
@@ -455,8 +405,8 @@ def test_replay_the_broker_refuses_keeps_the_failure(
     calls: list[int] = []
     name = f"r.refused.{secrets.token_hex(3)}"
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=name,
-                     idempotency_key="order:{n}", idempotency_keep_failures=True)
+    @reliable_task(celery_app, name=name,
+                   idempotency_key="order:{n}", idempotency_keep_failures=True)
     def charge(self: Any, n: int) -> int:
         calls.append(n)
         if len(calls) == 1:
@@ -505,8 +455,7 @@ def test_replay_keeps_the_producer_idempotency_key(
     name = f"r.header.{secrets.token_hex(3)}"
     key = f"payment-{secrets.token_hex(4)}"
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=name,
-                     backoff=Backoff.exponential(0.02, 0.05, max_attempts=2))
+    @reliable_task(celery_app, name=name, backoff=Backoff.exponential(0.02, 0.05, max_attempts=2))
     def pay(self: Any, n: int) -> int:
         calls.append(n)
         seen.append(dict(self.request.headers or {}))
@@ -553,60 +502,39 @@ CREATE TABLE reliable_dead_letters (
 
 
 def test_create_tables_upgrades_an_old_dead_letters_table(
-    celery_app: Celery, engine: sa.Engine
+    celery_app: Celery, schema_engine: sa.Engine
 ) -> None:
     """create_tables adds the headers and key columns to an existing dead-letter table (4
     threads at once); before that a letter is still recorded, without them; old letters
     read back without them, new ones keep them."""
-    from celery_reliable import create_tables, deadletter
+    from celery_reliable import deadletter
 
-    schema = f"old_{secrets.token_hex(4)}"
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    old = sa.create_engine(engine.url, connect_args={"options": f"-csearch_path={schema}"})
-    try:
-        with old.begin() as conn:
-            conn.execute(sa.text(OLD_DEAD_LETTERS))
-            conn.execute(sa.text(
-                "INSERT INTO reliable_dead_letters (task_name, task_id, args_json, kwargs_json,"
-                " replayable, exc_type, exc_message, traceback, attempts, reason,"
-                " first_failure_at) VALUES ('r.old', 'id-1', '[1]', '{}', true, 'ValueError',"
-                " 'bad', '', 1, 'failed', now())"))
-        # Not migrated yet (reliable_create_tables off): the letter is kept, without them.
-        deadletter.record(old, task_name="r.early", task_id="id-0", args=[0], kwargs={},
-                          exc=ValueError("bad"), attempts=1, reason="failed", queue=None,
-                          first_failure_at=None, headers={"idempotency_key": "k0"},
-                          idempotency_digest="e" * 32)
-        errors: list[BaseException] = []
-
-        def migrate() -> None:
-            try:
-                create_tables(old)
-            except BaseException as exc:  # reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=migrate) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert errors == []
-        with old.connect() as conn:
-            columns = [c["name"] for c in sa.inspect(conn).get_columns("reliable_dead_letters")]
-        assert columns.count("headers_json") == 1 and columns.count("idempotency_digest") == 1
-        deadletter.record(old, task_name="r.new", task_id="id-2", args=[2], kwargs={},
-                          exc=ValueError("bad"), attempts=1, reason="failed", queue=None,
-                          first_failure_at=None, headers={"idempotency_key": "k"},
-                          idempotency_digest="d" * 32)
-        found = {letter.task_name: letter for letter in DeadLetters(celery_app, old).list()}
-        assert (found["r.old"].headers, found["r.old"].idempotency_digest) == ({}, None)
-        assert (found["r.early"].headers, found["r.early"].idempotency_digest) == ({}, None)
-        assert found["r.new"].headers == {"idempotency_key": "k"}
-        assert found["r.new"].idempotency_digest == "d" * 32
-    finally:
-        old.dispose()
-        with engine.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    old = schema_engine
+    with old.begin() as conn:
+        conn.execute(sa.text(OLD_DEAD_LETTERS))
+        conn.execute(sa.text(
+            "INSERT INTO reliable_dead_letters (task_name, task_id, args_json, kwargs_json,"
+            " replayable, exc_type, exc_message, traceback, attempts, reason,"
+            " first_failure_at) VALUES ('r.old', 'id-1', '[1]', '{}', true, 'ValueError',"
+            " 'bad', '', 1, 'failed', now())"))
+    # Not migrated yet (reliable_create_tables off): the letter is kept, without them.
+    deadletter.record(old, task_name="r.early", task_id="id-0", args=[0], kwargs={},
+                      exc=ValueError("bad"), attempts=1, reason="failed", queue=None,
+                      first_failure_at=None, headers={"idempotency_key": "k0"},
+                      idempotency_digest="e" * 32)
+    assert create_tables_at_once(old) == []
+    with old.connect() as conn:
+        columns = [c["name"] for c in sa.inspect(conn).get_columns("reliable_dead_letters")]
+    assert columns.count("headers_json") == 1 and columns.count("idempotency_digest") == 1
+    deadletter.record(old, task_name="r.new", task_id="id-2", args=[2], kwargs={},
+                      exc=ValueError("bad"), attempts=1, reason="failed", queue=None,
+                      first_failure_at=None, headers={"idempotency_key": "k"},
+                      idempotency_digest="d" * 32)
+    found = {letter.task_name: letter for letter in DeadLetters(celery_app, old).list()}
+    assert (found["r.old"].headers, found["r.old"].idempotency_digest) == ({}, None)
+    assert (found["r.early"].headers, found["r.early"].idempotency_digest) == ({}, None)
+    assert found["r.new"].headers == {"idempotency_key": "k"}
+    assert found["r.new"].idempotency_digest == "d" * 32
 
 
 # ------------------------------------------- a redelivery of a dead-lettered task id
@@ -644,8 +572,8 @@ def test_a_redelivery_of_a_dead_lettered_task_does_not_run(
 
     calls: list[str] = []
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.dead_redelivered",
-                     acks_late=True, backoff=Backoff.exponential(0.02, 0.05, max_attempts=2))
+    @reliable_task(celery_app, name="r.dead_redelivered",
+                   acks_late=True, backoff=Backoff.exponential(0.02, 0.05, max_attempts=2))
     def down(self: Any, n: int) -> int:
         calls.append(self.request.id)
         if n < 0:
@@ -683,8 +611,7 @@ def test_a_redelivery_after_a_poison_dead_letter_does_not_run_or_letter_again(
 
     calls: list[str] = []
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.poison_redelivered",
-                     acks_late=True, max_redeliveries=1)
+    @reliable_task(celery_app, name="r.poison_redelivered", acks_late=True, max_redeliveries=1)
     def crashy(self: Any) -> None:
         calls.append(self.request.id)
 
@@ -721,8 +648,8 @@ def test_an_ignored_redelivery_leaves_a_final_failure(
 
     calls: list[str] = []
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=f"r.dead_final.{how}",
-                     acks_late=True, track_started=how == "track_started")
+    @reliable_task(celery_app, name=f"r.dead_final.{how}",
+                   acks_late=True, track_started=how == "track_started")
     def bad(self: Any) -> None:
         calls.append(self.request.id)
         raise ValueError("invalid card number")
@@ -755,8 +682,7 @@ def test_a_delivery_running_alongside_does_not_wipe_the_mark(
     calls: list[int] = []
     release = [threading.Event(), threading.Event()]
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="r.dead_alongside",
-                     acks_late=True)
+    @reliable_task(celery_app, name="r.dead_alongside", acks_late=True)
     def both(self: Any) -> str:
         calls.append(len(calls))
         me = calls[-1]
@@ -800,8 +726,8 @@ def test_a_failure_after_retry_throw_false_lets_that_retry_run(
     calls: list[int] = []
     name = f"r.throw_false.{error.__name__}"
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name=name,
-                     acks_late=True, backoff=Backoff.exponential(0.02, 0.05, max_attempts=3))
+    @reliable_task(celery_app, name=name,
+                   acks_late=True, backoff=Backoff.exponential(0.02, 0.05, max_attempts=3))
     def later(self: Any) -> str:
         calls.append(self.request.retries)
         if self.request.retries == 0:

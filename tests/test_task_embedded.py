@@ -11,10 +11,10 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import TestWorkController
 
-from celery_reliable import SKIPPED, FencedLock, LockNotAcquired, ReliableTask, StaleFenceToken
+from celery_reliable import SKIPPED, FencedLock, LockNotAcquired, StaleFenceToken
 from celery_reliable.keys import KeySpace
 
-from .conftest import wait_for
+from .conftest import reliable_task, wait_for
 
 
 def held_lock(app: Celery, resource: str, ttl: float = 30) -> FencedLock:
@@ -29,16 +29,8 @@ def test_deferral_does_not_consume_retries(
 ) -> None:
     """A task with max_retries=0 waits out a busy lock through deferrals, then succeeds."""
 
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="t.defer",
-        lock="acct:{n}",
-        max_retries=0,
-        defer_delay=0.1,
-        defer_max_delay=0.2,
-    )
+    @reliable_task(celery_app, name="t.defer", lock="acct:{n}", max_retries=0, defer_delay=0.1,
+                   defer_max_delay=0.2)
     def job(self: Any, n: int) -> dict[str, Any]:
         return {
             "retries": self.request.retries,
@@ -62,14 +54,7 @@ def test_skip_drops_the_duplicate_with_a_clear_state(
 ) -> None:
     ran = []
 
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="t.skip",
-        lock="report",
-        lock_contention="skip",
-    )
+    @reliable_task(celery_app, name="t.skip", lock="report", lock_contention="skip")
     def singleton(self: Any) -> None:
         ran.append(1)
 
@@ -87,14 +72,7 @@ def test_skip_drops_the_duplicate_with_a_clear_state(
 def test_fail_raises_lock_not_acquired(
     celery_app: Celery, celery_worker: TestWorkController
 ) -> None:
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="t.fail",
-        lock="x:{k}",
-        lock_contention="fail",
-    )
+    @reliable_task(celery_app, name="t.fail", lock="x:{k}", lock_contention="fail")
     def strict(self: Any, k: str) -> str:
         return k
 
@@ -112,16 +90,8 @@ def test_self_retrying_locked_task_completes(
     """self.retry() releases the lock first: no deadlock, no deferral on its own lock."""
     attempts: list[int] = []
 
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="t.retry",
-        lock="r:{k}",
-        max_retries=3,
-        defer_delay=5,
-        defer_max_delay=5,
-    )
+    @reliable_task(celery_app, name="t.retry", lock="r:{k}", max_retries=3, defer_delay=5,
+                   defer_max_delay=5)
     def flaky(self: Any, k: str) -> int:
         attempts.append(self.fence_token)
         if len(attempts) < 3:
@@ -141,19 +111,9 @@ def test_autoretry_for_releases_the_lock(
 ) -> None:
     calls: list[int] = []
 
-    @celery_app.task(
-        base=ReliableTask,
-        bind=True,
-        shared=False,
-        name="t.auto",
-        lock="auto",
-        autoretry_for=(ConnectionError,),
-        retry_backoff=False,
-        default_retry_delay=0.05,
-        max_retries=2,
-        defer_delay=5,
-        defer_max_delay=5,
-    )
+    @reliable_task(celery_app, name="t.auto", lock="auto", autoretry_for=(ConnectionError,),
+                   retry_backoff=False, default_retry_delay=0.05, max_retries=2, defer_delay=5,
+                   defer_max_delay=5)
     def auto(self: Any) -> int:
         calls.append(1)
         if len(calls) < 2:
@@ -167,7 +127,7 @@ def test_autoretry_for_releases_the_lock(
 
 
 def test_exception_releases_the_lock(celery_app: Celery, celery_worker: TestWorkController) -> None:
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="t.boom", lock="boom")
+    @reliable_task(celery_app, name="t.boom", lock="boom")
     def boom(self: Any) -> None:
         raise ValueError("nope")
 
@@ -182,9 +142,7 @@ def test_heartbeat_keeps_the_lock_of_a_long_task(
 ) -> None:
     """A task running 4x its lock_ttl keeps the lock throughout."""
 
-    @celery_app.task(
-        base=ReliableTask, bind=True, shared=False, name="t.long", lock="long", lock_ttl=0.5
-    )
+    @reliable_task(celery_app, name="t.long", lock="long", lock_ttl=0.5)
     def long(self: Any) -> bool:
         time.sleep(2.0)
         return bool(self.lock_lost)
@@ -212,9 +170,7 @@ def test_lost_lock_is_detected_logged_and_fenced(
     """Taking the lock away mid-run: lock_lost turns true, WARNING logged, fenced write refused."""
     caplog.set_level(logging.WARNING, logger="celery_reliable")
 
-    @celery_app.task(
-        base=ReliableTask, bind=True, shared=False, name="t.lost", lock="lost:{k}", lock_ttl=0.6
-    )
+    @reliable_task(celery_app, name="t.lost", lock="lost:{k}", lock_ttl=0.6)
     def victim(self: Any, k: str) -> str:
         deadline = time.monotonic() + 5
         while not self.lock_lost and time.monotonic() < deadline:
@@ -242,7 +198,7 @@ def test_lost_lock_is_detected_logged_and_fenced(
 def test_eager_apply_runs_guards(celery_app: Celery) -> None:
     """task.apply() goes through the same pipeline (tokens minted, lock released)."""
 
-    @celery_app.task(base=ReliableTask, bind=True, shared=False, name="t.eager", lock="e:{k}")
+    @reliable_task(celery_app, name="t.eager", lock="e:{k}")
     def eager(self: Any, k: str) -> int:
         return self.fence_token
 
