@@ -40,6 +40,7 @@ def policy_part(task_name: str, opts: Mapping[str, Any],
 
 
 CONFIG = OptionSet(
+    name="breaker",
     options=(
         Option(
             "circuit_breaker",
@@ -63,6 +64,9 @@ CONFIG = OptionSet(
         ),
     ),
     build=policy_part,
+    prefixes=("circuit",),
+    guards=lambda part: part["circuit_breaker"] is not None,
+    fields=True,
 )
 
 GUARD = Guard("C", "breaker", admit=(2, 4), complete=(2, 6))

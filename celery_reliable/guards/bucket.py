@@ -60,6 +60,7 @@ def policy_part(task_name: str, opts: Mapping[str, Any],
 
 
 CONFIG = OptionSet(
+    name="bucket",
     options=(
         Option(
             "rate_limit_key",
@@ -102,6 +103,9 @@ CONFIG = OptionSet(
         ),
     ),
     build=policy_part,
+    prefixes=("rate_cost", "rate_limit_key"),
+    guards=lambda part: part["key_bucket"] is not None,
+    fields=True,
 )
 
 GUARD = Guard("B", "bucket", admit=(1, 4))

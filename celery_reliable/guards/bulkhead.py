@@ -38,6 +38,7 @@ def policy_part(task_name: str, opts: Mapping[str, Any],
 
 
 CONFIG = OptionSet(
+    name="bulkhead",
     options=(
         Option(
             "bulkhead",
@@ -62,6 +63,9 @@ CONFIG = OptionSet(
         ),
     ),
     build=policy_part,
+    prefixes=("bulkhead",),
+    guards=lambda part: part["bulkhead"] is not None,
+    fields=True,
 )
 
 GUARD = Guard("K", "bulkhead", admit=(3, 7), complete=(1, 1))
