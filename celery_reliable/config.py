@@ -20,7 +20,7 @@ keep them as declared fields of :class:`TaskPolicy` and :class:`ReliableSettings
 When several options are wrong at once, the error names the first in the
 reference's order, guard by guard (:data:`OPTION_SETS`, the shared settings
 first): a guard's values, then its templates, then their combination, before
-the next guard's.
+the next guard's. An unknown option or setting (a typo) is refused before any value.
 
 Options are validated when a task is bound to its app (at import or when the
 app finalizes), not when it first runs: a bad value raises
