@@ -38,13 +38,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import deferral, failures
+from . import deferral, failures, guards
 from .backoff import Backoff
 from .breaker import BreakerSpec
 from .bulkhead import TierSpec
 from .deferral import DeferPolicy
 from .errors import ConfigurationError
-from .guards import breaker, bucket, bulkhead, deliveries, idempotency, lock, window
 from .guards.bucket import KeyBucketPolicy
 from .guards.idempotency import IdempotencyPolicy
 from .guards.lock import Contention, LockPolicy
@@ -97,16 +96,17 @@ def _prefix(owner: str, name: str, raw: Any) -> str:
     return value
 
 
-#: Who declares task options and app settings, in the reference's order. One line per guard.
+#: Who declares task options and app settings, in the reference's order. One line per guard
+#: (the ``guards`` package imports every guard module: see ``guards.GUARDS``).
 OPTION_SETS: tuple[OptionSet[Any], ...] = (
-    lock.CONFIG,
-    idempotency.CONFIG,
-    bucket.CONFIG,
-    window.CONFIG,
-    bulkhead.CONFIG,
+    guards.lock.CONFIG,
+    guards.idempotency.CONFIG,
+    guards.bucket.CONFIG,
+    guards.window.CONFIG,
+    guards.bulkhead.CONFIG,
     failures.CONFIG,
-    deliveries.CONFIG,
-    breaker.CONFIG,
+    guards.deliveries.CONFIG,
+    guards.breaker.CONFIG,
     deferral.CONFIG,
 )
 
