@@ -297,17 +297,11 @@ class TaskPolicy:
     task_name: str
     lock: LockPolicy | None
     idempotency: IdempotencyPolicy
-    key_bucket: KeyBucketPolicy | None
-    rate_cost: float
-    bulkhead: str | None
-    tier: TierSpec | None
     backoff: Backoff | None
     retry_for: tuple[type[BaseException], ...]
     retry_budget: BucketSpec | RetryBudget | None
     dead_letter: bool
     max_redeliveries: int
-    circuit_breaker: str | None
-    breaker: BreakerSpec | None
     defer: DeferPolicy
     parameters: tuple[str, ...]
     takes_var_kwargs: bool
