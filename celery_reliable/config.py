@@ -206,9 +206,16 @@ _SHARED_SETTINGS: tuple[Option[Any], ...] = (
 SETTINGS: dict[str, Option[Any]] = collect(
     _SHARED_SETTINGS + tuple(o for s in OPTION_SETS for o in s.settings))
 
-_names = [s.name for s in OPTION_SETS]
-if len(set(_names)) != len(_names):
-    raise ValueError(f"option sets must have unique names: {_names}")
+
+
+def _check_names() -> None:
+    """Each guard's part is keyed by its OptionSet's name: refuse one name twice."""
+    names = [s.name for s in OPTION_SETS]
+    if len(set(names)) != len(names):
+        raise ValueError(f"option sets must have unique names: {names}")
+
+
+_check_names()
 
 
 @dataclass(frozen=True)
