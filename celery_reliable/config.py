@@ -4,10 +4,23 @@ Each guard declares its own options, settings and part of a task's policy at the
 of its module (``celery_reliable/guards/<name>.py``; retries and dead letters:
 ``celery_reliable/failures.py``), as an :class:`~celery_reliable.options.OptionSet`.
 This module composes them (:data:`OPTION_SETS`, one line per guard) into
-:data:`TASK_OPTIONS` and :data:`SETTINGS`, adds what is shared (the stores' settings,
-deferral), and assembles a task's :class:`TaskPolicy` from the guards' parts. The
-README's reference tables are generated from these entries
-(``python -m celery_reliable.docs``), so they cannot drift.
+:data:`TASK_OPTIONS` and :data:`SETTINGS`, adds what is shared (the stores' settings),
+and assembles a task's :class:`TaskPolicy` from the guards' parts. The README's
+reference tables are generated from these entries (``python -m celery_reliable.docs``),
+so they cannot drift.
+
+A guard needs nothing else here: its part of a task's policy is ``policy.part(CONFIG)``
+(typed: what its ``OptionSet.build`` returns), its settings ``settings.value(OPTION)``,
+whether it guards a task or a delivery its ``OptionSet.guards``/``guards_delivery``
+(:attr:`TaskPolicy.guarded`, :meth:`TaskPolicy.guards_delivery`), and the typo check
+of task attributes its ``OptionSet.prefixes``. The guards older than that registry
+whose parts other modules read as attributes (``policy.lock``, ``settings.bulkheads``)
+keep them as declared fields of :class:`TaskPolicy` and :class:`ReliableSettings`.
+
+When several options are wrong at once, the error names the first in the
+reference's order, guard by guard (:data:`OPTION_SETS`, the shared settings
+first): a guard's values, then its templates, then their combination, before
+the next guard's. An unknown option or setting (a typo) is refused before any value.
 
 Options are validated when a task is bound to its app (at import or when the
 app finalizes), not when it first runs: a bad value raises
@@ -17,27 +30,28 @@ option.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import deferral, failures
+from . import deferral, failures, guards
 from .backoff import Backoff
 from .breaker import BreakerSpec
 from .bulkhead import TierSpec
 from .deferral import DeferPolicy
 from .errors import ConfigurationError
-from .guards import breaker, bucket, bulkhead, deliveries, idempotency, lock, window
 from .guards.bucket import KeyBucketPolicy
 from .guards.idempotency import IdempotencyPolicy
 from .guards.lock import Contention, LockPolicy
-from .guards.window import WindowPolicy, WindowSpec
 from .options import (
     Option,
     OptionSet,
+    P,
+    V,
     check_bound,
     collect,
     err,
@@ -82,23 +96,24 @@ def _prefix(owner: str, name: str, raw: Any) -> str:
     return value
 
 
-#: Who declares task options and app settings, in the reference's order. One line per guard.
-OPTION_SETS: tuple[OptionSet, ...] = (
-    lock.CONFIG,
-    idempotency.CONFIG,
-    bucket.CONFIG,
-    window.CONFIG,
-    bulkhead.CONFIG,
+#: Who declares task options and app settings, in the reference's order. One line per guard
+#: (the ``guards`` package imports every guard module: see ``guards.GUARDS``).
+OPTION_SETS: tuple[OptionSet[Any], ...] = (
+    guards.lock.CONFIG,
+    guards.idempotency.CONFIG,
+    guards.bucket.CONFIG,
+    guards.window.CONFIG,
+    guards.bulkhead.CONFIG,
     failures.CONFIG,
-    deliveries.CONFIG,
-    breaker.CONFIG,
+    guards.deliveries.CONFIG,
+    guards.breaker.CONFIG,
     deferral.CONFIG,
 )
 
-TASK_OPTIONS: dict[str, Option] = collect(o for s in OPTION_SETS for o in s.options)
+TASK_OPTIONS: dict[str, Option[Any]] = collect(o for s in OPTION_SETS for o in s.options)
 
 #: The settings every guard shares: the stores, the broker's window, the key prefix.
-_SHARED_SETTINGS: tuple[Option, ...] = (
+_SHARED_SETTINGS: tuple[Option[Any], ...] = (
     Option(
         "reliable_redis_url",
         "redis://127.0.0.1:6379/0",
@@ -188,13 +203,30 @@ _SHARED_SETTINGS: tuple[Option, ...] = (
     ),
 )
 
-SETTINGS: dict[str, Option] = collect(
+SETTINGS: dict[str, Option[Any]] = collect(
     _SHARED_SETTINGS + tuple(o for s in OPTION_SETS for o in s.settings))
+
+
+
+def _check_names() -> None:
+    """Each guard's part is keyed by its OptionSet's name: refuse one name twice."""
+    names = [s.name for s in OPTION_SETS]
+    if len(set(names)) != len(names):
+        raise ValueError(f"option sets must have unique names: {names}")
+
+
+_check_names()
 
 
 @dataclass(frozen=True)
 class ReliableSettings:
-    """The ``reliable_*`` settings of one app, validated."""
+    """The ``reliable_*`` settings of one app, validated.
+
+    The shared settings and those of the guards whose settings other modules read
+    are fields (``reliable_<x>`` is the field ``<x>``); every setting, by name, is
+    in ``values`` (as set: ``redelivery_window`` the field is derived), read typed
+    with :meth:`value`.
+    """
 
     redis_url: str
     database_url: str | None
@@ -207,13 +239,20 @@ class ReliableSettings:
     database_pool_size: int = 10
     create_tables: bool = True
     queue_rate_limits: Mapping[str, BucketSpec] = field(default_factory=dict)
-    queue_window_limits: Mapping[str, WindowSpec] = field(default_factory=dict)
     bulkheads: Mapping[str, TierSpec] = field(default_factory=dict)
     retry_budget: BucketSpec | RetryBudget | None = None
     dead_letter_queue: str | None = None
     circuit_breakers: Mapping[str, BreakerSpec] = field(default_factory=dict)
     #: The broker's redelivery window, seconds (set or derived); None: unknown.
     redelivery_window: float | None = None
+    #: Every setting's validated value, by its name (``reliable_...``).
+    values: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def value(self, option: Option[V]) -> V:
+        """The validated value of the setting ``option`` (a guard's: ``window.QUEUE_LIMITS``)."""
+        if option.name in self.values:
+            return self.values[option.name]  # type: ignore[no-any-return]
+        return option.value("app settings", option.default)
 
     @property
     def countdown_cap(self) -> float | None:
@@ -229,43 +268,57 @@ class ReliableSettings:
         """
         owner = "app settings"
         unknown_settings(conf)
-        values = {
-            name: opt.value(owner, conf.get(name, opt.default)) for name, opt in SETTINGS.items()
-        }
-        for option_set in OPTION_SETS:
+        values: dict[str, Any] = {}
+
+        def parse(options: tuple[Option[Any], ...]) -> None:
+            for opt in options:
+                values[opt.name] = opt.value(owner, conf.get(opt.name, opt.default))
+
+        parse(_SHARED_SETTINGS)
+        for option_set in OPTION_SETS:  # the reference's order: the first wrong one is named
+            parse(option_set.settings)
             if option_set.check_settings is not None:
                 option_set.check_settings(owner, values)
-        # The setting reliable_<name> is the field <name>.
-        fields = {name.removeprefix("reliable_"): value for name, value in values.items()}
+        # The setting reliable_<name> is the field <name>, where there is one.
+        declared = _settings_fields()
+        fields = {name.removeprefix("reliable_"): value for name, value in values.items()
+                  if name.removeprefix("reliable_") in declared}
         fields["redelivery_window"] = redelivery_window(conf, values["reliable_redelivery_window"])
-        return cls(**fields)
+        return cls(**fields, values=values)
+
+
+@functools.cache
+def _settings_fields() -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(ReliableSettings)) - {"values"}
 
 
 @dataclass(frozen=True)
 class TaskPolicy:
-    """Everything celery-reliable enforces for one task, validated at bind."""
+    """Everything celery-reliable enforces for one task, validated at bind.
+
+    ``parts``: each guard's part, by its ``OptionSet.name``; a guard reads its own
+    with :meth:`part`. The older guards' parts are also spread into the declared
+    fields below (``OptionSet.fields``).
+    """
 
     task_name: str
     lock: LockPolicy | None
     idempotency: IdempotencyPolicy
-    key_bucket: KeyBucketPolicy | None
-    rate_cost: float
-    bulkhead: str | None
-    tier: TierSpec | None
     backoff: Backoff | None
     retry_for: tuple[type[BaseException], ...]
     retry_budget: BucketSpec | RetryBudget | None
     dead_letter: bool
     max_redeliveries: int
-    circuit_breaker: str | None
-    breaker: BreakerSpec | None
     defer: DeferPolicy
     parameters: tuple[str, ...]
     takes_var_kwargs: bool
     signature: inspect.Signature | None
-    window: WindowPolicy | None = None  # guard W
-    #: The app has queue windows (reliable_queue_window_limits): look at each delivery's queue.
-    queue_windows: bool = False
+    #: Each guard's part of the policy, by its ``OptionSet.name``.
+    parts: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def part(self, option_set: OptionSet[P]) -> P:
+        """The part of this policy ``option_set`` built (``policy.part(window.CONFIG)``)."""
+        return self.parts[option_set.name]  # type: ignore[no-any-return]
 
     @functools.cached_property
     def plain_parameters(self) -> tuple[tuple[str, ...], dict[str, Any]] | None:
@@ -280,31 +333,30 @@ class TaskPolicy:
             return None
         return tuple(p.name for p in params), {p.name: p.default for p in params}
 
-    @property
+    @functools.cached_property
     def guarded(self) -> bool:
-        """True if any task-level guard is configured (queue buckets come per delivery)."""
-        return (self.lock is not None or self.idempotency.spec is not None
-                or self.key_bucket is not None or self.bulkhead is not None
-                or self.circuit_breaker is not None or self.window is not None)
+        """True if any guard's part guards every execution (``OptionSet.guards``).
+
+        Queue-level limits come per delivery (:meth:`guards_delivery`).
+        """
+        return any(s.guards(self.parts[s.name]) for s in OPTION_SETS
+                   if s.guards is not None and s.name in self.parts)
+
+    @functools.cached_property
+    def _delivery_checks(self) -> tuple[tuple[Callable[[Any, Any], bool], Any], ...]:
+        return tuple((s.guards_delivery, self.parts[s.name]) for s in OPTION_SETS
+                     if s.guards_delivery is not None and s.name in self.parts)
+
+    def guards_delivery(self, request: Any) -> bool:
+        """True if a guard's part guards this delivery (its queue has a limit)."""
+        return any(check(part, request) for check, part in self._delivery_checks)
 
 
 # Names that are ours in spirit: an attribute starting with one of these that
-# is not a registered option is most likely a typo.
-_OUR_PREFIXES = (
-    "lock",
-    "defer",
-    "fence",
-    "reliable",
-    "idempotency",
-    "bulkhead",
-    "rate_cost",
-    "rate_limit_key",
-    "rate_limit_window",
-    "backoff",
-    "circuit",
-    "retry_budget",
-    "max_redeliveries",
-)
+# is not a registered option is most likely a typo. Each guard names its own
+# (``OptionSet.prefixes``).
+_OUR_PREFIXES: tuple[str, ...] = (
+    "fence", "reliable", *(prefix for s in OPTION_SETS for prefix in s.prefixes))
 
 
 # Decorator options Celery itself understands that are not Task attributes.
@@ -379,11 +431,12 @@ def build_policy(
     signature: inspect.Signature | None,
     settings: ReliableSettings | None = None,
 ) -> TaskPolicy:
-    """Validate every option of one task and return its policy (each guard builds its part)."""
-    opts = {
-        name: opt.value(task_name, values.get(name, opt.default))
-        for name, opt in TASK_OPTIONS.items()
-    }
+    """Validate every option of one task and return its policy (each guard builds its part).
+
+    Guard by guard in :data:`OPTION_SETS` order (the reference's), so that of several
+    wrong options the first there is named: its options' values, their templates
+    against the task's signature, then its part (the options' combination).
+    """
     params: tuple[str, ...] = ()
     var_kw = True
     if signature is not None:
@@ -393,18 +446,29 @@ def build_policy(
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         )
         var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    for option in (o.name for o in TASK_OPTIONS.values() if o.template):
-        spec = opts[option]
-        if isinstance(spec, str) and not var_kw:
-            for field_name in template_fields(task_name, spec, option):
-                if field_name not in params:
-                    raise ConfigurationError(
-                        f"{task_name}: option {option!r} template {spec!r} names argument "
-                        f"{field_name!r}, which the task does not take "
-                        f"(its arguments: {', '.join(params) or 'none'})"
-                    )
     parts: dict[str, Any] = {}
+    declared: dict[str, Any] = {}
     for option_set in OPTION_SETS:
-        parts.update(option_set.build(task_name, opts, settings))
+        opts = {o.name: o.value(task_name, values.get(o.name, o.default))
+                for o in option_set.options}
+        if not var_kw:
+            for option in (o.name for o in option_set.options if o.template):
+                _check_template(task_name, option, opts[option], params)
+        part = parts[option_set.name] = option_set.build(task_name, opts, settings)
+        if option_set.fields:
+            declared.update(part)
     return TaskPolicy(task_name=task_name, parameters=params, takes_var_kwargs=var_kw,
-                      signature=signature, **parts)
+                      signature=signature, parts=parts, **declared)
+
+
+def _check_template(task_name: str, option: str, spec: Any, params: tuple[str, ...]) -> None:
+    """Refuse a template naming an argument the task does not take."""
+    if not isinstance(spec, str):
+        return
+    for field_name in template_fields(task_name, spec, option):
+        if field_name not in params:
+            raise ConfigurationError(
+                f"{task_name}: option {option!r} template {spec!r} names argument "
+                f"{field_name!r}, which the task does not take "
+                f"(its arguments: {', '.join(params) or 'none'})"
+            )

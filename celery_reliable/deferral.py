@@ -84,6 +84,7 @@ def policy_part(task_name: str, opts: Mapping[str, Any],
 
 
 CONFIG = OptionSet(
+    name="deferral",
     options=(
         Option(
             "defer_delay",
@@ -105,4 +106,6 @@ CONFIG = OptionSet(
         ),
     ),
     build=policy_part,
+    prefixes=("defer",),
+    fields=True,
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from .config import SETTINGS, TASK_OPTIONS, Option
 
@@ -16,7 +17,7 @@ START = "<!-- reference:start -->"
 END = "<!-- reference:end -->"
 
 
-def _default(option: Option) -> str:
+def _default(option: Option[Any]) -> str:
     if option.name == "reliable_bulkheads":
         return "see below"
     value = option.default
@@ -25,7 +26,7 @@ def _default(option: Option) -> str:
     return f"`{value!r}`"
 
 
-def _table(options: dict[str, Option], title: str) -> list[str]:
+def _table(options: dict[str, Option[Any]], title: str) -> list[str]:
     lines = [f"| {title} | default | unit | meaning |", "|---|---|---|---|"]
     for option in options.values():
         doc = " ".join(option.doc.replace("|", "\\|").split())

@@ -60,6 +60,7 @@ def policy_part(task_name: str, opts: Mapping[str, Any],
 
 
 CONFIG = OptionSet(
+    name="failures",
     options=(
         Option(
             "backoff",
@@ -125,4 +126,6 @@ CONFIG = OptionSet(
         ),
     ),
     build=policy_part,
+    prefixes=("backoff", "retry_budget"),
+    fields=True,
 )

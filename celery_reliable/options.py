@@ -17,7 +17,7 @@ import string
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .errors import ConfigurationError
 
@@ -45,10 +45,13 @@ __all__ = [
 #: ``parse(owner, name, raw)``: the normalised value, or ConfigurationError.
 Parser = Callable[[str, str, Any], Any]
 
+V = TypeVar("V")
+P = TypeVar("P")
+
 
 @dataclass(frozen=True)
-class Option:
-    """One documented, validated option.
+class Option(Generic[V]):
+    """One documented, validated option; its value (after ``parse``) is a ``V``.
 
     ``parse(owner, name, value)`` returns the normalised value or raises
     ConfigurationError; ``owner`` is the task name (or "app settings").
@@ -60,36 +63,49 @@ class Option:
     default: Any
     unit: str
     doc: str
-    parse: Parser = field(repr=False)
+    parse: Callable[[str, str, Any], V] = field(repr=False)
     template: bool = False
 
-    def value(self, owner: str, raw: Any) -> Any:
+    def value(self, owner: str, raw: Any) -> V:
         return self.parse(owner, self.name, raw)
 
 
-#: One guard's part of a task's policy: ``build(task_name, options, settings)`` gets the
-#: task's validated option values (every option, by name) and the app's settings (None
-#: before the app is configured) and returns its ``TaskPolicy`` fields, by name.
-PolicyBuilder = Callable[[str, Mapping[str, Any], "ReliableSettings | None"], Mapping[str, Any]]
-
-
 @dataclass(frozen=True)
-class OptionSet:
+class OptionSet(Generic[P]):
     """What one guard declares: its task options, its app settings, its part of the policy.
 
-    ``check_settings(owner, values)`` (optional) refuses a combination of the app's
-    validated setting values (every setting, by name).
+    ``name``: the part's key in ``TaskPolicy.parts`` (the guard's name; unique).
+    ``build(task_name, options, settings)`` gets the task's validated values of this
+    set's options (by name) and the app's settings (None before the app is
+    configured: the declaration only) and returns the guard's part of the task's
+    policy, a ``P``: the guard reads it back typed with ``policy.part(CONFIG)``.
+    ``guards(part)`` (None: never): the part makes every execution of the task go
+    through the pipeline; ``guards_delivery(part, request)`` (None: never): it makes
+    this delivery do so (a queue-level limit: the delivery's queue has one). ``prefixes``: task
+    attributes starting with one of these that are no option are refused as typos
+    (``lock_tll=30``). ``check_settings(owner, values)`` (optional) refuses a
+    combination of the app's validated setting values (the shared ones and those of
+    this set and the sets before it, by name).
+
+    ``fields``: the part is a mapping of ``TaskPolicy``'s declared fields, by name,
+    spread into them (the guards whose parts other modules read as attributes,
+    ``policy.lock``); a new guard leaves it False and needs no line in ``config``.
     """
 
-    options: tuple[Option, ...]
-    build: PolicyBuilder
-    settings: tuple[Option, ...] = ()
+    name: str
+    options: tuple[Option[Any], ...]
+    build: Callable[[str, Mapping[str, Any], ReliableSettings | None], P]
+    settings: tuple[Option[Any], ...] = ()
     check_settings: Callable[[str, Mapping[str, Any]], None] | None = None
+    prefixes: tuple[str, ...] = ()
+    guards: Callable[[P], bool] | None = None
+    guards_delivery: Callable[[P, Any], bool] | None = None
+    fields: bool = False
 
 
-def collect(options: Iterable[Option]) -> dict[str, Option]:
+def collect(options: Iterable[Option[Any]]) -> dict[str, Option[Any]]:
     """``options`` by name, refusing a name two guards both declare."""
-    out: dict[str, Option] = {}
+    out: dict[str, Option[Any]] = {}
     for option in options:
         if option.name in out:
             raise ValueError(f"option {option.name!r} is declared twice")

@@ -33,7 +33,6 @@ from .config import (
 from .declared import Binding, declared_in
 from .errors import ConfigurationError
 from .fencing import Fence
-from .guards import window
 from .pipeline import failure, retrying
 from .pipeline.arguments import arguments, fingerprint_of, queue_bucket
 from .pipeline.call import Call, Deferred, Execution
@@ -51,7 +50,6 @@ from .pipeline.headers import (
     header,
 )
 from .retrybudget import RetryBudget
-from .runtime import runtime_for
 
 __all__ = [
     "BUCKET_SLOT_HEADER",
@@ -76,7 +74,9 @@ class ReliableTask(Task):  # type: ignore[misc]
     Use as ``@app.task(base=ReliableTask, bind=True, lock="order:{order_id}")``.
     Each option below is a class attribute settable in the decorator; its
     documentation, unit and validation live in
-    :data:`celery_reliable.config.TASK_OPTIONS`. Options are validated when
+    :data:`celery_reliable.config.TASK_OPTIONS`. A guard's options not declared
+    below (``rate_limit_window``: guards/window.py) are class attributes too, set
+    from the registry after the class. Options are validated when
     the task is bound to the app; a bad one raises ``ConfigurationError``.
     """
 
@@ -102,10 +102,6 @@ class ReliableTask(Task):  # type: ignore[misc]
     rate_limit_key_spec: ClassVar[Any] = TASK_OPTIONS["rate_limit_key_spec"].default
     #: Tokens one execution takes from each bucket.
     rate_cost: ClassVar[Any] = TASK_OPTIONS["rate_cost"].default
-    #: Sliding-window limit ("1000/d"), its key and mode (guards/window.py).
-    rate_limit_window: ClassVar[Any] = TASK_OPTIONS["rate_limit_window"].default
-    rate_limit_window_key: ClassVar[Any] = TASK_OPTIONS["rate_limit_window_key"].default
-    rate_limit_window_mode: ClassVar[Any] = TASK_OPTIONS["rate_limit_window_mode"].default
     #: Bulkhead tier holding a fleet-wide slot while the task runs.
     bulkhead: ClassVar[Any] = TASK_OPTIONS["bulkhead"].default
     #: Retry delay policy (celery_reliable.Backoff); None keeps Celery's own.
@@ -229,8 +225,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         counts = bool(policy.max_redeliveries is not None and self._acks_late()
                       and not request.is_eager)
         if (policy.guarded or header_key is not None or bucket is not None or counts
-                or (policy.queue_windows and window.queue_window(
-                    runtime_for(self.app).settings.queue_window_limits, request))):
+                or policy.guards_delivery(request)):
             return pipeline.run(self, policy, args, kwargs, header_key, bucket, counts)
         if policy.backoff is None and not policy.dead_letter:
             return self.run(*args, **kwargs)
@@ -393,3 +388,10 @@ class ReliableTask(Task):  # type: ignore[misc]
         # ended refuses from then on too.
         return Fence(execution.resource, execution.token, lambda: lease is not None and lease.lost,
                      holder=execution.owner)
+
+
+# Every registered option is a class attribute settable in the decorator: those of
+# guards that declare no attribute above (a new guard needs no line here) too.
+for _name, _option in TASK_OPTIONS.items():
+    if _name not in vars(ReliableTask):
+        setattr(ReliableTask, _name, _option.default)

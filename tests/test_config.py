@@ -134,11 +134,12 @@ def test_every_option_is_a_documented_class_attribute() -> None:
 
 def test_guards_declare_their_options_once_and_settings_fill_every_field() -> None:
     """The registry is composed from each guard's OptionSet: a name declared by two guards
-    is refused, and every setting reliable_<x> is the ReliableSettings field <x>."""
+    is refused; every ReliableSettings field <x> is the setting reliable_<x>, and every
+    setting, field or not (a guard's own: window's), is read by ``value``."""
     import dataclasses
 
     from celery_reliable.config import OPTION_SETS, SETTINGS, TASK_OPTIONS, ReliableSettings
-    from celery_reliable.guards import lock
+    from celery_reliable.guards import lock, window
     from celery_reliable.options import collect
 
     declared = [o.name for s in OPTION_SETS for o in s.options]
@@ -146,11 +147,18 @@ def test_guards_declare_their_options_once_and_settings_fill_every_field() -> No
     assert "lock_ttl" in {o.name for o in lock.CONFIG.options}
     with pytest.raises(ValueError, match="'lock' is declared twice"):
         collect(lock.CONFIG.options + lock.CONFIG.options[:1])
-    fields = {f.name for f in dataclasses.fields(ReliableSettings)}
-    assert {name.removeprefix("reliable_") for name in SETTINGS} == fields
-    settings = ReliableSettings.from_conf({"reliable_bulkheads": {"bulk": {"concurrent": 2}}})
+    fields = {f.name for f in dataclasses.fields(ReliableSettings)} - {"values"}
+    assert fields <= {name.removeprefix("reliable_") for name in SETTINGS}
+    settings = ReliableSettings.from_conf({"reliable_bulkheads": {"bulk": {"concurrent": 2}},
+                                           "reliable_queue_window_limits": {"q": "5/m"}})
     assert settings.bulkheads["bulk"].concurrent == 2
     assert settings.idempotency_store == "postgres" and settings.key_prefix == "reliable"
+    assert set(settings.values) == set(SETTINGS)
+    for name, option in SETTINGS.items():
+        if name.removeprefix("reliable_") in fields and name != "reliable_redelivery_window":
+            assert settings.value(option) == getattr(settings, name.removeprefix("reliable_"))
+    assert settings.value(window.QUEUE_LIMITS) == {"q": window.WindowSpec(5, 60.0)}
+    assert ReliableSettings.from_conf({}).value(window.QUEUE_LIMITS) == {}
 
 
 def test_readme_reference_matches_the_code() -> None:

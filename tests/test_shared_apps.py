@@ -15,6 +15,7 @@ import pytest
 from celery import Celery, _state, shared_task
 
 from celery_reliable import ConfigurationError, ReliableTask
+from celery_reliable.guards import breaker, bulkhead
 
 TIER = {"concurrent": 2, "queue": 4, "timeout": 30}
 
@@ -56,7 +57,7 @@ def test_other_app_finalizes_and_declaring_app_still_runs(redis_url: str) -> Non
         copy.apply_async(args=(1,))  # the app cannot run it: it says so when used
     mine.finalize()
     task = mine.tasks[name]
-    assert task._policy().tier is not None
+    assert task._policy().part(bulkhead.CONFIG).tier is not None
     assert task.apply(args=(21,)).get(timeout=10) == 42  # admitted through Redis, ran
 
 
@@ -68,7 +69,7 @@ def test_app_finalized_after_the_declaring_app_also_gets_a_usable_copy() -> None
     mine.finalize()
     other = make_app("other")
     other.finalize()
-    assert mine.tasks[name]._policy().breaker is not None
+    assert mine.tasks[name]._policy().part(breaker.CONFIG).breaker is not None
     with pytest.raises(ConfigurationError, match="option 'circuit_breaker' names 'partner'"):
         other.tasks[name]._policy()
 
@@ -107,8 +108,8 @@ def test_two_apps_with_different_settings_get_their_own_policy() -> None:
     declare(small, name, bulkhead="t")
     small.finalize()
     large.finalize()
-    assert small.tasks[name]._policy().tier.concurrent == 2
-    assert large.tasks[name]._policy().tier.concurrent == 5
+    assert small.tasks[name]._policy().part(bulkhead.CONFIG).tier.concurrent == 2
+    assert large.tasks[name]._policy().part(bulkhead.CONFIG).tier.concurrent == 5
 
     class Job(ReliableTask):  # one class registered with both apps
         name = f"shared.class.{secrets.token_hex(3)}"
@@ -119,8 +120,8 @@ def test_two_apps_with_different_settings_get_their_own_policy() -> None:
 
     small.register_task(Job)
     large.register_task(Job)
-    assert Job.policy_for(small).tier.concurrent == 2
-    assert Job.policy_for(large).tier.concurrent == 5
+    assert Job.policy_for(small).part(bulkhead.CONFIG).tier.concurrent == 2
+    assert Job.policy_for(large).part(bulkhead.CONFIG).tier.concurrent == 5
 
 
 def test_shared_task_decorator_fits_an_app_already_finalized(redis_url: str) -> None:
@@ -162,6 +163,7 @@ _PROJ = """
     import logging
     from celery import Celery, shared_task
     from celery_reliable import ConfigurationError, ReliableTask
+    from celery_reliable.guards import bulkhead
     logging.basicConfig(level=logging.WARNING, format="LOG %(levelname)s %(message)s")
     GOLD = {"gold": {"concurrent": 2, "queue": 4, "timeout": 30}}
     def make(main, **conf):
@@ -216,7 +218,8 @@ def test_shared_task_declaration_is_not_broken_by_another_finalized_app() -> Non
         print("declaration raised:", exc)
     else:
         proj.finalize()
-        print("declared and finalized, tier:", proj.tasks[job.name]._policy().tier.concurrent)
+        tier = proj.tasks[job.name]._policy().part(bulkhead.CONFIG).tier
+        print("declared and finalized, tier:", tier.concurrent)
         try:
             other.tasks[job.name].apply_async(args=(1,))
         except ConfigurationError as exc:
@@ -321,7 +324,7 @@ def test_celery_pytest_session_app_only_gets_a_copy_of_the_project_shared_tasks(
         return n
     """ + _SESSION_APP + """
     proj.finalize()
-    print("proj tier:", proj.tasks["proj.job"]._policy().tier.concurrent)
+    print("proj tier:", proj.tasks["proj.job"]._policy().part(bulkhead.CONFIG).tier.concurrent)
     """)
     assert done.returncode == 0, done.stderr
     assert "proj tier: 2" in done.stdout, done.stdout + done.stderr

@@ -34,8 +34,11 @@ Each guard's Python side is ``celery_reliable/guards/<name>.py``: its :class:`Gu
 (letter, fragment, layout) and what it puts in an admission plan and a release
 (``Plan.add_*`` and ``Release.add_*`` call it), and at its top its task options, app
 settings and part of a task's policy (``CONFIG``, an ``options.OptionSet``). Adding a
-guard: its module, its fragment file, one line in :data:`GUARDS`, and one line in
-``config.OPTION_SETS`` (which composes the options reference).
+guard: its module, its fragment file, one line in :data:`GUARDS` (and its name in the
+import below), and one line in ``config.OPTION_SETS`` (which composes the options
+reference: regenerate it with ``python -m celery_reliable.docs --write README.md``);
+its policy part is ``policy.part(CONFIG)``, its settings ``settings.value(OPTION)``.
+``tests/test_config_registry.py`` adds a toy guard so and runs it.
 ``python -m celery_reliable.guards admit`` prints a composed script.
 """
 

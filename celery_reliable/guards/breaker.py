@@ -1,13 +1,15 @@
 """Guard ``C``: a circuit breaker, passed at admission and told the outcome (``breaker.lua``).
 
 Specs and states: ``celery_reliable.breaker``. The option ``circuit_breaker`` and the
-setting ``reliable_circuit_breakers`` (:data:`CONFIG`).
+setting ``reliable_circuit_breakers`` (:data:`CONFIG`); its part of a task's policy,
+``policy.part(CONFIG)``, is a :class:`BreakerPart`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Retry
@@ -24,9 +26,19 @@ if TYPE_CHECKING:
     from ..config import ReliableSettings
 
 
+@dataclass(frozen=True)
+class BreakerPart:
+    """The breaker guard's part of a task's policy (``policy.part(CONFIG)``)."""
+
+    #: The breaker's name (``circuit_breaker``), or None.
+    circuit_breaker: str | None
+    #: Its spec, once the app is configured (None before).
+    breaker: BreakerSpec | None
+
+
 def policy_part(task_name: str, opts: Mapping[str, Any],
-                settings: ReliableSettings | None) -> dict[str, Any]:
-    """``TaskPolicy.circuit_breaker`` (its name) and ``breaker`` (its spec, once configured)."""
+                settings: ReliableSettings | None) -> BreakerPart:
+    """The breaker's name (``circuit_breaker``) and its spec (once configured)."""
     breaker = None
     if opts["circuit_breaker"] is not None and settings is not None:
         breaker = settings.circuit_breakers.get(opts["circuit_breaker"])
@@ -36,10 +48,11 @@ def policy_part(task_name: str, opts: Mapping[str, Any],
                 "which is not configured in reliable_circuit_breakers "
                 f"(configured: {', '.join(sorted(settings.circuit_breakers)) or 'none'})"
             )
-    return {"circuit_breaker": opts["circuit_breaker"], "breaker": breaker}
+    return BreakerPart(opts["circuit_breaker"], breaker)
 
 
 CONFIG = OptionSet(
+    name="breaker",
     options=(
         Option(
             "circuit_breaker",
@@ -63,6 +76,8 @@ CONFIG = OptionSet(
         ),
     ),
     build=policy_part,
+    prefixes=("circuit",),
+    guards=lambda part: part.circuit_breaker is not None,
 )
 
 GUARD = Guard("C", "breaker", admit=(2, 4), complete=(2, 6))
@@ -95,14 +110,14 @@ class _Hooks(Hooks):
     order = 40
 
     def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
-        policy = call.policy
+        policy = call.policy.part(CONFIG)
         if policy.breaker is not None and policy.circuit_breaker is not None:
             plan.add_breaker(call.runtime.keys.breaker(policy.circuit_breaker), policy.breaker,
                              execution.owner)
 
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
              started: float) -> None:
-        policy = call.policy
+        policy = call.policy.part(CONFIG)
         release(execution.release, call.runtime.keys.breaker(policy.circuit_breaker),
                 policy.breaker, execution.owner)
         if result == 2:
@@ -115,7 +130,7 @@ class _Hooks(Hooks):
                 policy.breaker.probe_lease, started, "breaker probe"))
 
     def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
-        name = call.policy.circuit_breaker
+        name = call.policy.part(CONFIG).circuit_breaker
         metrics.inc("reliable_circuit_deferrals_total", breaker=str(name))
         call.defer(f"circuit {name!r} open", due=outcome.retry_after or 1.0,
                    guard="circuit_breaker")
@@ -127,14 +142,14 @@ class _Hooks(Hooks):
     def settled(self, call: Any, execution: Any, result: int) -> bool:
         old, new = divmod(result, 10)
         if old != new:
-            call.breaker_changed(str(call.policy.circuit_breaker), old, new)
+            call.breaker_changed(str(call.policy.part(CONFIG).circuit_breaker), old, new)
         return False
 
 
 def _outcome(call: Any, execution: Any, failure: BaseException | None) -> str:
     """``s``, ``f`` (a classified failure, or a slow call) or ``n`` (does not count)."""
     if failure is None:
-        slow = call.policy.breaker.slow_call_seconds
+        slow = call.policy.part(CONFIG).breaker.slow_call_seconds
         if slow is not None and time.monotonic() - execution.started > slow:
             return "f"
         return "s"

@@ -2,8 +2,8 @@
 
 Specs: ``celery_reliable.ratelimit``. Nothing to complete, roll back or renew. Options
 ``rate_limit_key``, ``rate_limit_key_spec``, ``rate_cost`` and the setting
-``reliable_queue_rate_limits`` (:data:`CONFIG`); ``TaskPolicy.key_bucket`` is a
-:class:`KeyBucketPolicy`.
+``reliable_queue_rate_limits`` (:data:`CONFIG`); its part of a task's policy,
+``policy.part(CONFIG)``, is a :class:`BucketPart`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,19 @@ class KeyBucketPolicy:
         return render(self.spec, task_name, "rate_limit_key", arguments)
 
 
+@dataclass(frozen=True)
+class BucketPart:
+    """The bucket guard's part of a task's policy (``policy.part(CONFIG)``)."""
+
+    #: The per-key bucket (``rate_limit_key``), or None.
+    key_bucket: KeyBucketPolicy | None
+    #: Tokens one execution takes from each bucket (``rate_cost``).
+    rate_cost: float
+
+
 def policy_part(task_name: str, opts: Mapping[str, Any],
-                settings: ReliableSettings | None) -> dict[str, Any]:
-    """``TaskPolicy.key_bucket`` (None without ``rate_limit_key``) and ``rate_cost``."""
+                settings: ReliableSettings | None) -> BucketPart:
+    """The per-key bucket (None without ``rate_limit_key``) and ``rate_cost``."""
     key_bucket = None
     if opts["rate_limit_key"] is not None:
         if opts["rate_limit_key_spec"] is None:
@@ -56,10 +66,11 @@ def policy_part(task_name: str, opts: Mapping[str, Any],
         raise ConfigurationError(
             f"{task_name}: option 'rate_limit_key_spec' is set but 'rate_limit_key' is not"
         )
-    return {"key_bucket": key_bucket, "rate_cost": opts["rate_cost"]}
+    return BucketPart(key_bucket, opts["rate_cost"])
 
 
 CONFIG = OptionSet(
+    name="bucket",
     options=(
         Option(
             "rate_limit_key",
@@ -102,6 +113,8 @@ CONFIG = OptionSet(
         ),
     ),
     build=policy_part,
+    prefixes=("rate_cost", "rate_limit_key"),
+    guards=lambda part: part.key_bucket is not None,
 )
 
 GUARD = Guard("B", "bucket", admit=(1, 4))
@@ -124,7 +137,7 @@ class _Hooks(Hooks):
     order = 50
 
     def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
-        policy, keys = call.policy, call.runtime.keys
+        policy, keys = call.policy.part(CONFIG), call.runtime.keys
         if call.queue_bucket is not None:
             queue, spec = call.queue_bucket
             if policy.rate_cost > spec.burst:

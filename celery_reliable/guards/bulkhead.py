@@ -1,12 +1,14 @@
 """Guard ``K``: a slot of a bulkhead tier, held as a lease (``bulkhead.lua``).
 
 Tiers and their stats: ``celery_reliable.bulkhead``. The option ``bulkhead`` and the
-setting ``reliable_bulkheads`` (:data:`CONFIG`).
+setting ``reliable_bulkheads`` (:data:`CONFIG`); its part of a task's policy,
+``policy.part(CONFIG)``, is a :class:`BulkheadPart`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import metrics
@@ -22,9 +24,19 @@ if TYPE_CHECKING:
     from ..keys import KeySpace
 
 
+@dataclass(frozen=True)
+class BulkheadPart:
+    """The bulkhead guard's part of a task's policy (``policy.part(CONFIG)``)."""
+
+    #: The tier's name (``bulkhead``), or None.
+    bulkhead: str | None
+    #: Its spec, once the app is configured (None before).
+    tier: TierSpec | None
+
+
 def policy_part(task_name: str, opts: Mapping[str, Any],
-                settings: ReliableSettings | None) -> dict[str, Any]:
-    """``TaskPolicy.bulkhead`` (the tier's name) and ``tier`` (its spec, once configured)."""
+                settings: ReliableSettings | None) -> BulkheadPart:
+    """The tier's name (``bulkhead``) and its spec (once configured)."""
     tier = None
     if opts["bulkhead"] is not None and settings is not None:
         tier = settings.bulkheads.get(opts["bulkhead"])
@@ -34,10 +46,11 @@ def policy_part(task_name: str, opts: Mapping[str, Any],
                 f"configured (tiers: {', '.join(sorted(settings.bulkheads))}; define it in "
                 "reliable_bulkheads)"
             )
-    return {"bulkhead": opts["bulkhead"], "tier": tier}
+    return BulkheadPart(opts["bulkhead"], tier)
 
 
 CONFIG = OptionSet(
+    name="bulkhead",
     options=(
         Option(
             "bulkhead",
@@ -62,6 +75,8 @@ CONFIG = OptionSet(
         ),
     ),
     build=policy_part,
+    prefixes=("bulkhead",),
+    guards=lambda part: part.bulkhead is not None,
 )
 
 GUARD = Guard("K", "bulkhead", admit=(3, 7), complete=(1, 1))
@@ -98,7 +113,7 @@ class _Hooks(Hooks):
         return super().outcome(code, index, kind, reply)
 
     def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
-        policy = call.policy
+        policy = call.policy.part(CONFIG)
         if policy.bulkhead is not None and policy.tier is not None:
             plan.add_bulkhead(call.runtime.keys, policy.bulkhead, policy.tier, execution.owner,
                               str(call.request.id))
@@ -106,7 +121,8 @@ class _Hooks(Hooks):
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
              started: float) -> None:
         key = plan.keys[plan.offsets[index]]
-        execution.leases.append(call.lease("K", key, execution.owner, call.policy.tier.lease,
+        execution.leases.append(call.lease("K", key, execution.owner,
+                                           call.policy.part(CONFIG).tier.lease,
                                            started, "bulkhead slot"))
         release(execution.release, key, execution.owner)
 
@@ -117,7 +133,7 @@ class _Hooks(Hooks):
         from ..errors import BulkheadFull
         from ..pipeline.headers import DROPPED, log
 
-        tier = str(call.policy.bulkhead)
+        tier = str(call.policy.part(CONFIG).bulkhead)
         if not isinstance(outcome, Rejected):
             metrics.inc("reliable_bulkhead_waits_total", tier=tier)
             call.defer(f"bulkhead {tier!r} full", guard="bulkhead")

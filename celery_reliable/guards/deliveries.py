@@ -27,6 +27,7 @@ def policy_part(task_name: str, opts: Mapping[str, Any],
 
 
 CONFIG = OptionSet(
+    name="deliveries",
     options=(
         Option(
             "max_redeliveries",
@@ -39,6 +40,8 @@ CONFIG = OptionSet(
         ),
     ),
     build=policy_part,
+    prefixes=("max_redeliveries",),
+    fields=True,
 )
 
 GUARD = Guard("D", "deliveries", admit=(1, 3), complete=(1, 1))

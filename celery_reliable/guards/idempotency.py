@@ -102,6 +102,7 @@ def check_settings(owner: str, values: Mapping[str, Any]) -> None:
 
 
 CONFIG = OptionSet(
+    name="idempotency",
     options=(
         Option(
             "idempotency_key",
@@ -168,6 +169,9 @@ CONFIG = OptionSet(
         ),
     ),
     build=policy_part,
+    prefixes=("idempotency",),
+    guards=lambda part: part["idempotency"].spec is not None,
+    fields=True,
     check_settings=check_settings,
 )
 

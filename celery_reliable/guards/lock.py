@@ -69,6 +69,7 @@ def policy_part(task_name: str, opts: Mapping[str, Any],
 
 
 CONFIG = OptionSet(
+    name="lock",
     options=(
         Option(
             "lock",
@@ -114,6 +115,9 @@ CONFIG = OptionSet(
         ),
     ),
     build=policy_part,
+    prefixes=("lock",),
+    guards=lambda part: part["lock"] is not None,
+    fields=True,
 )
 
 GUARD = Guard("L", "lock", admit=(2, 3), complete=(1, 1))

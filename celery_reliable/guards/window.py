@@ -34,7 +34,9 @@ Two modes, chosen per limit:
 
 Options (:data:`CONFIG`): the app setting ``reliable_queue_window_limits`` (per queue)
 and the task options ``rate_limit_window``, ``rate_limit_window_key`` and
-``rate_limit_window_mode`` (per key); ``TaskPolicy.window`` is a :class:`WindowPolicy`.
+``rate_limit_window_mode`` (per key); its part of a task's policy,
+``policy.part(CONFIG)``, is a :class:`WindowPart`. (The guard needs no line in
+``config`` but its registry line in ``config.OPTION_SETS``.)
 An admission counts once, whatever its ``rate_cost`` (that is the buckets').
 
 An admission counts only if the execution ran (its body started and ended, with
@@ -73,8 +75,8 @@ if TYPE_CHECKING:
     from ..config import ReliableSettings
     from ..keys import KeySpace
 
-__all__ = ["CONFIG", "GUARD", "MODES", "WindowPolicy", "WindowSpec", "parse_queue_windows",
-           "parse_window", "refund"]
+__all__ = ["CONFIG", "GUARD", "MODES", "QUEUE_LIMITS", "WindowPart", "WindowPolicy", "WindowSpec",
+           "parse_queue_windows", "parse_window", "refund"]
 
 GUARD = Guard("W", "window", admit=(1, 4), complete=(1, 2))
 
@@ -170,9 +172,19 @@ class WindowPolicy:
         return render(self.spec, task_name, "rate_limit_window_key", arguments)
 
 
+@dataclass(frozen=True)
+class WindowPart:
+    """The window guard's part of a task's policy (``policy.part(CONFIG)``)."""
+
+    #: The task's key window (``rate_limit_window``), or None.
+    key: WindowPolicy | None
+    #: The app's queue windows (``reliable_queue_window_limits``; none before it is configured).
+    queues: Mapping[str, WindowSpec]
+
+
 def policy_part(task_name: str, opts: Mapping[str, Any],
-                settings: ReliableSettings | None) -> dict[str, Any]:
-    """``TaskPolicy.window`` (None without ``rate_limit_window``) and ``queue_windows``."""
+                settings: ReliableSettings | None) -> WindowPart:
+    """The task's key window (None without ``rate_limit_window``) and the app's queue windows."""
     window = None
     if opts["rate_limit_window"] is not None:
         spec = parse_window(f"{task_name}: option 'rate_limit_window'",
@@ -183,11 +195,24 @@ def policy_part(task_name: str, opts: Mapping[str, Any],
             f"{task_name}: option 'rate_limit_window_key' is set but 'rate_limit_window' "
             "is not (e.g. \"1000/d\")"
         )
-    queue_windows = bool(settings is not None and settings.queue_window_limits)
-    return {"window": window, "queue_windows": queue_windows}
+    queues = settings.value(QUEUE_LIMITS) if settings is not None else {}
+    return WindowPart(window, queues)
+
+
+QUEUE_LIMITS = Option(
+    "reliable_queue_window_limits",
+    None,
+    "queue → limit",
+    'Fleet-wide sliding window per queue: ``{"reports": "1000/d", "exports": '
+    '{"limit": "60/m", "mode": "approximate"}}`` (see ``rate_limit_window`` and '
+    "``rate_limit_window_mode``; mode exact by default). Every ReliableTask taken from "
+    "the queue counts once; a refused task is deferred to when a slot frees.",
+    parse_queue_windows,
+)
 
 
 CONFIG = OptionSet(
+    name="window",
     options=(
         Option(
             "rate_limit_window",
@@ -221,19 +246,11 @@ CONFIG = OptionSet(
             choice(tuple(MODES)),
         ),
     ),
-    settings=(
-        Option(
-            "reliable_queue_window_limits",
-            None,
-            "queue → limit",
-            'Fleet-wide sliding window per queue: ``{"reports": "1000/d", "exports": '
-            '{"limit": "60/m", "mode": "approximate"}}`` (see ``rate_limit_window`` and '
-            "``rate_limit_window_mode``; mode exact by default). Every ReliableTask taken from "
-            "the queue counts once; a refused task is deferred to when a slot frees.",
-            parse_queue_windows,
-        ),
-    ),
+    settings=(QUEUE_LIMITS,),
     build=policy_part,
+    prefixes=("rate_limit_window",),
+    guards=lambda part: part.key is not None,
+    guards_delivery=lambda part, request: queue_window(part.queues, request) is not None,
 )
 
 
@@ -312,8 +329,8 @@ class _Hooks(Hooks):
 
     def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
         runtime = call.runtime
-        plan_task(plan, runtime.keys, runtime.settings.queue_window_limits, call.request,
-                  call.policy.window, call.name, arguments, execution.owner)
+        plan_task(plan, runtime.keys, runtime.settings.value(QUEUE_LIMITS), call.request,
+                  call.policy.part(CONFIG).key, call.name, arguments, execution.owner)
 
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
              started: float) -> None:
