@@ -66,6 +66,7 @@ def build_app() -> Celery:
         "reliable_bulkheads": {},
         "reliable_circuit_breakers": {},
         "reliable_queue_rate_limits": {},
+        "reliable_queue_window_limits": {},
     }
     for module in workloads.MODULES.values():
         for name, value in module.SETTINGS.items():

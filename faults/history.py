@@ -66,7 +66,7 @@ SCHEMA: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
     ),
     "start": (
         frozenset({"task_id", "workload"}),
-        frozenset({"worker", "attempt", "token", "resource", "key", "tier", "bucket"}),
+        frozenset({"worker", "attempt", "token", "resource", "key", "tier", "bucket", "windows"}),
     ),
     "end": (
         frozenset({"task_id", "workload", "outcome"}),
@@ -107,6 +107,9 @@ SCHEMA: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
                 "database_url",
                 "broker",
                 "kill_workers",
+                "windows",
+                "window_mode",
+                "window_latency_s",
             }
         ),
     ),

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from faults.workloads import breaker, bucket, bulkhead, locked, payments
+from faults.workloads import breaker, bucket, bulkhead, locked, payments, window
 
 MODULES: dict[str, ModuleType] = {
-    m.NAME: m for m in (locked, payments, bucket, bulkhead, breaker)
+    m.NAME: m for m in (locked, payments, bucket, bulkhead, breaker, window)
 }
 WORKLOADS = (*MODULES, "mix")
 #: every queue the fleet consumes
-QUEUES = ("fc", bucket.QUEUE)
+QUEUES = ("fc", bucket.QUEUE, window.QUEUE)
 
 
 def chosen(workload: str) -> list[ModuleType]:
