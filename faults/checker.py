@@ -41,6 +41,12 @@ Tolerances (each stated again in the verdict's ``checked`` text):
   began at least 2/3 of the TTL earlier (the last renewal may have been ``ttl / 3`` before it;
   its effect outlasts its stop: the clock stays behind or ahead), a Redis state loss since
   they started, or an ``end`` of ``lost-lock``.
+- windows (exact mode): the starts whose admission lies within one window of its length
+  ``<= limit``; a start's admission is at most ``window_latency_s`` (config, default 0.5 s)
+  before it, or, for a start just after a SIGCONT or the end of a Redis-link stall, that
+  much before the fault began, and never before its process's previous start; each Redis
+  state loss in the window adds one ``limit`` (the log may be forgotten). Clock faults
+  excuse nothing: the window is kept on the Redis server's ``TIME``.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ __all__ = [
     "check_history",
     "costs_lease",
     "default_bucket_tolerance",
+    "default_window_latency",
     "passed",
     "read_dumps",
     "read_tables",
@@ -860,6 +867,158 @@ def buckets(h: History, db: Tables) -> Verdict:
     return Verdict(name, checked, violations, example)
 
 
+def default_window_latency() -> float:
+    """Seconds from a window's admission to its ``start`` when the config gives none."""
+    return 0.5
+
+
+def _previous_starts(h: History) -> dict[int, float]:
+    """For each execution (by id), the start of the one its process ran before it (or -inf)."""
+    out: dict[int, float] = {}
+    last: dict[int, float] = {}
+    for ex in h.executions:  # sorted by start
+        out[id(ex)] = last.get(ex.pid, -math.inf)
+        last[ex.pid] = ex.t0
+    return out
+
+
+def _admitted_from(h: History, ex: Execution, lag: float, previous: float) -> float:
+    """The earliest its admission can have been.
+
+    ``lag`` before its start; or, when its process was resumed (SIGCONT after a pause or a
+    suspend) or the workers' Redis link resumed (a stall holds the admission's reply) at
+    most :data:`PAUSE_LATE_S` before its start, ``lag`` before that fault began. Never
+    before ``previous``, the start of the execution its process ran before it: a pool
+    child runs one task at a time, its admission included (so only its first start after
+    the resume can have been admitted before the fault).
+    """
+    lo = ex.t0 - lag
+    for fault in h.faults_reaching(ex, ex.t0 - PAUSE_LATE_S, ex.t0,
+                                   names=("pause", "clock", "stall")):
+        resumed = fault.name == "stall" or stops_process(fault)
+        if resumed and fault.t1 <= ex.t0 <= fault.t1 + PAUSE_LATE_S:
+            lo = min(lo, fault.t0 - lag)
+    return max(lo, previous)
+
+
+def _window_excess(
+    starts: Sequence[tuple[float, float]], limit: int, seconds: float, losses: Sequence[float]
+) -> tuple[int, int, str]:
+    """Overfull windows of one window's starts, each ``(admitted_from, start)``: (runs of
+    them, peak, worst).
+
+    For each start i, the window opening just before its earliest admission ``lo_i`` holds
+    every start k whose admission range lies in it (``lo_k >= lo_i``, ``t_k < lo_i +
+    seconds``): at most ``limit``, plus ``limit`` per Redis state loss that began in
+    ``[lo_i, lo_i + seconds]`` (a loss before the window cannot let more in: every
+    admission inside it came after the loss and was logged).
+    """
+    ordered = sorted(starts)
+    runs = peak = 0
+    worst, worst_at = 0, ""
+    over = False  # inside a run of overfull windows (by their opening): one violation
+    for i, (lo, _) in enumerate(ordered):
+        closes = lo + seconds
+        inside = [t for lo_k, t in ordered[i:] if lo_k < closes and t < closes]
+        peak = max(peak, len(inside))
+        lost = sum(1 for t in losses if lo <= t <= closes)
+        excess = len(inside) - limit * (1 + lost)
+        if excess > 0:
+            if not over:
+                runs += 1
+            if excess > worst:
+                worst = excess
+                worst_at = (
+                    f"{len(inside)} starts admitted within ({lo:.3f}, {closes:.3f}] "
+                    f"(starts {min(inside):.3f} to {max(inside):.3f}) > limit {limit} x "
+                    f"(1 + {lost} Redis state losses)"
+                )
+        over = excess > 0
+    return runs, peak, worst_at
+
+
+def windows(h: History, db: Tables) -> Verdict:
+    """Starts admitted within any one sliding window <= its limit.
+
+    Each ``start`` of the window workload lists the windows it counted in (``windows``:
+    a key's, the queue's); the config event gives each one's ``limit`` and ``seconds``
+    (exact mode) and ``window_latency_s`` (default :func:`default_window_latency`). The
+    window counts admissions on the Redis server's clock (``TIME`` in ``admit.lua``,
+    read by ``window.lua``'s ``clock()``), not the worker's: a skewed pool-child clock
+    (``time.monotonic``, the ``clock`` nemesis) changes nothing here and excuses nothing.
+    The wall times of the history and the server's ``TIME`` are the same machine's clock.
+
+    A start's admission came before it, by at most ``window_latency_s``; or, for a start
+    recorded within :data:`PAUSE_LATE_S` after its process was resumed (a ``pause``, a
+    ``suspend`` clock fault) or after a stall of the workers' Redis link ended (the
+    admission's reply was held), at most ``window_latency_s`` before that fault began;
+    and never before the previous start of its process (one task at a time per pool
+    child). Only starts whose whole admission range lies within one window count against it
+    (in particular: any ``seconds - window_latency_s`` of ordinary starts). Tolerance:
+    a Redis state loss (``redis-restart`` without the last writes, or ``failover`` to a
+    replica that lacked them) can forget the window's log: at most ``limit`` more starts
+    per loss that began in the window, as the bucket comes back full after one.
+
+    Liveness of the window's tasks (all terminal after healing) is :func:`nothing_lost`'s;
+    the counts are repeated here.
+    """
+    name = "windows"
+    per_window: dict[str, list[Execution]] = defaultdict(list)
+    for ex in h.executions:
+        names = ex.field("windows")
+        if ex.ran and names:
+            for window in names:
+                per_window[str(window)].append(ex)
+    if not per_window:
+        if "window" in h.workloads():
+            return Verdict(name, "no start lists a window", 1,
+                           "the window workload ran but no start event names its windows")
+        return _na(name, "no windowed starts (window workload not run)")
+    config = _config_for(h, "window") or {}
+    specs = config.get("windows")
+    if not isinstance(specs, dict):
+        return Verdict(name, "no config event with windows", 1,
+                       "the window workload ran but no config event gives its windows")
+    lag = float(config.get("window_latency_s") or default_window_latency())
+    losses = sorted(f.t0 for f in h.faults if f.name in STATE_LOSS_FAULTS)
+    violations = 0
+    example = ""
+    parts: list[str] = []
+    admitted: dict[int, float] = {}  # by execution (one start, several windows)
+    previous = _previous_starts(h)
+    for window, runs in sorted(per_window.items()):
+        spec = specs.get(window)
+        if not isinstance(spec, dict) or spec.get("limit") is None or not spec.get("seconds"):
+            violations += 1
+            example = example or f"window {window} has no limit and seconds in the config event"
+            continue
+        limit, seconds = int(spec["limit"]), float(spec["seconds"])
+        starts = []
+        for ex in runs:
+            if id(ex) not in admitted:
+                admitted[id(ex)] = _admitted_from(h, ex, lag, previous[id(ex)])
+            starts.append((admitted[id(ex)], ex.t0))
+        bad, peak, worst = _window_excess(starts, limit, seconds, losses)
+        violations += bad
+        if bad:
+            example = example or f"window {window} ({limit}/{seconds:g}s) had {worst}"
+        parts.append(f"{window} ({len(starts)} starts, {limit}/{seconds:g}s, peak {peak})")
+    late = sum(1 for ex in h.executions
+               if id(ex) in admitted and admitted[id(ex)] < ex.t0 - lag)
+    submitted = [tid for tid, e in h.submits.items() if e["workload"] == "window"]
+    finals = _last_finals(h)
+    terminal = sum(1 for tid in submitted
+                   if tid in finals and finals[tid]["state"] in TERMINAL_STATES)
+    checked = (
+        f"{len(admitted)} starts, admitted <= {lag:g} s before; "
+        + "; ".join(parts)
+        + f"; {late} starts just after a SIGCONT or a Redis-link stall (admitted from the "
+        f"fault's start); {len(losses)} Redis state losses (+limit each); "
+        f"{terminal} of {len(submitted)} window tasks terminal"
+    )
+    return Verdict(name, checked, violations, example)
+
+
 def _config_for(h: History, workload: str, **match: str) -> Event | None:
     configs = h.configs(workload)
     for key, value in match.items():
@@ -1039,6 +1198,7 @@ INVARIANTS: Mapping[str, Invariant] = {
     "nothing-lost": nothing_lost,
     "buckets": buckets,
     "bulkheads": bulkheads,
+    "windows": windows,
     "leases": leases,
     "dead-letters": dead_letters,
 }
