@@ -128,6 +128,9 @@ def clean() -> Scenario:
     s.add(0.0, RUNNER, "config", workload="locked", lock_ttl=5, seed=1, nemeses="all")
     s.add(0.0, RUNNER, "config", workload="bucket", bucket="q", rate=10, burst=5, tolerance=1)
     s.add(0.0, RUNNER, "config", workload="bulkhead", tier="t", slots=2, lease_ttl=5)
+    s.add(0.0, RUNNER, "config", workload="window", window_mode="exact", window_latency_s=0.5,
+          windows={"wk:a": {"limit": 3, "seconds": 5.0}, "wk:b": {"limit": 3, "seconds": 5.0},
+                   "wk:c": {"limit": 3, "seconds": 5.0}, "q:w": {"limit": 5, "seconds": 5.0}})
     s.add(0.0, RUNNER, "phase", name="workload", action="start")
 
     # locked counter on r1: L1, L2 in turn; L3 paused past its lease (pause 4.2..12), L4
@@ -289,6 +292,30 @@ def clean() -> Scenario:
     _task(s, "B7", "bulkhead", 137, 56.0, 59.8, tier="t")
     _task(s, "B8", "bulkhead", 138, 56.1, 59.7, tier="t")
     _task(s, "B9", "bulkhead", 139, 59.6, 59.9, tier="t")
+
+    # windows wk:a, wk:b, wk:c (3 in any 5 s) and q:w (5 in any 5 s), every start in its
+    # key's and the queue's; intervals of 5 - 0.5 s (the admission-to-start latency) checked
+    def windowed(task_id: str, pid: int, t: float, key: str) -> None:
+        _task(s, task_id, "window", pid, t, t + 0.02, windows=[f"wk:{key}", "q:w"])
+
+    # wk:b full at 12; W-stalled, admitted before the Redis-link stall (18.2..18.9) held
+    # the reply, records its start 0.05 s after the resume: admitted from 17.7 on
+    for i, t in enumerate((12.0, 12.1, 12.2)):
+        windowed(f"Wb{i}", 161 + i, t, "b")
+    windowed("W-stalled", 164, 18.95, "b")
+    # wk:a full at 21, the Redis restart at 23.02 forgets its log: full again at 23.1
+    for i, t in enumerate((21.0, 21.1, 21.2, 23.1, 23.2, 23.3)):
+        windowed(f"Wl{i}", 161 + i % 4, t, "a")
+    # wk:a full at 30, then again once each admission left the window (5 s + latency)
+    for i, t in enumerate((30.0, 30.1, 30.2, 35.05, 35.15, 35.25)):
+        windowed(f"Wa{i}", 161 + i % 4, t, "a")
+    # wk:b full at 42.9; W-late, admitted before its child was stopped (36..43), records
+    # its start after SIGCONT: admitted from 35.5 on, not within 5 s of the others
+    s.add(36.0, RUNNER, "nemesis", name="pause", action="start", target="worker w5 child pid 165")
+    s.add(43.0, RUNNER, "nemesis", name="pause", action="stop", target="worker w5 child pid 165")
+    for i, t in enumerate((42.9, 42.95, 43.0)):
+        windowed(f"Wp{i}", 161 + i, t, "b")
+    windowed("W-late", 165, 43.05, "b")
 
     # a flaky task that exhausted its retries: dead-lettered, FAILURE, never run again
     _task(s, "D1", "breaker", 141, 55.0, 55.5, outcome="error", state="FAILURE")
@@ -478,6 +505,49 @@ def bucket_without_config(s: Scenario) -> None:
     s.drop("config", workload="bucket")
 
 
+def _windowed(s: Scenario, task_id: str, pid: int, t: float, key: str) -> None:
+    _task(s, task_id, "window", pid, t, t + 0.02, windows=[f"wk:{key}", "q:w"])
+
+
+def window_overrun(s: Scenario) -> None:
+    _windowed(s, "WX", 162, 30.3, "a")  # a 4th start of wk:a within 0.3 s, no fault
+
+
+def window_queue_overrun(s: Scenario) -> None:
+    # wk:c's own 3 are within its limit, but q:w then holds 6 in 0.5 s
+    for i, t in enumerate((30.3, 30.4, 30.5)):
+        _windowed(s, f"WC{i}", 162 + i, t, "c")
+
+
+def window_refill_without_loss(s: Scenario) -> None:
+    # wk:a full again 1 s after it filled, before the Redis restart: nothing forgot its log
+    for i, t in enumerate((22.0, 22.1, 22.2)):
+        _shift(s, f"Wl{3 + i}", t, kinds=("start", "end"))
+
+
+def window_late_start_without_pause(s: Scenario) -> None:
+    # the same late start, but nobody stopped its process: 4 starts of wk:b in 0.15 s
+    for event in [e for e in s.events
+                  if e["type"] == "nemesis" and e["target"] == "worker w5 child pid 165"]:
+        s.events.remove(event)
+
+
+def window_second_start_after_pause(s: Scenario) -> None:
+    # the resumed child's next task: admitted after its first one started (one task at a
+    # time), so within the window of the 3 others, not before the pause
+    _windowed(s, "W-late2", 165, 43.1, "b")
+
+
+def window_clock_jump(s: Scenario) -> None:
+    # a child's clock jumped 4 s forward: the window runs on the Redis server's clock, so a
+    # 4th start of wk:a within 0.3 s is not excused
+    jump = json.dumps({"mode": "jump", "jump": 4.0, "child": 0.5})
+    for action, t in (("start", 29.5), ("stop", 31.0)):
+        s.add(t, RUNNER, "nemesis", name="clock", action=action, detail=jump,
+              target="child of w6 pid 166 (clock stepped 4 s forward)")
+    _windowed(s, "WJ", 166, 30.3, "a")
+
+
 def bulkhead_overrun(s: Scenario) -> None:
     _shift(s, "B3", 32.0)  # a third holder while B1 and B2 run, no fault
 
@@ -558,6 +628,12 @@ CASES: tuple[Case, ...] = (
     Case("3 holders, 2.5 s into a pause (5 s lease)", "bulkheads", bulkhead_early_after_pause),
     Case("3 holders, one under a slow clock", "bulkheads", bulkhead_slow_clock),
     Case("3 holders, 1.5 s after a clock jump", "bulkheads", bulkhead_early_after_clock),
+    Case("4 starts in a 3/5s key window", "windows", window_overrun),
+    Case("6 starts in the 5/5s queue window", "windows", window_queue_overrun),
+    Case("window full twice, no state loss", "windows", window_refill_without_loss),
+    Case("window late start, no pause", "windows", window_late_start_without_pause),
+    Case("4 starts in a key window, clock jump", "windows", window_clock_jump),
+    Case("a resumed child's second start", "windows", window_second_start_after_pause),
     Case("lease remaining > ttl", "leases", lease_outlives_ttl),
     Case("lease without expiry", "leases", lease_never_expires),
     Case("started after its dead letter", "dead letters", run_after_dead_letter),
