@@ -52,6 +52,7 @@ def test_workload_not_run_is_not_applicable_not_passed(tmp_path: Path) -> None:
         "locked critical sections",
         "buckets",
         "bulkheads",
+        "windows",
         "leases",
         "dead letters",
     ):
