@@ -1,4 +1,8 @@
-"""What ``status``, ``top`` and ``locks`` show, read once: :func:`held_locks`, :func:`collect`."""
+"""What ``status``, ``top`` and ``locks`` show, read once: :func:`held_locks`, :func:`collect`.
+
+Every read goes through the app's store (:mod:`celery_reliable.storage`); a
+lock's lease decodes as :class:`~celery_reliable.guards.lock.LockInfo`.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import redis
-
 from ..breaker import BreakerSpec
 from ..bulkhead import TierSpec, TierStats
 from ..classify import is_missing_table
 from ..deadletter import DeadLetters
+from ..guards.lock import LockInfo
 from ..ratelimit import BucketSpec
 from ..runtime import Runtime
+from ..storage import store_for
 from .common import describe
 
 __all__ = ["SECTIONS", "STATUS_LOCKS", "LockInfo", "Snapshot", "collect", "held_locks"]
@@ -22,61 +26,10 @@ __all__ = ["SECTIONS", "STATUS_LOCKS", "LockInfo", "Snapshot", "collect", "held_
 STATUS_LOCKS = 15
 
 
-@dataclass(frozen=True)
-class LockInfo:
-    """One lock held now, as Redis has it."""
-
-    key: str
-    token: str
-    owner: str
-    task_id: str
-    ttl_ms: int
-    task: str = ""  # the task that holds it ("" for a FencedLock or an older version's lease)
-    label: str = ""  # the lock template, a lock_label, or FencedLock(label=...)
-
-    @classmethod
-    def parse(cls, key: str, value: str, ttl_ms: int) -> LockInfo:
-        """From the lease value ``"<token> <owner>[\\n<task>\\n<label>[\\n<nonce>]]"``.
-
-        (:func:`~celery_reliable.admission.lock_holder`; a FencedLock's nonce is not shown.)
-        """
-        token, _, holder = value.partition(" ")
-        owner, _, described = holder.partition("\n")
-        task, _, label = described.partition("\n")
-        label = label.partition("\n")[0]
-        task_id = owner.rpartition("/")[0] if "/" in owner else ""
-        return cls(key=key, token=token, owner=owner, task_id=task_id, ttl_ms=ttl_ms,
-                   task=task, label=label)
-
-    @property
-    def digest(self) -> str:
-        return self.key.rsplit(":", 1)[-1]
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
 def held_locks(runtime: Runtime, limit: int | None = None) -> tuple[list[LockInfo], int]:
-    """Locks of this prefix held now (SCAN, never KEYS), by soonest expiry; and how many in all."""
-    client = runtime.redis
-    pattern = _glob_escape(runtime.keys.pattern("lock")[:-1]) + "*"
-    keys = [k.decode() if isinstance(k, bytes) else str(k)
-            for k in client.scan_iter(match=pattern, count=1000)]
-    found: list[LockInfo] = []
-    for start in range(0, len(keys), 500):
-        chunk = keys[start:start + 500]
-        pipe = client.pipeline(transaction=False)
-        for key in chunk:
-            pipe.get(key)
-            pipe.pttl(key)
-        replies = pipe.execute()
-        for i, key in enumerate(chunk):
-            value, ttl = replies[2 * i], replies[2 * i + 1]
-            if value is None:
-                continue  # released or expired since the SCAN
-            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-            found.append(LockInfo.parse(key, text, int(ttl)))
+    """Locks of this prefix held now (the store SCANs, never KEYS), soonest expiry first;
+    and how many in all."""
+    found = store_for(runtime).held_locks(runtime.keys)
     found.sort(key=lambda lock: (lock.ttl_ms < 0, lock.ttl_ms, lock.key))
     total = len(found)
     return (found[:limit] if limit is not None else found), total
@@ -105,6 +58,7 @@ def collect(app: Any, runtime: Runtime, *, tolerant: bool = False) -> Snapshot:
 
     snap = Snapshot()
     settings = runtime.settings
+    store_errors = store_for(runtime).errors
     redis_down: str | None = None
 
     def read_locks() -> None:
@@ -140,6 +94,6 @@ def collect(app: Any, runtime: Runtime, *, tolerant: bool = False) -> Snapshot:
             if message is None or not (tolerant or is_missing_table(exc)):
                 raise
             snap.errors[section] = message
-            if isinstance(exc, redis.RedisError):
+            if isinstance(exc, store_errors):
                 redis_down = message
     return snap
