@@ -34,6 +34,7 @@ from redis.retry import Retry
 from . import metrics
 from .config import ReliableSettings
 from .errors import ConfigurationError
+from .storage import RedisStore
 
 __all__ = [
     "CHECK_TIMEOUT",
@@ -206,7 +207,7 @@ def _check_redis(url: str, timeout: float) -> Finding:
                        f"reliable_redis_url {shown} is not a usable Redis URL ({_one_line(exc)}):"
                        " fix reliable_redis_url (e.g. redis://127.0.0.1:6379/0)", up=False)
     try:
-        client.ping()
+        RedisStore(client).ping()
     except redis.AuthenticationError as exc:
         return Finding(logging.ERROR, "redis",
                        f"Redis at {shown} (reliable_redis_url) refused the credentials "

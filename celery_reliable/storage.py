@@ -6,6 +6,9 @@ state goes through one small interface, shaped after the storage classes of
 complete a release, mark a task id dead, throttle buckets, spend a retry budget.
 The pipeline's signatures carry no client type; a store says which exceptions
 mean "unreachable" (:attr:`Store.errors`), which the pipeline fails closed on.
+The CLI, the Prometheus scrape and the start-up check read status through it too
+(the methods at the end: locks held, bucket levels, bulkhead slots, breaker
+states, ping); the guard modules say which fields to read and how they decode.
 
 :class:`RedisStore` is today's implementation: the composed Lua scripts on the
 process's dedicated script connection (``scripts.script``: EVALSHA, cached), one
@@ -16,6 +19,7 @@ process heartbeat (``runtime.Heartbeat``), on its own connection.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
@@ -25,6 +29,11 @@ from .scripts import script
 
 if TYPE_CHECKING:
     from .admission import Outcome, Plan, Release
+    from .breaker import BreakerSpec
+    from .bulkhead import TierStats
+    from .guards.lock import LockInfo
+    from .keys import KeySpace
+    from .ratelimit import BucketSpec
     from .retrybudget import RetryBudget
     from .runtime import Runtime
 
@@ -54,6 +63,25 @@ class Store(Protocol):
 
     def spend_retry_budget(self, key: str, budget: RetryBudget, deposits: int) -> bool:
         """Credit ``deposits`` first executions and take one retry; False if spent."""
+
+    # ---------------------------------------------- status reads (read-only)
+    # For the CLI, the Prometheus scrape and the start-up check; what a key holds
+    # and how it decodes is its guard module's (guards/<name>.py).
+
+    def ping(self) -> None:
+        """Return if the store answers; raise one of :attr:`errors` if not."""
+
+    def held_locks(self, keys: KeySpace) -> list[LockInfo]:
+        """Every lock lease of ``keys`` held now, in no particular order."""
+
+    def bucket_tokens(self, key: str, spec: BucketSpec) -> float:
+        """Tokens in the bucket ``key`` now (refilled to the store's clock)."""
+
+    def bulkhead_stats(self, tiers: Mapping[str, tuple[str, str, str]]) -> dict[str, TierStats]:
+        """Each tier's slots in use and tasks waiting now, and its counters, by its keys."""
+
+    def breaker_state(self, key: str, spec: BreakerSpec) -> int:
+        """The breaker ``key``'s state now: 0 closed, 1 open, 2 half-open."""
 
 
 class RedisStore:
@@ -89,6 +117,64 @@ class RedisStore:
         granted, _ = spend(self.client, key, budget, deposits, True)
         return bool(granted)
 
+    # ---------------------------------------------- status reads (read-only)
+
+    def ping(self) -> None:
+        self.client.ping()
+
+    def held_locks(self, keys: KeySpace) -> list[LockInfo]:
+        from .guards.lock import LockInfo, lease_prefix
+
+        client = self.client
+        pattern = _glob_escape(lease_prefix(keys)) + "*"
+        names = [k.decode() if isinstance(k, bytes) else str(k)
+                 for k in client.scan_iter(match=pattern, count=1000)]  # SCAN, never KEYS
+        found: list[LockInfo] = []
+        for start in range(0, len(names), 500):
+            chunk = names[start:start + 500]
+            pipe = client.pipeline(transaction=False)
+            for key in chunk:
+                pipe.get(key)
+                pipe.pttl(key)
+            replies = pipe.execute()
+            for i, key in enumerate(chunk):
+                value, ttl = replies[2 * i], replies[2 * i + 1]
+                if value is None:
+                    continue  # released or expired since the SCAN
+                text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+                found.append(LockInfo.parse(key, text, int(ttl)))
+        return found
+
+    def bucket_tokens(self, key: str, spec: BucketSpec) -> float:
+        from .guards.bucket import LEVEL_FIELDS, level
+
+        fields = self.client.hmget(key, list(LEVEL_FIELDS))
+        now_ms = 0 if fields[0] is None else _now_ms(self.client)  # a full bucket needs no clock
+        return level(spec, fields, now_ms)
+
+    def bulkhead_stats(self, tiers: Mapping[str, tuple[str, str, str]]) -> dict[str, TierStats]:
+        from .guards.bulkhead import STATS_FIELDS, stats
+
+        now_ms = _now_ms(self.client)
+        out = {}
+        for tier, (slots, waiting, counters) in tiers.items():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zcount(slots, now_ms, "+inf")  # scored by expiry
+            pipe.zcount(waiting, now_ms, "+inf")
+            pipe.hmget(counters, list(STATS_FIELDS))
+            active, waiters, values = pipe.execute()
+            out[tier] = stats(active, waiters, values)
+        return out
+
+    def breaker_state(self, key: str, spec: BreakerSpec) -> int:
+        from .breaker import OPEN
+        from .guards.breaker import STATE_FIELDS, state
+
+        fields = self.client.hmget(key, list(STATE_FIELDS))
+        # Only an open breaker's state depends on the clock.
+        now_ms = _now_ms(self.client) if int(fields[0] or 0) == OPEN else 0
+        return state(spec, fields, now_ms)
+
 
 def store_for(runtime: Runtime) -> Store:
     """The store of ``runtime`` (its Redis client), made once."""
@@ -96,3 +182,14 @@ def store_for(runtime: Runtime) -> Store:
     if store is None:
         store = runtime.__dict__["_store"] = RedisStore(runtime.redis)
     return store
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _now_ms(client: redis.Redis) -> int:
+    """The server's clock, in ms (every guard's script uses it)."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+

@@ -8,7 +8,7 @@ setting ``reliable_circuit_breakers`` (:data:`CONFIG`); its part of a task's pol
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +99,24 @@ def settle(release: Release, outcome: str) -> None:
     """``s`` success, ``f`` a classified failure, ``n`` neutral."""
     for args in release.entries(GUARD):
         args[1] = outcome
+
+
+# ------------------------------------------------------------- status (read-only)
+
+
+#: The breaker hash's fields read for its state (``breaker.lua``): the state, and when
+#: it opened (server clock, ms).
+STATE_FIELDS = ("s", "o")
+
+
+def state(spec: BreakerSpec, fields: Sequence[Any], now_ms: int) -> int:
+    """0 closed, 1 open, 2 half-open, from :data:`STATE_FIELDS` at ``now_ms`` (an open
+    breaker past its open time reads 2: its next call is a probe)."""
+    raw, opened = fields
+    value = int(raw or 0)
+    if value == OPEN and now_ms >= int(opened or 0) + spec.open_seconds * 1000:
+        return HALF_OPEN
+    return value
 
 
 # ------------------------------------------------------------- pipeline hooks

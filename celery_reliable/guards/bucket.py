@@ -8,7 +8,7 @@ Specs: ``celery_reliable.ratelimit``. Nothing to complete, roll back or renew. O
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +126,24 @@ def plan(plan: Plan, key: str, spec: BucketSpec, cost: float, *, slot: int | Non
     > 0 the slot it was given in the queue before."""
     mode = max(1, int(slot)) if slot is not None and queue else (0 if queue else -1)
     return plan.add(GUARD, [key], [repr(spec.rate), repr(spec.burst), repr(float(cost)), mode])
+
+
+# ------------------------------------------------------------- status (read-only)
+
+
+#: The bucket hash's fields read for its level (``bucket.lua``): tokens left when last
+#: taken from, and when that was (server clock, ms).
+LEVEL_FIELDS = ("t", "ts")
+
+
+def level(spec: BucketSpec, fields: Sequence[Any], now_ms: int) -> float:
+    """Tokens in a bucket at ``now_ms``: its :data:`LEVEL_FIELDS` refilled since; a bucket
+    never taken from (or expired: full again) has its burst."""
+    tokens, ts = fields
+    if tokens is None:
+        return spec.burst
+    elapsed = max(0, now_ms - int(float(ts or 0)))
+    return float(min(spec.burst, float(tokens) + elapsed * spec.rate / 1000))
 
 
 # ------------------------------------------------------------- pipeline hooks

@@ -7,7 +7,7 @@ setting ``reliable_bulkheads`` (:data:`CONFIG`); its part of a task's policy,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from .base import Guard, Hooks, ms, register
 
 if TYPE_CHECKING:
     from ..admission import Outcome, Plan, Release
-    from ..bulkhead import TierSpec
+    from ..bulkhead import TierSpec, TierStats
     from ..config import ReliableSettings
     from ..keys import KeySpace
 
@@ -94,6 +94,23 @@ def plan(plan: Plan, keys: KeySpace, tier: str, spec: TierSpec, owner: str,
 def release(release: Release, slots_key: str, owner: str) -> None:
     """Give the slot back."""
     release.add(GUARD, [slots_key], [owner])
+
+
+# ------------------------------------------------------------- status (read-only)
+
+
+#: The tier's counters hash fields (``bulkhead.lua``), in :class:`TierStats` order.
+STATS_FIELDS = ("rejected", "timed_out", "dropped")
+
+
+def stats(active: int, waiting: int, counters: Sequence[Any]) -> TierStats:
+    """A tier's :class:`TierStats`: slots and waiters unexpired now (both sorted sets are
+    scored by expiry, server clock in ms), and its :data:`STATS_FIELDS` values."""
+    from ..bulkhead import TierStats
+
+    rejected, timed_out, dropped = counters
+    return TierStats(active=int(active), waiting=int(waiting), rejected=int(rejected or 0),
+                     timed_out=int(timed_out or 0), dropped=int(dropped or 0))
 
 
 # ------------------------------------------------------------- pipeline hooks

@@ -20,6 +20,7 @@ from .base import Guard, Hooks, ms, register
 if TYPE_CHECKING:
     from ..admission import Plan, Release
     from ..config import ReliableSettings
+    from ..keys import KeySpace
 
 Contention = Literal["defer", "skip", "fail"]
 
@@ -177,6 +178,45 @@ def plan(
 def release(release: Release, lock_key: str, lease_value: str) -> None:
     """Release the lock if the lease is still ``lease_value`` ("<token> <holder>")."""
     release.add(GUARD, [lock_key], [lease_value])
+
+
+# ------------------------------------------------------------- status (read-only)
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """One lock held now, as the store has it."""
+
+    key: str
+    token: str
+    owner: str
+    task_id: str
+    ttl_ms: int
+    task: str = ""  # the task that holds it ("" for a FencedLock or an older version's lease)
+    label: str = ""  # the lock template, a lock_label, or FencedLock(label=...)
+
+    @classmethod
+    def parse(cls, key: str, value: str, ttl_ms: int) -> LockInfo:
+        """From the lease value ``"<token> <owner>[\\n<task>\\n<label>[\\n<nonce>]]"``.
+
+        (:func:`lock_holder`; a FencedLock's nonce is not shown.)
+        """
+        token, _, holder = value.partition(" ")
+        owner, _, described = holder.partition("\n")
+        task, _, label = described.partition("\n")
+        label = label.partition("\n")[0]
+        task_id = owner.rpartition("/")[0] if "/" in owner else ""
+        return cls(key=key, token=token, owner=owner, task_id=task_id, ttl_ms=ttl_ms,
+                   task=task, label=label)
+
+    @property
+    def digest(self) -> str:
+        return self.key.rsplit(":", 1)[-1]
+
+
+def lease_prefix(keys: KeySpace) -> str:
+    """What the key of every lock lease of ``keys`` starts with (to list them)."""
+    return keys.pattern("lock")[:-1]
 
 
 # ------------------------------------------------------------- pipeline hooks
