@@ -477,6 +477,25 @@ def test_completion_gives_back_or_keeps_only_its_own_entry(redis_client: redis.R
     assert redis_client.zrange(key, 0, -1) == [b"other"]
 
 
+def test_release_deferred_gives_back_through_the_window_hook(redis_client: redis.Redis,
+                                                             prefix: str) -> None:
+    """``Release.deferred()`` (a failed commit after the body ran) calls the guards'
+    ``Hooks.deferred``: the window's entry, counted as a run, is set back to a refund."""
+    from celery_reliable.admission import Release
+    from celery_reliable.guards.base import overriding
+
+    assert overriding("deferred") == {"W"}
+    key = window.key_key(KeySpace(prefix), "t")
+    outcome, _, _ = _admit(redis_client, key, WindowSpec(3, 60.0), "ran")
+    assert isinstance(outcome, Admitted)
+    release = Release()
+    window.release(release, key, "ran")
+    window.count(release)
+    release.deferred()
+    assert release.run(redis_client) == [1]
+    assert redis_client.zcard(key) == 0
+
+
 # ------------------------------------------------------------------ the fleet
 
 

@@ -48,7 +48,8 @@ started. Completion's release entry (``complete.lua``, its ``complete``
 section) takes the execution's own member out; it is ``refund`` until
 :meth:`_Hooks.completing` sees the body ran (any outcome but a
 :class:`~celery_reliable.pipeline.call.Deferred`), and a deferral after that
-(a failed commit) sets it back with :func:`refund`. No extra round trip: the
+(a failed commit: ``Release.deferred`` calls the guards' ``Hooks.deferred``) sets it
+back with :func:`refund`. No extra round trip: the
 entry rides on completion's. In approximate mode nothing is given back (as
 for a rolled-back admission): a deferred admission stays counted for at most
 two fixed windows.
@@ -326,6 +327,9 @@ class _Hooks(Hooks):
 
         if not isinstance(failure, Deferred):  # it ran: a result, a failure, a retry
             count(execution.release)
+
+    def deferred(self, release: Release) -> None:
+        refund(release)
 
     def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
         what = refused(plan, outcome, call.request)
