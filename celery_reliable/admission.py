@@ -28,8 +28,8 @@ import redis
 
 from .breaker import BreakerSpec
 from .bulkhead import TierSpec
-from .guards import breaker, bucket, bulkhead, deliveries, idempotency, lock, window
-from .guards.base import HOOKS, Guard
+from .guards import breaker, bucket, bulkhead, deliveries, idempotency, lock
+from .guards.base import HOOKS, Guard, overriding
 from .guards.deliveries import mark_dead
 from .guards.lock import FENCE_TTL_MIN, LOCK_LABEL_MAX, LOCK_TASK_MAX, lock_holder
 from .keys import KeySpace, hash_tag
@@ -408,8 +408,12 @@ class Release:
 
     def deferred(self) -> None:
         """The execution is deferred after its body ran but before it had an effect (its
-        commit failed): what counts only runs (a sliding window's admission) is given back."""
-        window.refund(self)
+        commit failed): each guard with an entry that overrides ``Hooks.deferred`` (what
+        counts only runs, a sliding window's admission) undoes its part."""
+        deferring = overriding("deferred")
+        for kind in dict.fromkeys(self.kinds):
+            if kind in deferring:
+                HOOKS[kind].deferred(self)
 
     def __bool__(self) -> bool:
         return bool(self.kinds)

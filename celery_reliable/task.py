@@ -37,33 +37,12 @@ from .pipeline import failure, retrying
 from .pipeline.arguments import arguments, fingerprint_of, queue_bucket
 from .pipeline.call import Call, Deferred, Execution
 from .pipeline.failure import outage_in
-from .pipeline.headers import (
-    BUCKET_SLOT_HEADER,
-    DEFER_HEADER,
-    DELIVERIES_TTL,
-    DROPPED,
-    FIRST_FAILURE_HEADER,
-    IDEMPOTENCY_HEADER,
-    LOCK_WAIT_HEADER,
-    PREV_DELAY_HEADER,
-    SKIPPED,
-    header,
-)
+from .pipeline.headers import *  # noqa: F403  (re-exported: the header names, below)
+from .pipeline.headers import IDEMPOTENCY_HEADER, header
 from .retrybudget import RetryBudget
 
-__all__ = [
-    "BUCKET_SLOT_HEADER",
-    "DEFER_HEADER",
-    "DELIVERIES_TTL",
-    "DROPPED",
-    "FIRST_FAILURE_HEADER",
-    "IDEMPOTENCY_HEADER",
-    "LOCK_WAIT_HEADER",
-    "PREV_DELAY_HEADER",
-    "SKIPPED",
-    "Deferred",
-    "ReliableTask",
-]
+__all__ = ["Deferred", "ReliableTask"]
+__all__ += pipeline.headers.__all__  # the header names and result states, for compatibility
 
 log = logging.getLogger("celery_reliable")
 

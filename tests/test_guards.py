@@ -145,6 +145,37 @@ def test_compose_refuses_unknown_sections() -> None:
         guards.compose("for g = 1, 2 do\n  --@guards admit.nothing\nend\n")
 
 
+def test_shared_lease_code_exists_once_and_is_included(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bulkhead slots and breaker probes (zset leases) share their rollback and renewal:
+    written once in ``_zset_lease.lua``, pulled in by ``--@include`` lines."""
+    shared = guards._sections("_zset_lease")
+    assert set(shared) == {"rollback", "renew"}
+    for letter in ("K", "C"):
+        found = guards.sections(_guard(letter))
+        for section in ("rollback", "renew"):
+            assert found[section] == shared[section], (letter, section)
+    texts = [p.read_text("utf-8") for p in (PACKAGE / "guards").glob("*.lua")]
+    assert sum("'ZADD', KEYS[g], 'XX'" in text for text in texts) == 1
+    # an include is indented as its line; a missing section or a loop is an error
+    fake = {"_a": "--@ rollback\n--@include _e\n",
+            "_e": "--@ rollback\n--@include _a\n",
+            "_c": "--@ renew\nif y then\n  --@include _b\nend\n",
+            "_b": "--@ renew\n  x = 1\n",
+            "_d": "--@ rollback\n--@include _b\n"}
+    monkeypatch.setattr(guards, "_text", fake.__getitem__)
+    guards._sections.cache_clear()
+    try:
+        assert guards._sections("_c")["renew"] == ["if y then", "    x = 1", "end"]
+        with pytest.raises(ValueError, match=r"_a\.lua includes itself"):
+            guards._sections("_a")
+        with pytest.raises(ValueError, match=r"_b\.lua has no section 'rollback'"):
+            guards._sections("_d")
+    finally:
+        guards._sections.cache_clear()
+    with pytest.raises(ValueError, match="bad include"):
+        guards._include("x", (), "renew", "--@include zset_lease")
+
+
 def test_a_guard_registered_after_the_first_plan_is_planned() -> None:
     """Found in review (issue 14): the planners were cached apart from ``register``.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 import time
@@ -175,6 +176,120 @@ def test_exact_window_admits_n_where_a_fixed_window_admits_2n_at_the_boundary(
         # (server times lie within [before, after] of each call; retry_after is whole ms)
         latest = admitted[0][1] + 2.0 - sent + 0.002
         assert first + 2.0 - got - 0.002 <= refusal.retry_after <= latest
+
+
+def _herd(client: redis.Redis, key: str, spec: WindowSpec, n: int,
+          tickets: bool) -> tuple[list[float], list[float], list[tuple[float, float]]]:
+    """``n`` tasks submitted at once to ``key``'s window, each refused one deferred as
+    ``DeferPolicy`` does (its retry-after, up to 5% later) until admitted.
+
+    Returns the first round's retry-afters, every refusal's time and the admissions'
+    wall-clock brackets. With ``tickets`` each task passes its id (as the pipeline
+    does), so a refusal promises it a turn.
+    """
+    import heapq
+    import random
+
+    from celery_reliable.deferral import DeferPolicy
+
+    defer = DeferPolicy(delay=1.0, max_delay=30.0)
+    due = [(time.time(), f"task-{i}") for i in range(n)]
+    first: list[float] = []
+    refusals: list[float] = []
+    admitted: list[tuple[float, float]] = []
+    seen: set[str] = set()
+    while due:
+        at, task = heapq.heappop(due)
+        time.sleep(max(0.0, at - time.time()))
+        plan = Plan()
+        window.plan(plan, key, spec, secrets.token_hex(6), task if tickets else "")
+        before = time.time()
+        outcome = plan.admit(client)
+        after = time.time()
+        if isinstance(outcome, Admitted):
+            admitted.append((before, after))
+            continue
+        assert isinstance(outcome, Refused) and outcome.retry_after is not None
+        refusals.append(after)
+        if task not in seen:
+            first.append(outcome.retry_after)
+        seen.add(task)
+        wait = defer.countdown(0, random.random(), scheduled=outcome.retry_after)
+        heapq.heappush(due, (after + wait, task))
+    return first, refusals, admitted
+
+
+def test_refused_tasks_get_spread_turns_not_one_instant(redis_client: redis.Redis,
+                                                         prefix: str) -> None:
+    """15 tasks at once under "5/2s" (exact): the 10 refused are given the turns the
+    slots free at, 5 about 2 s later and 5 about 4 s later, not one instant; so they
+    come back one per freed slot, and the herd takes about the minimal 10 refusals
+    (without turns: all 10 aim at the first slot to free, 5 are refused again).
+    The bound holds throughout: at most 5 admissions in any 2 s.
+    """
+    spec = WindowSpec(5, 2.0)
+    keys = KeySpace(prefix)
+    first, refusals, admitted = _herd(redis_client, window.key_key(keys, "turns"),
+                                      spec, 15, tickets=True)
+    print(f"turns: first round's retry-afters {sorted(round(x, 3) for x in first)}; "
+          f"{len(refusals)} refusals in all for 15 tasks")
+    assert len(admitted) == 15 and len(first) == 10
+    ordered = sorted(first)  # 5 at the first 5 admissions + 2 s, 5 at theirs + 4.1 s
+    assert all(1.5 <= x <= 2.0 for x in ordered[:5]), ordered
+    assert all(3.5 <= x <= 4.2 for x in ordered[5:]), ordered
+    assert ordered[5] - ordered[4] >= 1.8, ordered
+    assert len(refusals) <= 11  # minimal: 10 (each refused task once); measured: 10
+    for (before_i, _), (_, after_j) in zip(admitted, admitted[5:], strict=False):
+        assert after_j - before_i >= 2.0 - 0.001
+    assert redis_client.zcard(window.turns_key(window.key_key(keys, "turns"))) == 0
+
+    # the same herd without turns (no ticket): one instant, and a second round of refusals
+    first, refusals, admitted = _herd(redis_client, window.key_key(keys, "herd"),
+                                      spec, 15, tickets=False)
+    print(f"no turns: first round's retry-afters {sorted(round(x, 3) for x in first)}; "
+          f"{len(refusals)} refusals in all")
+    assert max(first) - min(first) < 0.1 and len(refusals) >= 15
+
+
+def test_a_refused_task_keeps_its_turn(redis_client: redis.Redis, prefix: str) -> None:
+    """Exact "1/60s": each refused task is promised the next turn, 60 s after the one
+    before; one back before its turn (a deferral capped by the redelivery window) keeps
+    it, and a fresh arrival takes no promised turn."""
+    spec = WindowSpec(1, 60.0)
+    key = window.key_key(KeySpace(prefix), "keep")
+
+    def ask(ticket: str) -> Admitted | Refused:
+        plan = Plan()
+        window.plan(plan, key, spec, secrets.token_hex(6), ticket)
+        outcome = plan.admit(redis_client)
+        assert isinstance(outcome, (Admitted, Refused))
+        return outcome
+
+    assert isinstance(ask("a"), Admitted)
+    waits = {}
+    for ticket in ("b", "c", "b", "d"):
+        outcome = ask(ticket)
+        assert isinstance(outcome, Refused) and outcome.retry_after is not None
+        waits.setdefault(ticket, []).append(outcome.retry_after)
+    assert 59.9 <= waits["b"][0] <= 60.0 and 59.9 <= waits["b"][1] <= waits["b"][0]
+    # b's turn + b's lateness (DeferPolicy: 5% of its wait, at most 1 s) + the window
+    assert 120.9 <= waits["c"][0] <= 121.0
+    assert 181.9 <= waits["d"][0] <= 182.0
+    assert redis_client.zcard(window.turns_key(key)) == 3
+
+
+def test_approximate_refusals_are_spaced(redis_client: redis.Redis, prefix: str) -> None:
+    """Approximate "5/2s": refused tasks come back spaced 2 s / 5 apart (the rate a full
+    window frees slots), not at one instant."""
+    spec = WindowSpec(5, 2.0, "approximate")
+    key = window.key_key(KeySpace(prefix), "spaced")
+    _wait_until_fraction(redis_client, 2.0, 0.1)
+    outcomes = [_admit(redis_client, key, spec)[0] for _ in range(15)]
+    assert all(isinstance(o, Admitted) for o in outcomes[:5])
+    waits = [o.retry_after or 0.0 for o in outcomes[5:] if isinstance(o, Refused)]
+    assert len(waits) == 10 and min(waits) > 0
+    gaps = [b - a for a, b in itertools.pairwise(waits)]
+    assert all(0.39 <= gap <= 0.41 for gap in gaps), waits
 
 
 def test_exact_window_never_holds_more_than_n(redis_client: redis.Redis, prefix: str) -> None:
@@ -475,6 +590,25 @@ def test_completion_gives_back_or_keeps_only_its_own_entry(redis_client: redis.R
     window.refund(keep)  # a deferral after the body ran (its commit failed)
     assert keep.run(redis_client) == [1]
     assert redis_client.zrange(key, 0, -1) == [b"other"]
+
+
+def test_release_deferred_gives_back_through_the_window_hook(redis_client: redis.Redis,
+                                                             prefix: str) -> None:
+    """``Release.deferred()`` (a failed commit after the body ran) calls the guards'
+    ``Hooks.deferred``: the window's entry, counted as a run, is set back to a refund."""
+    from celery_reliable.admission import Release
+    from celery_reliable.guards.base import overriding
+
+    assert overriding("deferred") == {"W"}
+    key = window.key_key(KeySpace(prefix), "t")
+    outcome, _, _ = _admit(redis_client, key, WindowSpec(3, 60.0), "ran")
+    assert isinstance(outcome, Admitted)
+    release = Release()
+    window.release(release, key, "ran")
+    window.count(release)
+    release.deferred()
+    assert release.run(redis_client) == [1]
+    assert redis_client.zcard(key) == 0
 
 
 # ------------------------------------------------------------------ the fleet

@@ -20,7 +20,12 @@ section           script         what it does
 ================  =============  =========================================================
 
 The fragment's header comment documents, per script, its KEYS, ARGV, result and
-refusals. The scripts themselves (``celery_reliable/lua/{admit,complete,rollback,
+refusals. Code that guards share lives once, in a shared fragment (a name that
+starts with ``_``, not a guard: ``_zset_lease.lua``, a lease held as a sorted set's
+member, the rollback and renewal of bulkhead slots and breaker probes), in
+sections of the same form; a guard's section pulls in the shared fragment's
+section of the same name with a line ``--@include <name>`` (indented as the
+line is). The scripts themselves (``celery_reliable/lua/{admit,complete,rollback,
 renew}.lua``) are frames: the loop over the plan, what every guard shares (the
 rollback marker, the server clock), and one line ``--@guards <section>`` where the
 dispatch on the guard's letter goes. :func:`compose` replaces that line with an
@@ -79,35 +84,62 @@ SECTIONS: dict[str, str | None] = {
 COMPOSED = frozenset({"admit", "complete", "rollback", "renew"})
 
 _SECTION = re.compile(r"^--@ (\S+)[ \t]*$")
+_INCLUDE = re.compile(r"^([ \t]*)--@include (_\w+)[ \t]*$")
 _DIRECTIVE = re.compile(r"^([ \t]*)--@guards (\S+)(?: (.+))?$")
+
+
+def _text(name: str) -> str:
+    return resources.files("celery_reliable.guards").joinpath(f"{name}.lua").read_text("utf-8")
 
 
 def fragment(guard: Guard) -> str:
     """The text of ``guard``'s fragment file, ``celery_reliable/guards/<name>.lua``."""
-    path = resources.files("celery_reliable.guards").joinpath(f"{guard.name}.lua")
-    return path.read_text("utf-8")
+    return _text(guard.name)
+
+
+def sections(guard: Guard) -> dict[str, list[str]]:
+    """``guard``'s sections: name -> its lines (the header comment before the first is not
+    code), each ``--@include`` line replaced by the shared fragment's section."""
+    return _sections(guard.name)
 
 
 @cache
-def sections(guard: Guard) -> dict[str, list[str]]:
-    """``guard``'s sections: name -> its lines (the header comment before the first is not code)."""
+def _sections(name: str, including: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """The sections of ``celery_reliable/guards/<name>.lua``, includes resolved."""
     out: dict[str, list[str]] = {}
     current: list[str] | None = None
-    for line in fragment(guard).splitlines():
+    for line in _text(name).splitlines():
         match = _SECTION.match(line)
         if match:
-            name = match.group(1)
-            if name not in SECTIONS:
-                raise ValueError(f"guards/{guard.name}.lua: unknown section {name!r}")
-            if name in out:
-                raise ValueError(f"guards/{guard.name}.lua: section {name!r} twice")
-            current = out[name] = []
+            section = match.group(1)
+            if section not in SECTIONS:
+                raise ValueError(f"guards/{name}.lua: unknown section {section!r}")
+            if section in out:
+                raise ValueError(f"guards/{name}.lua: section {section!r} twice")
+            current = out[section] = []
         elif current is not None:
-            current.append(line)
+            current += _include(name, including, list(out)[-1], line)
     for lines in out.values():
         while lines and not lines[-1].strip():
             lines.pop()
     return out
+
+
+def _include(name: str, including: tuple[str, ...], section: str, line: str) -> list[str]:
+    """``line`` of ``name``'s ``section``, or what its ``--@include`` pulls in."""
+    match = _INCLUDE.match(line)
+    if match is None:
+        if line.lstrip().startswith("--@include"):
+            raise ValueError(f"guards/{name}.lua: bad include {line.strip()!r} (a shared "
+                             "fragment's name starts with '_')")
+        return [line]
+    indent, shared = match.groups()
+    if shared in including or shared == name:
+        raise ValueError(f"guards/{name}.lua: {shared}.lua includes itself")
+    body = _sections(shared, (*including, name)).get(section)
+    if body is None:
+        raise ValueError(f"guards/{name}.lua: {shared}.lua has no section {section!r}")
+    return [f"{indent}{x}" if x.strip() else "" for x in body]
 
 
 def _advance(keys: int, args: int) -> str:

@@ -7,7 +7,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from ..admission import Outcome, Plan
+    from ..admission import Outcome, Plan, Release
 
 __all__ = ["HOOKS", "Guard", "Hooks", "ms", "overriding", "register"]
 
@@ -82,6 +82,11 @@ class Hooks:
 
     def completing(self, call: Any, execution: Any, failure: BaseException | None) -> None:
         """Before completion: put the run's outcome into this guard's release entry."""
+
+    def deferred(self, release: Release) -> None:
+        """The execution is deferred after its body ran but before it had an effect (its
+        commit failed): undo in ``release`` what counts only runs (called once per guard
+        with entries in it, by ``Release.deferred``)."""
 
     def settled(self, call: Any, execution: Any, result: int) -> bool:
         """After completion, with this guard's result; True if it reported its lease lost."""

@@ -16,9 +16,9 @@ complete.lua
   ARGV     probe owner, outcome (s success | f failure | n neutral), window,
            failure_threshold, min_calls, success_threshold
   result   10 * old state + new state
-rollback.lua
+rollback.lua (_zset_lease.lua)
   KEY      probes zset; OWNER the probe owner given to admit.lua: its member goes
-renew.lua
+renew.lua (_zset_lease.lua)
   KEY      probes zset; value = probe owner; score = now + lease_ms if still a
            member (a probe slower than its lease stays the probe); keeps the zset
            itself alive at least 2 * lease_ms + 60 s longer
@@ -104,20 +104,7 @@ end
 out[g] = 10 * state + new
 
 --@ rollback
-removed = redis.call('ZREM', key, owner)
+--@include _zset_lease
 
 --@ renew
-if redis.call('ZSCORE', KEYS[g], ARGV[ai]) then
-  if not now_ms then
-    local t = redis.call('TIME')
-    now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
-  local lease_ms = tonumber(ARGV[ai + 1])
-  redis.call('ZADD', KEYS[g], 'XX', now_ms + lease_ms, ARGV[ai])
-  if redis.call('PTTL', KEYS[g]) < 2 * lease_ms + 60000 then
-    redis.call('PEXPIRE', KEYS[g], 2 * lease_ms + 60000)
-  end
-  out[g] = 1
-else
-  out[g] = 0
-end
+--@include _zset_lease

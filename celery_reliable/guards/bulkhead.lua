@@ -16,9 +16,9 @@ complete.lua
   KEYS     slots zset
   ARGV     owner
   result   1 released, 0 not ours any more
-rollback.lua
+rollback.lua (_zset_lease.lua)
   KEY      slots zset; OWNER the owner given to admit.lua: its member goes
-renew.lua
+renew.lua (_zset_lease.lua)
   KEY      slots zset; value = owner; score = now + lease_ms if still a member;
            keeps the zset itself alive at least 2 * lease_ms + 60 s longer
 ]]
@@ -74,20 +74,7 @@ out[#out + 1] = seen[g] + added
 out[g] = redis.call('ZREM', KEYS[ki], ARGV[ai])
 
 --@ rollback
-removed = redis.call('ZREM', key, owner)
+--@include _zset_lease
 
 --@ renew
-if redis.call('ZSCORE', KEYS[g], ARGV[ai]) then
-  if not now_ms then
-    local t = redis.call('TIME')
-    now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
-  local lease_ms = tonumber(ARGV[ai + 1])
-  redis.call('ZADD', KEYS[g], 'XX', now_ms + lease_ms, ARGV[ai])
-  if redis.call('PTTL', KEYS[g]) < 2 * lease_ms + 60000 then
-    redis.call('PEXPIRE', KEYS[g], 2 * lease_ms + 60000)
-  end
-  out[g] = 1
-else
-  out[g] = 0
-end
+--@include _zset_lease

@@ -25,17 +25,46 @@ of length d <= w; in a whole window up to 2N (only if window i - 1's
 admissions all came at its very end), but never the 2N within moments of a
 boundary that a fixed window admits (N + floor(N * d / w) within d).
 
+Turns (the refused, so they do not come back together): a refused task is told
+the time the slot meant for it frees, not the time the next one does. Mode 'e':
+KEYS[2] is a sorted set of the turns promised to refused tasks, member the task
+id (the ticket: a deferral keeps it), score the server ms of the turn. A fresh
+arrival counts the turns still ahead (and those up to w ms past due: their
+tasks are on the way back) as taken: it is admitted only while admissions +
+turns < N, and otherwise refused with the next turn: when the N-th latest of the
+admissions and the turns (each a future admission) leaves the window; after a
+future turn, 5% of that turn's wait later (at most 1 s: DeferPolicy's jitter,
+how late its task may come back). So the k-th refused of a burst gets the k-th
+slot to free, and they come back one per freed slot. A task whose turn came
+takes any free slot (fewer than N admissions in the window; slots are alike),
+and its turn goes; one refused then (it came back so late that another took
+its slot) gets the next slot to free as its new turn; one back before its turn
+(a deferral capped by the redelivery window) is refused until then, turn
+kept. A turn whose task never comes back holds its slot until w ms after the
+turn, then it is pruned. Turns are promises, not admissions: the bound holds
+on admissions alone, as above, whatever the turns. Without a ticket a
+refusal promises nothing (the next slot to free). Mode 'a': the hash's field
+q is the next turn to give: refused tasks are spaced w / N apart (the rate a
+full window frees slots) after the earliest the weighted count admits one;
+bookkeeping only (a counter cannot tell a task back for its turn from a fresh
+arrival, so nothing is held for the refused: a fresh arrival the count admits
+may take a slot first, as without turns).
+
 admit.lua
-  KEYS     the window's key (sorted set in mode 'e', hash in mode 'a')
+  KEYS     the window's key (sorted set in mode 'e', hash in mode 'a'), its turns
+           (sorted set, mode 'e'; unused in mode 'a')
   ARGV     limit N (admissions), window w (ms), mode 'e' | 'a', owner (the
-           member in mode 'e')
+           member in mode 'e'), ticket (the task id, or '': no turn; mode 'e')
   result   admissions left in the window after this one (mode 'a': as estimated,
            floored)
-  refusals {0, i, retry_after_ms}  the earliest a slot can free: mode 'e' when the
-           admission that must leave the window for one to be free does; mode 'a'
-           when the weighted count, with no further admissions, allows one
-  writes on a refusal: none
-  seen[g]  mode 'e': nothing; mode 'a': {p, c} as of now (window i)
+  refusals {0, i, retry_after_ms}  the task's turn (above): mode 'e' when the
+           admission or turn that must leave the window for its slot does; mode
+           'a' the next spaced turn, no earlier than the weighted count, with no
+           further admissions, allows one
+  writes on a refusal: mode 'e' the task's turn (with a ticket; turns pruned w ms
+           after they came); mode 'a' the next turn, q
+  seen[g]  mode 'e': whether it had a turn (apply takes it out); mode 'a': {p, c}
+           as of now (window i)
 complete.lua (mode 'e' only; mode 'a' gets no release entry: a count does not
 know whose its admissions were, so nothing is refunded)
   KEYS     the sorted set
@@ -53,16 +82,76 @@ clock()
 local lim, win = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
 if ARGV[ai + 2] == 'e' then
   local from = '(' .. (now_ms - win)
-  local count = redis.call('ZCOUNT', KEYS[ki], from, '+inf')
-  if count >= lim then
-    -- count - lim + 1 admissions must leave the window for a slot: the last of them
-    local entry = redis.call('ZRANGEBYSCORE', KEYS[ki], from, '+inf', 'WITHSCORES',
-                             'LIMIT', count - lim, 1)
-    return {0, g, math.max(1, tonumber(entry[2]) + win - now_ms)}
+  local ticket = ARGV[ai + 4]
+  local mine = nil
+  if ticket ~= '' then
+    mine = tonumber(redis.call('ZSCORE', KEYS[ki + 1], ticket))
+    if mine and mine <= now_ms - win then
+      mine = nil  -- its turn is long past: it asks as a fresh arrival
+    end
   end
+  if mine and mine > now_ms then
+    -- its turn has not come (a deferral capped by the redelivery window): same place
+    return {0, g, math.max(1, mine - now_ms)}
+  end
+  local count = redis.call('ZCOUNT', KEYS[ki], from, '+inf')
+  -- a fresh arrival takes no slot promised to a refused one (its turn is still
+  -- ahead, or it is on its way back); one whose turn came takes any free slot
+  local ahead = 0
+  if not mine then
+    ahead = redis.call('ZCOUNT', KEYS[ki + 1], from, '+inf')
+  end
+  if count + ahead >= lim then
+    local at
+    if ahead == 0 then
+      -- count - lim + 1 admissions must leave the window for a slot: the last of them
+      local entry = redis.call('ZRANGEBYSCORE', KEYS[ki], from, '+inf', 'WITHSCORES',
+                               'LIMIT', count - lim, 1)
+      at = tonumber(entry[2]) + win
+    else
+      -- behind the promised turns: the lim-th latest of the admissions and the
+      -- turns (each a future admission) leaves the window then
+      local future = redis.call('ZCOUNT', KEYS[ki + 1], '(' .. now_ms, '+inf')
+      if future >= lim then
+        local entry = redis.call('ZREVRANGE', KEYS[ki + 1], lim - 1, lim - 1, 'WITHSCORES')
+        local turn = tonumber(entry[2])
+        -- that turn's task comes back up to 5% of its wait (at most 1 s) late
+        -- (DeferPolicy's jitter): this one's turn is when even then it has left
+        at = turn + math.min(math.ceil(0.05 * (turn - now_ms)), 1000) + win
+      else
+        -- the (lim - future)-th latest of the admissions and past-due turns in the window
+        local m = lim - future
+        local a = redis.call('ZREVRANGEBYSCORE', KEYS[ki], '+inf', from, 'WITHSCORES',
+                             'LIMIT', 0, m)
+        local b = redis.call('ZREVRANGEBYSCORE', KEYS[ki + 1], now_ms, from, 'WITHSCORES',
+                             'LIMIT', 0, m)
+        local ia, ib, score = 2, 2, nil
+        for _ = 1, m do
+          local sa, sb = tonumber(a[ia]), tonumber(b[ib])
+          if sb == nil or (sa ~= nil and sa >= sb) then
+            score, ia = sa, ia + 2
+          else
+            score, ib = sb, ib + 2
+          end
+        end
+        at = score + win
+      end
+    end
+    if ticket ~= '' then
+      -- its turn: it keeps it however often it is deferred before (a capped countdown)
+      redis.call('ZREMRANGEBYSCORE', KEYS[ki + 1], '-inf', now_ms - win)
+      redis.call('ZADD', KEYS[ki + 1], at, ticket)
+      local keep = at - now_ms + win + 1000
+      if redis.call('PTTL', KEYS[ki + 1]) < keep then
+        redis.call('PEXPIRE', KEYS[ki + 1], keep)
+      end
+    end
+    return {0, g, math.max(1, at - now_ms)}
+  end
+  seen[g] = mine ~= nil
 else
   local i = math.floor(now_ms / win)
-  local h = redis.call('HMGET', KEYS[ki], 'i', 'c', 'p')
+  local h = redis.call('HMGET', KEYS[ki], 'i', 'c', 'p', 'q')
   local at, c, p = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
   if at == i - 1 then
     c, p = 0, c
@@ -79,7 +168,15 @@ else
       -- the next window, with c as its p: e >= win - (lim - 1) * win / c
       wait = win - e + math.max(0, math.ceil(win - (lim - 1) * win / c))
     end
-    return {0, g, math.max(1, wait)}
+    -- refused ones come back spaced win / lim apart (the rate a full window
+    -- frees slots), behind those refused before (the hash's q: the next turn)
+    local turn = math.max(now_ms + math.max(1, wait), tonumber(h[4]) or 0)
+    redis.call('HSET', KEYS[ki], 'q', turn + math.ceil(win / lim))
+    local keep = turn - now_ms + 2 * win + 1000
+    if redis.call('PTTL', KEYS[ki]) < keep then
+      redis.call('PEXPIRE', KEYS[ki], keep)
+    end
+    return {0, g, turn - now_ms}
   end
   seen[g] = {p, c}
 end
@@ -91,11 +188,16 @@ if ARGV[ai + 2] == 'e' then
   redis.call('ZREMRANGEBYSCORE', KEYS[ki], '-inf', now_ms - win)
   redis.call('ZADD', KEYS[ki], now_ms, ARGV[ai + 3])
   redis.call('PEXPIRE', KEYS[ki], win + 1000)
+  if seen[g] then
+    redis.call('ZREM', KEYS[ki + 1], ARGV[ai + 4])  -- its turn is used
+  end
   out[#out + 1] = lim - redis.call('ZCARD', KEYS[ki])
 else
   local p, c = seen[g][1], seen[g][2] + 1
   redis.call('HSET', KEYS[ki], 'i', math.floor(now_ms / win), 'c', c, 'p', p)
-  redis.call('PEXPIRE', KEYS[ki], 2 * win + 1000)
+  if redis.call('PTTL', KEYS[ki]) < 2 * win + 1000 then
+    redis.call('PEXPIRE', KEYS[ki], 2 * win + 1000)
+  end
   local e = now_ms - math.floor(now_ms / win) * win
   out[#out + 1] = math.floor((lim * win - p * (win - e) - c * win) / win)
 end

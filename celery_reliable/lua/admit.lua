@@ -34,7 +34,7 @@ delivery entry that nobody owns. Costs one EXISTS per admission.
 Unless every guard admits, no token, slot, lock or record is taken. The only
 writes on a refusal are the bookkeeping a guard's header lists under "writes on
 a refusal" (a full bulkhead's waiting set and counters and its expired slots, a
-bucket's queue, a breaker's dead probes). Time is the server's (TIME).
+bucket's queue, a breaker's dead probes, a window's turns). Time is the server's (TIME).
 
 What a guard's sections see: g (its place in the plan, 1-based), its keys
 KEYS[ki], KEYS[ki + 1], ... and arguments ARGV[ai], ARGV[ai + 1], ... (the frame

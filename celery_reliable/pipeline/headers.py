@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..guards.deliveries import DELIVERIES_TTL, deliveries_ttl
+from ..guards.deliveries import DELIVERIES_TTL
+from ..guards.deliveries import deliveries_ttl as deliveries_ttl
 from ..guards.lock import LOCK_WAIT_HEADER
 
+# The header names and result states: celery_reliable.task re-exports exactly these
+# (``__all__ += headers.__all__``), so the list is kept here only. ``header`` and
+# ``deliveries_ttl`` are for the pipeline, not re-exported.
 __all__ = [
     "BUCKET_SLOT_HEADER",
     "DEFER_HEADER",
@@ -18,8 +22,6 @@ __all__ = [
     "LOCK_WAIT_HEADER",
     "PREV_DELAY_HEADER",
     "SKIPPED",
-    "deliveries_ttl",
-    "header",
 ]
 
 log = logging.getLogger("celery_reliable")
