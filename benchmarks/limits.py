@@ -14,7 +14,7 @@ builds is built per iteration):
 
 take, admitted (1,000,000 per second, so every take succeeds):
 
-* ``celery_reliable bucket``  per take: ``Plan()``, ``plan.add_bucket(KeySpace(prefix)
+* ``celery_reliable bucket``  per take: ``Plan()``, ``guards.bucket.plan(plan, KeySpace(prefix)
   .queue_bucket("q"), BucketSpec(rate=1e6, burst=1e6), 1)``, ``plan.admit(client)``
   (one EVALSHA of ``admit.lua``, guard ``B``; the spec is built once)
 * ``limits moving window``    ``MovingWindowRateLimiter(RedisStorage(url,
@@ -31,9 +31,10 @@ refused): the same three with ``BucketSpec(rate=1/3600, burst=1)``, ``"1/hour"``
 bulkhead acquire+release (the task body would run in between):
 
 * ``celery_reliable bulkhead`` per cycle, like ``ReliableTask``: owner
-  ``"<task id>/<8 hex>"``, ``Plan().add_bulkhead(keys, "tier", TierSpec(concurrent=1000,
-  queue=100, timeout=60, policy="wait"), owner, task_id)``, ``plan.admit(client)``, then
-  ``Release().add_bulkhead(keys.bulkhead("tier")[0], owner)``, ``release.run(client)``
+  ``"<task id>/<8 hex>"``, ``Plan()``, ``guards.bulkhead.plan(plan, keys, "tier",
+  TierSpec(concurrent=1000, queue=100, timeout=60, policy="wait"), owner, task_id)``,
+  ``plan.admit(client)``, then ``Release()``, ``guards.bulkhead.release(release,
+  keys.bulkhead("tier")[0], owner)``, ``release.run(client)``
   (two EVALSHA: ``admit.lua`` + ``complete.lua``, guard ``K``)
 * ``dramatiq ConcurrentRateLimiter`` per cycle ``ConcurrentRateLimiter(backend, key,
   limit=1_000_000)`` and ``with limiter.acquire(raise_on_failure=False) as acquired``
@@ -146,6 +147,7 @@ class Contender:
 
 def ours_bucket(rate: float, burst: float, prefix: str) -> Binder:
     def bind(client: redis.Redis, port: int) -> Cycle:
+        from celery_reliable import guards
         from celery_reliable.admission import Admitted, Plan, Refused
         from celery_reliable.keys import KeySpace
         from celery_reliable.ratelimit import BucketSpec
@@ -154,7 +156,7 @@ def ours_bucket(rate: float, burst: float, prefix: str) -> Binder:
 
         def take(task_id: str) -> bool:
             plan = Plan()
-            plan.add_bucket(KeySpace(prefix).queue_bucket("q"), spec, 1)
+            guards.bucket.plan(plan, KeySpace(prefix).queue_bucket("q"), spec, 1)
             outcome = plan.admit(client)
             if isinstance(outcome, Admitted):
                 return True
@@ -169,6 +171,7 @@ def ours_bucket(rate: float, burst: float, prefix: str) -> Binder:
 
 def ours_bulkhead(prefix: str) -> Binder:
     def bind(client: redis.Redis, port: int) -> Cycle:
+        from celery_reliable import guards
         from celery_reliable.admission import Admitted, Plan, Release
         from celery_reliable.bulkhead import TierSpec
         from celery_reliable.keys import KeySpace
@@ -179,12 +182,12 @@ def ours_bulkhead(prefix: str) -> Binder:
         def cycle(task_id: str) -> bool:
             owner = f"{task_id}/{secrets.token_hex(4)}"  # as pipeline.admit
             plan = Plan()
-            plan.add_bulkhead(keys, TIER, spec, owner, task_id)
+            guards.bulkhead.plan(plan, keys, TIER, spec, owner, task_id)
             outcome = plan.admit(client)
             if not isinstance(outcome, Admitted):
                 return False  # counted as a wrong outcome: nothing to release
             release = Release()
-            release.add_bulkhead(keys.bulkhead(TIER)[0], owner)
+            guards.bulkhead.release(release, keys.bulkhead(TIER)[0], owner)
             if release.run(client) != [1]:
                 raise BenchmarkError(f"celery_reliable bulkhead: slot of {owner} was not ours")
             return True
@@ -280,7 +283,7 @@ DRAMATIQ_CONCURRENT = "dramatiq ConcurrentRateLimiter"
 
 CONTENDERS = (
     Contender(OURS_TAKE, "ours-take", "take", True,
-              "Plan().add_bucket(KeySpace(p).queue_bucket('q'), BucketSpec(1e6, 1e6), 1)",
+              "guards.bucket.plan(Plan(), KeySpace(p).queue_bucket('q'), BucketSpec(1e6, 1e6), 1)",
               ours_bucket(HIGH_RATE, HIGH_RATE, "bench-take")),
     Contender(LIMITS_TAKE, "limits-take", "take", True,
               "MovingWindowRateLimiter.hit(parse('1000000/second'), 'k')",

@@ -34,8 +34,10 @@ from pathlib import Path
 import redis
 from _redis_server import throwaway_redis
 
-from celery_reliable.admission import FENCE_TTL_MIN, Release
+from celery_reliable import guards
+from celery_reliable.admission import Release
 from celery_reliable.guards import compose
+from celery_reliable.guards.lock import FENCE_TTL_MIN
 from celery_reliable.keys import KeySpace
 from celery_reliable.scripts import Script
 
@@ -52,7 +54,7 @@ def cycle(client: redis.Redis, admit: Script, keys: KeySpace, resource: str) -> 
     if int(reply[0]) != 1:
         raise RuntimeError(f"{admit.name}: lock on {resource} refused")
     release = Release()
-    release.add_lock(lock_key, f"{int(reply[1])} {owner}")
+    guards.lock.release(release, lock_key, f"{int(reply[1])} {owner}")
     if release.run(client)[0] != 1:
         raise RuntimeError(f"{admit.name}: release of {resource} found it not ours")
     return int(reply[1])

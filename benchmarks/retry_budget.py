@@ -5,8 +5,8 @@ Two experiments, both on a throwaway ``redis-server`` this script starts (never 
 
 (a) **The burst of issue 12**: 40 tasks whose first execution fails once, all at once.
     Each failure asks the budget for a retry through the library's own scripts, in real
-    time: the old default is ``admit.lua``'s plain bucket take (``Plan.add_bucket(...,
-    queue=False)``, ``BucketSpec(10, 10)``), the new one ``budget.lua`` with the 40 first
+    time: the old default is ``admit.lua``'s plain bucket take (``guards.bucket.plan(plan,
+    ..., queue=False)``, ``BucketSpec(10, 10)``), the new one ``budget.lua`` with the 40 first
     executions deposited first, as a worker does. Reported: retried and dead-lettered.
     (``tests/test_retry_budget.py`` runs the same burst through a real worker.)
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import redis
 from _redis_server import throwaway_redis
 
-from celery_reliable import Backoff, RetryBudget
+from celery_reliable import Backoff, RetryBudget, guards
 from celery_reliable.admission import Admitted, Plan
 from celery_reliable.ratelimit import BucketSpec
 from celery_reliable.retrybudget import spend
@@ -55,7 +55,7 @@ def burst(client: redis.Redis) -> dict[str, tuple[int, int]]:
     granted = 0
     for _ in range(BURST):
         plan = Plan()
-        plan.add_bucket("bench:burst:old", old, 1, queue=False)
+        guards.bucket.plan(plan, "bench:burst:old", old, 1, queue=False)
         granted += isinstance(plan.admit(client), Admitted)
     out['"10/s" (old default)'] = (granted, BURST - granted)
     new = RetryBudget()

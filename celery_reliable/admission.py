@@ -7,13 +7,15 @@ releases whatever admission took, again in one call. When admission itself
 fails (its reply lost: it may or may not have run), :meth:`Plan.rollback`
 (``rollback.lua``) undoes whatever it may have taken, checked by owner, and
 leaves a marker that makes the request do nothing if it reaches Redis only
-later. New
-guards plug in here: the guard's module ``celery_reliable/guards/<name>.py`` (its
-letter, the keys and arguments it passes the scripts, and its pipeline hooks,
-:class:`celery_reliable.guards.base.Hooks`, which also decode its refusals) and Lua
-fragment ``guards/<name>.lua`` (its part of each script), one line in
-:data:`celery_reliable.guards.GUARDS`, and ``Plan.add_*`` / ``Release.add_*`` methods
-that call the module.
+later.
+
+Plan and Release know no guard: each guard is one unit, its module
+``celery_reliable/guards/<name>.py`` (its letter; its ``plan`` and ``release``
+functions, which put its keys and arguments into a plan with :meth:`Plan.add` and a
+release with :meth:`Release.add`, and settle its release entries; its pipeline hooks,
+:class:`celery_reliable.guards.base.Hooks`, which also decode its refusals) and its Lua
+fragment ``guards/<name>.lua`` (its part of each script), with one line in
+:data:`celery_reliable.guards.GUARDS`.
 """
 
 from __future__ import annotations
@@ -26,21 +28,12 @@ from typing import Any
 
 import redis
 
-from .breaker import BreakerSpec
-from .bulkhead import TierSpec
-from .guards import breaker, bucket, bulkhead, deliveries, idempotency, lock
 from .guards.base import HOOKS, Guard, overriding
-from .guards.deliveries import mark_dead
-from .guards.lock import FENCE_TTL_MIN, LOCK_LABEL_MAX, LOCK_TASK_MAX, lock_holder
 from .keys import KeySpace, hash_tag
-from .ratelimit import BucketSpec
 from .scripts import own_connection, script
 
 __all__ = [
-    "FENCE_TTL_MIN",
     "INTERRUPTED_ROLLBACK_TIMEOUT",
-    "LOCK_LABEL_MAX",
-    "LOCK_TASK_MAX",
     "ROLLBACK_MARK_MIN",
     "Admitted",
     "DeadLettered",
@@ -53,8 +46,6 @@ __all__ = [
     "Release",
     "Replay",
     "RolledBack",
-    "lock_holder",
-    "mark_dead",
 ]
 
 log = logging.getLogger("celery_reliable")
@@ -76,7 +67,7 @@ class Refused:
 
     A bucket's refusal also gives ``slot``: the task's place in the bucket's
     queue (on the queue's clock: server epoch ms until the bucket's rate
-    changes), to pass back to :meth:`Plan.add_bucket`.
+    changes), to pass back to ``guards.bucket.plan``.
     """
 
     index: int
@@ -158,13 +149,11 @@ class Plan:
     keys: list[str] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # each guard's first key in ``keys``
     admit_args: list[Any] = field(default_factory=list)
-    release_keys: list[str] = field(default_factory=list)
-    release_args: list[Any] = field(default_factory=list)
+    arg_offsets: list[int] = field(default_factory=list)  # its first argument in ``admit_args``
     # What rollback.lua may undo: per entry a letter, a key and this execution's owner.
     undo_kinds: list[str] = field(default_factory=list)
     undo_keys: list[str] = field(default_factory=list)
     undo_owners: list[str] = field(default_factory=list)
-    lock_holders: dict[int, str] = field(default_factory=dict)  # lock guard index: holder
     longest: float = 0.0  # the longest lease a guard takes (seconds): the marker outlives it
     #: the marker key of the last :meth:`admit` request (a fresh random name per request)
     marker: str | None = None
@@ -181,6 +170,7 @@ class Plan:
         """
         self.kinds.append(guard.letter)
         self.offsets.append(len(self.keys))
+        self.arg_offsets.append(len(self.admit_args))
         self.keys += keys
         self.admit_args += args
         if undo is not None:
@@ -190,74 +180,6 @@ class Plan:
         if lease > self.longest:
             self.longest = lease
         return len(self.kinds) - 1
-
-    def add_idempotency(
-        self, key: str, fingerprint: str, owner: str, lease: float, ttl: float
-    ) -> int:
-        """Claim the idempotency record ``key`` for ``lease`` seconds; returns its index.
-
-        Put it first in the plan: a finished record replays even when other
-        guards (a busy lock, an empty bucket) would have refused.
-        """
-        return idempotency.plan(self, key, fingerprint, owner, lease, ttl)
-
-    def add_lock(
-        self, keys: KeySpace, resource: str, owner: str, ttl: float, *, task: str = "",
-        label: str = "", fence_ttl: float | None = None,
-    ) -> int:
-        """Lock ``resource`` for ``ttl`` seconds, minting a fencing token; returns its index.
-
-        ``task`` and ``label`` are kept with the lease for ``reliable locks``
-        (:func:`lock_holder`); :meth:`lock_value` gives the lease value once admitted.
-        ``fence_ttl``: seconds the fencing counter lives after the last acquire
-        (default: ``FENCE_TTL_MIN`` or ``10 * ttl``, whichever is longer).
-        """
-        return self.add_lock_keys(keys.lock(resource), keys.fence(resource), owner, ttl,
-                                  task=task, label=label, fence_ttl=fence_ttl)
-
-    def add_lock_keys(
-        self, lock_key: str, fence_key: str, owner: str, ttl: float, *, task: str = "",
-        label: str = "", fence_ttl: float | None = None, nonce: str = "",
-    ) -> int:
-        """:meth:`add_lock` with the keys already derived (a lock object reuses them)."""
-        return lock.plan(self, lock_key, fence_key, owner, ttl, task=task, label=label,
-                         fence_ttl=fence_ttl, nonce=nonce)
-
-    def lock_value(self, index: int, token: int) -> str:
-        """The lease value lock guard ``index`` wrote with ``token`` (renew and release it)."""
-        return f"{token} {self.lock_holders[index]}"
-
-    def add_bulkhead(
-        self, keys: KeySpace, tier: str, spec: TierSpec, owner: str, waiter: str
-    ) -> int:
-        """Take a slot of ``tier`` as a lease; ``waiter`` names the task while it waits."""
-        return bulkhead.plan(self, keys, tier, spec, owner, waiter)
-
-    def add_bucket(
-        self, key: str, spec: BucketSpec, cost: float, *, slot: int | None = None,
-        queue: bool = True,
-    ) -> int:
-        """Take ``cost`` tokens from the bucket at ``key``.
-
-        A refused task is given a slot in the bucket's queue (``Refused.slot``);
-        passing it back as ``slot`` keeps its place however often it comes back
-        before its turn, and a fresh arrival (no slot) queues behind the queue
-        instead of taking the tokens meant for it. ``queue=False``: a plain take
-        that neither queues nor waits behind a queue (the retry budget).
-        """
-        return bucket.plan(self, key, spec, cost, slot=slot, queue=queue)
-
-    def add_deliveries(self, key: str, max_redeliveries: int, ttl: float, owner: str) -> int:
-        """Count this delivery; refuse (poison) past ``max_redeliveries`` unfinished ones.
-
-        The count is a set of execution owners (deliveries that started and never
-        finished), so an admission that is rolled back takes its own entry out.
-        """
-        return deliveries.plan(self, key, max_redeliveries, ttl, owner)
-
-    def add_breaker(self, keys: tuple[str, str], spec: BreakerSpec, owner: str) -> int:
-        """Pass the breaker: refused while open or while half-open probes are all taken."""
-        return breaker.plan(self, keys, spec, owner)
 
     def admit(self, client: redis.Redis) -> Outcome:
         """One round trip: everything admitted, or nothing changed.
@@ -357,8 +279,10 @@ def text(value: bytes | str) -> str:
 class Release:
     """What completion settles, built from what admission took.
 
-    Idempotency records are settled with an outcome chosen at the end of the
-    run (:meth:`settle_idempotency`); by default they are forgotten (``X``).
+    Each guard's module adds its entries (its ``release`` function) and settles
+    them in place once the run's outcome is known (:meth:`entries`): an
+    idempotency record, say, is forgotten (``X``) unless ``guards.idempotency.settle``
+    gives it the result.
     """
 
     def __init__(self) -> None:
@@ -377,34 +301,6 @@ class Release:
         """The argument lists of ``guard``'s entries, to settle in place."""
         return [args for kind, args in zip(self.kinds, self._args, strict=True)
                 if kind == guard.letter]
-
-    def add_idempotency(self, key: str, owner: str, ttl: float) -> None:
-        idempotency.release(self, key, owner, ttl)
-
-    def settle_idempotency(self, outcome: str, payload: str) -> None:
-        """``S`` with result JSON, ``F`` with error JSON, or ``X`` (forget)."""
-        idempotency.settle(self, outcome, payload)
-
-    def add_lock(self, lock_key: str, lease_value: str) -> None:
-        lock.release(self, lock_key, lease_value)
-
-    def add_bulkhead(self, slots_key: str, owner: str) -> None:
-        bulkhead.release(self, slots_key, owner)
-
-    def add_deliveries(self, key: str) -> None:
-        deliveries.release(self, key)
-
-    def mark_dead(self, ttl: float) -> None:
-        """The task id was dead-lettered: completion keeps its mark for ``ttl`` seconds."""
-        deliveries.mark_dead_on(self, ttl)
-
-    def add_breaker(self, keys: tuple[str, str], spec: BreakerSpec, owner: str) -> None:
-        """Report the outcome to the breaker; neutral unless :meth:`settle_breaker` says."""
-        breaker.release(self, keys, spec, owner)
-
-    def settle_breaker(self, outcome: str) -> None:
-        """``s`` success, ``f`` a classified failure, ``n`` neutral."""
-        breaker.settle(self, outcome)
 
     def deferred(self) -> None:
         """The execution is deferred after its body ran but before it had an effect (its

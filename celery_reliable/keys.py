@@ -51,7 +51,7 @@ class KeySpace:
 
         ``holder``: the owner, then the task name, a label and (a FencedLock's)
         a nonce per acquire on lines of their own
-        (:func:`celery_reliable.admission.lock_holder`).
+        (:func:`celery_reliable.guards.lock.lock_holder`).
         """
         return f"{self.tag}:lock:{digest(resource)}"
 

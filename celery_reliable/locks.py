@@ -20,6 +20,7 @@ import redis
 from . import metrics
 from .admission import INTERRUPTED_ROLLBACK_TIMEOUT, Admitted, Plan, Release
 from .errors import LockNotAcquired
+from .guards import lock as lock_guard
 from .keys import KeySpace
 from .scripts import script
 
@@ -77,8 +78,8 @@ class FencedLock:
         """
         owner = owner or secrets.token_hex(8)
         plan = Plan()
-        index = plan.add_lock_keys(self._lock_key, self._fence_key, owner, self.ttl,
-                                   label=self.label or "", nonce=secrets.token_hex(4))
+        index = lock_guard.plan(plan, self._lock_key, self._fence_key, owner, self.ttl,
+                                label=self.label or "", nonce=secrets.token_hex(4))
         try:
             result = plan.admit(self.client)
         except redis.RedisError:
@@ -94,7 +95,7 @@ class FencedLock:
             return None
         self.token = result.results[index]
         self.holder = owner
-        self._value = plan.lock_value(index, self.token)
+        self._value = lock_guard.lease_value(plan, index, self.token)
         return self.token
 
     def acquire_blocking(self, timeout: float, poll: float = 0.05) -> int:
@@ -115,7 +116,7 @@ class FencedLock:
         if self._value is None:
             return False
         release = Release()
-        release.add_lock(self._lock_key, self._value)
+        lock_guard.release(release, self._lock_key, self._value)
         self._value = None
         return release.run(self.client)[0] == 1
 

@@ -3,7 +3,8 @@
 Everything the pipeline (:mod:`celery_reliable.pipeline`) asks of the guards' shared
 state goes through one small interface, shaped after the storage classes of
 ``limits`` and the rate-limit backends of Dramatiq: admit a plan, roll it back,
-complete a release, mark a task id dead, throttle buckets, spend a retry budget.
+complete a release, renew held leases, mark a task id dead, throttle buckets, spend a
+retry budget.
 The pipeline's signatures carry no client type; a store says which exceptions
 mean "unreachable" (:attr:`Store.errors`), which the pipeline fails closed on.
 The CLI, the Prometheus scrape and the start-up check read status through it too
@@ -13,19 +14,21 @@ states, ping); the guard modules say which fields to read and how they decode.
 :class:`RedisStore` is today's implementation: the composed Lua scripts on the
 process's dedicated script connection (``scripts.script``: EVALSHA, cached), one
 round trip per admission and per completion, an admission never resent (its
-rollback, bounded and resent, undoes it instead). Lease renewal stays with the
-process heartbeat (``runtime.Heartbeat``), on its own connection.
+rollback, bounded and resent, undoes it instead). The process heartbeat
+(``leases.Heartbeat``) renews every due lease in one round trip, sent once, on a
+connection of the renewals' own (:class:`_Link`), so a stalled renewal and the
+task's own calls never hold each other up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
 from .guards.deliveries import mark_dead
-from .scripts import script
+from .scripts import own_connection, plain_pool, script
 
 if TYPE_CHECKING:
     from .admission import Outcome, Plan, Release
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from .bulkhead import TierStats
     from .guards.lock import LockInfo
     from .keys import KeySpace
+    from .leases import Lease
     from .ratelimit import BucketSpec
     from .retrybudget import RetryBudget
     from .runtime import Runtime
@@ -54,6 +58,17 @@ class Store(Protocol):
 
     def complete(self, release: Release) -> list[int]:
         """Settle what admission took; one result per entry of ``release``."""
+
+    def renew(self, leases: Sequence[Lease], timeout: float) -> list[int]:
+        """Extend each of ``leases`` by its ttl if its value still holds it: 1, else 0.
+
+        All in one round trip, sent once and never resent, each socket wait at
+        most ``timeout`` seconds; after any error the next call starts on a fresh
+        connection (the last one may be out of step).
+        """
+
+    def close(self) -> None:
+        """Close the connections the store opened itself (its client stays open)."""
 
     def mark_dead(self, key: str, ttl: float) -> None:
         """Mark a task id's deliveries set dead-lettered for ``ttl`` seconds."""
@@ -84,15 +99,47 @@ class Store(Protocol):
         """The breaker ``key``'s state now: 0 closed, 1 open, 2 half-open."""
 
 
+class _Link:
+    """The renewals' own connection: the client's server and settings, no retries.
+
+    Separate from the process's script channel, so the task's own calls keep
+    their fast path and a stalled renewal never holds them up (nor they it).
+    Its socket timeouts (connect and read) follow the shortest held lease; a
+    changed timeout takes effect on a new connection (:func:`own_connection`).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._conn: Any = None
+        self._timeout = -1.0
+
+    def call(self, name: str, keys: list[str], args: list[Any], timeout: float) -> Any:
+        """Run script ``name`` once, with socket timeouts of at most ``timeout`` seconds."""
+        # A shorter timeout than asked is harmless: keep the connection unless the
+        # timeout must shrink, or could grow more than twofold (leases come and go).
+        if self._conn is None or not timeout / 2 <= self._timeout <= timeout:
+            self.close()
+            self._conn = own_connection(self._client, timeout)
+            self._timeout = timeout
+        return script(name).call_once(self._conn, keys, args)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
+
+
 class RedisStore:
     """:class:`Store` in Redis, through the composed Lua scripts (one round trip each)."""
 
     errors: tuple[type[BaseException], ...] = (redis.RedisError,)
 
-    __slots__ = ("client",)
+    __slots__ = ("_renewals", "client")
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        #: the renewals' own connection (None: a client without a plain pool)
+        self._renewals = _Link(client) if plain_pool(client) is not None else None
 
     def admit(self, plan: Plan) -> Outcome:
         return plan.admit(self.client)
@@ -104,6 +151,24 @@ class RedisStore:
 
     def complete(self, release: Release) -> list[int]:
         return release.run(self.client)
+
+    def renew(self, leases: Sequence[Lease], timeout: float) -> list[int]:
+        keys = [lease.key for lease in leases]
+        args: list[Any] = ["".join(lease.kind for lease in leases)]
+        for lease in leases:
+            args += [lease.value, int(lease.ttl * 1000)]
+        link = self._renewals
+        if link is None:  # a client without a plain pool: its own timeouts and retries
+            return [int(r) for r in script("renew")(self.client, keys, args)]
+        try:
+            return [int(r) for r in link.call("renew", keys, args, timeout)]
+        except Exception:
+            link.close()  # maybe out of step: the next attempt starts afresh
+            raise
+
+    def close(self) -> None:
+        if self._renewals is not None:
+            self._renewals.close()
 
     def mark_dead(self, key: str, ttl: float) -> None:
         mark_dead(self.client, key, ttl)

@@ -350,7 +350,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         Decided from the local monotonic clock, without waiting for Redis: the
         lock's lease cannot expire on the server before ``lock_ttl`` after the
         send time of the last renewal Redis confirmed (or of the admission), so
-        the belief ends a safety margin earlier (see ``runtime.lease_margin``).
+        the belief ends a safety margin earlier (see ``leases.lease_margin``).
         Also true as soon as a renewal finds the lock expired or taken over, and
         once this execution released it (``self.retry(throw=False)``).
         """

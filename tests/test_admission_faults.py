@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from celery_reliable import ConfigurationError, FencedLock
+from celery_reliable import ConfigurationError, FencedLock, guards
 from celery_reliable.admission import ROLLBACK_MARK_MIN, Admitted, Plan, Poison
 from celery_reliable.breaker import BreakerSpec
 from celery_reliable.bulkhead import TierSpec
@@ -93,7 +93,7 @@ def test_admission_is_sent_once_on_every_path(
 
     def admit() -> Any:
         plan = Plan()
-        plan.add_lock(keys, f"r{secrets.token_hex(2)}", secrets.token_hex(4), 30)
+        guards.lock.plan_resource(plan, keys, f"r{secrets.token_hex(2)}", secrets.token_hex(4), 30)
         return plan.admit(client)
 
     assert lost("admit", admit) == 1  # the dedicated channel
@@ -135,7 +135,7 @@ def test_admission_is_sent_once_on_redis_cluster(tmp_path: Path) -> None:
         direct.script_load(script("admit").source)
         cluster = RedisCluster(host="127.0.0.1", port=proxy.port, socket_timeout=0.5)
         plan = Plan()
-        plan.add_lock(KeySpace("cl"), "res", "owner", 30)
+        guards.lock.plan_resource(plan, KeySpace("cl"), "res", "owner", 30)
         assert sends_losing_replies(
             proxy, direct, "admit", lambda: plan.admit(cluster), redis.RedisError) == 1
         assert plan.rollback(cluster) == [1]  # it ran: its lock is undone
@@ -181,7 +181,7 @@ def test_rollback_is_resent_a_few_times_then_gives_up(
     direct.script_load(script("rollback").source)
     client = redis.Redis(port=proxy.port, socket_timeout=0.3)
     plan = Plan()
-    plan.add_lock(KeySpace("rb"), "r", "owner", 30)
+    guards.lock.plan_resource(plan, KeySpace("rb"), "r", "owner", 30)
     assert sends_losing_replies(proxy, direct, "rollback", lambda: plan.rollback(client)) == 3
     assert plan.rollback(client) == [0]
     client.close()
@@ -199,12 +199,12 @@ def test_rollback_undoes_only_its_own_admission(redis_client: redis.Redis, prefi
 
     def plan(owner: str) -> Plan:
         p = Plan()
-        p.add_deliveries(deliveries, 3, 3600, owner)
-        p.add_idempotency(keys.idempotency("t", "k"), "fp", owner, 30, 3600)
-        p.add_lock(keys, "res", owner, 30)
-        p.add_bulkhead(keys, "tier", tier, owner, "waiter")
-        p.add_breaker(keys.breaker("b"), breaker, owner)
-        p.add_bucket(keys.key_bucket("k"), bucket, 1)
+        guards.deliveries.plan(p, deliveries, 3, 3600, owner)
+        guards.idempotency.plan(p, keys.idempotency("t", "k"), "fp", owner, 30, 3600)
+        guards.lock.plan_resource(p, keys, "res", owner, 30)
+        guards.bulkhead.plan(p, keys, "tier", tier, owner, "waiter")
+        guards.breaker.plan(p, keys.breaker("b"), breaker, owner)
+        guards.bucket.plan(p, keys.key_bucket("k"), bucket, 1)
         return p
 
     mine = plan("task-1/aaaa")
@@ -232,7 +232,7 @@ def test_rollback_undoes_only_its_own_admission(redis_client: redis.Redis, prefi
     record = keys.idempotency("t", "done")
     redis_client.hset(record, mapping={"s": "S", "f": "fp", "o": "task-1/cccc", "r": "1"})
     p = Plan()
-    p.add_idempotency(record, "fp", "task-1/cccc", 30, 3600)
+    guards.idempotency.plan(p, record, "fp", "task-1/cccc", 30, 3600)
     assert p.rollback(redis_client) == [0] and redis_client.hget(record, "s") == b"S"
 
 
@@ -252,8 +252,8 @@ def test_a_rollback_sent_again_after_its_first_send_ran_changes_nothing(
 
     def plan() -> Plan:
         p = Plan()
-        p.add_lock(keys, "res", "owner-1", 30)
-        p.add_bulkhead(keys, "tier", tier, "owner-1", "waiter")
+        guards.lock.plan_resource(p, keys, "res", "owner-1", 30)
+        guards.bulkhead.plan(p, keys, "tier", tier, "owner-1", "waiter")
         return p
 
     first = plan()
@@ -272,13 +272,13 @@ def test_an_older_delivery_counter_is_kept(redis_client: redis.Redis, prefix: st
     key = KeySpace(prefix).deliveries("old")
     redis_client.set(key, 2)
     p = Plan()
-    p.add_deliveries(key, 2, 3600, "old/1")
+    guards.deliveries.plan(p, key, 2, 3600, "old/1")
     assert p.rollback(redis_client) == [0] and redis_client.get(key) == b"2"
     result = p.admit(redis_client)
     assert isinstance(result, Admitted) and result.results == (3,)
     assert redis_client.scard(key) == 3
     p2 = Plan()
-    p2.add_deliveries(key, 2, 3600, "old/2")
+    guards.deliveries.plan(p2, key, 2, 3600, "old/2")
     assert isinstance(p2.admit(redis_client), Poison)
 
 
@@ -307,10 +307,10 @@ def test_admission_arriving_after_its_rollback_leaves_nothing_behind(
 
     def plan(owner: str) -> Plan:  # as pipeline.make_plan builds it
         p = Plan()
-        p.add_deliveries(keys.deliveries(task_id), 3, 24 * 3600.0, owner)
-        p.add_idempotency(keys.idempotency("t", "k"), "fp", owner, 30, 3600)
-        p.add_lock(keys, "order:1", owner, 30)
-        p.add_bulkhead(keys, "tier", tier, owner, task_id)
+        guards.deliveries.plan(p, keys.deliveries(task_id), 3, 24 * 3600.0, owner)
+        guards.idempotency.plan(p, keys.idempotency("t", "k"), "fp", owner, 30, 3600)
+        guards.lock.plan_resource(p, keys, "order:1", owner, 30)
+        guards.bulkhead.plan(p, keys, "tier", tier, owner, task_id)
         return p
 
     late = plan(f"{task_id}/{secrets.token_hex(4)}")  # an owner as pipeline.admit makes
@@ -562,7 +562,7 @@ def test_interrupted_rollback_works_with_the_oldest_supported_redis_py(redis_url
     client = redis50_client(redis_url)
     keys = KeySpace(prefix)
     plan = Plan()
-    plan.add_lock(keys, "interrupted", "owner-1", 300)
+    guards.lock.plan_resource(plan, keys, "interrupted", "owner-1", 300)
     try:
         assert isinstance(plan.admit(client), Admitted)  # the lock is taken
         try:

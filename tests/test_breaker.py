@@ -11,7 +11,7 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import TestWorkController
 
-from celery_reliable import ConfigurationError, ReliableTask, breaker_state
+from celery_reliable import ConfigurationError, ReliableTask, breaker_state, guards
 from celery_reliable.admission import Admitted, Plan, Refused, Release
 from celery_reliable.breaker import BreakerSpec, parse_breakers
 from celery_reliable.keys import KeySpace
@@ -33,13 +33,13 @@ def call(
 ) -> Admitted | Refused:
     """One execution by ``owner`` (any worker: the state is in Redis). None: still running."""
     plan = Plan()
-    plan.add_breaker(keys, SPEC, owner)
+    guards.breaker.plan(plan, keys, SPEC, owner)
     admitted = plan.admit(client)
     assert isinstance(admitted, (Admitted, Refused))
     if isinstance(admitted, Admitted) and outcome is not None:
         release = Release()
-        release.add_breaker(keys, SPEC, owner)
-        release.settle_breaker(outcome)
+        guards.breaker.release(release, keys, SPEC, owner)
+        guards.breaker.settle(release, outcome)
         release.run(client)
     return admitted
 
@@ -71,8 +71,8 @@ def test_state_machine(redis_client: redis.Redis, prefix: str) -> None:
     assert state(redis_client, keys) == 2
     for i in range(2):  # both probes succeed: closed
         release = Release()
-        release.add_breaker(keys, SPEC, f"probe-{i}")
-        release.settle_breaker("s")
+        guards.breaker.release(release, keys, SPEC, f"probe-{i}")
+        guards.breaker.settle(release, "s")
         release.run(redis_client)
     assert state(redis_client, keys) == 0
 
@@ -100,22 +100,22 @@ def test_a_dead_probe_frees_its_place(redis_client: redis.Redis, prefix: str) ->
         probe_lease=0.3,
     )
     plan = Plan()
-    plan.add_breaker(keys, spec, "x")
+    guards.breaker.plan(plan, keys, spec, "x")
     plan.admit(redis_client)
     release = Release()
-    release.add_breaker(keys, spec, "x")
-    release.settle_breaker("f")
+    guards.breaker.release(release, keys, spec, "x")
+    guards.breaker.settle(release, "f")
     release.run(redis_client)
     time.sleep(0.15)
     first = Plan()
-    first.add_breaker(keys, spec, "dies")
+    guards.breaker.plan(first, keys, spec, "dies")
     assert isinstance(first.admit(redis_client), Admitted)  # then its worker is killed
     second = Plan()
-    second.add_breaker(keys, spec, "other")
+    guards.breaker.plan(second, keys, spec, "other")
     assert isinstance(second.admit(redis_client), Refused)
     time.sleep(0.35)
     third = Plan()
-    third.add_breaker(keys, spec, "other")
+    guards.breaker.plan(third, keys, spec, "other")
     assert isinstance(third.admit(redis_client), Admitted)
 
 

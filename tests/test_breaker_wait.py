@@ -11,7 +11,7 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import TestWorkController
 
-from celery_reliable import Backoff, ReliableTask, breaker_state
+from celery_reliable import Backoff, ReliableTask, breaker_state, guards
 from celery_reliable.admission import Admitted, Plan, Refused, Release
 from celery_reliable.breaker import BreakerSpec
 from celery_reliable.keys import KeySpace
@@ -73,15 +73,15 @@ def test_a_busy_half_open_breaker_asks_back_after_as_long_as_its_probes_are_out(
 
     def admit(owner: str) -> Admitted | Refused:
         plan = Plan()
-        plan.add_breaker(keys, spec, owner)
+        guards.breaker.plan(plan, keys, spec, owner)
         outcome = plan.admit(redis_client)
         assert isinstance(outcome, (Admitted, Refused))
         return outcome
 
     admit("a")
     release = Release()
-    release.add_breaker(keys, spec, "a")
-    release.settle_breaker("f")
+    guards.breaker.release(release, keys, spec, "a")
+    guards.breaker.settle(release, "f")
     release.run(redis_client)  # open for 0.2 s
     refused = admit("b")
     assert isinstance(refused, Refused) and refused.retry_after is not None

@@ -23,7 +23,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from celery_reliable import FencedLock, ReliableTask, deadletter
+from celery_reliable import FencedLock, ReliableTask, deadletter, guards
 from celery_reliable.admission import Admitted, Plan, Release
 from celery_reliable.config import ReliableSettings
 from celery_reliable.keys import KeySpace
@@ -111,17 +111,17 @@ def test_status_shows_locks_buckets_tiers_breakers_and_dead_letters(
     token = lock.acquire(owner="3f1c-task-id/ab12")
     assert token is not None
     plan = Plan()  # 3 tokens from the emails bucket (0.1/s), one payments slot
-    plan.add_bucket(keys.queue_bucket("emails"), SETTINGS.queue_rate_limits["emails"], 3)
-    plan.add_bulkhead(keys, "payments", SETTINGS.bulkheads["payments"], "slot-owner", "t1")
+    guards.bucket.plan(plan, keys.queue_bucket("emails"), SETTINGS.queue_rate_limits["emails"], 3)
+    guards.bulkhead.plan(plan, keys, "payments", SETTINGS.bulkheads["payments"], "slot-owner", "t1")
     assert isinstance(plan.admit(redis_client), Admitted)
     breaker = keys.breaker("partner")
     for _ in range(2):  # two classified failures open it (min_calls 2, threshold 2)
         entry = Plan()
-        entry.add_breaker(breaker, SETTINGS.circuit_breakers["partner"], "probe")
+        guards.breaker.plan(entry, breaker, SETTINGS.circuit_breakers["partner"], "probe")
         assert isinstance(entry.admit(redis_client), Admitted)
         done = Release()
-        done.add_breaker(breaker, SETTINGS.circuit_breakers["partner"], "probe")
-        done.settle_breaker("f")
+        guards.breaker.release(done, breaker, SETTINGS.circuit_breakers["partner"], "probe")
+        guards.breaker.settle(done, "f")
         done.run(redis_client)
     letter(engine, f"cli.{prefix}")
     with engine.connect() as conn:
@@ -533,14 +533,16 @@ def test_a_lost_admission_reply_rolls_back_a_labelled_lock(
     """rollback.lua finds the lease by its holder (owner, task, label), none other's."""
     keys = KeySpace(prefix)
     plan = Plan()
-    index = plan.add_lock(keys, "order:7", "owner-1", 30, task="t.x", label="order:{id}\nnext")
+    index = guards.lock.plan_resource(plan, keys, "order:7", "owner-1", 30, task="t.x",
+                                      label="order:{id}\nnext")
     admitted = plan.admit(redis_client)
     assert isinstance(admitted, Admitted)
     value = redis_client.get(keys.lock("order:7"))
-    assert value == plan.lock_value(index, admitted.results[index]).encode()
+    assert value == guards.lock.lease_value(plan, index, admitted.results[index]).encode()
     assert value.endswith(b" owner-1\nt.x\norder:{id} next")  # one line per field
     other = Plan()
-    other.add_lock(keys, "order:7", "owner-1", 30)  # same owner, no label: not this lease
+    # same owner, no label: not this lease
+    guards.lock.plan_resource(other, keys, "order:7", "owner-1", 30)
     assert other.rollback(redis_client) == [0]
     assert plan.rollback(redis_client) == [1]
     assert redis_client.get(keys.lock("order:7")) is None

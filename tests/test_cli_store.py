@@ -11,6 +11,7 @@ import time
 import pytest
 import redis
 
+from celery_reliable import guards
 from celery_reliable.admission import Admitted, Plan, Release
 from celery_reliable.breaker import BreakerSpec
 from celery_reliable.bulkhead import TierSpec, TierStats
@@ -67,7 +68,7 @@ def test_bucket_tokens_full_then_taken_then_refilling(redis_client: redis.Redis,
     key = KeySpace(prefix).queue_bucket("emails")
     assert store.bucket_tokens(key, spec) == 20.0  # never taken from
     plan = Plan()
-    plan.add_bucket(key, spec, 15)
+    guards.bucket.plan(plan, key, spec, 15)
     assert isinstance(plan.admit(redis_client), Admitted)
     left = store.bucket_tokens(key, spec)
     assert 5.0 <= left < 7.0
@@ -81,7 +82,7 @@ def test_bulkhead_stats_counts_live_slots(redis_client: redis.Redis, prefix: str
     spec = TierSpec(concurrent=2, queue=3, timeout=60.0, policy="wait")
     tiers = {"payments": keys.bulkhead("payments"), "idle": keys.bulkhead("idle")}
     plan = Plan()
-    plan.add_bulkhead(keys, "payments", spec, "slot-owner", "t1")
+    guards.bulkhead.plan(plan, keys, "payments", spec, "slot-owner", "t1")
     assert isinstance(plan.admit(redis_client), Admitted)
 
     found = store.bulkhead_stats(tiers)
@@ -99,11 +100,11 @@ def test_breaker_state_closed_open_then_half_open(redis_client: redis.Redis,
     assert store.breaker_state(keys[0], spec) == 0
     for _ in range(2):
         entry = Plan()
-        entry.add_breaker(keys, spec, "probe")
+        guards.breaker.plan(entry, keys, spec, "probe")
         assert isinstance(entry.admit(redis_client), Admitted)
         done = Release()
-        done.add_breaker(keys, spec, "probe")
-        done.settle_breaker("f")
+        guards.breaker.release(done, keys, spec, "probe")
+        guards.breaker.settle(done, "f")
         done.run(redis_client)
     assert store.breaker_state(keys[0], spec) == 1
     time.sleep(0.6)

@@ -18,7 +18,7 @@ from celery import Celery
 from celery.contrib.testing.worker import TestWorkController
 from celery.exceptions import Retry
 
-from celery_reliable import ConfigurationError, ReliableTask
+from celery_reliable import ConfigurationError, ReliableTask, guards
 from celery_reliable.admission import Admitted, Plan, Refused
 from celery_reliable.backoff import Backoff
 from celery_reliable.config import DeferPolicy, ReliableSettings
@@ -388,7 +388,7 @@ def test_queued_slot_is_kept_and_fresh_arrivals_queue_behind(redis_client: redis
 
     def take(slot: int | None = None, queue: bool = True) -> Admitted | Refused:
         plan = Plan()
-        plan.add_bucket(key, spec, 1, slot=slot, queue=queue)
+        guards.bucket.plan(plan, key, spec, 1, slot=slot, queue=queue)
         outcome = plan.admit(redis_client)
         assert isinstance(outcome, (Admitted, Refused))
         return outcome
@@ -421,7 +421,7 @@ def test_fresh_arrival_takes_no_token_meant_for_the_queue(redis_client: redis.Re
 
     def take(slot: int | None = None, queue: bool = True) -> Admitted | Refused:
         plan = Plan()
-        plan.add_bucket(key, spec, 1, slot=slot, queue=queue)
+        guards.bucket.plan(plan, key, spec, 1, slot=slot, queue=queue)
         outcome = plan.admit(redis_client)
         assert isinstance(outcome, (Admitted, Refused))
         return outcome
@@ -444,7 +444,7 @@ def bucket_take(client: redis.Redis, key: str, spec: BucketSpec,
                 slot: int | None = None) -> Admitted | Refused:
     """One arrival at a queue bucket (cost 1), as pipeline.make_plan adds it (the bucket hook)."""
     plan = Plan()
-    plan.add_bucket(key, spec, 1, slot=slot)
+    guards.bucket.plan(plan, key, spec, 1, slot=slot)
     outcome = plan.admit(client)
     assert isinstance(outcome, (Admitted, Refused))
     return outcome
@@ -657,7 +657,7 @@ def test_capped_backlog_keeps_its_order_and_drains_at_the_rate(redis_client: red
 
     def arrive(task: int) -> None:
         plan = Plan()
-        plan.add_bucket(key, spec, 1, slot=slot.get(task))
+        guards.bucket.plan(plan, key, spec, 1, slot=slot.get(task))
         outcome = plan.admit(redis_client)
         if isinstance(outcome, Admitted):
             admitted.append((task, time.monotonic()))

@@ -65,7 +65,7 @@ def test_a_letter_no_guard_handles_there_is_an_error(
 
 
 def test_plan_and_release_arguments_match_each_guards_layout(prefix: str) -> None:
-    """What Plan.add_* / Release.add_* pass is what the composed scripts step past."""
+    """What each guard's plan / release functions pass is what the composed scripts step past."""
     keys = KeySpace(prefix)
     plan, release = Plan(), Release()
 
@@ -81,16 +81,17 @@ def test_plan_and_release_arguments_match_each_guards_layout(prefix: str) -> Non
         assert got == guard.complete, letter
 
     breaker = keys.breaker("b")
-    step("I", lambda: plan.add_idempotency(f"{prefix}:i", "fp", "o", 5, 60),
-         lambda: release.add_idempotency(f"{prefix}:i", "o", 60))
-    step("L", lambda: plan.add_lock(keys, "r", "o", 5), lambda: release.add_lock("l", "1 o"))
-    step("K", lambda: plan.add_bulkhead(keys, "t", TIER, "o", "w"),
-         lambda: release.add_bulkhead("s", "o"))
-    step("D", lambda: plan.add_deliveries(f"{prefix}:d", 3, 60, "o"),
-         lambda: release.add_deliveries(f"{prefix}:d"))
-    step("C", lambda: plan.add_breaker(breaker, BreakerSpec(), "o"),
-         lambda: release.add_breaker(breaker, BreakerSpec(), "o"))
-    step("B", lambda: plan.add_bucket(f"{prefix}:b", BucketSpec(10, 10), 1))
+    step("I", lambda: guards.idempotency.plan(plan, f"{prefix}:i", "fp", "o", 5, 60),
+         lambda: guards.idempotency.release(release, f"{prefix}:i", "o", 60))
+    step("L", lambda: guards.lock.plan_resource(plan, keys, "r", "o", 5),
+         lambda: guards.lock.release(release, "l", "1 o"))
+    step("K", lambda: guards.bulkhead.plan(plan, keys, "t", TIER, "o", "w"),
+         lambda: guards.bulkhead.release(release, "s", "o"))
+    step("D", lambda: guards.deliveries.plan(plan, f"{prefix}:d", 3, 60, "o"),
+         lambda: guards.deliveries.release(release, f"{prefix}:d"))
+    step("C", lambda: guards.breaker.plan(plan, breaker, BreakerSpec(), "o"),
+         lambda: guards.breaker.release(release, breaker, BreakerSpec(), "o"))
+    step("B", lambda: guards.bucket.plan(plan, f"{prefix}:b", BucketSpec(10, 10), 1))
     assert "".join(plan.kinds) == "ILKDCB"
 
 
@@ -100,12 +101,12 @@ def test_every_guard_together_admits_and_completes(redis_client: redis.Redis,
     keys = KeySpace(prefix)
     breaker = keys.breaker("b")
     plan = Plan()
-    plan.add_deliveries(keys.deliveries("t1"), 3, 60, "o")
-    plan.add_idempotency(f"{prefix}:i", "fp", "o", 5, 60)
-    plan.add_lock(keys, "r", "o", 5)
-    plan.add_bulkhead(keys, "t", TIER, "o", "w")
-    plan.add_breaker(breaker, BreakerSpec(), "o")
-    plan.add_bucket(keys.queue_bucket("q"), BucketSpec(10, 10), 1)
+    guards.deliveries.plan(plan, keys.deliveries("t1"), 3, 60, "o")
+    guards.idempotency.plan(plan, f"{prefix}:i", "fp", "o", 5, 60)
+    guards.lock.plan_resource(plan, keys, "r", "o", 5)
+    guards.bulkhead.plan(plan, keys, "t", TIER, "o", "w")
+    guards.breaker.plan(plan, breaker, BreakerSpec(), "o")
+    guards.bucket.plan(plan, keys.queue_bucket("q"), BucketSpec(10, 10), 1)
     admitted = plan.admit(redis_client)
     assert type(admitted).__name__ == "Admitted"
     deliveries, existed, token, slots, probe, tokens = admitted.results  # type: ignore[union-attr]
@@ -113,15 +114,15 @@ def test_every_guard_together_admits_and_completes(redis_client: redis.Redis,
     assert token > 0
     # a second plan on the same lock is refused by the lock (guard index 0 of its plan)
     other = Plan()
-    other.add_lock(keys, "r", "o2", 5)
+    guards.lock.plan_resource(other, keys, "r", "o2", 5)
     refused = other.admit(redis_client)
     assert type(refused).__name__ == "Refused" and refused.kind == "L"  # type: ignore[union-attr]
     release = Release()
-    release.add_deliveries(keys.deliveries("t1"))
-    release.add_idempotency(f"{prefix}:i", "o", 60)
-    release.add_lock(keys.lock("r"), plan.lock_value(2, token))
-    release.add_bulkhead(keys.bulkhead("t")[0], "o")
-    release.add_breaker(breaker, BreakerSpec(), "o")
+    guards.deliveries.release(release, keys.deliveries("t1"))
+    guards.idempotency.release(release, f"{prefix}:i", "o", 60)
+    guards.lock.release(release, keys.lock("r"), guards.lock.lease_value(plan, 2, token))
+    guards.bulkhead.release(release, keys.bulkhead("t")[0], "o")
+    guards.breaker.release(release, breaker, BreakerSpec(), "o")
     assert release.run(redis_client) == [1, 1, 1, 1, 0]
     assert release.run(redis_client) == [0, 0, 0, 0, 0]  # safe to run twice
 

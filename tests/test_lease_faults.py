@@ -26,6 +26,7 @@ from celery_reliable import FencedLock, StaleFenceToken
 from celery_reliable.keys import KeySpace
 from celery_reliable.runtime import Heartbeat, Lease, runtime_for
 from celery_reliable.scripts import script
+from celery_reliable.storage import RedisStore
 
 from .conftest import RedisServer, TcpProxy, redis50_client, reliable_task, wait_for
 
@@ -184,7 +185,7 @@ def test_a_renewal_is_sent_once_and_abandoned_before_ttl_over_3(
     lease = Lease("L", KeySpace(prefix).lock("r"), value.decode(), LOCK_TTL, sent, "test lock")
     # the process's client, as the Runtime builds it (10 s socket timeout), through the proxy
     client = redis.Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=10)
-    heartbeat = Heartbeat(client)
+    heartbeat = Heartbeat(RedisStore(client))
     heartbeat._leases.add(lease)  # held, but no thread: this test makes each call itself
     heartbeat.renew([lease])  # connected and working
     assert len(proxy.renewals) == 1 and not lease.lost
@@ -391,7 +392,7 @@ def test_heartbeat_renews_with_the_oldest_supported_redis_py(redis_url: str,
     client = redis50_client(redis_url)
     key = f"{prefix}:lease"
     client.set(key, "me", px=2000)
-    heartbeat = Heartbeat(client)
+    heartbeat = Heartbeat(RedisStore(client))
     lease = Lease("L", key, "me", 2.0, time.monotonic(), "test lock")
     try:
         heartbeat.add(lease)
@@ -427,7 +428,7 @@ def test_any_error_in_a_renewal_is_a_failed_renewal_and_the_heartbeat_goes_on(
     key = f"{prefix}:lease"
     client.set(key, "me", px=3000)  # on the pool's connection, built before the failures
     failures += [RuntimeError("first"), RuntimeError("second")]
-    heartbeat = Heartbeat(client)
+    heartbeat = Heartbeat(RedisStore(client))
     started = time.monotonic()
     lease = Lease("L", key, "me", 3.0, started, "test lock")
     try:

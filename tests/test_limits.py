@@ -18,6 +18,7 @@ from celery_reliable import (
     FencedLock,
     ReliableTask,
     bulkhead_stats,
+    guards,
     metrics,
 )
 from celery_reliable.admission import Admitted, Plan, Refused
@@ -128,7 +129,7 @@ def test_bucket_take_and_retry_after(redis_client: redis.Redis, prefix: str) -> 
     outcomes = []
     for _ in range(4):
         plan = Plan()
-        plan.add_bucket(key, spec, 1)
+        guards.bucket.plan(plan, key, spec, 1)
         outcomes.append(plan.admit(redis_client))
     assert [type(o) for o in outcomes] == [Admitted] * 3 + [Refused]
     refused = outcomes[-1]
@@ -136,7 +137,7 @@ def test_bucket_take_and_retry_after(redis_client: redis.Redis, prefix: str) -> 
     assert refused.retry_after is not None and 0.05 < refused.retry_after <= 0.1
     time.sleep(0.12)
     plan = Plan()
-    plan.add_bucket(key, spec, 1, slot=refused.slot)  # the refused task, back at its slot
+    guards.bucket.plan(plan, key, spec, 1, slot=refused.slot)  # the refused task, back at its slot
     assert isinstance(plan.admit(redis_client), Admitted)
     assert 0 < redis_client.pttl(key) <= 1000 + 300  # idle buckets expire once full again
 
@@ -150,18 +151,18 @@ def test_busy_lock_burns_no_token_and_takes_no_slot(redis_client: redis.Redis, p
     tier = TierSpec(concurrent=2, queue=5, timeout=10, policy="wait")
     for _ in range(3):
         plan = Plan()
-        plan.add_bucket(keys.queue_bucket("q"), spec, 1)
-        plan.add_bulkhead(keys, "t", tier, "me", "task-1")
-        plan.add_lock(keys, "acct:1", "me", 5)
+        guards.bucket.plan(plan, keys.queue_bucket("q"), spec, 1)
+        guards.bulkhead.plan(plan, keys, "t", tier, "me", "task-1")
+        guards.lock.plan_resource(plan, keys, "acct:1", "me", 5)
         outcome = plan.admit(redis_client)
         assert isinstance(outcome, Refused) and outcome.kind == "L"
     assert not redis_client.exists(keys.queue_bucket("q"))  # still a full, untouched bucket
     assert redis_client.zcard(keys.bulkhead("t")[0]) == 0
     holder.release()
     plan = Plan()
-    plan.add_bucket(keys.queue_bucket("q"), spec, 1)
-    plan.add_bulkhead(keys, "t", tier, "me", "task-1")
-    plan.add_lock(keys, "acct:1", "me", 5)
+    guards.bucket.plan(plan, keys.queue_bucket("q"), spec, 1)
+    guards.bulkhead.plan(plan, keys, "t", tier, "me", "task-1")
+    guards.lock.plan_resource(plan, keys, "acct:1", "me", 5)
     assert isinstance(plan.admit(redis_client), Admitted)
     assert float(redis_client.hget(keys.queue_bucket("q"), "t")) == pytest.approx(4, abs=0.01)
     assert redis_client.zcard(keys.bulkhead("t")[0]) == 1
@@ -173,8 +174,8 @@ def test_empty_bucket_takes_no_slot(redis_client: redis.Redis, prefix: str) -> N
     tier = TierSpec(concurrent=5, queue=5, timeout=10, policy="wait")
     for i in range(2):
         plan = Plan()
-        plan.add_bulkhead(keys, "t", tier, f"o{i}", f"task-{i}")
-        plan.add_bucket(keys.queue_bucket("q"), spec, 1)
+        guards.bulkhead.plan(plan, keys, "t", tier, f"o{i}", f"task-{i}")
+        guards.bucket.plan(plan, keys.queue_bucket("q"), spec, 1)
         outcome = plan.admit(redis_client)
     assert isinstance(outcome, Refused) and outcome.kind == "B"
     assert redis_client.zcard(keys.bulkhead("t")[0]) == 1  # only the admitted one's slot

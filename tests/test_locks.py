@@ -7,7 +7,7 @@ import time
 
 import redis
 
-from celery_reliable import FencedLock
+from celery_reliable import FencedLock, guards
 from celery_reliable.admission import Admitted, Plan, Release
 from celery_reliable.keys import KeySpace
 
@@ -91,12 +91,13 @@ def test_fencing_counter_lives_while_its_resource_is_in_use(
 
     def acquire_and_release() -> int:
         plan = Plan()
-        index = plan.add_lock(keys, "busy", secrets.token_hex(4), 5, fence_ttl=fence_ttl)
+        index = guards.lock.plan_resource(plan, keys, "busy", secrets.token_hex(4), 5,
+                                          fence_ttl=fence_ttl)
         admitted = plan.admit(redis_client)
         assert isinstance(admitted, Admitted)
         token = admitted.results[index]
         release = Release()
-        release.add_lock(keys.lock("busy"), plan.lock_value(index, token))
+        guards.lock.release(release, keys.lock("busy"), guards.lock.lease_value(plan, index, token))
         assert release.run(redis_client) == [1]
         return token
 

@@ -20,7 +20,7 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_reliable import RedisFence, metrics
+from celery_reliable import RedisFence, guards, metrics
 from celery_reliable.admission import Admitted, Plan, Release
 from celery_reliable.config import ReliableSettings
 from celery_reliable.keys import KeySpace
@@ -145,17 +145,18 @@ def test_gauges_are_read_from_redis_on_scrape(redis_client: redis.Redis, redis_u
                                              prefix: str) -> None:
     keys = KeySpace(prefix)
     plan = Plan()
-    plan.add_bulkhead(keys, "payments", SETTINGS.bulkheads["payments"], "owner-1", "task-1")
-    plan.add_bucket(keys.queue_bucket("emails"), SETTINGS.queue_rate_limits["emails"], 4)
+    guards.bulkhead.plan(plan, keys, "payments", SETTINGS.bulkheads["payments"], "owner-1",
+                         "task-1")
+    guards.bucket.plan(plan, keys.queue_bucket("emails"), SETTINGS.queue_rate_limits["emails"], 4)
     assert isinstance(plan.admit(redis_client), Admitted)
     spec = SETTINGS.circuit_breakers["partner"]
     for _ in range(2):
         entry = Plan()
-        entry.add_breaker(keys.breaker("partner"), spec, "probe")
+        guards.breaker.plan(entry, keys.breaker("partner"), spec, "probe")
         assert isinstance(entry.admit(redis_client), Admitted)
         done = Release()
-        done.add_breaker(keys.breaker("partner"), spec, "probe")
-        done.settle_breaker("f")
+        guards.breaker.release(done, keys.breaker("partner"), spec, "probe")
+        guards.breaker.settle(done, "f")
         done.run(redis_client)
 
     reg = CollectorRegistry()
@@ -309,7 +310,7 @@ def test_prefork_worker_exports_counts_of_all_its_children(
     wait_for(lambda: merged() == sent, 10, f"{sent} retries merged from both children {pids}")
     keys = KeySpace(prefix)
     plan = Plan()
-    plan.add_bulkhead(keys, "payments", SETTINGS.bulkheads["payments"],
+    guards.bulkhead.plan(plan, keys, "payments", SETTINGS.bulkheads["payments"],
                       f"o-{secrets.token_hex(2)}", "w")
     assert isinstance(plan.admit(redis_client), Admitted)
     assert 'reliable_bulkhead_active{tier="payments"} 1.0' in (scrape(port) or "")

@@ -36,8 +36,9 @@ and renewal take one key per entry). The composed text is built once per process
 the first use of a script (``scripts.script``); admission stays ONE round trip.
 
 Each guard's Python side is ``celery_reliable/guards/<name>.py``: its :class:`Guard`
-(letter, fragment, layout) and what it puts in an admission plan and a release
-(``Plan.add_*`` and ``Release.add_*`` call it), and at its top its task options, app
+(letter, fragment, layout) and what it puts in an admission plan and a release (its
+``plan`` and ``release`` functions, through the generic ``Plan.add`` and ``Release.add``;
+callers outside the pipeline use them too), and at its top its task options, app
 settings and part of a task's policy (``CONFIG``, an ``options.OptionSet``). Adding a
 guard: its module, its fragment file, one line in :data:`GUARDS` (and its name in the
 import below), and one line in ``config.OPTION_SETS`` (which composes the options

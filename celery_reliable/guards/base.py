@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from ..admission import Outcome, Plan, Release
+    from ..pipeline.call import Call, Execution
 
 __all__ = ["HOOKS", "Guard", "Hooks", "ms", "overriding", "register"]
 
@@ -64,14 +65,15 @@ class Hooks:
         slot = int(reply[3]) if len(reply) > 3 else None
         return Refused(index, kind, ms / 1000 if ms > 0 else None, slot)
 
-    def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
+    def plan(self, call: Call, plan: Plan, execution: Execution,
+             arguments: dict[str, Any]) -> None:
         """Add this guard to ``plan`` if the task's policy (or the delivery) asks for it."""
 
-    def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
+    def hold(self, call: Call, plan: Plan, index: int, result: int, execution: Execution,
              started: float) -> None:
         """Admitted with ``result``: register its leases and its release entry."""
 
-    def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
+    def refused(self, call: Call, outcome: Any, plan: Plan, execution: Execution) -> Any:
         """Translate a refusal (``outcome``) into control flow.
 
         Raises (defer, skip, drop, fail, dead-letter), returns None after an
@@ -80,7 +82,8 @@ class Hooks:
         """
         raise AssertionError(f"guard {type(self).__name__} cannot refuse: {outcome!r}")
 
-    def completing(self, call: Any, execution: Any, failure: BaseException | None) -> None:
+    def completing(self, call: Call, execution: Execution,
+                   failure: BaseException | None) -> None:
         """Before completion: put the run's outcome into this guard's release entry."""
 
     def deferred(self, release: Release) -> None:
@@ -88,7 +91,7 @@ class Hooks:
         commit failed): undo in ``release`` what counts only runs (called once per guard
         with entries in it, by ``Release.deferred``)."""
 
-    def settled(self, call: Any, execution: Any, result: int) -> bool:
+    def settled(self, call: Call, execution: Execution, result: int) -> bool:
         """After completion, with this guard's result; True if it reported its lease lost."""
         return False
 

@@ -1,4 +1,4 @@
---[[ guards/breaker.lua: C, a circuit breaker (Plan.add_breaker, Release.add_breaker).
+--[[ guards/breaker.lua: C, a circuit breaker (breaker.py: plan, release).
 
 The breaker hash: s = 0 closed | 1 open | 2 half-open, o = when it opened (server ms),
 h = when it half-opened, w = the window of recent outcomes (s/f), ok = successful

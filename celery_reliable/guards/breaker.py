@@ -84,7 +84,7 @@ GUARD = Guard("C", "breaker", admit=(2, 4), complete=(2, 6))
 
 
 def plan(plan: Plan, keys: tuple[str, str], spec: BreakerSpec, owner: str) -> int:
-    """Pass the breaker (``Plan.add_breaker``); a probe while half-open."""
+    """Pass the breaker: refused while open or while half-open probes are all taken."""
     args = [ms(spec.open_seconds), spec.half_open_max, owner, ms(spec.probe_lease)]
     return plan.add(GUARD, list(keys), args, undo=(keys[1], owner), lease=spec.probe_lease)
 
@@ -127,11 +127,11 @@ class _Hooks(Hooks):
 
     order = 40
 
-    def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
+    def plan(self, call: Any, plan_: Plan, execution: Any, arguments: dict[str, Any]) -> None:
         policy = call.policy.part(CONFIG)
         if policy.breaker is not None and policy.circuit_breaker is not None:
-            plan.add_breaker(call.runtime.keys.breaker(policy.circuit_breaker), policy.breaker,
-                             execution.owner)
+            plan(plan_, call.runtime.keys.breaker(policy.circuit_breaker), policy.breaker,
+                 execution.owner)
 
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
              started: float) -> None:

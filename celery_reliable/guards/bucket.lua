@@ -1,4 +1,4 @@
---[[ guards/bucket.lua: B, a token bucket with a queue of the refused (Plan.add_bucket).
+--[[ guards/bucket.lua: B, a token bucket with a queue of the refused (bucket.py: plan).
 
 The bucket hash: t = tokens, ts = when they were counted (server ms), q = the queue's
 tail, r = the rate the queue was scheduled at, a, b = the queue's clock (below).

@@ -122,8 +122,15 @@ GUARD = Guard("B", "bucket", admit=(1, 4))
 
 def plan(plan: Plan, key: str, spec: BucketSpec, cost: float, *, slot: int | None = None,
          queue: bool = True) -> int:
-    """Take ``cost`` tokens (``Plan.add_bucket``): mode -1 a plain take, 0 a fresh arrival,
-    > 0 the slot it was given in the queue before."""
+    """Take ``cost`` tokens from the bucket at ``key``; returns its index in ``plan``.
+
+    A refused task is given a slot in the bucket's queue (``Refused.slot``);
+    passing it back as ``slot`` keeps its place however often it comes back
+    before its turn, and a fresh arrival (no slot) queues behind the queue
+    instead of taking the tokens meant for it. ``queue=False``: a plain take
+    that neither queues nor waits behind a queue (the retry budget). The
+    script's mode: -1 a plain take, 0 a fresh arrival, > 0 the slot it was given.
+    """
     mode = max(1, int(slot)) if slot is not None and queue else (0 if queue else -1)
     return plan.add(GUARD, [key], [repr(spec.rate), repr(spec.burst), repr(float(cost)), mode])
 
@@ -154,7 +161,7 @@ class _Hooks(Hooks):
 
     order = 50
 
-    def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
+    def plan(self, call: Any, plan_: Plan, execution: Any, arguments: dict[str, Any]) -> None:
         policy, keys = call.policy.part(CONFIG), call.runtime.keys
         if call.queue_bucket is not None:
             queue, spec = call.queue_bucket
@@ -167,12 +174,12 @@ class _Hooks(Hooks):
                 )
             key = keys.queue_bucket(queue)
             execution.buckets.append((key, spec, f"queue {queue!r}"))
-            plan.add_bucket(key, spec, policy.rate_cost, slot=call.bucket_slots().get(key))
+            plan(plan_, key, spec, policy.rate_cost, slot=call.bucket_slots().get(key))
         if policy.key_bucket is not None:
             key = keys.key_bucket(policy.key_bucket.key(call.name, arguments))
             execution.buckets.append((key, policy.key_bucket.bucket, "rate_limit_key"))
-            plan.add_bucket(key, policy.key_bucket.bucket, policy.rate_cost,
-                            slot=call.bucket_slots().get(key))
+            plan(plan_, key, policy.key_bucket.bucket, policy.rate_cost,
+                 slot=call.bucket_slots().get(key))
 
     def refused(self, call: Any, outcome: Any, plan: Plan, execution: Any) -> Any:
         key, _, what = execution.buckets[plan.kinds[: outcome.index].count(GUARD.letter)]

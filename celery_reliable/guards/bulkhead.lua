@@ -1,4 +1,4 @@
---[[ guards/bulkhead.lua: K, a slot of a bulkhead tier, held as a lease (Plan.add_bulkhead).
+--[[ guards/bulkhead.lua: K, a slot of a bulkhead tier held as a lease (bulkhead.py: plan, release).
 
 admit.lua
   KEYS     slots zset (owner -> lease deadline), waiting zset (waiter -> deadline),

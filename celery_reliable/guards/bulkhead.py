@@ -84,7 +84,7 @@ GUARD = Guard("K", "bulkhead", admit=(3, 7), complete=(1, 1))
 
 def plan(plan: Plan, keys: KeySpace, tier: str, spec: TierSpec, owner: str,
          waiter: str) -> int:
-    """Take a slot of ``tier`` (``Plan.add_bulkhead``); ``waiter`` names the task while it waits."""
+    """Take a slot of ``tier`` as a lease; ``waiter`` names the task while it waits."""
     tier_keys = list(keys.bulkhead(tier))
     args = [owner, spec.concurrent, ms(spec.lease), waiter, spec.queue, ms(spec.timeout),
             spec.policy]
@@ -129,11 +129,11 @@ class _Hooks(Hooks):
             return Rejected(index, kind, text(reply[2]))
         return super().outcome(code, index, kind, reply)
 
-    def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
+    def plan(self, call: Any, plan_: Plan, execution: Any, arguments: dict[str, Any]) -> None:
         policy = call.policy.part(CONFIG)
         if policy.bulkhead is not None and policy.tier is not None:
-            plan.add_bulkhead(call.runtime.keys, policy.bulkhead, policy.tier, execution.owner,
-                              str(call.request.id))
+            plan(plan_, call.runtime.keys, policy.bulkhead, policy.tier, execution.owner,
+                 str(call.request.id))
 
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
              started: float) -> None:

@@ -1,4 +1,4 @@
---[[ guards/deliveries.lua: D, poison-message counting (Plan.add_deliveries).
+--[[ guards/deliveries.lua: D, poison-message counting (deliveries.py: plan, release).
 
 The key is a set of the execution owners of this task id's deliveries that started
 and never finished; '!dead' once the task id is dead-lettered (complete.lua keeps it).

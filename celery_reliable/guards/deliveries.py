@@ -48,7 +48,11 @@ GUARD = Guard("D", "deliveries", admit=(1, 3), complete=(1, 1))
 
 
 def plan(plan: Plan, key: str, max_redeliveries: int, ttl: float, owner: str) -> int:
-    """Count this delivery (``Plan.add_deliveries``)."""
+    """Count this delivery; refuse (poison) past ``max_redeliveries`` unfinished ones.
+
+    The count is a set of execution owners (deliveries that started and never
+    finished), so an admission that is rolled back takes its own entry out.
+    """
     return plan.add(GUARD, [key], [max_redeliveries, ms(ttl), owner], undo=(key, owner))
 
 
@@ -108,13 +112,12 @@ class _Hooks(Hooks):
             return DeadLettered(index)
         return super().outcome(code, index, kind, reply)
 
-    def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
+    def plan(self, call: Any, plan_: Plan, execution: Any, arguments: dict[str, Any]) -> None:
         if not call.counts_deliveries:
             return
         runtime = call.runtime
-        plan.add_deliveries(runtime.keys.deliveries(str(call.request.id)),
-                            call.policy.max_redeliveries, deliveries_ttl(runtime),
-                            execution.owner)
+        plan(plan_, runtime.keys.deliveries(str(call.request.id)), call.policy.max_redeliveries,
+             deliveries_ttl(runtime), execution.owner)
 
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
              started: float) -> None:

@@ -1,4 +1,4 @@
---[[ guards/idempotency.lua: I, the idempotency record of one call (Plan.add_idempotency).
+--[[ guards/idempotency.lua: I, the idempotency record of one call (idempotency.py: plan, release).
 
 The record is a hash {s = P|S|F, f = fingerprint, o = owner, d = lease deadline in ms
 (P only), r = result or error JSON (S/F)}; PostgreSQL (when configured) has the last word.

@@ -179,7 +179,11 @@ GUARD = Guard("I", "idempotency", admit=(1, 4), complete=(1, 4))
 
 
 def plan(plan: Plan, key: str, fingerprint: str, owner: str, lease: float, ttl: float) -> int:
-    """Claim the record ``key`` for ``lease`` seconds (``Plan.add_idempotency``)."""
+    """Claim the record ``key`` for ``lease`` seconds; returns its index in ``plan``.
+
+    Put it first in the plan: a finished record replays even when other
+    guards (a busy lock, an empty bucket) would have refused.
+    """
     return plan.add(GUARD, [key], [fingerprint, owner, ms(lease), ms(ttl)], undo=(key, owner),
                     lease=lease)
 
@@ -213,7 +217,7 @@ class _Hooks(Hooks):
             return Mismatch(index)
         return super().outcome(code, index, kind, reply)
 
-    def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
+    def plan(self, call: Any, plan_: Plan, execution: Any, arguments: dict[str, Any]) -> None:
         idem = call.policy.idempotency
         if idem.spec is None and call.header_key is None:
             return
@@ -221,8 +225,8 @@ class _Hooks(Hooks):
         key = idem.key(call.name, arguments, call.header_key, fp)
         assert key is not None
         execution.idem_digest = idempotency_digest(call.name, key)
-        plan.add_idempotency(call.runtime.keys.idempotency(call.name, key), fp,
-                             execution.owner, idem.lease, idem.ttl)
+        plan(plan_, call.runtime.keys.idempotency(call.name, key), fp, execution.owner,
+             idem.lease, idem.ttl)
 
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
              started: float) -> None:

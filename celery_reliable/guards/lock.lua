@@ -1,11 +1,11 @@
---[[ guards/lock.lua: L, a lock that mints fencing tokens (Plan.add_lock, FencedLock).
+--[[ guards/lock.lua: L, a lock that mints fencing tokens (lock.py: plan, release; FencedLock).
 
 admit.lua
   KEYS     lock key, fence key
   ARGV     holder, lease_ms, fence_ttl_ms; the lock's value becomes
            "<token> <holder>", holder = "<owner>" or "<owner>\n<task name>\n<label>"
            (then "\n<nonce>" for a FencedLock: one per acquire)
-           (admission.lock_holder: what `reliable locks` shows, kept in the
+           (lock.lock_holder: what `reliable locks` shows, kept in the
            lease so it lives, renews and goes with it); fence_ttl_ms: the
            fencing counter's TTL, reset by every acquire
   result   the fencing token

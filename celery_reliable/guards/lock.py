@@ -165,14 +165,33 @@ def plan(
     plan: Plan, lock_key: str, fence_key: str, owner: str, ttl: float, *, task: str = "",
     label: str = "", fence_ttl: float | None = None, nonce: str = "",
 ) -> int:
-    """Lock for ``ttl`` seconds, minting a token (``Plan.add_lock_keys``)."""
+    """Lock ``lock_key`` for ``ttl`` seconds, minting a token; returns its index in ``plan``.
+
+    ``task`` and ``label`` are kept with the lease for ``reliable locks``
+    (:func:`lock_holder`); :func:`lease_value` gives the lease value once admitted.
+    ``fence_ttl``: seconds the fencing counter ``fence_key`` lives after the last
+    acquire (default: ``FENCE_TTL_MIN`` or ``10 * ttl``, whichever is longer).
+    """
     holder = lock_holder(owner, task, label, nonce)
     if fence_ttl is None:
         fence_ttl = max(FENCE_TTL_MIN, 10 * ttl)
-    index = plan.add(GUARD, [lock_key, fence_key], [holder, ms(ttl), ms(fence_ttl)],
-                     undo=(lock_key, holder), lease=ttl)
-    plan.lock_holders[index] = holder
-    return index
+    return plan.add(GUARD, [lock_key, fence_key], [holder, ms(ttl), ms(fence_ttl)],
+                    undo=(lock_key, holder), lease=ttl)
+
+
+def plan_resource(
+    plan_: Plan, keys: KeySpace, resource: str, owner: str, ttl: float, *, task: str = "",
+    label: str = "", fence_ttl: float | None = None,
+) -> int:
+    """:func:`plan` for ``resource``'s lock and fencing keys in ``keys``."""
+    return plan(plan_, keys.lock(resource), keys.fence(resource), owner, ttl, task=task,
+                label=label, fence_ttl=fence_ttl)
+
+
+def lease_value(plan: Plan, index: int, token: int) -> str:
+    """The lease value lock entry ``index`` of ``plan`` wrote with ``token`` (renew and
+    release it): ``"<token> <holder>"``."""
+    return f"{token} {plan.admit_args[plan.arg_offsets[index]]}"
 
 
 def release(release: Release, lock_key: str, lease_value: str) -> None:
@@ -236,7 +255,7 @@ class _Hooks(Hooks):
         if lock is None:
             return
         execution.resource = lock.resource(call.name, arguments)
-        plan.add_lock(call.runtime.keys, execution.resource, execution.owner, lock.ttl,
+        plan_resource(plan, call.runtime.keys, execution.resource, execution.owner, lock.ttl,
                       task=call.name, label=lock.label(call.name, arguments))
 
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
@@ -246,7 +265,7 @@ class _Hooks(Hooks):
         metrics.observe("reliable_lock_wait_seconds",
                         max(0.0, time.time() - float(since)) if since else 0.0)
         execution.token = result
-        key, value = plan.keys[plan.offsets[index]], plan.lock_value(index, result)
+        key, value = plan.keys[plan.offsets[index]], lease_value(plan, index, result)
         execution.lease = call.lease("L", key, value, call.policy.lock.ttl, started, "lock")
         execution.leases.append(execution.lease)
         release(execution.release, key, value)

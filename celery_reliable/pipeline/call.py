@@ -18,7 +18,8 @@ from ..admission import Release
 from ..breaker import STATE_NAMES
 from ..classify import is_retryable
 from ..errors import StorageError
-from ..runtime import Lease, runtime_for
+from ..leases import Lease
+from ..runtime import runtime_for
 from ..storage import store_for
 from .arguments import fingerprint_of
 from .headers import BUCKET_SLOT_HEADER, DEFER_HEADER, LOCK_WAIT_HEADER, header, log

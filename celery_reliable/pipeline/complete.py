@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .. import metrics
 from ..classify import is_outage
 from ..errors import ReplayedFailure, ResultNotSerializable
+from ..guards import idempotency
 from ..guards.base import HOOKS, overriding
 from ..idempotency import dumps_result
 from .headers import log
@@ -131,7 +132,7 @@ def settle(call: Call, execution: Execution, outcome: str, payload: str) -> list
     for lease in execution.leases:
         lease.end()
     release = execution.release
-    release.settle_idempotency(outcome, payload)
+    idempotency.settle(release, outcome, payload)
     try:
         results = call.store.complete(release)
     except call.store.errors:

@@ -11,6 +11,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from .. import deadletter, metrics
 from ..classify import is_outage, sqlstate
 from ..errors import ReplayedFailure, StorageError
+from ..guards import deliveries
 from .headers import FIRST_FAILURE_HEADER, IDEMPOTENCY_HEADER, deliveries_ttl, header, log
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ def mark_dead(call: Call) -> None:
     ttl = deliveries_ttl(runtime)
     execution = getattr(call.request, "_reliable_execution", None)
     if execution is not None:
-        execution.release.mark_dead(ttl)
+        deliveries.mark_dead_on(execution.release, ttl)
     try:
         call.store.mark_dead(key, ttl)
     except call.store.errors:

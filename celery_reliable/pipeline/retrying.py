@@ -16,6 +16,7 @@ from ..admission import Admitted, Plan
 from ..classify import retry_after
 from ..declared import from_autoretry
 from ..errors import ConfigurationError
+from ..guards import bucket
 from ..retrybudget import RetryBudget, deposits_for
 from ..runtime import runtime_for
 from .call import Call, Deferred
@@ -163,7 +164,7 @@ def take_retry_budget(call: Call) -> bool:
                 raise
         else:
             plan = Plan()
-            plan.add_bucket(runtime.keys.retry_budget(name), budget, 1, queue=False)
+            bucket.plan(plan, runtime.keys.retry_budget(name), budget, 1, queue=False)
             granted = isinstance(store.admit(plan), Admitted)
     except store.errors:
         # The budget only limits retries; a retry still goes through the
