@@ -16,7 +16,7 @@ import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, NoReturn
+from typing import Any, NoReturn
 
 from celery import Task
 
@@ -51,54 +51,13 @@ class ReliableTask(Task):  # type: ignore[misc]
     """Celery task base with fleet-wide guards.
 
     Use as ``@app.task(base=ReliableTask, bind=True, lock="order:{order_id}")``.
-    Each option below is a class attribute settable in the decorator; its
-    documentation, unit and validation live in
-    :data:`celery_reliable.config.TASK_OPTIONS`. A guard's options not declared
-    below (``rate_limit_window``: guards/window.py) are class attributes too, set
-    from the registry after the class. Options are validated when
-    the task is bound to the app; a bad one raises ``ConfigurationError``.
+    Every option is a class attribute settable in the decorator or a subclass, set
+    to its default from the registry after the class
+    (:data:`celery_reliable.config.TASK_OPTIONS`, declared by each guard's module
+    with its documentation, unit and validation; the README's reference lists them).
+    Options are validated when the task is bound to the app; a bad one raises
+    ``ConfigurationError``.
     """
-
-    #: Resource to lock while running: template over the arguments, or callable.
-    lock: ClassVar[Any] = TASK_OPTIONS["lock"].default
-    #: Lock lease in seconds, renewed about every ``lock_ttl / 3``.
-    lock_ttl: ClassVar[Any] = TASK_OPTIONS["lock_ttl"].default
-    #: ``"defer"`` | ``"skip"`` | ``"fail"`` when the lock is busy.
-    lock_contention: ClassVar[Any] = TASK_OPTIONS["lock_contention"].default
-    #: What ``celery reliable locks`` shows (default: the ``lock`` template, no values).
-    lock_label: ClassVar[Any] = TASK_OPTIONS["lock_label"].default
-    #: Idempotency key: template, callable, or True (task name + canonical arguments).
-    idempotency_key: ClassVar[Any] = TASK_OPTIONS["idempotency_key"].default
-    #: How long finished records are kept and replayed, seconds.
-    idempotency_ttl: ClassVar[Any] = TASK_OPTIONS["idempotency_ttl"].default
-    #: Lease of an execution in progress, seconds, renewed by the heartbeat.
-    idempotency_lease: ClassVar[Any] = TASK_OPTIONS["idempotency_lease"].default
-    #: Keep terminal failures so duplicates raise ReplayedFailure instead of running.
-    idempotency_keep_failures: ClassVar[Any] = TASK_OPTIONS["idempotency_keep_failures"].default
-    #: Per-key token bucket: template or callable over the arguments.
-    rate_limit_key: ClassVar[Any] = TASK_OPTIONS["rate_limit_key"].default
-    #: The per-key bucket's rate ("10/s") or {"rate", "burst"}.
-    rate_limit_key_spec: ClassVar[Any] = TASK_OPTIONS["rate_limit_key_spec"].default
-    #: Tokens one execution takes from each bucket.
-    rate_cost: ClassVar[Any] = TASK_OPTIONS["rate_cost"].default
-    #: Bulkhead tier holding a fleet-wide slot while the task runs.
-    bulkhead: ClassVar[Any] = TASK_OPTIONS["bulkhead"].default
-    #: Retry delay policy (celery_reliable.Backoff); None keeps Celery's own.
-    backoff: ClassVar[Any] = TASK_OPTIONS["backoff"].default
-    #: Exceptions retried besides the transient ones.
-    retry_for: ClassVar[Any] = TASK_OPTIONS["retry_for"].default
-    #: Fleet-wide retry budget of this task (RetryBudget or a rate); None: reliable_retry_budget.
-    retry_budget: ClassVar[Any] = TASK_OPTIONS["retry_budget"].default
-    #: Record terminal failures as dead letters; None: when a database is configured.
-    dead_letter: ClassVar[Any] = TASK_OPTIONS["dead_letter"].default
-    #: Redeliveries after the worker died mid-task before dead-lettering (acks_late).
-    max_redeliveries: ClassVar[Any] = TASK_OPTIONS["max_redeliveries"].default
-    #: Shared circuit breaker name (reliable_circuit_breakers).
-    circuit_breaker: ClassVar[Any] = TASK_OPTIONS["circuit_breaker"].default
-    #: Base countdown of a deferral, seconds.
-    defer_delay: ClassVar[Any] = TASK_OPTIONS["defer_delay"].default
-    #: Cap of one deferral's countdown, seconds.
-    defer_max_delay: ClassVar[Any] = TASK_OPTIONS["defer_max_delay"].default
 
     # --------------------------------------------------------------- binding
     #
@@ -369,8 +328,8 @@ class ReliableTask(Task):  # type: ignore[misc]
                      holder=execution.owner)
 
 
-# Every registered option is a class attribute settable in the decorator: those of
-# guards that declare no attribute above (a new guard needs no line here) too.
+# Every registered option is a class attribute settable in the decorator (a new guard
+# needs no line here).
 for _name, _option in TASK_OPTIONS.items():
     if _name not in vars(ReliableTask):
         setattr(ReliableTask, _name, _option.default)
