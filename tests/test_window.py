@@ -278,6 +278,37 @@ def test_a_refused_task_keeps_its_turn(redis_client: redis.Redis, prefix: str) -
     assert redis_client.zcard(window.turns_key(key)) == 3
 
 
+def test_a_task_back_early_takes_a_slot_given_back_before_fresh_arrivals(
+        redis_client: redis.Redis, prefix: str) -> None:
+    """Exact "2/60s": a1, a2 admitted, b refused (turn in 60 s); both admissions are given
+    back (completion's refund). b back early (a capped deferral) finds the window empty: it
+    is admitted and its turn goes, rather than refused for 59 s while a fresh arrival takes
+    the slot; with only one slot free and another's turn ahead, one back early keeps its."""
+    spec = WindowSpec(2, 60.0)
+    key = window.key_key(KeySpace(prefix), "early")
+
+    def ask(ticket: str, owner: str | None = None) -> Admitted | Refused:
+        plan = Plan()
+        window.plan(plan, key, spec, owner or secrets.token_hex(6), ticket)
+        outcome = plan.admit(redis_client)
+        assert isinstance(outcome, (Admitted, Refused))
+        return outcome
+
+    assert isinstance(ask("a1", "oa1"), Admitted) and isinstance(ask("a2", "oa2"), Admitted)
+    refused = ask("b")
+    assert isinstance(refused, Refused) and 59.9 <= (refused.retry_after or 0) <= 60.0
+    assert isinstance(ask("c"), Refused)  # c's turn: behind b's
+    assert redis_client.zrem(key, "oa1") == 1  # one given back: 1 admission + 2 turns
+    early = ask("b")
+    assert isinstance(early, Refused) and 59.0 <= (early.retry_after or 0) <= 60.0
+    assert isinstance(ask(""), Refused)  # nor a fresh arrival (no ticket: no turn written)
+    assert redis_client.zrem(key, "oa2") == 1  # both given back: 0 admissions + 2 turns
+    assert isinstance(ask("b"), Admitted)  # b: 0 + c's turn < 2
+    assert redis_client.zscore(window.turns_key(key), "b") is None
+    assert redis_client.zcard(key) == 1
+    assert isinstance(ask(""), Refused)  # b's admission + c's turn: full
+
+
 def test_approximate_refusals_are_spaced(redis_client: redis.Redis, prefix: str) -> None:
     """Approximate "5/2s": refused tasks come back spaced 2 s / 5 apart (the rate a full
     window frees slots), not at one instant."""

@@ -39,8 +39,9 @@ slot to free, and they come back one per freed slot. A task whose turn came
 takes any free slot (fewer than N admissions in the window; slots are alike),
 and its turn goes; one refused then (it came back so late that another took
 its slot) gets the next slot to free as its new turn; one back before its turn
-(a deferral capped by the redelivery window) is refused until then, turn
-kept. A turn whose task never comes back holds its slot until w ms after the
+(a deferral capped by the redelivery window) is admitted if a fresh arrival
+would be but for its own turn (slots given back since it was refused: refunds,
+rollbacks), its turn then goes, and is otherwise refused until then, turn kept. A turn whose task never comes back holds its slot until w ms after the
 turn, then it is pruned. Turns are promises, not admissions: the bound holds
 on admissions alone, as above, whatever the turns. Without a ticket a
 refusal promises nothing (the next slot to free). Mode 'a': the hash's field
@@ -91,8 +92,14 @@ if ARGV[ai + 2] == 'e' then
     end
   end
   if mine and mine > now_ms then
-    -- its turn has not come (a deferral capped by the redelivery window): same place
-    return {0, g, math.max(1, mine - now_ms)}
+    -- its turn has not come (a deferral capped by the redelivery window): admitted
+    -- if a fresh arrival would be but for its own turn (slots were given back since:
+    -- refunds, rollbacks), its turn then goes; else same place
+    local others = redis.call('ZCOUNT', KEYS[ki], from, '+inf')
+                   + redis.call('ZCOUNT', KEYS[ki + 1], from, '+inf') - 1
+    if others >= lim then
+      return {0, g, math.max(1, mine - now_ms)}
+    end
   end
   local count = redis.call('ZCOUNT', KEYS[ki], from, '+inf')
   -- a fresh arrival takes no slot promised to a refused one (its turn is still

@@ -31,21 +31,22 @@ Two modes, chosen per limit:
     refund could take back one that did run; keeping it errs toward admitting
     fewer, by one per lost reply, for at most two windows.
 
-Refused tasks get turns, so that a burst refused at once does not come back
-at once (each to the one slot that frees first, all but one refused again). In
+Refused tasks get turns, so that a burst refused at once does not come back at
+once (each to the one slot that frees first, all but one refused again). In
 exact mode a refusal promises the task (its id, which a deferral keeps: the
 ticket) the time the slot meant for it frees: the k-th refused of a burst the
 k-th slot to free, counting the turns already promised as future admissions
 (plus, behind a future turn, 5% of its wait, at most 1 s: how late
-``DeferPolicy``'s jitter may bring its task back). The turns are a second
-sorted set (:func:`turns_key`): a fresh arrival counts them as taken, a task
-back for its turn takes any free slot and its turn goes, one back early (a
-capped deferral) keeps it; a turn whose task never comes back is pruned w
-after it came. Turns are promises, not admissions: the bound is checked on
-admissions alone. Measured (tests/test_window.py): 15 tasks at once under
-"5/2s", the 10 refused are told about 2 s (5) and 4.1 s (5) and come back
-admitted, 10 refusals in all (without turns, all 10 aim at 2 s: 15 or more).
-In approximate mode the turns are spaced w / N apart (field ``q`` of the
+``DeferPolicy``'s jitter may bring its task back). The turns are a second sorted
+set (:func:`turns_key`): a fresh arrival counts them as taken, a task back for
+its turn takes any free slot and its turn goes, one back early (a capped
+deferral) keeps it unless a fresh arrival would be admitted but for its own turn
+(slots given back since: then it is, and its turn goes); a turn whose task never
+comes back is pruned w after it came. Turns are promises, not admissions: the
+bound is checked on admissions alone. Measured (tests/test_window.py): 15 tasks
+at once under "5/2s", the 10 refused are told about 2 s (5) and 4.1 s (5) and
+come back admitted, 10 refusals in all (without turns, all 10 aim at 2 s: 15 or
+more). In approximate mode the turns are spaced w / N apart (field ``q`` of the
 hash), bookkeeping only: a fresh arrival the count admits is not held back.
 All within admission's one round trip (a refusal writes its turn).
 
