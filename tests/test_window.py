@@ -278,6 +278,25 @@ def test_a_refused_task_keeps_its_turn(redis_client: redis.Redis, prefix: str) -
     assert redis_client.zcard(window.turns_key(key)) == 3
 
 
+def test_a_dead_turn_holds_its_slot_a_minute_not_a_window(redis_client: redis.Redis,
+                                                          prefix: str) -> None:
+    """Exact "1/1h": a turn whose task never came back (purged, revoked) is held for its
+    task min(w, 60 s) past due, then a fresh arrival no longer queues behind it (found in
+    review: held a whole window, a "1000/d" quota blocked for a day by a purged backlog).
+    The turns are written as a refusal writes them, with their times moved into the past.
+    """
+    spec = WindowSpec(1, 3600.0)
+    key = window.key_key(KeySpace(prefix), "dead")
+    sec, usec = redis_client.time()
+    now_ms = sec * 1000 + usec // 1000
+    redis_client.zadd(window.turns_key(key), {"late": now_ms - 30_000})
+    outcome, _, _ = _admit(redis_client, key, spec)
+    assert isinstance(outcome, Refused)  # 30 s past due: its task may be on the way back
+    redis_client.zadd(window.turns_key(key), {"late": now_ms - 61_000})
+    outcome, _, _ = _admit(redis_client, key, spec)
+    assert isinstance(outcome, Admitted)  # over a minute past due: dropped
+
+
 def test_a_task_back_early_takes_a_slot_given_back_before_fresh_arrivals(
         redis_client: redis.Redis, prefix: str) -> None:
     """Exact "2/60s": a1, a2 admitted, b refused (turn in 60 s); both admissions are given
@@ -321,6 +340,30 @@ def test_approximate_refusals_are_spaced(redis_client: redis.Redis, prefix: str)
     assert len(waits) == 10 and min(waits) > 0
     gaps = [b - a for a, b in itertools.pairwise(waits)]
     assert all(0.39 <= gap <= 0.41 for gap in gaps), waits
+
+
+def test_approximate_refusals_beyond_the_cap_take_no_turn(redis_client: redis.Redis,
+                                                          prefix: str) -> None:
+    """Approximate "5/2s", deferrals capped at 3 s: 30 refused, then asking again 4 times
+    each (what tasks brought back early by the cap do). A counter cannot tell them from
+    fresh arrivals; before the fix each early return took a turn w/N further on (found in
+    review: waits of 80 s, 234 refusals for a burst of 30). A turn beyond the cap is not
+    taken, so the waits told stay within the cap + w/N."""
+    spec = WindowSpec(5, 2.0, "approximate")
+    key = window.key_key(KeySpace(prefix), "capped")
+    _wait_until_fraction(redis_client, 2.0, 0.1)
+    for _ in range(5):
+        assert isinstance(_admit(redis_client, key, spec)[0], Admitted)
+    waits = []
+    for _ in range(5 * 30):
+        plan = Plan()
+        window.plan(plan, key, spec, secrets.token_hex(6), cap=3.0)
+        outcome = plan.admit(redis_client)
+        assert isinstance(outcome, Refused) and outcome.retry_after is not None
+        waits.append(outcome.retry_after)
+    assert max(waits) <= 3.0 + 0.4 + 0.1, max(waits)
+    gaps = [b - a for a, b in itertools.pairwise(waits[:3])]
+    assert all(0.39 <= gap <= 0.41 for gap in gaps), waits[:3]  # within the cap: spaced
 
 
 def test_exact_window_never_holds_more_than_n(redis_client: redis.Redis, prefix: str) -> None:
@@ -502,8 +545,47 @@ def test_day_quota_per_key_defers_at_most_the_cap(app: Celery, prefix: str) -> N
     deferred = deliver(tenant_report, queue=queue, tenant="a")
     assert isinstance(deferred, Deferred) and float(deferred.when) == pytest.approx(cap)
     assert deliver(tenant_report, queue=queue, tenant="b") == "b"
-    key = window.key_key(KeySpace(prefix), "tenant:a")
+    key = window.key_key(KeySpace(prefix), "tenant:a", WindowSpec(2, 86400.0))
     assert runtime_for(app).redis.zcard(key) == 2
+
+
+def test_tasks_sharing_a_window_key_with_other_limits_count_apart(app: Celery,
+                                                                  prefix: str) -> None:
+    """Two tasks on one key, "2/10s" and "5/1s": the short window's admissions do not cut
+    the long one's log to a second (found in review: a third "2/10s" run 2.2 s after the
+    first two, its key's expiry shortened by the other task's admission). Each window
+    keeps its own limit; an exact and an approximate window on one key work too."""
+    queue = f"q{prefix}"
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="win.report",
+              rate_limit_window="2/10s", rate_limit_window_key="tenant:{tenant}")
+    def report(self: Any, tenant: str) -> str:
+        return "report"
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="win.ping",
+              rate_limit_window="5/s", rate_limit_window_key="tenant:{tenant}")
+    def ping(self: Any, tenant: str) -> str:
+        return "ping"
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="win.approx_ping",
+              rate_limit_window="5/s", rate_limit_window_key="tenant:{tenant}",
+              rate_limit_window_mode="approximate")
+    def approx_ping(self: Any, tenant: str) -> str:
+        return "approx"
+
+    assert [deliver(report, queue=queue, tenant="a") for _ in range(2)] == ["report"] * 2
+    time.sleep(1.1)
+    assert deliver(ping, queue=queue, tenant="a") == "ping"
+    assert deliver(approx_ping, queue=queue, tenant="a") == "approx"  # no WRONGTYPE
+    time.sleep(1.1)
+    assert deliver(ping, queue=queue, tenant="a") == "ping"
+    third = deliver(report, queue=queue, tenant="a")
+    assert isinstance(third, Deferred), third  # still 2 in the last 10 s
+    assert 7.0 < float(third.when) <= 8.5  # the first report leaves the window at 10 s
+    client = runtime_for(app).redis
+    long_key = window.key_key(KeySpace(prefix), "tenant:a", WindowSpec(2, 10.0))
+    assert client.zcard(long_key) == 2
+    assert client.pttl(long_key) > 7000
 
 
 def test_approximate_mode_task_option(app: Celery, prefix: str) -> None:
@@ -518,7 +600,7 @@ def test_approximate_mode_task_option(app: Celery, prefix: str) -> None:
     assert [deliver(approx, queue=queue) for _ in range(2)] == ["ran"] * 2
     deferred = deliver(approx, queue=queue)
     assert isinstance(deferred, Deferred) and 0 < float(deferred.when) <= 121.0
-    key = window.key_key(KeySpace(prefix), "task:win.approx")
+    key = _task_window_key(app, prefix, "win.approx")
     assert int(runtime_for(app).redis.hget(key, "c") or 0) == 2
 
 
@@ -542,7 +624,7 @@ def test_a_deferral_after_admission_gives_the_slot_back_and_a_run_keeps_it(
             raise ValueError("the body ran and failed")
         return "ran"
 
-    key = window.key_key(KeySpace(prefix), "task:win.throttled")
+    key = _task_window_key(app, prefix, "win.throttled")
     client = runtime_for(app).redis
     for n in range(5):
         deferred = deliver(throttled, queue=queue, what="throttle")
@@ -576,7 +658,7 @@ def test_postgres_unavailable_after_admission_gives_the_slot_back(app: Celery,
         ran.append(order_id)
         return order_id
 
-    key = window.key_key(KeySpace(prefix), "task:win.durable")
+    key = _task_window_key(app, prefix, "win.durable")
     for n in range(3):
         deferred = deliver(durable, queue=queue, order_id=n)
         assert isinstance(deferred, Deferred) and "PostgreSQL" in str(deferred), deferred
@@ -593,7 +675,7 @@ def test_a_retry_counts_as_a_run(app: Celery, prefix: str) -> None:
     def retried(self: Any) -> str:
         raise self.retry(countdown=60)
 
-    key = window.key_key(KeySpace(prefix), "task:win.retried")
+    key = _task_window_key(app, prefix, "win.retried")
     outcome = deliver(retried, queue=queue)
     assert isinstance(outcome, Retry) and not isinstance(outcome, Deferred)
     assert runtime_for(app).redis.zcard(key) == 1
@@ -675,3 +757,10 @@ def test_fleet_of_4_never_starts_more_than_60_in_any_minute(
     assert shortened <= 60
     assert len(starts) >= 110  # the deferred came back when slots freed, not a minute late
     assert starts[60] - starts[0] < 62.0
+
+
+def _task_window_key(app: Celery, prefix: str, name: str) -> str:
+    """The key of task ``name``'s own window (named by its key and the window's shape)."""
+    policy = app.tasks[name].policy_for(app).part(window.CONFIG).key
+    assert policy is not None
+    return window.key_key(KeySpace(prefix), f"task:{name}", policy.window)

@@ -29,8 +29,8 @@ Turns (the refused, so they do not come back together): a refused task is told
 the time the slot meant for it frees, not the time the next one does. Mode 'e':
 KEYS[2] is a sorted set of the turns promised to refused tasks, member the task
 id (the ticket: a deferral keeps it), score the server ms of the turn. A fresh
-arrival counts the turns still ahead (and those up to w ms past due: their
-tasks are on the way back) as taken: it is admitted only while admissions +
+arrival counts the turns still ahead (and those up to min(w, 60 s) past due:
+their tasks are on the way back) as taken: it is admitted only while admissions +
 turns < N, and otherwise refused with the next turn: when the N-th latest of the
 admissions and the turns (each a future admission) leaves the window; after a
 future turn, 5% of that turn's wait later (at most 1 s: DeferPolicy's jitter,
@@ -41,8 +41,10 @@ and its turn goes; one refused then (it came back so late that another took
 its slot) gets the next slot to free as its new turn; one back before its turn
 (a deferral capped by the redelivery window) is admitted if a fresh arrival
 would be but for its own turn (slots given back since it was refused: refunds,
-rollbacks), its turn then goes, and is otherwise refused until then, turn kept. A turn whose task never comes back holds its slot until w ms after the
-turn, then it is pruned. Turns are promises, not admissions: the bound holds
+rollbacks), its turn then goes, and is otherwise refused until then, turn kept. A turn whose task never comes back (purged, revoked, expired, replayed, its
+worker gone for good) holds its slot until min(w, 60 s) after the turn, then
+it is dropped (a "1000/d" quota is not held a day by a dead turn; a task back
+later than that asks as a fresh arrival, behind the turns then promised). Turns are promises, not admissions: the bound holds
 on admissions alone, as above, whatever the turns. Without a ticket a
 refusal promises nothing (the next slot to free). Mode 'a': the hash's field
 q is the next turn to give: refused tasks are spaced w / N apart (the rate a
@@ -55,7 +57,8 @@ admit.lua
   KEYS     the window's key (sorted set in mode 'e', hash in mode 'a'), its turns
            (sorted set, mode 'e'; unused in mode 'a')
   ARGV     limit N (admissions), window w (ms), mode 'e' | 'a', owner (the
-           member in mode 'e'), ticket (the task id, or '': no turn; mode 'e')
+           member in mode 'e'), ticket (the task id, or '': no turn; mode 'e'),
+           the deferral cap (ms, 0: none; mode 'a': a turn beyond it is not taken)
   result   admissions left in the window after this one (mode 'a': as estimated,
            floored)
   refusals {0, i, retry_after_ms}  the task's turn (above): mode 'e' when the
@@ -83,11 +86,14 @@ clock()
 local lim, win = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
 if ARGV[ai + 2] == 'e' then
   local from = '(' .. (now_ms - win)
+  -- a turn past due is held this long for its task (on its way back), then dropped
+  local grace = math.min(win, 60000)
+  local held = '(' .. (now_ms - grace)
   local ticket = ARGV[ai + 4]
   local mine = nil
   if ticket ~= '' then
     mine = tonumber(redis.call('ZSCORE', KEYS[ki + 1], ticket))
-    if mine and mine <= now_ms - win then
+    if mine and mine <= now_ms - grace then
       mine = nil  -- its turn is long past: it asks as a fresh arrival
     end
   end
@@ -96,7 +102,7 @@ if ARGV[ai + 2] == 'e' then
     -- if a fresh arrival would be but for its own turn (slots were given back since:
     -- refunds, rollbacks), its turn then goes; else same place
     local others = redis.call('ZCOUNT', KEYS[ki], from, '+inf')
-                   + redis.call('ZCOUNT', KEYS[ki + 1], from, '+inf') - 1
+                   + redis.call('ZCOUNT', KEYS[ki + 1], held, '+inf') - 1
     if others >= lim then
       return {0, g, math.max(1, mine - now_ms)}
     end
@@ -106,7 +112,7 @@ if ARGV[ai + 2] == 'e' then
   -- ahead, or it is on its way back); one whose turn came takes any free slot
   local ahead = 0
   if not mine then
-    ahead = redis.call('ZCOUNT', KEYS[ki + 1], from, '+inf')
+    ahead = redis.call('ZCOUNT', KEYS[ki + 1], held, '+inf')
   end
   if count + ahead >= lim then
     local at
@@ -130,7 +136,7 @@ if ARGV[ai + 2] == 'e' then
         local m = lim - future
         local a = redis.call('ZREVRANGEBYSCORE', KEYS[ki], '+inf', from, 'WITHSCORES',
                              'LIMIT', 0, m)
-        local b = redis.call('ZREVRANGEBYSCORE', KEYS[ki + 1], now_ms, from, 'WITHSCORES',
+        local b = redis.call('ZREVRANGEBYSCORE', KEYS[ki + 1], now_ms, held, 'WITHSCORES',
                              'LIMIT', 0, m)
         local ia, ib, score = 2, 2, nil
         for _ = 1, m do
@@ -146,7 +152,7 @@ if ARGV[ai + 2] == 'e' then
     end
     if ticket ~= '' then
       -- its turn: it keeps it however often it is deferred before (a capped countdown)
-      redis.call('ZREMRANGEBYSCORE', KEYS[ki + 1], '-inf', now_ms - win)
+      redis.call('ZREMRANGEBYSCORE', KEYS[ki + 1], '-inf', now_ms - grace)
       redis.call('ZADD', KEYS[ki + 1], at, ticket)
       local keep = at - now_ms + win + 1000
       if redis.call('PTTL', KEYS[ki + 1]) < keep then
@@ -176,12 +182,18 @@ else
       wait = win - e + math.max(0, math.ceil(win - (lim - 1) * win / c))
     end
     -- refused ones come back spaced win / lim apart (the rate a full window
-    -- frees slots), behind those refused before (the hash's q: the next turn)
+    -- frees slots), behind those refused before (the hash's q: the next turn);
+    -- one whose turn is beyond the deferral cap takes none (it comes back at the
+    -- cap and asks again: a counter cannot tell it from a fresh arrival, so a
+    -- turn taken at each early return would push q on and on)
     local turn = math.max(now_ms + math.max(1, wait), tonumber(h[4]) or 0)
-    redis.call('HSET', KEYS[ki], 'q', turn + math.ceil(win / lim))
-    local keep = turn - now_ms + 2 * win + 1000
-    if redis.call('PTTL', KEYS[ki]) < keep then
-      redis.call('PEXPIRE', KEYS[ki], keep)
+    local cap = tonumber(ARGV[ai + 5])
+    if cap <= 0 or turn - now_ms <= cap then
+      redis.call('HSET', KEYS[ki], 'q', turn + math.ceil(win / lim))
+      local keep = turn - now_ms + 2 * win + 1000
+      if redis.call('PTTL', KEYS[ki]) < keep then
+        redis.call('PEXPIRE', KEYS[ki], keep)
+      end
     end
     return {0, g, turn - now_ms}
   end

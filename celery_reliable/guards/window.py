@@ -97,7 +97,7 @@ if TYPE_CHECKING:
 __all__ = ["CONFIG", "GUARD", "MODES", "QUEUE_LIMITS", "WindowPart", "WindowPolicy", "WindowSpec",
            "parse_queue_windows", "parse_window", "refund"]
 
-GUARD = Guard("W", "window", admit=(2, 5), complete=(1, 2))
+GUARD = Guard("W", "window", admit=(2, 6), complete=(1, 2))
 
 #: The release entry's flag: give the admission back (the default), or keep it counted.
 REFUND, KEEP = "r", "k"
@@ -250,7 +250,8 @@ CONFIG = OptionSet(
             "template or callable",
             "The key of ``rate_limit_window`` (per-tenant quotas): a format template over "
             'the bound arguments (``"tenant:{tenant_id}"``) or a callable receiving them as '
-            "one mapping. Windows are shared by every task that uses the same key.",
+            "one mapping. Windows are shared by every task that uses the same key with the "
+            "same limit and mode (another limit or mode on the key is a window of its own).",
             template_spec,
             template=True,
         ),
@@ -284,12 +285,28 @@ def queue_window(limits: Mapping[str, WindowSpec], request: Any) -> tuple[str, W
     return queue, limits[queue]
 
 
-def queue_key(keys: KeySpace, queue: str) -> str:
-    return f"{keys.tag}:window:q:{digest(queue)}"
+def _shape(spec: WindowSpec | None) -> str:
+    """The window's limit, length and mode, part of its key's name (see :func:`key_key`)."""
+    if spec is None:
+        return ""
+    return f":{spec.limit}/{ms(spec.window)}{MODES[spec.mode]}"
 
 
-def key_key(keys: KeySpace, name: str) -> str:
-    return f"{keys.tag}:window:k:{digest(name)}"
+def queue_key(keys: KeySpace, queue: str, spec: WindowSpec | None = None) -> str:
+    """The queue's window: named by the queue and the window's shape (:func:`key_key`)."""
+    return f"{keys.tag}:window:q:{digest(queue)}{_shape(spec)}"
+
+
+def key_key(keys: KeySpace, name: str, spec: WindowSpec | None = None) -> str:
+    """The window of ``name`` with ``spec``'s limit, length and mode.
+
+    The shape is part of the name: tasks that share a window key but not its limit,
+    length or mode count in separate windows. One log pruned by each admission to its
+    own window (a "60/m" task's admissions cut a "1000/d" task's log to a minute) would
+    let the longer window admit far more than its limit, and an exact and an
+    approximate window cannot share a key (a sorted set and a hash). ``spec`` None: the
+    name alone (tests that write a window's script arguments by hand)."""
+    return f"{keys.tag}:window:k:{digest(name)}{_shape(spec)}"
 
 
 def turns_key(key: str) -> str:
@@ -297,14 +314,18 @@ def turns_key(key: str) -> str:
     return f"{key}:turns"
 
 
-def plan(plan: Plan, key: str, spec: WindowSpec, owner: str, ticket: str = "") -> int:
+def plan(plan: Plan, key: str, spec: WindowSpec, owner: str, ticket: str = "",
+         cap: float | None = None) -> int:
     """Count one admission in the window at ``key`` (exact mode: as ``owner``, undone by
     rollback.lua if the admission's reply is lost). ``ticket`` (the task id; exact mode)
     names the turn a refusal promises it, which it takes when it comes back; without
-    one, a refusal promises nothing."""
+    one, a refusal promises nothing. ``cap``: the longest deferral, seconds (the task's
+    ``DeferPolicy.cap``; None: none); in approximate mode a refused task whose turn is
+    further away takes no turn (it comes back at the cap and asks again)."""
     undo = (key, owner) if spec.mode == "exact" else None
     return plan.add(GUARD, [key, turns_key(key)],
-                    [spec.limit, ms(spec.window), MODES[spec.mode], owner, ticket], undo=undo)
+                    [spec.limit, ms(spec.window), MODES[spec.mode], owner, ticket,
+                     0 if cap is None else ms(cap)], undo=undo)
 
 
 def release(release: Release, key: str, owner: str) -> None:
@@ -326,15 +347,17 @@ def refund(release: Release) -> None:
 
 def plan_task(plan_: Plan, keys: KeySpace, limits: Mapping[str, WindowSpec], request: Any,
               task_policy: WindowPolicy | None, task_name: str,
-              arguments: Mapping[str, Any], owner: str) -> None:
-    """Add the delivery's queue window and the task's key window, if any."""
+              arguments: Mapping[str, Any], owner: str, cap: float | None = None) -> None:
+    """Add the delivery's queue window and the task's key window, if any (``cap``: the
+    task's longest deferral, seconds, see :func:`plan`)."""
     ticket = str(getattr(request, "id", None) or "")
     queued = queue_window(limits, request)
     if queued is not None:
-        plan(plan_, queue_key(keys, queued[0]), queued[1], owner, ticket)
+        plan(plan_, queue_key(keys, queued[0], queued[1]), queued[1], owner, ticket, cap)
     if task_policy is not None:
         name = task_policy.key(task_name, arguments)
-        plan(plan_, key_key(keys, name), task_policy.window, owner, ticket)
+        plan(plan_, key_key(keys, name, task_policy.window), task_policy.window, owner,
+             ticket, cap)
 
 
 def refused(plan_: Plan, refusal: Refused, request: Any) -> str:
@@ -357,7 +380,8 @@ class _Hooks(Hooks):
     def plan(self, call: Any, plan: Plan, execution: Any, arguments: dict[str, Any]) -> None:
         runtime = call.runtime
         plan_task(plan, runtime.keys, runtime.settings.value(QUEUE_LIMITS), call.request,
-                  call.policy.part(CONFIG).key, call.name, arguments, execution.owner)
+                  call.policy.part(CONFIG).key, call.name, arguments, execution.owner,
+                  call.policy.defer.cap)
 
     def hold(self, call: Any, plan: Plan, index: int, result: int, execution: Any,
              started: float) -> None:
