@@ -184,3 +184,38 @@ def test_a_forked_child_renews_on_its_own_connection(redis_url: str) -> None:
         rt.close()
         client.delete(f"{key}:parent", f"{key}:child")
         client.close()
+
+
+def test_a_shorter_lease_taken_during_a_stuck_renewal_is_renewed_in_time(
+    late_proxy: LateProxy, private_redis: RedisServer
+) -> None:
+    """A 3 s lock taken while a 60 s lease's renewal hangs on a dead connection is still renewed.
+
+    The heartbeat has one thread: a renewal sent with the 60 s lease's timeout
+    (5 s) on a connection whose request never arrives blocks it for 5 s. A 3 s
+    lock taken meanwhile is due at 1 s and its belief ends at 2.92 s: unless the
+    stuck call is abandoned when a lease with a shorter timeout comes, the lock
+    is lost by the clock though the server answers on a fresh connection.
+    """
+    client = redis.Redis(port=late_proxy.port)
+    direct = redis.Redis(port=private_redis.port)
+    direct.set("rs:long", "me", px=60000)
+    heartbeat = Heartbeat(RedisStore(client))
+    now = time.monotonic()
+    long = Lease("L", "rs:long", "me", 60.0, now - 20.0, "idempotency lease")  # due now
+    long.confirmed = now
+    try:
+        late_proxy.hold(b"rs:long")  # its renewal's request is held: a dead connection
+        heartbeat.add(long)
+        time.sleep(0.3)  # the renewal is sent, and stuck
+        direct.set("rs:short", "me", px=3000)
+        short = Lease("L", "rs:short", "me", 3.0, time.monotonic(), "test lock")
+        heartbeat.add(short)
+        time.sleep(3.5)  # past the short lease's TTL
+        assert not short.lost and direct.pttl("rs:short") > 0, short.ended_why
+        assert not long.lost
+    finally:
+        late_proxy.release()
+        heartbeat.stop()
+        client.close()
+        direct.close()
