@@ -141,7 +141,10 @@ class Heartbeat:
     resent: after a timeout or a connection error the store drops that connection,
     and the next attempt is a fresh call on a fresh connection, scheduled
     again by the loop (at once after a timeout; ``min(1, ttl / 10)`` after a
-    fast error). A lease whose belief ended (:class:`Lease`) is dropped and
+    fast error). A lease taken while a call with a longer timeout than its own
+    is in flight interrupts that call (:meth:`~celery_reliable.storage.Store.interrupt`):
+    stuck on a dead connection, it would hold the one thread past the new lease's
+    belief. A lease whose belief ended (:class:`Lease`) is dropped and
     logged, never renewed again: the server lets it expire.
 
     If the process is paused (SIGSTOP, a long GC, a VM freeze) the thread is
@@ -157,6 +160,8 @@ class Heartbeat:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._wake_at = 0.0  # when the thread will next look, if nothing wakes it
+        #: the socket timeout of the renewal in flight (None: none is)
+        self._inflight: float | None = None
 
     @property
     def timeout(self) -> float:
@@ -176,6 +181,12 @@ class Heartbeat:
             # Wake the thread only if this lease is due before its next wake-up:
             # a wake-up per task would cost a context switch per task.
             wake = lease.next_due < self._wake_at
+            # A renewal in flight with a longer timeout than this lease's may keep the
+            # one thread stuck past this lease's belief (a dead connection): abandon it,
+            # the next call starts afresh with the shorter timeout. Under the mutex, so
+            # only the call that was in flight when the lease came is interrupted.
+            if self._inflight is not None and heartbeat_timeout(lease.ttl) < self._inflight:
+                self._store.interrupt()
         if wake:
             self._wake.set()
 
@@ -223,10 +234,17 @@ class Heartbeat:
 
     def renew(self, leases: list[Lease]) -> None:
         """Renew ``leases`` now in one round trip, sent once; mark the ones that are gone."""
-        timeout = min(self.timeout, heartbeat_timeout(min(lease.ttl for lease in leases)))
+        with self._mutex:  # the timeout and "in flight" at once: see add()
+            held = [lease.ttl for lease in self._leases]
+            timeout = heartbeat_timeout(min([*held, *(lease.ttl for lease in leases)]))
+            self._inflight = timeout
         sent = self._clock()
         try:
-            results = self._store.renew(leases, timeout)
+            try:
+                results = self._store.renew(leases, timeout)
+            finally:
+                with self._mutex:
+                    self._inflight = None
         except Exception as exc:
             # Any error is a failed renewal, not only the store's: one escaping here
             # (a TypeError from a redis-py version, a bug) would end the thread and

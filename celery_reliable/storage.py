@@ -22,6 +22,8 @@ task's own calls never hold each other up.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -65,6 +67,14 @@ class Store(Protocol):
         All in one round trip, sent once and never resent, each socket wait at
         most ``timeout`` seconds; after any error the next call starts on a fresh
         connection (the last one may be out of step).
+        """
+
+    def interrupt(self) -> None:
+        """Make a :meth:`renew` in flight in another thread fail now (best effort).
+
+        For the heartbeat, when a lease comes whose timeout is shorter than the
+        call's: a call stuck on a dead connection would hold the heartbeat's one
+        thread past that lease's belief. The next call starts on a fresh connection.
         """
 
     def close(self) -> None:
@@ -123,6 +133,17 @@ class _Link:
             self._timeout = timeout
         return script(name).call_once(self._conn, keys, args)
 
+    def interrupt(self) -> None:
+        """Shut the connection down under a call in flight in another thread: it fails now.
+
+        Only the socket is shut down (the calling thread disconnects and drops the
+        connection itself). A call still connecting is not interrupted.
+        """
+        sock = getattr(self._conn, "_sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile: nothing to interrupt
+                sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -165,6 +186,10 @@ class RedisStore:
         except Exception:
             link.close()  # maybe out of step: the next attempt starts afresh
             raise
+
+    def interrupt(self) -> None:
+        if self._renewals is not None:
+            self._renewals.interrupt()
 
     def close(self) -> None:
         if self._renewals is not None:
