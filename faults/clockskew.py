@@ -4,9 +4,10 @@ The machine's clock is never touched. Instead every worker of a campaign that ru
 ``clock`` nemesis is started as ``python -m faults.clockskew <celery arguments>``: this
 replaces ``time.monotonic`` with :func:`monotonic` *before* Celery, kombu or celery_reliable
 are imported (celery_reliable's heartbeat binds ``time.monotonic`` as a default argument when
-``celery_reliable.runtime`` is imported, which Celery's command line does through the
-``celery.commands`` entry point; a wrapper installed later from the app module would leave the
-heartbeat on the real clock and the leases' belief on the skewed one), then runs Celery's
+``celery_reliable.leases`` is imported, through ``celery_reliable.runtime``, which Celery's
+command line imports through the ``celery.commands`` entry point; a wrapper installed later
+from the app module would leave the heartbeat on the real clock and the leases' belief on
+the skewed one), then runs Celery's
 command line. Pool children are forked from that process and inherit the wrapper.
 
 Without a control file the wrapper returns the real clock unchanged. A nemesis skews one
