@@ -4,6 +4,10 @@ Always on and cheap (a dict increment). They are readable from Python
 (:func:`snapshot`) and are the source for the Prometheus exporter, which
 installs itself as this module's *sink* (:func:`set_sink`): every
 :func:`inc`, :func:`observe` and :func:`gauge` is forwarded to it.
+
+What the exporter exports is declared as :class:`MetricSpec` entries: each guard's in
+its module (``METRICS`` in ``celery_reliable/guards/<name>.py``), the rest in
+``celery_reliable.prometheus.exporter``, which composes them (:func:`collect`).
 """
 
 from __future__ import annotations
@@ -11,12 +15,42 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
-__all__ = ["Sink", "gauge", "gauge_value", "inc", "observe", "set_sink", "snapshot"]
+__all__ = ["MetricSpec", "Sink", "collect", "gauge", "gauge_value", "inc", "observe",
+           "set_sink", "snapshot"]
 
 #: ``sink(name, amount_or_value, labels)``: receives every increment and observation.
 Sink = Callable[[str, float, Mapping[str, str]], None]
+
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric (needs no ``prometheus_client``: the exporter reads it).
+
+    ``labels``: the exported label names (a label passed to :func:`inc` that is not
+    listed is summed away); ``relabel``: maps the labels the library passes to the
+    exported ones before they are picked.
+    """
+
+    name: str  # exported name (counters end in _total)
+    kind: str  # counter | histogram | gauge
+    doc: str
+    labels: tuple[str, ...] = ()
+    relabel: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None
+
+
+def collect(specs: Iterable[MetricSpec]) -> tuple[MetricSpec, ...]:
+    """``specs`` as a tuple, refusing a metric name declared twice."""
+    out: dict[str, MetricSpec] = {}
+    for spec in specs:
+        if spec.name in out:
+            raise ValueError(f"metric {spec.name!r} is declared twice")
+        out[spec.name] = spec
+    return tuple(out.values())
+
 
 _counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
 _gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}

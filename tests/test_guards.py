@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 import sys
 from pathlib import Path
 
@@ -202,3 +203,55 @@ def test_a_guard_registered_after_the_first_plan_is_planned() -> None:
         overriding.cache_clear()
         planners.cache_clear()
     assert not any(isinstance(hooks, Late) for hooks in planners())
+
+
+#: ``metrics.inc("name"``, ``metrics.observe("name"`` or ``metrics.gauge("name"`` in source.
+_COUNTED = re.compile(r"""\bmetrics\.(?:inc|observe|gauge)\(\s*["'](\w+)["']""")
+
+
+def _counted(path: Path) -> set[str]:
+    return set(_COUNTED.findall(path.read_text("utf-8")))
+
+
+def test_every_metric_a_guard_counts_has_a_spec() -> None:
+    from celery_reliable.prometheus.exporter import SPECS
+
+    declared = {spec.name for spec in SPECS}
+    by_guards = set().union(*(_counted(p) for p in (PACKAGE / "guards").glob("*.py")))
+    assert {"reliable_lock_acquire_total", "reliable_rate_limited_total",
+            "reliable_bulkhead_rejected_total"} <= by_guards  # the scan finds them
+    assert by_guards - declared == set()
+    anywhere = set().union(*(_counted(p) for p in PACKAGE.rglob("*.py")))
+    assert len(anywhere) > len(by_guards)  # the pipeline's, fencing's, ...
+    assert anywhere - declared == set()
+    from celery_reliable import health
+
+    assert health.GAUGE in declared  # the one counted through a constant
+
+
+def test_guard_metrics_are_unique_and_exported() -> None:
+    from celery_reliable.prometheus import exporter
+
+    owned = [spec.name for spec in guards.metric_specs()]
+    assert len(owned) == len(set(owned))
+    assert set(owned).isdisjoint(spec.name for spec in exporter.SHARED)
+    assert (*exporter.SHARED, *guards.metric_specs()) == exporter.SPECS
+    assert "reliable_lock_acquire_total" in {spec.name for spec in guards.lock.METRICS}
+    assert not hasattr(guards.window, "METRICS")  # counts the bucket's reliable_rate_limited
+
+
+def test_a_metric_declared_twice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery_reliable import metrics
+    from celery_reliable.prometheus import exporter
+
+    twice = metrics.MetricSpec("reliable_store_up", "gauge", "again")
+    monkeypatch.setattr(guards.lock, "METRICS", (*guards.lock.METRICS, twice), raising=True)
+    with pytest.raises(ValueError, match="'reliable_store_up' is declared twice"):
+        metrics.collect((*exporter.SHARED, *guards.metric_specs()))
+
+
+def test_a_guard_module_without_metrics_contributes_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = {spec.name for spec in guards.metric_specs()}
+    monkeypatch.delattr(guards.lock, "METRICS")
+    assert names - {spec.name for spec in guards.metric_specs()} == {
+        "reliable_lock_acquire_total", "reliable_lock_wait_seconds"}

@@ -44,6 +44,8 @@ guard: its module, its fragment file, one line in :data:`GUARDS` (and its name i
 import below), and one line in ``config.OPTION_SETS`` (which composes the options
 reference: regenerate it with ``python -m celery_reliable.docs --write README.md``);
 its policy part is ``policy.part(CONFIG)``, its settings ``settings.value(OPTION)``.
+Its metrics are ``METRICS`` in its module (``metrics.MetricSpec`` entries; none if
+absent), exported by ``celery_reliable.prometheus`` through :func:`metric_specs`.
 ``tests/test_config_registry.py`` adds a toy guard so and runs it.
 ``python -m celery_reliable.guards admit`` prints a composed script.
 """
@@ -52,12 +54,14 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from importlib import resources
+from importlib import import_module, resources
 
+from ..metrics import MetricSpec
 from . import breaker, bucket, bulkhead, deliveries, idempotency, lock, window
 from .base import Guard
 
-__all__ = ["COMPOSED", "GUARDS", "SECTIONS", "Guard", "compose", "fragment", "sections"]
+__all__ = ["COMPOSED", "GUARDS", "SECTIONS", "Guard", "compose", "fragment", "metric_specs",
+           "sections"]
 
 
 #: Every guard, in dispatch order. One line per guard.
@@ -187,6 +191,13 @@ def compose(frame: str) -> str:
             raise ValueError(f"unknown guard section {section!r} in {line.strip()!r}")
         lines += _dispatch(section, indent, unknown)
     return "\n".join(lines) + "\n"
+
+
+def metric_specs() -> tuple[MetricSpec, ...]:
+    """Every guard's ``METRICS`` (its module ``celery_reliable.guards.<name>``), in
+    :data:`GUARDS` order; a guard module without ``METRICS`` has none."""
+    return tuple(spec for guard in GUARDS
+                 for spec in getattr(import_module(f"{__name__}.{guard.name}"), "METRICS", ()))
 
 
 def _check_registry() -> None:

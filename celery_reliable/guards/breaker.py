@@ -82,6 +82,16 @@ CONFIG = OptionSet(
 
 GUARD = Guard("C", "breaker", admit=(2, 4), complete=(2, 6))
 
+#: This guard's metrics (exported by ``celery_reliable.prometheus``); transitions are
+#: counted by the pipeline (``pipeline.call``).
+METRICS: tuple[metrics.MetricSpec, ...] = (
+    metrics.MetricSpec("reliable_circuit_transitions_total", "counter",
+                       "Circuit breaker transitions seen by this process, by new state.",
+                       ("breaker", "state")),
+    metrics.MetricSpec("reliable_circuit_deferrals_total", "counter",
+                       "Tasks deferred because their circuit breaker was open.", ("breaker",)),
+)
+
 
 def plan(plan: Plan, keys: tuple[str, str], spec: BreakerSpec, owner: str) -> int:
     """Pass the breaker: refused while open or while half-open probes are all taken."""

@@ -8,6 +8,7 @@ Specs: ``celery_reliable.ratelimit``. Nothing to complete, roll back or renew. O
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -118,6 +119,28 @@ CONFIG = OptionSet(
 )
 
 GUARD = Guard("B", "bucket", admit=(1, 4))
+
+
+def queue_label(labels: Mapping[str, str]) -> dict[str, str]:
+    """``queue`` from the library's ``bucket`` label (``"queue 'emails'"``/``"rate_limit_key"``)."""
+    if "queue" in labels:
+        return {"queue": str(labels["queue"])}
+    bucket = str(labels.get("bucket", ""))
+    if bucket.startswith("queue "):
+        try:
+            return {"queue": str(ast.literal_eval(bucket[len("queue "):]))}
+        except (ValueError, SyntaxError):
+            return {"queue": bucket[len("queue "):]}
+    return {"queue": bucket}
+
+
+#: This guard's metrics (exported by ``celery_reliable.prometheus``). The window guard
+#: (``window.py``) counts its deferrals under the same name, with the same ``bucket`` label.
+METRICS: tuple[metrics.MetricSpec, ...] = (
+    metrics.MetricSpec("reliable_rate_limited_total", "counter",
+                       "Tasks deferred by an empty token bucket (queue, or rate_limit_key).",
+                       ("queue",), queue_label),
+)
 
 
 def plan(plan: Plan, key: str, spec: BucketSpec, cost: float, *, slot: int | None = None,

@@ -81,6 +81,15 @@ CONFIG = OptionSet(
 
 GUARD = Guard("K", "bulkhead", admit=(3, 7), complete=(1, 1))
 
+#: This guard's metrics (exported by ``celery_reliable.prometheus``).
+METRICS: tuple[metrics.MetricSpec, ...] = (
+    metrics.MetricSpec("reliable_bulkhead_rejected_total", "counter",
+                       "Tasks a full bulkhead tier turned away for good (drop, fail, timeout, "
+                       "queue full).", ("tier",)),
+    metrics.MetricSpec("reliable_bulkhead_waits_total", "counter",
+                       "Tasks deferred to wait for a bulkhead slot.", ("tier",)),
+)
+
 
 def plan(plan: Plan, keys: KeySpace, tier: str, spec: TierSpec, owner: str,
          waiter: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..metrics import MetricSpec
 from ..options import Option, OptionSet, whole
 from .base import Guard, Hooks, ms, register
 
@@ -45,6 +46,15 @@ CONFIG = OptionSet(
 )
 
 GUARD = Guard("D", "deliveries", admit=(1, 3), complete=(1, 1))
+
+#: This guard's metrics (exported by ``celery_reliable.prometheus``); counted by the
+#: pipeline (``pipeline.failure.dead_redelivery``) when this guard's dead-letter mark
+#: refuses a delivery.
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("reliable_dead_redeliveries_total", "counter",
+               "Redeliveries of a dead-lettered task id (its ack was lost) not run again.",
+               ("task",)),
+)
 
 
 def plan(plan: Plan, key: str, max_redeliveries: int, ttl: float, owner: str) -> int:

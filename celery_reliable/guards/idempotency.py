@@ -177,6 +177,18 @@ CONFIG = OptionSet(
 
 GUARD = Guard("I", "idempotency", admit=(1, 4), complete=(1, 4))
 
+#: This guard's metrics (exported by ``celery_reliable.prometheus``); replays are
+#: counted by the pipeline (``pipeline.complete``).
+METRICS: tuple[metrics.MetricSpec, ...] = (
+    metrics.MetricSpec("reliable_idempotent_replays_total", "counter",
+                       "Duplicate executions answered from the idempotency record instead of "
+                       "running."),
+    metrics.MetricSpec("reliable_idempotency_lease_lost_total", "counter",
+                       "Executions that finished after their idempotency lease was lost "
+                       "(expired or taken over): a duplicate may have run too (always, with "
+                       "the Redis-only store).", ("task",)),
+)
+
 
 def plan(plan: Plan, key: str, fingerprint: str, owner: str, lease: float, ttl: float) -> int:
     """Claim the record ``key`` for ``lease`` seconds; returns its index in ``plan``.

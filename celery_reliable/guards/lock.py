@@ -123,6 +123,15 @@ CONFIG = OptionSet(
 
 GUARD = Guard("L", "lock", admit=(2, 3), complete=(1, 1))
 
+#: This guard's metrics (exported by ``celery_reliable.prometheus``).
+METRICS: tuple[metrics.MetricSpec, ...] = (
+    metrics.MetricSpec("reliable_lock_acquire_total", "counter",
+                       "Lock admissions by result: acquired, or busy-<lock_contention>.",
+                       ("result",)),
+    metrics.MetricSpec("reliable_lock_wait_seconds", "histogram",
+                       "Delay a busy lock added before its acquisition (0 if it was free)."),
+)
+
 #: Fencing counters live this long (seconds) after their last acquire, outliving every
 #: lease by far (at least 10x the lock ttl); tokens are floored at the
 #: server clock, so even an expired counter never lets tokens go backwards.

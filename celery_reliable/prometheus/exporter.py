@@ -1,6 +1,7 @@
 """The counters, histogram and gauge fed by :mod:`celery_reliable.metrics`: :func:`install`.
 
-:data:`SPECS` lists them (name, type, labels); :class:`Exporter` registers them
+:data:`SPECS` lists them (name, type, labels): the shared ones (:data:`SHARED`) and each
+guard's (``METRICS`` in ``celery_reliable/guards/<name>.py``); :class:`Exporter` registers them
 in a registry and is the sink that forwards every ``metrics.inc``/``observe``.
 Multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``) is checked here: the variable
 must be set before ``prometheus_client`` is first imported.
@@ -8,21 +9,21 @@ must be set before ``prometheus_client`` is first imported.
 
 from __future__ import annotations
 
-import ast
 import os
 import threading
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import metrics
 from ..errors import ConfigurationError
+from ..guards import metric_specs
+from ..metrics import MetricSpec
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["LOCK_WAIT_BUCKETS", "SPECS", "Exporter", "check_multiprocess", "install",
+__all__ = ["LOCK_WAIT_BUCKETS", "SHARED", "SPECS", "Exporter", "check_multiprocess", "install",
            "multiprocess_dir", "uninstall"]
 
 #: Buckets of ``reliable_lock_wait_seconds`` (a wait spans deferrals: seconds to minutes).
@@ -30,67 +31,24 @@ LOCK_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
                      float("inf"))
 
 
-def _queue(labels: Mapping[str, str]) -> dict[str, str]:
-    """``queue`` from the library's ``bucket`` label (``"queue 'emails'"``/``"rate_limit_key"``)."""
-    if "queue" in labels:
-        return {"queue": str(labels["queue"])}
-    bucket = str(labels.get("bucket", ""))
-    if bucket.startswith("queue "):
-        try:
-            return {"queue": str(ast.literal_eval(bucket[len("queue "):]))}
-        except (ValueError, SyntaxError):
-            return {"queue": bucket[len("queue "):]}
-    return {"queue": bucket}
-
-
-@dataclass(frozen=True)
-class _Spec:
-    name: str  # exported name (counters end in _total)
-    kind: str  # counter | histogram | gauge
-    doc: str
-    labels: tuple[str, ...] = ()
-    relabel: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None
-
-
-SPECS: tuple[_Spec, ...] = (
-    _Spec("reliable_lock_acquire_total", "counter",
-          "Lock admissions by result: acquired, or busy-<lock_contention>.", ("result",)),
-    _Spec("reliable_lock_wait_seconds", "histogram",
-          "Delay a busy lock added before its acquisition (0 if it was free)."),
-    _Spec("reliable_fence_rejections_total", "counter",
-          "Writes refused because their fencing token was stale (or the lock was lost)."),
-    _Spec("reliable_idempotent_replays_total", "counter",
-          "Duplicate executions answered from the idempotency record instead of running."),
-    _Spec("reliable_rate_limited_total", "counter",
-          "Tasks deferred by an empty token bucket (queue, or rate_limit_key).", ("queue",),
-          _queue),
-    _Spec("reliable_bulkhead_rejected_total", "counter",
-          "Tasks a full bulkhead tier turned away for good (drop, fail, timeout, queue full).",
-          ("tier",)),
-    _Spec("reliable_retries_total", "counter",
-          "Retries published, by task and exception class.", ("task", "reason")),
-    _Spec("reliable_dead_letters_total", "counter", "Tasks dead-lettered."),
-    _Spec("reliable_dead_redeliveries_total", "counter",
-          "Redeliveries of a dead-lettered task id (its ack was lost) not run again.",
-          ("task",)),
-    _Spec("reliable_circuit_transitions_total", "counter",
-          "Circuit breaker transitions seen by this process, by new state.",
-          ("breaker", "state")),
-    _Spec("reliable_circuit_deferrals_total", "counter",
-          "Tasks deferred because their circuit breaker was open.", ("breaker",)),
-    _Spec("reliable_bulkhead_waits_total", "counter",
-          "Tasks deferred to wait for a bulkhead slot.", ("tier",)),
-    _Spec("reliable_throttles_total", "counter", "self.throttle() calls.", ("task",)),
-    _Spec("reliable_retry_budget_exhausted_total", "counter",
-          "Failures dead-lettered because the task's retry budget was spent.", ("task",)),
-    _Spec("reliable_idempotency_lease_lost_total", "counter",
-          "Executions that finished after their idempotency lease was lost (expired or taken "
-          "over): a duplicate may have run too (always, with the Redis-only store).",
-          ("task",)),
-    _Spec("reliable_store_up", "gauge",
-          "1 if this process's last call to the store (redis, postgres) succeeded, 0 if it "
-          "could not reach it (tasks are deferred meanwhile).", ("store",)),
+#: The metrics no one guard owns; each guard's are ``METRICS`` in its module.
+SHARED: tuple[MetricSpec, ...] = (
+    MetricSpec("reliable_fence_rejections_total", "counter",
+               "Writes refused because their fencing token was stale (or the lock was lost)."),
+    MetricSpec("reliable_retries_total", "counter",
+               "Retries published, by task and exception class.", ("task", "reason")),
+    MetricSpec("reliable_dead_letters_total", "counter", "Tasks dead-lettered."),
+    MetricSpec("reliable_throttles_total", "counter", "self.throttle() calls.", ("task",)),
+    MetricSpec("reliable_retry_budget_exhausted_total", "counter",
+               "Failures dead-lettered because the task's retry budget was spent.", ("task",)),
+    MetricSpec("reliable_store_up", "gauge",
+               "1 if this process's last call to the store (redis, postgres) succeeded, 0 if it "
+               "could not reach it (tasks are deferred meanwhile).", ("store",)),
 )
+
+#: Every exported metric: :data:`SHARED`, then each guard's (``guards.metric_specs``);
+#: a name declared twice is refused at import.
+SPECS: tuple[MetricSpec, ...] = metrics.collect((*SHARED, *metric_specs()))
 
 
 class Exporter:
@@ -100,7 +58,7 @@ class Exporter:
         from prometheus_client import Counter, Gauge, Histogram
 
         self.metrics: dict[str, Any] = {}
-        self._routes: dict[str, tuple[_Spec, Any]] = {}
+        self._routes: dict[str, tuple[MetricSpec, Any]] = {}
         for spec in SPECS:
             metric: Any
             if spec.kind == "counter":
