@@ -138,7 +138,8 @@ def queue_label(labels: Mapping[str, str]) -> dict[str, str]:
 #: (``window.py``) counts its deferrals under the same name, with the same ``bucket`` label.
 METRICS: tuple[metrics.MetricSpec, ...] = (
     metrics.MetricSpec("reliable_rate_limited_total", "counter",
-                       "Tasks deferred by an empty token bucket (queue, or rate_limit_key).",
+                       "Tasks deferred by an empty token bucket (queue, or rate_limit_key) "
+                       "or a full sliding window (queue, or rate_limit_window).",
                        ("queue",), queue_label),
 )
 

@@ -19,7 +19,7 @@ reliable_lock_wait_seconds             histogram  (none)          ``metrics.obse
                                                                   below)
 reliable_fence_rejections_total        counter    (none)          stale tokens refused
 reliable_idempotent_replays_total      counter    (none)          duplicates replayed
-reliable_rate_limited_total            counter    queue           deferrals by a bucket
+reliable_rate_limited_total            counter    queue           deferrals by a bucket or window
 reliable_bulkhead_active               gauge      tier            Redis, on scrape
 reliable_bulkhead_rejected_total       counter    tier            drop, fail, timeout, queue
 reliable_retries_total                 counter    task, reason    retries published
