@@ -33,6 +33,7 @@ import shutil
 import sys
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -73,16 +74,22 @@ def trace_one(task: Any, n: int, root: str) -> list[tuple[str, str, str, str | N
         elif event == "return" and there is not None and there != here:
             events.append(("return", there, back.f_code.co_name if back else "", here))
 
+    _call(task, n, sys.setprofile, profile)
+    return events
+
+
+def _call(task: Any, n: int, install: Callable[[Any], None], hook: Any) -> None:
+    """Call ``task(n)`` as a pool process does, with ``hook`` installed (``sys.setprofile`` or
+    ``sys.settrace``) around the call only."""
     task.push_request(id=str(uuid.uuid4()), delivery_info={"routing_key": "celery",
                                                            "exchange": ""},
                       retries=0, called_directly=False, is_eager=False, args=(n,), kwargs={})
-    sys.setprofile(profile)
+    install(hook)
     try:
         task(n)
     finally:
-        sys.setprofile(None)
+        install(None)
         task.pop_request()
-    return events
 
 
 def trace_lines(task: Any, n: int, root: str) -> set[tuple[str, str, int]]:
@@ -98,15 +105,7 @@ def trace_lines(task: Any, n: int, root: str) -> set[tuple[str, str, int]]:
     def global_(frame: FrameType, event: str, arg: Any) -> Any:
         return local if frame.f_code.co_filename.startswith(root) else None
 
-    task.push_request(id=str(uuid.uuid4()), delivery_info={"routing_key": "celery",
-                                                           "exchange": ""},
-                      retries=0, called_directly=False, is_eager=False, args=(n,), kwargs={})
-    sys.settrace(global_)
-    try:
-        task(n)
-    finally:
-        sys.settrace(None)
-        task.pop_request()
+    _call(task, n, sys.settrace, global_)
     return ran
 
 

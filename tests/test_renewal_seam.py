@@ -70,18 +70,24 @@ def test_a_stalled_pipeline_call_never_holds_up_the_runtimes_renewals(
         direct.close()
 
 
+def _renewed_lease(server: RedisServer) -> tuple[redis.Redis, Heartbeat, Lease]:
+    """A 6 s lease on ``server``'s key ``rs:lease``, held by a heartbeat that renewed it once."""
+    client = redis.Redis(port=server.port)
+    client.set("rs:lease", "me", px=6000)
+    heartbeat = Heartbeat(RedisStore(client))
+    lease = Lease("L", "rs:lease", "me", 6.0, time.monotonic(), "test lock")
+    heartbeat.add(lease)
+    first = lease.confirmed
+    wait_for(lambda: lease.confirmed > first, timeout=5, what="a first renewal")
+    return client, heartbeat, lease
+
+
 def test_a_lease_gone_after_an_empty_restart_is_lost_at_the_next_renewal(
     private_redis: RedisServer,
 ) -> None:
     """Redis restarted without the key: the next renewal says so; lost then, not by the clock."""
-    client = redis.Redis(port=private_redis.port)
-    client.set("rs:lease", "me", px=6000)
-    heartbeat = Heartbeat(RedisStore(client))
-    lease = Lease("L", "rs:lease", "me", 6.0, time.monotonic(), "test lock")
+    client, heartbeat, lease = _renewed_lease(private_redis)
     try:
-        heartbeat.add(lease)
-        first = lease.confirmed
-        wait_for(lambda: lease.confirmed > first, timeout=5, what="a first renewal")
         private_redis.restart(empty=True)
         wait_for(lambda: lease.lost, timeout=6, what="the lease lost")
         assert lease.ended_why == "expired or taken over"
@@ -95,14 +101,8 @@ def test_a_restarted_servers_missing_script_is_loaded_and_the_lease_renewed(
     private_redis: RedisServer,
 ) -> None:
     """Restarted from a snapshot (key kept, scripts gone): NOSCRIPT, load, renewed."""
-    client = redis.Redis(port=private_redis.port)
-    client.set("rs:lease", "me", px=6000)
-    heartbeat = Heartbeat(RedisStore(client))
-    lease = Lease("L", "rs:lease", "me", 6.0, time.monotonic(), "test lock")
+    client, heartbeat, lease = _renewed_lease(private_redis)
     try:
-        heartbeat.add(lease)
-        first = lease.confirmed
-        wait_for(lambda: lease.confirmed > first, timeout=5, what="a first renewal")
         client.save()
         private_redis.restart()
         assert client.exists("rs:lease") and not client.script_exists(script("renew").sha)[0]
