@@ -127,11 +127,16 @@ class _Link:
         """Run script ``name`` once, with socket timeouts of at most ``timeout`` seconds."""
         # A shorter timeout than asked is harmless: keep the connection unless the
         # timeout must shrink, or could grow more than twofold (leases come and go).
-        if self._conn is None or not timeout / 2 <= self._timeout <= timeout:
+        conn = self._conn
+        if conn is None or not timeout / 2 <= self._timeout <= timeout:
             self.close()
-            self._conn = own_connection(self._client, timeout)
+            conn = self._conn = own_connection(self._client, timeout)
             self._timeout = timeout
-        return script(name).call_once(self._conn, keys, args)
+        # ``conn``, not ``self._conn``: close() from another thread (the heartbeat's
+        # stop) may clear the attribute meanwhile; this call then still runs on the
+        # connection it took (never on None: an AttributeError logged as an ERROR),
+        # which nothing keeps afterwards.
+        return script(name).call_once(conn, keys, args)
 
     def interrupt(self) -> None:
         """Shut the connection down under a call in flight in another thread: it fails now.
