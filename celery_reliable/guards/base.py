@@ -82,6 +82,21 @@ class Hooks:
         """
         raise AssertionError(f"guard {type(self).__name__} cannot refuse: {outcome!r}")
 
+    def admitted(self, call: Call, execution: Execution) -> bool:
+        """Admitted and held, before the body runs: open what the run needs (the
+        idempotency record's PostgreSQL transaction). False: it deferred (eager: it
+        slept; admission is tried again). Raises to end the delivery (a mismatch)."""
+        return True
+
+    def finish(self, call: Call, execution: Execution, result: Any,
+               failure: BaseException | None) -> bool:
+        """Record the run's outcome and settle (``pipeline.complete.settle``) yourself:
+        True if this guard did (the idempotency record); else the pipeline settles."""
+        return False
+
+    def abandon(self, call: Call, execution: Execution) -> None:
+        """Completion failed before settling: let go of what ``admitted`` opened."""
+
     def completing(self, call: Call, execution: Execution,
                    failure: BaseException | None) -> None:
         """Before completion: put the run's outcome into this guard's release entry."""

@@ -262,6 +262,24 @@ class _Hooks(Hooks):
                    guard="idempotency_key")
         return None
 
+    def admitted(self, call: Any, execution: Any) -> bool:
+        if call.runtime.settings.idempotency_store != "postgres":
+            return True  # the record is Redis': admission opened it
+        from .durable import claim_durably
+
+        return claim_durably(call, execution)
+
+    def finish(self, call: Any, execution: Any, result: Any,
+               failure: BaseException | None) -> bool:
+        from .durable import finish
+
+        finish(call, execution, result, failure)
+        return True
+
+    def abandon(self, call: Any, execution: Any) -> None:
+        if execution.pg is not None:
+            execution.pg.abandon()
+
     def settled(self, call: Any, execution: Any, result: int) -> bool:
         if result:
             return False

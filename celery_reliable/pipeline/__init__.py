@@ -10,8 +10,8 @@
    all-or-nothing. A refusal goes to the guard that refused (its hook
    ``refused``: a deferral re-published with a jittered countdown, a skip, a
    drop, an error, a replay); an admission goes to every guard (``hold``:
-   leases for the heartbeat, entries for completion); the idempotency record is
-   then opened in PostgreSQL when it is durable (:func:`claim_durably`).
+   leases for the heartbeat, entries for completion), then ``admitted`` (the
+   idempotency record is opened in PostgreSQL when it is durable).
 3. **run**     the task body, with ``self.fence_token`` / ``self.fence`` set and
    leases renewed by the process heartbeat.
 4. **complete** :func:`~celery_reliable.pipeline.complete.complete`: one round trip
@@ -29,12 +29,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, Reject, Retry
-from sqlalchemy.exc import SQLAlchemyError
 
-from ..admission import INTERRUPTED_ROLLBACK_TIMEOUT, Admitted, Plan, Replay, RolledBack
-from ..errors import IdempotencyKeyMismatch
+from ..admission import INTERRUPTED_ROLLBACK_TIMEOUT, Admitted, Plan, RolledBack
 from ..guards.base import HOOKS, overriding, planners
-from ..idempotency import open_record
 from . import complete, failure
 from .arguments import arguments
 from .call import Call, Deferred, Execution
@@ -140,10 +137,7 @@ def admit(call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Executio
             call.bucket_slots().clear()  # admitted: the places were used
             hold(call, plan, outcome, execution, started)
             held = True
-            if (execution.idem_digest is None
-                    or runtime.settings.idempotency_store != "postgres"):
-                return execution
-            if claim_durably(call, execution):
+            if opened(call, execution):
                 return execution
         except BaseException:
             if held:  # nothing admitted may outlive this delivery
@@ -200,42 +194,9 @@ def roll_back(call: Call, plan: Plan, timeout: float | None = None) -> None:
         )
 
 
-def claim_durably(call: Call, execution: Execution) -> bool:
-    """Open this execution's PostgreSQL transaction; False if it deferred (eager only).
-
-    A committed record found here means Redis had lost it: it is written
-    back to Redis and replayed, or refused as a mismatch.
-    """
-    assert execution.idem_digest is not None
-    runtime = call.runtime
-    try:
-        record = open_record(
-            runtime.task_engine(),  # creates missing tables on first use
-            call.name,
-            execution.idem_digest,
-            execution.fingerprint,
-            call.policy.idempotency.ttl,
-            runtime.settings,
-        )
-        existing = record.begin()
-        runtime.health.postgres.ok()
-    except SQLAlchemyError as exc:
-        complete.settle(call, execution, "X", "")
-        # A schema problem is configuration: fixed now, or failed at once, never waited out.
-        if runtime.schema_problem(exc):
-            log.warning("celery-reliable: %s found celery-reliable's tables missing; "
-                        "they are created again before it runs", call.describe)
-            call.defer("PostgreSQL tables missing", cause=exc)
-        else:
-            runtime.health.postgres.failed(exc)  # a WARNING per interval, and the gauge
-            call.defer("PostgreSQL unavailable", cause=exc)
-        return False
-    if existing is None:
-        execution.pg = record
-        return True
-    if existing.fingerprint != record.fingerprint:
-        complete.settle(call, execution, "X", "")
-        raise IdempotencyKeyMismatch(call.name, execution.idem_digest)
-    complete.settle(call, execution, existing.state, existing.payload)
-    execution.replay = Replay(0, existing.state, existing.payload)
-    return True
+def opened(call: Call, execution: Execution) -> bool:
+    """Admitted and held: each guard's hook ``admitted`` opens what the run needs (the
+    idempotency record's PostgreSQL transaction); False if one deferred (eager: it slept)."""
+    opening = overriding("admitted")
+    return all(HOOKS[kind].admitted(call, execution)
+               for kind in dict.fromkeys(execution.release.kinds) if kind in opening)

@@ -6,15 +6,10 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from celery.exceptions import Ignore, Reject, Retry
-from sqlalchemy.exc import SQLAlchemyError
-
 from .. import metrics
-from ..classify import is_outage
-from ..errors import ReplayedFailure, ResultNotSerializable
+from ..errors import ReplayedFailure
 from ..guards import idempotency
 from ..guards.base import HOOKS, overriding
-from ..idempotency import dumps_result
 from .headers import log
 
 if TYPE_CHECKING:
@@ -26,7 +21,8 @@ __all__ = ["complete", "replay", "settle"]
 
 def complete(call: Call, execution: Execution, *, result: Any = None,
              failure: BaseException | None = None) -> None:
-    """Settle what admission took: one PostgreSQL commit (if durable), one store call.
+    """Settle what admission took: each guard's ``finish`` (the idempotency record's
+    PostgreSQL commit, if durable), then one store call.
 
     Safe to call twice (``self.retry()`` completes early; the exception it
     raises then passes through here again). Whatever fails in here, the
@@ -39,80 +35,19 @@ def complete(call: Call, execution: Execution, *, result: Any = None,
         if kind in completing:
             HOOKS[kind].completing(call, execution, failure)
     try:
-        if execution.idem_digest is None:
-            settle(call, execution, "X", "")
-        elif failure is not None:
-            _complete_failure(call, execution, failure)
+        finishing = overriding("finish")
+        for kind in dict.fromkeys(execution.release.kinds):
+            if kind in finishing and HOOKS[kind].finish(call, execution, result, failure):
+                break
         else:
-            _complete_success(call, execution, result)
+            settle(call, execution, "X", "")
     finally:
         if not execution.done:
-            if execution.pg is not None:
-                execution.pg.abandon()
+            abandoning = overriding("abandon")
+            for kind in dict.fromkeys(execution.release.kinds):
+                if kind in abandoning:
+                    HOOKS[kind].abandon(call, execution)
             settle(call, execution, "X", "")
-
-
-def _complete_failure(call: Call, execution: Execution, failure: BaseException) -> None:
-    terminal = isinstance(failure, Exception) and not isinstance(
-        failure, (Retry, Ignore, Reject))
-    if terminal and call.policy.idempotency.keep_failures:
-        keep_failure(call, execution, type(failure).__name__, str(failure))
-        return
-    if execution.pg is not None:
-        execution.pg.abandon()
-    settle(call, execution, "X", "")
-
-
-def keep_failure(call: Call, execution: Execution, exc_type: str, message: str) -> None:
-    """Record a terminal failure (Redis and PostgreSQL); duplicates raise ReplayedFailure."""
-    payload = json.dumps({"type": exc_type, "message": message[:2000]})
-    if execution.pg is not None:
-        try:
-            execution.pg.fail_kept(payload)
-        except SQLAlchemyError:
-            log.error("celery-reliable: %s could not record its kept failure in "
-                      "PostgreSQL", call.describe, exc_info=True)
-    settle(call, execution, "F", payload)
-
-
-def _complete_success(call: Call, execution: Execution, result: Any) -> None:
-    from . import failure
-
-    pg = execution.pg
-    try:
-        payload = dumps_result(result)
-    except (TypeError, ValueError) as exc:
-        # The body ran: forgetting the key would run its effects again on
-        # every duplicate. Keep it as a failure that duplicates replay.
-        error = ResultNotSerializable(call.name, str(exc))
-        keep_failure(call, execution, type(error).__name__, str(error))
-        raise error from exc
-    if pg is not None:
-        try:
-            pg.succeed(payload)
-        except SQLAlchemyError as exc:
-            if pg.session_used:
-                # The task's own rows were in this transaction: they did not
-                # commit (or PostgreSQL will tell the redelivery they did).
-                if is_outage(exc) or execution.outage is not None:
-                    execution.release.deferred()  # nothing of it happened: not a run
-                    settle(call, execution, "X", "")
-                    call.defer("PostgreSQL commit failed", cause=exc)
-                    return
-                settle(call, execution, "X", "")
-                # PostgreSQL refused the task's own rows (a deferred constraint):
-                # the task failed, as if its body had raised this.
-                final = failure.on_failure(call, exc)
-                if final is exc:
-                    raise
-                raise final from exc
-            try:  # the effect happened: make the record durable on its own
-                pg.record_success(payload)
-            except SQLAlchemyError:
-                log.error("celery-reliable: %s ran but its durable record could not "
-                          "be committed; only Redis remembers it", call.describe,
-                          exc_info=True)
-    settle(call, execution, "S", payload)
 
 
 def settle(call: Call, execution: Execution, outcome: str, payload: str) -> list[int]:
