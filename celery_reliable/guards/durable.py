@@ -18,8 +18,9 @@ from ..admission import Replay
 from ..classify import is_outage
 from ..errors import IdempotencyKeyMismatch, ResultNotSerializable
 from ..idempotency import dumps_result, open_record
-from ..pipeline.complete import settle
+from ..pipeline.complete import settle as settle_store
 from ..pipeline.headers import log
+from .idempotency import settle as record_outcome
 
 if TYPE_CHECKING:
     from ..pipeline.call import Call, Execution
@@ -138,3 +139,10 @@ def _complete_success(call: Call, execution: Execution, result: Any) -> None:
                           "be committed; only Redis remembers it", call.describe,
                           exc_info=True)
     settle(call, execution, "S", payload)
+
+
+def settle(call: Call, execution: Execution, outcome: str, payload: str) -> None:
+    """Settle with the record's ``outcome``: ``S`` with result JSON, ``F`` with error JSON,
+    ``X`` forgotten (this guard's release entry), and everything else as the guards left it."""
+    record_outcome(execution.release, outcome, payload)
+    settle_store(call, execution)

@@ -141,7 +141,7 @@ def admit(call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Executio
                 return execution
         except BaseException:
             if held:  # nothing admitted may outlive this delivery
-                complete.settle(call, execution, "X", "")
+                complete.settle(call, execution)
             elif taken:
                 abandon(call, plan, execution)
             raise

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from .. import metrics
 from ..errors import ReplayedFailure
-from ..guards import idempotency
 from ..guards.base import HOOKS, overriding
 from .headers import log
 
@@ -40,18 +39,19 @@ def complete(call: Call, execution: Execution, *, result: Any = None,
             if kind in finishing and HOOKS[kind].finish(call, execution, result, failure):
                 break
         else:
-            settle(call, execution, "X", "")
+            settle(call, execution)
     finally:
         if not execution.done:
             abandoning = overriding("abandon")
             for kind in dict.fromkeys(execution.release.kinds):
                 if kind in abandoning:
                     HOOKS[kind].abandon(call, execution)
-            settle(call, execution, "X", "")
+            settle(call, execution)
 
 
-def settle(call: Call, execution: Execution, outcome: str, payload: str) -> list[int]:
-    """Complete the store's side in one round trip (idempotency ``outcome``, release the rest)."""
+def settle(call: Call, execution: Execution) -> list[int]:
+    """Complete the store's side in one round trip: every release entry as the guards
+    left it (the idempotency record forgotten unless its guard said otherwise)."""
     if execution.done:
         return []
     execution.done = True
@@ -67,7 +67,6 @@ def settle(call: Call, execution: Execution, outcome: str, payload: str) -> list
     for lease in execution.leases:
         lease.end()
     release = execution.release
-    idempotency.settle(release, outcome, payload)
     try:
         results = call.store.complete(release)
     except call.store.errors:
