@@ -200,3 +200,10 @@ def opened(call: Call, execution: Execution) -> bool:
     opening = overriding("admitted")
     return all(HOOKS[kind].admitted(call, execution)
                for kind in dict.fromkeys(execution.release.kinds) if kind in opening)
+
+
+# The idempotency guard's durable side imports the pipeline, so the guard imports it
+# lazily, in its hooks; it is loaded here, with the pipeline, so no task's first run
+# imports it in a pool thread (see guards/idempotency.py: an import through pytest's
+# assertion rewriter racing another thread's ast.parse fails on CPython 3.11).
+from ..guards import durable as _durable  # noqa: E402, F401
